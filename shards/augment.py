@@ -1,0 +1,225 @@
+"""Seeded augmentation: the training crop is a pure function of (policy, image key, seed).
+
+The teacher labels a crop once and every student run asks for the same crop again, so the
+transform must give bit-identical tensors in any process. We reuse timm's DeiT training transform
+(RandomResizedCrop, flip, RandAugment, color jitter, random erasing) unchanged and make it
+deterministic by running it under a per-sample seed derived with a stable hash, saving and
+restoring the caller's random state around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import io
+import json
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Bump when this module changes in a way that changes the produced tensors.
+AUGMENT_CODE_VERSION = 2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The decompression-bomb guard stays on; 64 MP is larger than any real training image.
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+# Python's `random`, numpy's and torch's global generators are process-wide: two threads
+# augmenting at once would interleave draws. One lock keeps each augment call atomic.
+_RNG_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """DeiT's training augmentation (timm `create_transform(is_training=True)` arguments)."""
+
+    input_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3
+    re_prob: float = 0.25
+    re_mode: str = "pixel"
+    re_count: int = 1
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # Eval transform: resize to input_size / crop_pct, then center crop.
+    eval_crop_pct: float = 0.875
+    _transform_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("_transform_cache")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentPolicy":
+        names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown augmentation policy fields: {sorted(unknown)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AugmentPolicy":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **kw) -> "AugmentPolicy":
+        return dataclasses.replace(self, _transform_cache={}, **kw)
+
+    @property
+    def policy_id(self) -> str:
+        """Digest of the parameters and of the code versions that implement them."""
+        if "id" in self._transform_cache:
+            return self._transform_cache["id"]
+        payload = {
+            "params": self.to_dict(),
+            "augment_code": AUGMENT_CODE_VERSION,
+            "timm": _version("timm"),
+            "torchvision": _version("torchvision"),
+            "pillow": _version("pillow"),
+        }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        self._transform_cache["id"] = hashlib.sha256(blob).hexdigest()[:16]
+        return self._transform_cache["id"]
+
+    def train_transform(self):
+        if "train" not in self._transform_cache:
+            from timm.data import create_transform
+
+            _patch_timm_posterize()
+            self._transform_cache["train"] = create_transform(
+                input_size=self.input_size,
+                is_training=True,
+                scale=self.scale,
+                ratio=self.ratio,
+                hflip=self.hflip,
+                color_jitter=self.color_jitter,
+                auto_augment=self.auto_augment,
+                interpolation=self.interpolation,
+                mean=self.mean,
+                std=self.std,
+                re_prob=self.re_prob,
+                re_mode=self.re_mode,
+                re_count=self.re_count,
+            )
+        return self._transform_cache["train"]
+
+    def eval_transform(self):
+        if "eval" not in self._transform_cache:
+            from timm.data import create_transform
+
+            self._transform_cache["eval"] = create_transform(
+                input_size=self.input_size,
+                is_training=False,
+                interpolation=self.interpolation,
+                mean=self.mean,
+                std=self.std,
+                crop_pct=self.eval_crop_pct,
+            )
+        return self._transform_cache["eval"]
+
+
+def _posterize_any_bits(img, bits_to_keep, **__):
+    """timm's posterize, also for 0 bits (a black image, as Pillow < 13 gave).
+
+    With DeiT's rand-m9-mstd0.5-inc1, magnitude noise reaches 10 and PosterizeIncreasing asks for
+    0 bits; Pillow >= 13 rejects that with ValueError, which would silently drop ~0.2% of crops.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize_any_bits
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "absent"
+
+
+def sample_seed(policy_id: str, key: str, seed: int) -> int:
+    """Stable 63-bit seed for one (policy, key, seed); never Python's salted hash()."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    digest = hashlib.sha256(f"{policy_id}\x00{key}\x00{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block under `seed` for random, numpy and torch (CPU), restoring all three after."""
+    with _RNG_LOCK:
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        torch_state = torch.get_rng_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed % (2**32))
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to RGB; raises ValueError for anything undecodable."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image too large: {e}") from e
+    except Exception as e:  # PIL raises several types for bad data
+        raise ValueError(f"cannot decode image: {e}") from e
+
+
+def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy) -> torch.Tensor:
+    """The training crop for (policy, key, seed): a float tensor (3, H, W), bit-identical anywhere."""
+    transform = policy.train_transform()
+    with seeded_rng(sample_seed(policy.policy_id, key, seed)):
+        out = transform(image)
+    return out.contiguous()
+
+
+def augment_many(image: Image.Image, key: str, seeds, policy: AugmentPolicy) -> torch.Tensor:
+    """Several seeds of one decoded image, stacked: decode once, augment many (precompute)."""
+    return torch.stack([augment(image, key, int(s), policy) for s in seeds])
+
+
+def eval_view(image: Image.Image, policy: AugmentPolicy) -> torch.Tensor:
+    return policy.eval_transform()(image)
+
+
+def to_pil(tensor: torch.Tensor, policy: AugmentPolicy) -> Image.Image:
+    """Undo normalization of an augmented crop for display."""
+    mean = torch.tensor(policy.mean).view(3, 1, 1)
+    std = torch.tensor(policy.std).view(3, 1, 1)
+    arr = ((tensor * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).numpy())

@@ -1,0 +1,103 @@
+"""`manifest.json`: what a shard directory holds (shards, counts, checksums, classes, splits)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    classes: list[str]
+    splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
+    source: str = ""
+    policy_hint: dict = field(default_factory=dict)  # suggested augmentation policy fields
+    version: int = MANIFEST_VERSION
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        if split not in self.splits:
+            raise KeyError(f"split {split!r} not in manifest (has {sorted(self.splits)})")
+        return self.splits[split]
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.samples for s in self.shards(split))
+
+    def policy(self, **overrides):
+        """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides."""
+        from .augment import AugmentPolicy
+
+        return AugmentPolicy.from_dict({**self.policy_hint, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "source": self.source,
+            "classes": self.classes,
+            "policy_hint": self.policy_hint,
+            "splits": {k: [asdict(s) for s in v] for k, v in self.splits.items()},
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}: build shards first (python -m shards build)")
+        d = json.loads(path.read_text())
+        if d.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{path}: manifest version {d.get('version')} unsupported (want {MANIFEST_VERSION})")
+        return cls(
+            classes=list(d["classes"]),
+            splits={k: [ShardInfo(**s) for s in v] for k, v in d["splits"].items()},
+            source=d.get("source", ""),
+            policy_hint=d.get("policy_hint", {}),
+        )
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(directory: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
+    """Problems found (missing, resized or modified shards); empty when everything matches."""
+    directory = Path(directory)
+    manifest = manifest or Manifest.load(directory)
+    problems = []
+    for split, shards in manifest.splits.items():
+        for s in shards:
+            p = directory / s.name
+            if not p.exists():
+                problems.append(f"{split}: {s.name} missing")
+                continue
+            size = p.stat().st_size
+            if size != s.bytes:
+                problems.append(f"{split}: {s.name} has {size} bytes, manifest says {s.bytes} (truncated?)")
+                continue
+            digest = sha256_file(p)
+            if digest != s.sha256:
+                problems.append(f"{split}: {s.name} sha256 {digest[:12]}.. != manifest {s.sha256[:12]}.. (modified)")
+    return problems

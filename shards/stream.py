@@ -1,0 +1,281 @@
+"""Streaming reader over webdataset shards for DDP training, precompute and evaluation.
+
+Why not `split_by_node` + `split_by_worker` on shard lists alone: with uneven shards, ranks get
+different numbers of batches and DDP hangs at the first collective the short rank never joins.
+Here every epoch is an explicit plan computed identically on every rank from the manifest:
+
+- the epoch's sample order is the shard order shuffled by (seed, epoch), each image repeated
+  `repeats` times (repeated augmentation), i.e. a list of positions 0 .. N*repeats-1;
+- rank r takes a contiguous slice of that list, sized so that every rank has the same number of
+  batches (`batches_per_rank`); the batch sizes of a rank are fixed in advance;
+- the rank's batches are cut into contiguous blocks, one per data-loader worker, so a worker opens
+  only the shards its block touches (webdataset's node/worker split, at position granularity);
+- within a worker, samples pass a seeded shuffle buffer (webdataset's `shuffle`).
+
+So every sample is seen exactly once per epoch (per repeat), and the batch count is equal on all
+ranks by construction. A corrupt or undecodable sample is skipped, counted and logged; its slot in
+the batch is filled with another sample of the same worker so the batch count never changes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .augment import AugmentPolicy, augment, decode_image, eval_view
+from .manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+
+def train_seed(epoch: int, repeat: int, repeats: int) -> int:
+    """The seed schedule: image i in epoch e, repeat r is augmented with seed e * repeats + r."""
+    return epoch * repeats + repeat
+
+
+def seeds_for_run(epochs: int, repeats: int, start_epoch: int = 0) -> range:
+    """All seeds a run of `epochs` epochs asks for: exactly what precompute must cover."""
+    return range(train_seed(start_epoch, 0, repeats), train_seed(epochs, 0, repeats))
+
+
+@dataclass
+class RawSample:
+    key: str
+    label: int
+    data: bytes
+    shard: str
+
+
+class SkipCounter:
+    """A webdataset error handler that logs and counts instead of crashing."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        log.warning("skipping unreadable sample: %s", exn)
+        return True
+
+
+def iter_shard(path: str | Path, handler: SkipCounter) -> Iterator[RawSample]:
+    """Samples of one shard in stored order; members that cannot be read are skipped and counted."""
+    for s in wds.tarfile_samples([{"url": str(path)}], handler=handler):
+        try:
+            ext = next(k for k in IMAGE_KEYS if k in s)
+            label = int(s["cls"])
+        except (StopIteration, KeyError, ValueError) as e:
+            handler(ValueError(f"sample {s.get('__key__')} in {path} lacks an image or class: {e!r}"))
+            continue
+        yield RawSample(s["__key__"], label, s[ext], Path(path).name)
+
+
+def batch_sizes(n: int, num_batches: int, batch_size: int) -> list[int]:
+    """n samples cut into exactly num_batches batches of <= batch_size, full batches first."""
+    if num_batches == 0:
+        return []
+    if not num_batches <= n <= num_batches * batch_size:
+        raise ValueError(f"{n} samples do not fit {num_batches} batches of <= {batch_size}")
+    sizes = [batch_size] * (num_batches - 1) + [n - batch_size * (num_batches - 1)]
+    if sizes[-1] <= 0:  # the rank is one batch short: split the last full batch in two
+        sizes = [batch_size] * (num_batches - 1) + [0]
+        deficit = batch_size * (num_batches - 1) - n
+        i = len(sizes) - 2
+        sizes[-1] = (batch_size - deficit) // 2
+        sizes[i] = batch_size - deficit - sizes[-1]
+    assert sum(sizes) == n and all(0 < s <= batch_size for s in sizes), (n, num_batches, sizes)
+    return sizes
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which positions of the epoch's order a (rank, worker) reads, and its batch sizes."""
+
+    order: list[int]  # shard indices in this epoch's order
+    offsets: list[int]  # cumulative position offsets of `order`, with repeats
+    start: int
+    sizes: list[int]
+
+    @property
+    def stop(self) -> int:
+        return self.start + sum(self.sizes)
+
+
+def plan_epoch(
+    shard_samples: list[int],
+    batch_size: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    worker: int = 0,
+    num_workers: int = 1,
+    repeats: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> EpochPlan:
+    order = list(range(len(shard_samples)))
+    if shuffle:
+        random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    offsets = [0]
+    for i in order:
+        offsets.append(offsets[-1] + shard_samples[i] * repeats)
+    total = offsets[-1]
+    nb = batches_per_rank(sum(shard_samples), batch_size, world_size, repeats)
+    # Contiguous, near-equal rank slices; each slice has at least nb samples, so nb batches.
+    lo = total * rank // world_size
+    hi = total * (rank + 1) // world_size
+    sizes = batch_sizes(hi - lo, nb, batch_size)
+    # Contiguous blocks of batches per worker.
+    b0 = nb * worker // num_workers
+    b1 = nb * (worker + 1) // num_workers
+    start = lo + sum(sizes[:b0])
+    return EpochPlan(order=order, offsets=offsets, start=start, sizes=sizes[b0:b1])
+
+
+def batches_per_rank(num_samples: int, batch_size: int, world_size: int, repeats: int = 1) -> int:
+    """The same on every rank: ceil(largest rank slice / batch size)."""
+    total = num_samples * repeats
+    if total < world_size:
+        raise ValueError(f"{num_samples} samples x {repeats} repeats cannot feed {world_size} ranks")
+    largest = -(-total // world_size)
+    nb = -(-largest // batch_size)
+    if total // world_size < nb:
+        raise ValueError(f"too few samples ({total}) for {world_size} ranks x {nb} batches")
+    return nb
+
+
+class ShardStream(IterableDataset):
+    """Batches of (image, label, key, seed) from a split; use with DataLoader(batch_size=None).
+
+    mode "train": augment(image, key, seed) with the seed schedule; "eval": the eval transform.
+    Call `set_epoch(e)` before each epoch (as with DistributedSampler).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        split: str,
+        policy: AugmentPolicy,
+        batch_size: int,
+        mode: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        repeats: int = 1,
+        shuffle: bool | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be train or eval, not {mode!r}")
+        self.directory = Path(directory)
+        self.manifest = Manifest.load(directory)
+        self.shards = self.manifest.shards(split)
+        self.split = split
+        self.policy = policy
+        self.batch_size = batch_size
+        self.mode = mode
+        self.rank = rank
+        self.world_size = world_size
+        self.repeats = repeats if mode == "train" else 1
+        self.shuffle = (mode == "train") if shuffle is None else shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return batches_per_rank(sum(s.samples for s in self.shards), self.batch_size, self.world_size, self.repeats)
+
+    def plan(self, worker: int, num_workers: int) -> EpochPlan:
+        return plan_epoch(
+            [s.samples for s in self.shards], self.batch_size, self.epoch, self.rank, self.world_size,
+            worker, num_workers, self.repeats, self.shuffle, self.seed,
+        )
+
+    def _positions(self, plan: EpochPlan, skips: SkipCounter) -> Iterator[tuple[RawSample, int]]:
+        """(raw sample, seed) for every position in [plan.start, plan.stop)."""
+        first = bisect.bisect_right(plan.offsets, plan.start) - 1
+        for j in range(first, len(plan.order)):
+            base = plan.offsets[j]
+            if base >= plan.stop:
+                break
+            shard = self.shards[plan.order[j]]
+            for i, raw in enumerate(iter_shard(self.directory / shard.name, skips)):
+                for r in range(self.repeats):
+                    pos = base + i * self.repeats + r
+                    if plan.start <= pos < plan.stop:
+                        yield raw, train_seed(self.epoch, r, self.repeats)
+                if base + (i + 1) * self.repeats >= plan.stop:
+                    break
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plan(worker, num_workers)
+        if not plan.sizes:
+            return
+        skips = SkipCounter()
+        stream = self._positions(plan, skips)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+            stream = wds.filters._shuffle(stream, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+        samples = self._decoded(stream, skips)
+        last = None
+        for size in plan.sizes:
+            batch = []
+            reported = skips.count
+            for item in samples:
+                batch.append(item)
+                if len(batch) == size:
+                    break
+            if batch:
+                last = batch[-1]
+            elif last is None:
+                raise RuntimeError(f"no readable sample in the shards of rank {self.rank} worker {worker}")
+            while len(batch) < size:  # skipped samples: keep the batch count, reuse a good sample
+                batch.append(last)
+            yield collate(batch, skipped=skips.count - reported)
+
+    def _decoded(self, stream, skips: SkipCounter):
+        for raw, seed in stream:
+            try:
+                image = decode_image(raw.data)
+            except ValueError as e:  # a corrupt image must not kill an epoch
+                skips(ValueError(f"{raw.key} in {raw.shard}: {e}"))
+                continue
+            # Augmentation errors are bugs, not bad data: let them raise.
+            if self.mode == "train":
+                yield augment(image, raw.key, seed, self.policy), raw.label, raw.key, seed
+            else:
+                yield eval_view(image, self.policy), raw.label, raw.key, -1
+
+
+def collate(items: list, skipped: int = 0) -> dict:
+    xs, labels, keys, seeds = zip(*items)
+    return {
+        "image": torch.stack(xs),
+        "label": torch.tensor(labels, dtype=torch.long),
+        "key": list(keys),
+        "seed": torch.tensor(seeds, dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+def make_loader(stream: ShardStream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 4):
+    """A DataLoader over a ShardStream (batching happens in the workers)."""
+    kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
+    if num_workers > 0:
+        kw["prefetch_factor"] = prefetch_factor
+    return torch.utils.data.DataLoader(stream, **kw)

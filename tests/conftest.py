@@ -1,0 +1,93 @@
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def run_cli(*args, check=True, env=None, timeout=600, **kw):
+    """Run `python -m ...` as a real subprocess; returns CompletedProcess with text output."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1")
+    e.update(env or {})
+    p = subprocess.run([PY, "-m", *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
+    return p
+
+
+def last_json(text: str) -> dict:
+    import json
+
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in output:\n{text[-2000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    run_cli("shards", "build", "--demo", "digits", "--out", out, "--shard-size", "128")
+    return out
+
+
+class RedisServer:
+    """A real redis-server of our own on a free port, that tests may kill and restart."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        exe = shutil.which("redis-server")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                redis.Redis(port=self.port).ping()
+                return self
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self):
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is required under CI (apt-get install redis-server)")
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    srv = RedisServer(tmp_path).start()
+    yield srv
+    srv.kill()

@@ -1,0 +1,219 @@
+import io
+import json
+import random
+import tarfile
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PY, last_json, run_cli
+from shards import AugmentPolicy, Manifest, ShardStream, augment, decode_image, iter_shard
+from shards.stream import SkipCounter, batch_sizes, plan_epoch
+
+POLICY = AugmentPolicy(input_size=32, scale=(0.35, 1.0), hflip=0.5)
+
+
+def first_sample(shards_dir):
+    m = Manifest.load(shards_dir)
+    return next(iter_shard(shards_dir / m.shards("train")[0].name, SkipCounter()))
+
+
+def test_manifest_describes_the_demo(demo_shards):
+    m = Manifest.load(demo_shards)
+    assert m.classes == [str(i) for i in range(10)]
+    assert m.num_samples("train") + m.num_samples("val") == 1797
+    assert m.num_samples("val") == 360
+    assert all(len(s.sha256) == 64 for s in m.shards("train"))
+    keys = [r.key for s in m.shards("train") for r in iter_shard(demo_shards / s.name, SkipCounter())]
+    assert len(keys) == len(set(keys)) == 1437
+    assert all("." not in k for k in keys)
+
+
+def test_same_key_seed_identical_in_two_processes(demo_shards):
+    raw = first_sample(demo_shards)
+    script = textwrap.dedent(f"""
+        import sys, hashlib
+        from shards import AugmentPolicy, augment, decode_image, Manifest, iter_shard
+        from shards.stream import SkipCounter
+        from pathlib import Path
+        d = Path({str(demo_shards)!r}); m = Manifest.load(d)
+        raw = next(iter_shard(d / m.shards("train")[0].name, SkipCounter()))
+        p = AugmentPolicy(input_size=32, scale=(0.35, 1.0), hflip=0.5)
+        for seed in (0, 1, 7):
+            t = augment(decode_image(raw.data), raw.key, seed, p)
+            print(hashlib.sha256(t.numpy().tobytes()).hexdigest())
+    """)
+    import subprocess
+
+    outs = [subprocess.run([PY, "-c", script], capture_output=True, text=True, check=True).stdout.split() for _ in range(2)]
+    assert outs[0] == outs[1] and len(outs[0]) == 3
+    assert len(set(outs[0])) == 3, "different seeds must give different crops"
+    import hashlib
+
+    here = hashlib.sha256(augment(decode_image(raw.data), raw.key, 0, POLICY).numpy().tobytes()).hexdigest()
+    assert here == outs[0][0]
+
+
+def test_augment_leaves_caller_rng_untouched(demo_shards):
+    raw = first_sample(demo_shards)
+    random.seed(123); np.random.seed(123); torch.manual_seed(123)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(123); np.random.seed(123); torch.manual_seed(123)
+    augment(decode_image(raw.data), raw.key, 3, POLICY)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_policy_id_changes_with_parameters():
+    assert AugmentPolicy().policy_id == AugmentPolicy().policy_id
+    assert AugmentPolicy().policy_id != AugmentPolicy(re_prob=0.0).policy_id
+    assert AugmentPolicy.from_dict(AugmentPolicy(input_size=64).to_dict()) == AugmentPolicy(input_size=64)
+    with pytest.raises(ValueError):
+        AugmentPolicy.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("n,nb,b", [(20, 2, 10), (11, 2, 10), (10, 2, 10), (7, 1, 8), (100, 13, 8)])
+def test_batch_sizes_exact(n, nb, b):
+    sizes = batch_sizes(n, nb, b)
+    assert len(sizes) == nb and sum(sizes) == n and max(sizes) <= b and min(sizes) > 0
+
+
+def test_batch_sizes_rejects_impossible():
+    with pytest.raises(ValueError):
+        batch_sizes(21, 2, 10)
+
+
+def test_plan_covers_every_position_once_with_equal_batches():
+    shard_samples = [128] * 11 + [29]
+    seen = []
+    for rank in range(3):
+        counts = 0
+        for w in range(2):
+            p = plan_epoch(shard_samples, 32, epoch=4, rank=rank, world_size=3, worker=w, num_workers=2, repeats=2)
+            seen.extend(range(p.start, p.stop))
+            counts += len(p.sizes)
+        assert counts == 30  # ceil(ceil(1437 * 2 / 3) / 32)
+    assert sorted(seen) == list(range(sum(shard_samples) * 2))
+
+
+def test_stream_two_ranks_two_workers_each_sample_once(demo_shards):
+    m = Manifest.load(demo_shards)
+    keys, batches_per_rank = [], []
+    for rank in range(2):
+        stream = ShardStream(demo_shards, "train", POLICY, batch_size=64, rank=rank, world_size=2, shuffle_buffer=50)
+        stream.set_epoch(1)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        n = 0
+        for batch in loader:
+            assert batch["image"].shape[1:] == (3, 32, 32)
+            assert (batch["seed"] == 1).all()  # seed schedule: epoch 1, repeat 0, repeats 1
+            keys.extend(batch["key"])
+            n += 1
+        assert n == len(stream)
+        batches_per_rank.append(n)
+    assert batches_per_rank[0] == batches_per_rank[1]
+    assert len(keys) == m.num_samples("train") == len(set(keys))
+
+
+def test_shuffle_differs_between_epochs_but_is_reproducible(demo_shards):
+    def order(epoch):
+        s = ShardStream(demo_shards, "train", POLICY, batch_size=200, shuffle_buffer=100)
+        s.set_epoch(epoch)
+        return [k for b in s for k in b["key"]]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+
+
+def corrupt_copy(src, dst):
+    """Copy the shards; overwrite one image's bytes in place with garbage (same size, valid tar)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    m = Manifest.load(dst)
+    path = dst / m.shards("train")[0].name
+    with tarfile.open(path) as tf:
+        victim = next(ti for ti in tf.getmembers() if ti.name.endswith(".png"))
+    with open(path, "r+b") as f:
+        f.seek(victim.offset_data)
+        f.write(b"not a png" + bytes(victim.size - 9))
+    return victim.name
+
+
+def test_corrupt_member_is_skipped_and_counted(demo_shards, tmp_path):
+    d = tmp_path / "bad"
+    victim = corrupt_copy(demo_shards, d)
+    stream = ShardStream(d, "train", POLICY, batch_size=100, shuffle=False)
+    batches = list(stream)
+    assert len(batches) == len(stream) == 15
+    assert sum(b["skipped"] for b in batches) == 1
+    keys = [k for b in batches for k in b["key"]]
+    assert victim.rsplit(".", 1)[0] not in keys
+    assert len(keys) == 1437  # batch shapes kept: the slot is refilled
+
+
+def test_inspect_detects_modified_and_truncated_shards(demo_shards, tmp_path):
+    ok = run_cli("shards", "inspect", demo_shards)
+    assert last_json(ok.stdout)["ok"] is True
+    d = tmp_path / "bad"
+    corrupt_copy(demo_shards, d)
+    bad = run_cli("shards", "inspect", d, check=False)
+    assert bad.returncode == 1
+    assert "modified" in " ".join(last_json(bad.stdout)["problems"])
+    m = Manifest.load(d)
+    p = d / m.shards("val")[0].name
+    p.write_bytes(p.read_bytes()[:1000])
+    bad = run_cli("shards", "inspect", d, check=False)
+    assert bad.returncode == 1 and "truncated" in bad.stderr
+
+
+def test_show_writes_same_png_for_same_seed(demo_shards, tmp_path):
+    raw = first_sample(demo_shards)
+    outs = []
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        p = tmp_path / f"{name}.png"
+        r = run_cli("shards", "show", demo_shards, raw.key, "--seed", seed, "--out", p)
+        assert last_json(r.stdout)["label"] == raw.label
+        outs.append(p.read_bytes())
+    assert outs[0] == outs[1] != outs[2]
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(outs[0])).size == (32, 32)
+    missing = run_cli("shards", "show", demo_shards, "no/such/key", "--seed", "1", "--out", tmp_path / "x.png", check=False)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_build_from_folder_keeps_original_bytes(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    originals = {}
+    for cls in ("cat", "dog"):
+        (src / cls).mkdir(parents=True)
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.new("RGB", (20 + i, 16), (i * 30, 100, 50)).save(buf, format="JPEG", quality=90)
+            (src / cls / f"img.{i}.jpg").write_bytes(buf.getvalue())
+            originals[f"{cls}/img_{i}"] = buf.getvalue()
+    (src / "dog" / "broken.jpg").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    summary = last_json(run_cli("shards", "build", "--src", src, "--out", out, "--shard-size", "4", "--val-fraction", "0.25").stdout)
+    assert summary["skipped"] == 1
+    m = Manifest.load(out)
+    assert m.classes == ["cat", "dog"]
+    got = {}
+    for split in m.splits:
+        for s in m.shards(split):
+            for raw in iter_shard(out / s.name, SkipCounter()):
+                got[raw.key] = (raw.data, raw.label)
+    assert set(got) == set(originals)
+    assert all(got[k][0] == originals[k] for k in originals)
+    assert all(got[k][1] == (0 if k.startswith("cat") else 1) for k in got)
+    assert m.num_samples("val") > 0 and m.num_samples("train") > 0
+
+
+def test_cli_help():
+    for cmd in ([], ["build"], ["inspect"], ["show"]):
+        r = run_cli("shards", *cmd, "--help")
+        assert "usage" in r.stdout
