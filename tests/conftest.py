@@ -48,9 +48,10 @@ def demo_shards(tmp_path_factory) -> Path:
 class RedisServer:
     """A real redis-server of our own on a free port, that tests may kill and restart."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, persistent: bool = False):
         self.port = free_port()
         self.workdir = workdir
+        self.persistent = persistent
         self.proc = None
 
     @property
@@ -59,9 +60,10 @@ class RedisServer:
 
     def start(self):
         exe = shutil.which("redis-server")
+        # persistent: an append-only file fsynced on every write, so kill -9 loses nothing acknowledged
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         import redis
@@ -82,12 +84,36 @@ class RedisServer:
             self.proc = None
 
 
-@pytest.fixture
-def redis_server(tmp_path):
+def require_redis_server():
     if shutil.which("redis-server") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("redis-server is required under CI (apt-get install redis-server)")
         pytest.skip("redis-server not installed (apt-get install redis-server)")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    require_redis_server()
     srv = RedisServer(tmp_path).start()
     yield srv
     srv.kill()
+
+
+@pytest.fixture
+def persistent_redis(tmp_path):
+    require_redis_server()
+    srv = RedisServer(tmp_path, persistent=True).start()
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(params=["file", "redis"])
+def store_url(request, tmp_path):
+    """A fresh store URL of each backend (real redis-server of the test's own)."""
+    if request.param == "file":
+        yield str(tmp_path / "labels.db")
+    else:
+        require_redis_server()
+        srv = RedisServer(tmp_path).start()
+        yield srv.url
+        srv.kill()

@@ -1,0 +1,70 @@
+"""`labels stats` and `labels copy`: look inside a store, move a namespace between stores."""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from .store import LabelStore, list_namespaces, open_existing, open_store
+
+
+def coverage_runs(per_seed: np.ndarray) -> list[list[int]]:
+    """[[first seed, last seed + 1, images labeled], ...] for runs of equal coverage."""
+    runs: list[list[int]] = []
+    for s, c in enumerate(per_seed.tolist()):
+        if c and runs and runs[-1][1] == s and runs[-1][2] == c:
+            runs[-1][1] = s + 1
+        elif c:
+            runs.append([s, s + 1, c])
+    return runs
+
+
+def namespace_stats(store: LabelStore, progress: bool = True) -> dict:
+    per_seed = np.zeros(0, dtype=np.int64)
+    keys = 0
+    total = store.num_keys()
+    with tqdm(total=total, desc=f"scan {store.namespace.id}", unit="img", disable=not progress) as bar:
+        for rows in store.iter_rows():
+            for _, row in rows:
+                mask = store.codec.present_mask(row or b"")
+                if len(mask) > len(per_seed):
+                    per_seed = np.pad(per_seed, (0, len(mask) - len(per_seed)))
+                per_seed[: len(mask)] += mask
+                keys += 1
+            bar.update(len(rows))
+    labels = int(per_seed.sum())
+    used = store.bytes_used()
+    return {
+        "namespace": store.namespace.meta(),
+        "images": keys,
+        "labels": labels,
+        "seeds_with_labels": int((per_seed > 0).sum()),
+        "coverage": coverage_runs(per_seed),
+        "bytes": used,
+        "bytes_per_label": round(used / labels, 3) if labels else None,
+    }
+
+
+def stats(url: str, namespace_id: str | None = None, progress: bool = True) -> dict:
+    metas = list_namespaces(url)
+    if namespace_id:
+        metas = [m for m in metas if m["id"].startswith(namespace_id)]
+    out = []
+    for m in metas:
+        with open_existing(url, m["id"]) as store:
+            out.append(namespace_stats(store, progress))
+    return {"url": url, "namespaces": out}
+
+
+def copy(src_url: str, dst_url: str, namespace_id: str | None = None, batch: int = 1000, progress: bool = True) -> dict:
+    """Merge a namespace's labels from src into dst (present labels only; idempotent)."""
+    with open_existing(src_url, namespace_id) as src, open_store(dst_url, src.namespace) as dst:
+        keys = labels = 0
+        with tqdm(total=src.num_keys(), desc="copy", unit="img", disable=not progress) as bar:
+            for rows in src.iter_rows(batch):
+                payload = {k: r for k, r in rows if r}
+                dst.put_rows(payload)
+                keys += len(payload)
+                labels += int(sum(src.codec.present_mask(r).sum() for r in payload.values()))
+                bar.update(len(rows))
+        return {"src": src_url, "dst": dst_url, "namespace": src.namespace.id, "images": keys, "labels": labels}

@@ -1,0 +1,50 @@
+"""Label stores behind one interface, picked by URL: redis:// / rediss:// or a file path / file://."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..namespace import Namespace, NamespaceMismatch
+from .base import LabelBatch, LabelStore, StoreError, StoreUnavailable
+from .file_store import FileStore
+from .file_store import list_namespaces as _file_namespaces
+from .redis_store import RedisStore
+from .redis_store import list_namespaces as _redis_namespaces
+
+BACKENDS: dict[str, tuple[type[LabelStore], Callable[[str], list[dict]]]] = {
+    "redis": (RedisStore, _redis_namespaces),
+    "rediss": (RedisStore, _redis_namespaces),
+    "file": (FileStore, _file_namespaces),
+}
+
+
+def _scheme(url: str) -> str:
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if scheme not in BACKENDS:
+        raise ValueError(f"unsupported store URL {url!r}: use redis://, rediss://, file:// or a path")
+    return scheme
+
+
+def open_store(url: str, namespace: Namespace, create: bool = True) -> LabelStore:
+    """Open `namespace` in the store at `url` (created unless create=False)."""
+    return BACKENDS[_scheme(url)][0](url, namespace, create=create)
+
+
+def list_namespaces(url: str) -> list[dict]:
+    """Metadata of every namespace stored at `url`."""
+    return BACKENDS[_scheme(url)][1](url)
+
+
+def open_existing(url: str, namespace_id: str | None = None) -> LabelStore:
+    """Open a stored namespace by id (or the only one) without knowing its teacher."""
+    metas = list_namespaces(url)
+    if namespace_id:
+        metas = [m for m in metas if m["id"].startswith(namespace_id)]
+    if len(metas) != 1:
+        have = ", ".join(m["id"] for m in list_namespaces(url)) or "none"
+        raise StoreError(f"{url}: need exactly one namespace matching {namespace_id or '*'} (have: {have}); pass --namespace")
+    return open_store(url, Namespace.from_meta(metas[0]), create=False)
+
+
+__all__ = ["LabelBatch", "LabelStore", "StoreError", "StoreUnavailable", "NamespaceMismatch", "open_store",
+           "list_namespaces", "open_existing", "FileStore", "RedisStore"]

@@ -1,0 +1,210 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import PY, last_json, run_cli
+from teacher_service.namespace import Namespace, NamespaceMismatch, RecordFormat, parse_seeds
+from teacher_service.store import StoreError, StoreUnavailable, open_existing, open_store
+
+NS = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
+NS5 = Namespace("regnety_002@abc123", "policy01", RecordFormat(topk=5, probs=True), num_classes=10)
+
+
+def expected(key: str, seed: int, n=10) -> int:
+    return (sum(key.encode()) * 31 + seed * 7) % n
+
+
+def test_missing_vs_present_and_roundtrip(store_url):
+    with open_store(store_url, NS) as st:
+        keys = ["a/1", "a/1", "b/2", "c/3"]
+        st.put(keys[:3], [0, 5, 2], [3, 0, 9])  # class 0 must stay distinguishable from missing
+        got = st.get(keys + ["a/1", "a/1"], [0, 5, 2, 0, 1, 1_000_000])
+        assert got.present.tolist() == [True, True, True, False, False, False]
+        assert got.top1[:3].tolist() == [3, 0, 9]
+        assert (got.top1[~got.present] == -1).all()
+        assert st.num_keys() == 2
+
+
+def test_idempotent_rewrites_and_bulk(store_url):
+    rng = np.random.default_rng(1)
+    keys = [f"k/{i}" for i in range(50) for _ in range(40)]
+    seeds = [s for _ in range(50) for s in range(40)]
+    labels = np.array([expected(k, s) for k, s in zip(keys, seeds)])
+    with open_store(store_url, NS) as st:
+        st.put(keys, seeds, labels)
+        st.put(keys, seeds, labels)
+        idx = rng.permutation(len(keys))[:256]
+        got = st.get([keys[i] for i in idx], [seeds[i] for i in idx])
+        assert got.present.all() and (got.top1 == labels[idx]).all()
+        assert st.num_keys() == 50
+
+
+def test_topk_records_with_probabilities(store_url):
+    classes = np.array([[3, 1, 4, 0, 2], [9, 8, 7, 6, 5]])
+    probs = np.array([[0.5, 0.2, 0.1, 0.1, 0.05], [0.9, 0.05, 0.02, 0.01, 0.01]])
+    with open_store(store_url, NS5) as st:
+        st.put(["x", "y"], [7, 0], classes, probs)
+        got = st.get(["x", "y", "x"], [7, 0, 6])
+        assert got.present.tolist() == [True, True, False]
+        assert (got.classes[:2] == classes).all()
+        np.testing.assert_allclose(got.probs[:2], probs, atol=1e-3)
+        with pytest.raises(ValueError):
+            st.put(["x"], [1], classes[:1])  # probabilities required by the format
+
+
+def test_namespace_mismatch_is_an_error(store_url):
+    open_store(store_url, NS).close()
+    other_classes = Namespace(NS.teacher_id, NS.policy_id, NS.format, num_classes=12)
+    assert other_classes.id == NS.id
+    with pytest.raises(NamespaceMismatch):
+        open_store(store_url, other_classes)
+    # a different teacher is a different namespace: its labels are never the first one's
+    other = Namespace("regnety_002@fff", NS.policy_id, NS.format, num_classes=10)
+    with open_store(store_url, NS) as a, open_store(store_url, other) as b:
+        a.put(["k"], [0], [4])
+        assert not b.get(["k"], [0]).present[0]
+        assert a.get(["k"], [0]).top1[0] == 4
+
+
+def test_bad_inputs_rejected(store_url):
+    with open_store(store_url, NS) as st:
+        with pytest.raises(ValueError):
+            st.put(["k"], [-1], [1])
+        with pytest.raises(ValueError):
+            st.put(["k"], [0], [10])  # >= num_classes
+        with pytest.raises(ValueError):
+            st.get(["k", "j"], [0])
+    with pytest.raises(ValueError):
+        parse_seeds("5:2")
+    assert parse_seeds("0:300") == range(0, 300)
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from teacher_service.namespace import Namespace, RecordFormat
+    from teacher_service.store import open_store
+    sys.path.insert(0, {tests!r})
+    from test_store import expected
+    ns = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
+    st = open_store({url!r}, ns)
+    for b in range({batches}):
+        keys = [f"b{{b}}/{{i}}" for i in range(20) for s in range(100)]
+        seeds = [s for i in range(20) for s in range(100)]
+        st.put(keys, seeds, [expected(k, s) for k, s in zip(keys, seeds)])
+        print(b, flush=True)
+        time.sleep({pause})
+""")
+
+READER = textwrap.dedent("""
+    import sys, random
+    from teacher_service.namespace import Namespace, RecordFormat
+    from teacher_service.store import open_store
+    sys.path.insert(0, {tests!r})
+    from test_store import expected
+    ns = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
+    st = open_store({url!r}, ns)
+    rng = random.Random({seed})
+    seen = 0
+    for _ in range(300):
+        keys = [f"b{{rng.randrange(40)}}/{{rng.randrange(20)}}" for _ in range(64)]
+        seeds = [rng.randrange(100) for _ in keys]
+        got = st.get(keys, seeds)
+        for k, s, p, c in zip(keys, seeds, got.present, got.top1):
+            if p:
+                assert c == expected(k, s), (k, s, c)
+                seen += 1
+    print(seen)
+""")
+
+
+def test_concurrent_writer_and_readers(store_url):
+    tests = os.path.dirname(__file__)
+    open_store(store_url, NS).close()
+    writer = subprocess.Popen([PY, "-c", WRITER.format(tests=tests, url=store_url, batches=40, pause=0.005)],
+                              stdout=subprocess.PIPE, text=True)
+    readers = [subprocess.Popen([PY, "-c", READER.format(tests=tests, url=store_url, seed=i)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for r in readers:
+        out, err = r.communicate(timeout=120)
+        assert r.returncode == 0, err[-2000:]
+    assert writer.wait(timeout=120) == 0
+    with open_store(store_url, NS) as st:
+        assert st.num_keys() == 40 * 20
+
+
+def test_file_store_survives_sigkill_of_writer(tmp_path):
+    url = str(tmp_path / "labels.db")
+    tests = os.path.dirname(__file__)
+    writer = subprocess.Popen([PY, "-c", WRITER.format(tests=tests, url=url, batches=10_000, pause=0)],
+                              stdout=subprocess.PIPE, text=True)
+    done = 0
+    while done < 15:
+        line = writer.stdout.readline()
+        assert line, "writer died"
+        done = int(line) + 1
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    with open_store(url, NS) as st:
+        batches = st.num_keys() // 20
+        assert batches >= done
+        for b in range(batches + 1):  # every batch all-or-nothing, every label right
+            keys = [f"b{b}/{i}" for i in range(20) for s in range(100)]
+            seeds = [s for i in range(20) for s in range(100)]
+            got = st.get(keys, seeds)
+            assert got.present.all() or not got.present.any()
+            if got.present.any():
+                assert got.top1.tolist() == [expected(k, s) for k, s in zip(keys, seeds)]
+
+
+def test_redis_killed_gives_clear_error_then_recovers(persistent_redis):
+    url = persistent_redis.url
+    st = open_store(url, NS)
+    st.put(["a", "b"], [0, 1], [1, 2])
+    persistent_redis.kill()
+    t0 = time.time()
+    with pytest.raises(StoreUnavailable, match="unavailable"):
+        st.get(["a"], [0])
+    with pytest.raises(StoreUnavailable):
+        st.put(["c"], [0], [3])
+    assert time.time() - t0 < 30  # bounded retries
+    persistent_redis.start()
+    got = st.get(["a", "b", "c"], [0, 1, 0])
+    assert got.present.tolist() == [True, True, False]  # nothing lost; the failed put is not there
+    assert got.top1[:2].tolist() == [1, 2]
+    st.put(["c"], [0], [3])
+    assert st.get(["c"], [0]).top1[0] == 3
+
+
+def test_unreachable_redis_at_open():
+    with pytest.raises(StoreUnavailable):
+        open_store("redis://127.0.0.1:1/0", NS)
+
+
+def test_stats_and_copy_cli(tmp_path, redis_server):
+    src = str(tmp_path / "src.db")
+    with open_store(src, NS) as st:
+        keys = [f"k/{i}" for i in range(30) for s in range(10)]
+        seeds = [s for i in range(30) for s in range(10)]
+        st.put(keys, seeds, [expected(k, s) for k, s in zip(keys, seeds)])
+        st.put(["k/0"], [12], [1])
+    s = last_json(run_cli("teacher_service", "labels", "stats", src).stdout)
+    ns = s["namespaces"][0]
+    assert ns["images"] == 30 and ns["labels"] == 301
+    assert ns["coverage"] == [[0, 10, 30], [12, 13, 1]]
+    c = last_json(run_cli("teacher_service", "labels", "copy", src, redis_server.url).stdout)
+    assert c["labels"] == 301 and c["images"] == 30
+    with open_existing(redis_server.url) as dst:
+        got = dst.get(keys + ["k/0"], seeds + [12])
+        assert got.present.all()
+        assert got.top1[:-1].tolist() == [expected(k, s) for k, s in zip(keys, seeds)]
+    r = last_json(run_cli("teacher_service", "labels", "stats", redis_server.url).stdout)
+    assert r["namespaces"][0]["labels"] == 301
+    bad = run_cli("teacher_service", "labels", "stats", "ftp://x", check=False)
+    assert bad.returncode == 2 and "unsupported store URL" in bad.stderr
