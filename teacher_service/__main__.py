@@ -41,18 +41,11 @@ def add_labels_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m teacher_service", description="Teacher labels: precompute, serve, store admin.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    try:
-        from .precompute import add_parser as add_precompute
-    except ImportError:  # pragma: no cover - precompute not built yet
-        add_precompute = None
-    if add_precompute:
-        add_precompute(sub)
-    try:
-        from .app.cli import add_parser as add_serve
-    except ImportError:  # pragma: no cover
-        add_serve = None
-    if add_serve:
-        add_serve(sub)
+    from .app.cli import add_parser as add_serve
+    from .precompute import add_parser as add_precompute
+
+    add_precompute(sub)
+    add_serve(sub)
     add_labels_parser(sub)
     return p
 

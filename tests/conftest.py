@@ -117,3 +117,30 @@ def store_url(request, tmp_path):
         srv = RedisServer(tmp_path).start()
         yield srv.url
         srv.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
+    """A small RegNetY trained for a few seconds on the demo digits (real data, real labels)."""
+    import torch
+    import timm
+
+    from shards import Manifest, ShardStream
+    from teacher_service.teacher import save_model
+
+    torch.manual_seed(0)
+    m = Manifest.load(demo_shards)
+    kwargs = {"num_classes": 10}
+    model = timm.create_model("regnety_002", **kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stream = ShardStream(demo_shards, "train", m.policy(), batch_size=64, mode="eval", shuffle=True)
+    model.train()
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        for b in stream:
+            loss = torch.nn.functional.cross_entropy(model(b["image"]), b["label"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    return save_model(model, path, "regnety_002", kwargs, m.classes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +40,9 @@ class _Conn:
         self.path = path
         self._pid = None
         self._conn = None
+        # One connection per process, shared by its threads (the service's thread pool): the
+        # lock keeps one thread's transaction from swallowing another's statements.
+        self.lock = threading.RLock()
 
     def get(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
@@ -92,12 +96,17 @@ class FileStore(LabelStore):
         return out
 
     def _get_rows(self, keys: list[str]) -> list[bytes | None]:
-        found = self._select(self.conn.get(), keys)
+        with self.conn.lock:
+            found = self._select(self.conn.get(), keys)
         return [found.get(k) for k in keys]
 
     def _put_runs(self, runs: dict[str, list[tuple[int, bytes]]]) -> None:
         if not runs:
             return
+        with self.conn.lock:
+            self._write(runs)
+
+    def _write(self, runs: dict[str, list[tuple[int, bytes]]]) -> None:
         db = self.conn.get()
         db.execute("BEGIN IMMEDIATE")  # one writer at a time; readers keep reading the last commit
         try:

@@ -1,0 +1,1 @@
+"""The REST teacher service (FastAPI): create_app(settings)."""

@@ -1,0 +1,37 @@
+"""Service settings: flags or DISTILL_* environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+
+    # teacher
+    model: str | None = Field(None, description="timm model name (default: checkpoint metadata, else regnety_160)")
+    checkpoint: str | None = Field(None, description="teacher weights (.safetensors or torch state dict)")
+    pretrained: bool = Field(False, description="timm hub weights (needs internet)")
+    random_init: bool = Field(False, description="random weights: speed benchmarks only")
+    device: str = "auto"
+    amp: str = "auto"
+    # data and labels
+    shards: str | None = Field(None, description="shard directory whose images the service can label by key")
+    splits: str = Field("train,val", description="comma-separated splits of --shards to index")
+    store: str = Field("runs/labels.db", description="label store URL")
+    format: str = Field("top1", description="record format: top1 or topKp")
+    policy: str | None = Field(None, description="JSON augmentation policy overrides")
+    # batching (Triton-style)
+    max_batch_size: int = Field(64, ge=1)
+    max_queue_delay_ms: float = Field(5.0, ge=0)
+    max_queue_size: int = Field(4096, ge=1, description="items waiting for the teacher; beyond: 503 + Retry-After")
+    augment_workers: int = Field(0, ge=0, description="augmentation processes (0: one per CPU core, at most 8)")
+    # request limits and security
+    max_items: int = Field(4096, ge=1, description="(key, seed) items per request")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    token: str | None = Field(None, description="bearer token required on /v1 when set")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"

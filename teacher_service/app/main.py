@@ -1,0 +1,92 @@
+"""The FastAPI application: `create_app(settings)`; the teacher loads in the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from .config import Settings
+from .routes import health, timed, v1
+from .state import build_state
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for bodies over `limit` bytes, declared or streamed."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await _json(send, 413, {"error": f"request body larger than {self.limit} bytes"})
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, f"request body larger than {self.limit} bytes")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+async def _json(send, status: int, body: dict):
+    import json
+
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app(settings: Settings | None = None, teacher=None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.svc = build_state(settings, teacher)
+        log.info("serving namespace %s (teacher %s, %d indexed images)", app.state.svc.namespace.id,
+                 app.state.svc.teacher.teacher_id, len(app.state.svc.index or []))
+        yield
+        app.state.svc.close()
+
+    app = FastAPI(title="teacher_service", version="1", lifespan=lifespan,
+                  description="DeiT teacher labels, cached by (namespace, image key, seed).")
+    app.include_router(health)
+    app.include_router(v1)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request", "detail": errors}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.middleware("http")
+    async def _metrics(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        svc = getattr(request.app.state, "svc", None)
+        if svc is not None:
+            timed(getattr(route, "path", "unmatched"), svc, start, response.status_code)
+        return response
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

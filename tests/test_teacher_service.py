@@ -1,0 +1,244 @@
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import PY, free_port, last_json, run_cli
+from shards import Manifest, augment, decode_image, iter_shard
+from shards.stream import SkipCounter
+from teacher_service.client import ServiceError, TeacherClient
+from teacher_service.namespace import RecordFormat
+from teacher_service.store import open_existing, open_store
+from teacher_service.teacher import Teacher, TeacherConfig
+
+TOKEN = "s3cret"
+
+
+def some_samples(shards_dir, n=8, split="train"):
+    m = Manifest.load(shards_dir)
+    out = []
+    for s in m.shards(split):
+        for raw in iter_shard(shards_dir / s.name, SkipCounter()):
+            out.append(raw)
+            if len(out) == n:
+                return out
+    return out
+
+
+@pytest.fixture(scope="module")
+def service(demo_shards, tiny_teacher, tmp_path_factory):
+    d = tmp_path_factory.mktemp("svc")
+    port = free_port()
+    env = dict(os.environ, DISTILL_TOKEN=TOKEN, DISTILL_MAX_QUEUE_SIZE="64", DISTILL_MAX_ITEMS="300",
+               DISTILL_MAX_UPLOAD_BYTES="200000", DISTILL_AUGMENT_WORKERS="2", PYTHONUNBUFFERED="1")
+    log = open(d / "service.log", "w")
+    proc = subprocess.Popen([PY, "-m", "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", demo_shards,
+                             "--store", d / "labels.db", "--port", str(port), "--max-batch-size", "16"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    client = TeacherClient(url, token=TOKEN, retries=2)
+    try:
+        client.wait_ready(120)
+    except ServiceError:
+        proc.kill()
+        raise AssertionError((d / "service.log").read_text()[-3000:])
+    yield {"url": url, "client": client, "store": str(d / "labels.db"), "proc": proc}
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_service_matches_direct_teacher(service, demo_shards, tiny_teacher):
+    samples = some_samples(demo_shards, 6)
+    keys = [r.key for r in samples for _ in range(2)]
+    seeds = [s for _ in samples for s in (3, 4)]
+    batch, errors = service["client"].label(keys, seeds)
+    assert batch.present.all() and errors == [None] * len(keys)
+    teacher = Teacher(TeacherConfig(checkpoint=str(tiny_teacher), device="cpu"))
+    policy = Manifest.load(demo_shards).policy()
+    x = torch.stack([augment(decode_image(r.data), r.key, s, policy) for r in samples for s in (3, 4)])
+    direct = teacher.logits(x).argmax(-1).numpy()
+    assert (batch.top1 == direct).all()
+    again = service["client"].lookup(keys, seeds)  # now cached
+    assert (again.top1 == direct).all()
+    info = service["client"].info()
+    assert info["teacher_id"] == teacher.teacher_id and info["policy_id"] == policy.policy_id
+
+
+def test_precompute_service_and_teacher_agree(service, demo_shards, tiny_teacher, tmp_path):
+    store = tmp_path / "pre.db"
+    summary = last_json(run_cli("teacher_service", "precompute", "--shards", demo_shards, "--seeds", "7:9",
+                                "--store", store, "--checkpoint", tiny_teacher, "--quiet").stdout)
+    assert summary["labels_computed"] == 1437 * 2
+    info = service["client"].info()
+    assert summary["namespace"] == info["namespace"]
+    samples = some_samples(demo_shards, 10)
+    keys = [r.key for r in samples]
+    with open_existing(str(store)) as st:
+        pre = st.get(keys, [8] * len(keys))
+    svc, _ = service["client"].label(keys, [8] * len(keys))
+    assert pre.present.all() and (pre.top1 == svc.top1).all()
+
+
+BAD = [
+    ("bad json", dict(content=b"{not json", headers={"content-type": "application/json"}), 422),
+    ("wrong types", dict(json={"keys": "abc", "seeds": [1]}), 422),
+    ("string seed", dict(json={"keys": ["a"], "seeds": ["1"]}), 422),
+    ("negative seed", dict(json={"keys": ["a"], "seeds": [-1]}), 422),
+    ("huge seed", dict(json={"keys": ["a"], "seeds": [2**40]}), 422),
+    ("length mismatch", dict(json={"keys": ["a", "b"], "seeds": [1]}), 422),
+    ("extra field", dict(json={"keys": ["a"], "seeds": [1], "x": 1}), 422),
+    ("too many items", dict(json={"keys": ["a"] * 301, "seeds": [1] * 301}), 413),
+    ("unknown key", dict(json={"keys": ["no/such/key"], "seeds": [1]}), 404),
+    ("body too large", dict(content=b"x" * (17 * 1024 * 1024), headers={"content-type": "application/json"}), 413),
+]
+
+
+@pytest.mark.parametrize("name,kw,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_4xx_and_service_stays_up(service, name, kw, code):
+    h = {"Authorization": f"Bearer {TOKEN}", **kw.pop("headers", {})}
+    r = httpx.post(service["url"] + "/v1/labels", headers=h, timeout=30, **kw)
+    assert r.status_code == code, r.text
+    assert "error" in r.json()
+    assert httpx.get(service["url"] + "/healthz").json() == {"status": "ok"}
+
+
+def _png(size=(16, 16)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_uploads(service):
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    url = service["url"] + "/v1/labels/upload"
+    ok = httpx.post(url, headers=h, files={"image": ("a.png", _png())}, data={"seeds": "0,1"})
+    assert ok.status_code == 200 and len(ok.json()["labels"]) == 2 and None not in ok.json()["labels"]
+    assert ok.json()["key"].startswith("upload/")
+    key, batch = service["client"].label_image(_png(), [1, 2])
+    assert key == ok.json()["key"] and batch.top1[0] == ok.json()["labels"][1]
+    cases = [
+        ({"image": ("e.png", b"")}, {"seeds": "0"}, 400),
+        ({"image": ("g.png", b"garbage bytes")}, {"seeds": "0"}, 400),
+        ({"image": ("big.png", b"\x89PNG" + os.urandom(250_000))}, {"seeds": "0"}, 413),
+        ({"image": ("a.png", _png())}, {"seeds": "-3"}, 422),
+        ({"image": ("a.png", _png())}, {"seeds": "x"}, 422),
+        ({}, {"seeds": "1"}, 422),
+    ]
+    for files, data, code in cases:
+        r = httpx.post(url, headers=h, files=files or None, data=data)
+        assert r.status_code == code, (data, r.text)
+        assert "error" in r.json()
+    # a decompression bomb: tiny PNG, huge canvas
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")
+    r = httpx.post(url, headers=h, files={"image": ("bomb.png", buf.getvalue())}, data={"seeds": "0"})
+    assert r.status_code == 400 and "too large" in r.json()["error"]
+    assert httpx.get(service["url"] + "/healthz").status_code == 200
+
+
+def test_token_required(service):
+    body = {"keys": ["a"], "seeds": [0]}
+    assert httpx.post(service["url"] + "/v1/labels/lookup", json=body).status_code == 401
+    r = httpx.post(service["url"] + "/v1/labels/lookup", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "token" in r.json()["error"]
+    assert httpx.get(service["url"] + "/healthz").status_code == 200  # health is open
+
+
+def test_backpressure_503_with_retry_after(service, demo_shards):
+    samples = some_samples(demo_shards, 100)
+    keys = [r.key for r in samples]
+    r = httpx.post(service["url"] + "/v1/labels", json={"keys": keys, "seeds": [77] * 100},
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    with pytest.raises(ServiceError, match="503"):
+        service["client"].label(keys, [77] * 100)
+    # within the queue's capacity the same work goes through
+    batch, _ = service["client"].label(keys[:50], [77] * 50)
+    assert batch.present.all()
+    metrics = httpx.get(service["url"] + "/metrics").text
+    assert "distill_queue_rejected_total" in metrics and "distill_batch_size_bucket" in metrics
+
+
+def test_concurrent_clients_are_batched(service, demo_shards):
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples = some_samples(demo_shards, 48)
+    def one(i):
+        with TeacherClient(service["url"], token=TOKEN) as c:
+            return c.label([samples[i].key], [200 + i])[0].present.all()
+
+    with ThreadPoolExecutor(16) as ex:
+        assert all(ex.map(one, range(48)))
+    metrics = httpx.get(service["url"] + "/metrics").text
+    counts = {l.split()[0]: float(l.split()[1]) for l in metrics.splitlines() if l.startswith("distill_batch_size_")}
+    assert counts["distill_batch_size_count"] < counts["distill_batch_size_sum"]  # some batches held > 1 item
+
+
+def test_client_retries_then_reports_unreachable():
+    c = TeacherClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01)
+    t0 = time.time()
+    with pytest.raises(ServiceError, match="after 2 retries"):
+        c.lookup(["a"], [0])
+    assert time.time() - t0 < 10
+
+
+def test_precompute_sigkill_and_resume(demo_shards, tiny_teacher, tmp_path):
+    store = tmp_path / "labels.db"
+    args = ["-m", "teacher_service", "precompute", "--shards", str(demo_shards), "--seeds", "0:6", "--store", str(store),
+            "--checkpoint", str(tiny_teacher), "--batch-size", "64", "--quiet"]
+    p = subprocess.Popen([PY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until some, not all, labels are stored
+        if store.exists():
+            try:
+                with open_existing(str(store)) as st:
+                    if st.num_keys() > 300:
+                        break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    with open_existing(str(store)) as st:
+        before = sum(int(st.codec.present_mask(r).sum()) for rows in st.iter_rows() for _, r in rows)
+    assert 0 < before < 1437 * 6
+    summary = last_json(run_cli(*args[1:]).stdout)
+    assert summary["labels_present"] == before
+    assert summary["labels_present"] + summary["labels_computed"] == 1437 * 6
+    assert summary["labels_computed"] <= 1437 * 6 - before
+    full = tmp_path / "full.db"
+    run_cli(*[a if a != str(store) else str(full) for a in args[1:]])
+    m = Manifest.load(demo_shards)
+    keys = [r.key for s in m.shards("train") for r in iter_shard(demo_shards / s.name, SkipCounter())]
+    with open_existing(str(store)) as a, open_existing(str(full)) as b:
+        for seed in range(6):
+            ga, gb = a.get(keys, [seed] * len(keys)), b.get(keys, [seed] * len(keys))
+            assert ga.present.all() and gb.present.all()
+            assert (ga.top1 == gb.top1).all()
+
+
+def test_precompute_splits_nodes_without_overlap(demo_shards, tiny_teacher, tmp_path):
+    store = str(tmp_path / "labels.db")
+    totals = []
+    for rank in range(2):
+        s = last_json(run_cli("teacher_service", "precompute", "--shards", demo_shards, "--seeds", "0:1", "--store", store,
+                              "--checkpoint", tiny_teacher, "--node-rank", rank, "--num-nodes", "2", "--quiet",
+                              "--format", "top3p").stdout)
+        totals.append(s["labels_computed"])
+        assert s["labels_present"] == 0  # the other node's shards are not this node's
+    assert sum(totals) == 1437
+    with open_existing(store) as st:
+        assert st.namespace.format == RecordFormat(3, True)
+        assert st.num_keys() == 1437
