@@ -168,6 +168,8 @@ def add_teacher_args(p, prefix: str = "") -> None:
                    help="timm hub weights (needs internet)")
     w.add_argument(f"--{prefix}random-init", dest=f"{prefix.replace('-', '_')}random_init", action="store_true",
                    help="random weights, for speed benchmarks only (recorded in the namespace)")
+    g.add_argument(f"--{prefix}num-classes", dest=f"{prefix.replace('-', '_')}num_classes", type=int, default=None,
+                   help="classifier size for --pretrained/--random-init (default: the model's or checkpoint's)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast on CUDA (default bf16)")
 
@@ -177,7 +179,7 @@ def teacher_config_from_args(args, prefix: str = "", **extra) -> TeacherConfig:
     return TeacherConfig(
         model=getattr(args, f"{a}model"), checkpoint=getattr(args, f"{a}checkpoint"),
         pretrained=getattr(args, f"{a}pretrained"), random_init=getattr(args, f"{a}random_init"),
-        device=args.device, amp=args.amp, **extra,
+        num_classes=getattr(args, f"{a}num_classes"), device=args.device, amp=args.amp, **extra,
     )
 
 

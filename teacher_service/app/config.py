@@ -14,6 +14,7 @@ class Settings(BaseSettings):
     checkpoint: str | None = Field(None, description="teacher weights (.safetensors or torch state dict)")
     pretrained: bool = Field(False, description="timm hub weights (needs internet)")
     random_init: bool = Field(False, description="random weights: speed benchmarks only")
+    num_classes: int | None = Field(None, description="classifier size for --pretrained/--random-init (default: the model's)")
     device: str = "auto"
     amp: str = "auto"
     # data and labels

@@ -45,7 +45,8 @@ class ServiceState:
 def build_state(settings: Settings, teacher: Teacher | None = None) -> ServiceState:
     teacher = teacher or Teacher(TeacherConfig(
         model=settings.model, checkpoint=settings.checkpoint, pretrained=settings.pretrained,
-        random_init=settings.random_init, device=settings.device, amp=settings.amp))
+        random_init=settings.random_init, num_classes=settings.num_classes, device=settings.device,
+        amp=settings.amp))
     overrides = json.loads(settings.policy) if settings.policy else {}
     index = None
     if settings.shards:

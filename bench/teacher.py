@@ -1,0 +1,153 @@
+"""Teacher throughput: raw forward vs precompute vs the REST service (batched and naive); one JSON line.
+
+python bench/teacher.py --model regnety_160 --input-size 224 --batch-size 128      # DeiT's teacher (GPU)
+python bench/teacher.py --model regnety_002 --input-size 64 --batch-size 64        # CPU-sized
+
+Random teacher weights (speed only). Images are the demo digits upscaled by the augmentation's
+RandomResizedCrop to --input-size. The service runs as a real uvicorn process; concurrent clients
+on loopback send cache misses (fresh seeds), then 256-label lookups of cached labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shards import Manifest, augment, decode_image, iter_shard
+from shards.build import build
+from shards.stream import SkipCounter
+from teacher_service.client import TeacherClient
+from teacher_service.namespace import RecordFormat
+from teacher_service.precompute import precompute
+from teacher_service.teacher import Teacher, TeacherConfig
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_throughput(teacher: Teacher, x: torch.Tensor, seconds: float) -> float:
+    for _ in range(3):
+        teacher.predict(x)
+    if teacher.device.type == "cuda":
+        torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        teacher.predict(x)  # returns CPU tensors: includes the device->host copy, like real use
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int, seed0: int) -> float:
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "teacher_service", "serve", "--model", args.model, "--random-init", "--shards", str(shards),
+           "--store", store, "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-ms", "5",
+           "--max-queue-size", "100000", "--policy", json.dumps({"input_size": args.input_size}), "--log-level", "warning",
+           "--augment-workers", str(args.augment_workers), "--num-classes", "10"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        TeacherClient(url).wait_ready(300)
+        done = [0]
+        lock = threading.Lock()
+        
+        def client(cid: int):
+            c = TeacherClient(url, timeout=120)
+            stop = t0 + args.seconds
+            seed = seed0 + cid * 10_000
+            i = cid * 7
+            while time.perf_counter() < stop:
+                ks = [keys[(i + j) % len(keys)] for j in range(args.items_per_request)]
+                batch, _ = c.label(ks, [seed] * len(ks))  # fresh seed: all misses
+                seed += 1
+                i += args.items_per_request
+                with lock:
+                    done[0] += int(batch.present.sum())
+
+        warm = TeacherClient(url, timeout=300)
+        warm.label(keys[:256], [seed0 - 1] * 256)  # warm-up, and 256 cached labels for the lookups
+        lat = []
+        if max_batch > 1:  # lookups of cached labels: 256 per request
+            for _ in range(args.lookups):
+                t1 = time.perf_counter()
+                got = warm.lookup(keys[:256], [seed0 - 1] * 256)
+                lat.append((time.perf_counter() - t1) * 1000)
+            assert got.present.all()
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rate = done[0] / (time.perf_counter() - t0)
+        return rate, lat
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="regnety_002")
+    ap.add_argument("--input-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per throughput measurement")
+    ap.add_argument("--seeds", type=int, default=4, help="seeds per image for precompute")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--items-per-request", type=int, default=16)
+    ap.add_argument("--lookups", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)), help="precompute workers")
+    ap.add_argument("--augment-workers", type=int, default=0, help="service augmentation processes (0: auto)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        build(d / "shards", demo="digits", shard_size=64)
+        m = Manifest.load(d / "shards")
+        policy = m.policy(input_size=args.input_size)
+        teacher = Teacher(TeacherConfig(model=args.model, random_init=True, num_classes=10))
+        raws = [r for s in m.shards("train")[:2] for r in iter_shard(d / "shards" / s.name, SkipCounter())]
+        x = torch.stack([augment(decode_image(r.data), r.key, 0, policy) for r in raws[: args.batch_size]])
+        raw = raw_throughput(teacher, x, args.seconds)
+        # precompute over as many seeds as make a measurement of about --seconds
+        pre = precompute(str(d / "shards"), range(0, args.seeds), str(d / "pre.db"), teacher, fmt=RecordFormat(),
+                         policy_overrides={"input_size": args.input_size}, batch_size=args.batch_size,
+                         workers=args.workers, progress=False)
+        del teacher
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        keys = [r.key for s in m.shards("train") for r in iter_shard(d / "shards" / s.name, SkipCounter())]
+        svc, lat = service_run(args, d / "shards", str(d / "svc.db"), keys, args.batch_size, 1000)
+        naive, _ = service_run(args, d / "shards", str(d / "naive.db"), keys, 1, 300_000)
+        out = {
+            "model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
+            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+            "raw_images_per_s": round(raw, 1),
+            "precompute_labels_per_s": pre["labels_per_s"],
+            "service_labels_per_s": round(svc, 1),
+            "naive_service_labels_per_s": round(naive, 1),
+            "precompute_efficiency": round(pre["labels_per_s"] / raw, 3),
+            "service_efficiency": round(svc / raw, 3),
+            "naive_service_efficiency": round(naive / raw, 3),
+            "lookup_p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "lookup_p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "clients": args.clients, "items_per_request": args.items_per_request,
+        }
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
