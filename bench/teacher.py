@@ -59,10 +59,16 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
            "--store", store, "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-ms", "5",
            "--max-queue-size", "100000", "--policy", json.dumps({"input_size": args.input_size}), "--log-level", "warning",
            "--augment-workers", str(args.augment_workers), "--num-classes", "10"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = open(f"{store}.service.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        TeacherClient(url).wait_ready(300)
+        probe = TeacherClient(url)
+        deadline = time.time() + 300
+        while not probe.ready():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("service did not start:\n" + open(f"{store}.service.log").read()[-4000:])
+            time.sleep(0.5)
         done = [0]
         lock = threading.Lock()
         
@@ -95,6 +101,16 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
         for t in threads:
             t.join()
         rate = done[0] / (time.perf_counter() - t0)
+        stages = {}
+        for line in probe.http.get("/metrics").text.splitlines():
+            for name in ("request_duration_seconds", "queue_duration_seconds", "compute_infer_duration_seconds", "batch_size"):
+                for agg in ("sum", "count"):
+                    if line.startswith(f"distill_{name}_{agg}") and 'endpoint="/v1/labels/lookup"' not in line:
+                        stages[f"{name}_{agg}"] = stages.get(f"{name}_{agg}", 0) + float(line.split()[-1])
+        diag = {k: round(stages[f"{k}_sum"] / stages[f"{k}_count"], 4) for k in
+                ("request_duration_seconds", "queue_duration_seconds", "compute_infer_duration_seconds", "batch_size")
+                if stages.get(f"{k}_count")}
+        print(f"service max_batch={max_batch}: {rate:.1f} labels/s, mean per stage: {json.dumps(diag)}", file=sys.stderr)
         return rate, lat
     finally:
         proc.terminate()
@@ -136,10 +152,11 @@ def main():
             "model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
             "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
             "raw_images_per_s": round(raw, 1),
-            "precompute_labels_per_s": pre["labels_per_s"],
+            "precompute_labels_per_s": pre["steady_labels_per_s"],
+            "precompute_labels_per_s_with_startup": pre["labels_per_s"],
             "service_labels_per_s": round(svc, 1),
             "naive_service_labels_per_s": round(naive, 1),
-            "precompute_efficiency": round(pre["labels_per_s"] / raw, 3),
+            "precompute_efficiency": round(pre["steady_labels_per_s"] / raw, 3),
             "service_efficiency": round(svc / raw, 3),
             "naive_service_efficiency": round(naive / raw, 3),
             "lookup_p50_ms": round(float(np.percentile(lat, 50)), 2),

@@ -67,7 +67,7 @@ def cmd_show(args) -> int:
     return 2
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shards", description="Webdataset shards with seeded augmentation.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -93,8 +93,11 @@ def main(argv=None) -> int:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--policy", help="JSON of augmentation policy overrides, e.g. '{\"input_size\": 64}'")
     s.set_defaults(fn=cmd_show)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

@@ -103,6 +103,40 @@ class PrecomputeSource(IterableDataset):
         return out
 
 
+class BackgroundWriter:
+    """Bulk puts on a thread of their own, so the GPU does not wait for the store; bounded, and
+    an error in a put is raised in the caller at the next `put` or at `close`."""
+
+    def __init__(self, store, depth: int = 4):
+        import queue
+        import threading
+
+        self.store = store
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="label-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.store.put(*item)
+                except BaseException as e:  # surfaced in the main thread
+                    self.error = e
+
+    def put(self, *item):
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def precompute(
     shards: str,
     seeds: range,
@@ -128,8 +162,10 @@ def precompute(
     workers = min(workers, len(mine))
     loader = DataLoader(source, batch_size=None, num_workers=workers,
                         prefetch_factor=1 if workers else None, pin_memory=teacher.device.type == "cuda")
+    writer = BackgroundWriter(store)
     totals = {"images": 0, "present": 0, "skipped": 0, "computed": 0}
     infer_s = 0.0
+    first = None  # (time, labels) when the first batch was stored: steady rate excludes start-up
     t0 = time.perf_counter()
     with tqdm(total=images * len(seeds), desc=f"precompute node {node_rank}/{num_nodes}", unit="label",
               disable=not progress, smoothing=0.05) as bar:
@@ -142,12 +178,17 @@ def precompute(
             t1 = time.perf_counter()
             classes, probs = teacher.predict(item["image"], fmt.topk)
             infer_s += time.perf_counter() - t1
-            store.put(item["key"], item["seed"], classes.numpy(), probs.numpy() if fmt.probs else None)
+            writer.put(item["key"], item["seed"], classes.numpy(), probs.numpy() if fmt.probs else None)
             totals["computed"] += len(item["key"])
+            if first is None:
+                first = (time.perf_counter(), totals["computed"])
             bar.update(len(item["key"]))
             dt = time.perf_counter() - t0
             bar.set_postfix(img_s=f"{totals['images'] / dt:.0f}", new_labels_s=f"{totals['computed'] / dt:.0f}")
-    dt = time.perf_counter() - t0
+    writer.close()  # every label is stored before the summary says so
+    end = time.perf_counter()
+    dt = end - t0
+    steady = (totals["computed"] - first[1]) / (end - first[0]) if first and totals["computed"] > first[1] else None
     store.close()
     return {
         "store": store_url, "namespace": ns.id, "teacher": teacher.teacher_id, "policy_id": policy.policy_id,
@@ -155,6 +196,7 @@ def precompute(
         "num_nodes": num_nodes, "shards": len(mine), "images": totals["images"], "labels_present": totals["present"],
         "labels_computed": totals["computed"], "skipped_samples": totals["skipped"], "seconds": round(dt, 3),
         "labels_per_s": round(totals["computed"] / dt, 1) if dt else None,
+        "steady_labels_per_s": round(steady, 1) if steady else None,
         "teacher_seconds": round(infer_s, 3),
     }
 

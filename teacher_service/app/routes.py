@@ -142,22 +142,22 @@ async def lookup(items: Items, svc: ServiceState = Depends(state)):
     return out
 
 
-async def _compute(svc: ServiceState, jobs: list[tuple[list[int], asyncio.Future]], keys, seeds, out: LabelsOut):
-    """Run augmented crops through the batcher, store the labels, fill `out`."""
-    crops, where = [], []
-    for idx, fut in jobs:
-        try:
-            arr = await fut
-        except ValueError as e:  # undecodable image
+async def _compute(svc: ServiceState, job, groups: list[list[int]], keys, seeds, out: LabelsOut):
+    """Run the crops of one augmentation job through the batcher, store the labels, fill `out`.
+
+    `groups[j]` are the item indexes whose crops job j produced (one image, its seeds)."""
+    crops, errors = await job
+    where = []
+    for idx, err in zip(groups, errors):
+        if err is None:
+            where.extend(idx)
+        else:
             for i in idx:
-                out.errors[i] = str(e)
-            continue
-        crops.extend(torch.from_numpy(a) for a in arr)
-        where.extend(idx)
-    if not crops:
+                out.errors[i] = err
+    if not where:
         return
     try:
-        futures = svc.batcher.submit_many(crops)
+        futures = svc.batcher.submit_many(list(crops.unbind(0)))
     except QueueFull as e:
         raise HTTPException(503, f"teacher queue full: {e}", headers={"Retry-After": svc.retry_after()}) from e
     results = await asyncio.gather(*futures)
@@ -199,10 +199,11 @@ async def labels(items: Items, svc: ServiceState = Depends(state)):
             out.errors[i] = f"unknown key {keys[i]!r}" + ("" if svc.index else " (service has no --shards)")
         else:
             by_key.setdefault(keys[i], []).append(i)
-    _reserve(svc, sum(len(v) for v in by_key.values()))
-    jobs = [(idx, asyncio.ensure_future(svc.pool.member(svc.index.get(k), k, [seeds[i] for i in idx])))
-            for k, idx in by_key.items()]
-    await _compute(svc, jobs, keys, seeds, out)
+    if by_key:
+        _reserve(svc, sum(len(v) for v in by_key.values()))
+        groups = list(by_key.values())
+        job = svc.pool.members([(svc.index.get(k), k, [seeds[i] for i in idx]) for k, idx in by_key.items()])
+        await _compute(svc, job, groups, keys, seeds, out)
     if keys and all(e is not None for e in out.errors):
         return JSONResponse(out.model_dump(exclude_none=True) | {"error": "no item could be labeled"}, status_code=404)
     return out
@@ -233,8 +234,8 @@ async def labels_upload(
     misses = await _lookup(svc, keys, seed_list, out)
     if misses:
         _reserve(svc, len(misses))
-        job = asyncio.ensure_future(svc.pool.upload(data, key, [seed_list[i] for i in misses]))
-        await _compute(svc, [(misses, job)], keys, seed_list, out)
+        job = svc.pool.upload(data, key, [seed_list[i] for i in misses])
+        await _compute(svc, job, [misses], keys, seed_list, out)
         if any(e is not None for e in out.errors):
             raise HTTPException(400, out.errors[misses[0]])
     body = out.model_dump(exclude_none=True) | {"key": key}

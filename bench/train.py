@@ -1,0 +1,177 @@
+"""Student training throughput by label source; prints one JSON line.
+
+python bench/train.py --steps 40 --batch-size 128 --workers 12      # GPU: DeiT-Ti + RegNetY-16GF at 224 px
+python bench/train.py --steps 6 --batch-size 16 --workers 1         # CPU smoke run (slow: 16 GFLOPs teacher)
+
+Modes, all with the real DeiT-Ti student (deit_tiny_distilled_patch16_224) at 224 px and DeiT's
+augmentation + mixup/cutmix: `none` (no distillation), `store_file` / `store_redis` (hard labels
+precomputed in the embedded file store / Redis), `service` (labels from the REST teacher service,
+cache hits), `online` (RegNetY-16GF, random weights, run on every batch: DeiT's recipe). The
+teacher's labels are random here: speed does not depend on their values. Throughput is steady
+state (after the first batch of each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import redis
+import torch
+
+from shards import Manifest, iter_shard
+from shards.build import build
+from shards.stream import SkipCounter
+from student_trainer.train import TrainConfig, train
+from teacher_service.client import TeacherClient
+from teacher_service.namespace import RecordFormat
+from teacher_service.store import open_store
+from teacher_service.teacher import Teacher, TeacherConfig
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_bound(args) -> dict:
+    """Step throughput with the input already on the device: what the ratios are once data loading
+    keeps up (the end-to-end figures above are capped by CPU augmentation on small machines)."""
+    import time
+
+    import timm
+
+    from student_trainer.train import autocast
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = "bf16" if device.type == "cuda" else "none"
+    student = timm.create_model(args.student, num_classes=1000).to(device)
+    student.set_distilled_training(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    teacher = Teacher(TeacherConfig(model=args.teacher, random_init=True, num_classes=1000, device=str(device)))
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    rates = {}
+    for mode in ("cached", "online"):
+        def step():
+            t = teacher.logits(x).argmax(1) if mode == "online" else y  # cached: labels arrive with the batch
+            with autocast(device, amp):
+                a, b = student(x)
+            loss = torch.nn.functional.cross_entropy(a.float(), y) + torch.nn.functional.cross_entropy(b.float(), t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.model_steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates[mode] = args.batch_size * args.model_steps / (time.perf_counter() - t0)
+    return {"model_bound_cached_images_per_s": round(rates["cached"], 1),
+            "model_bound_online_images_per_s": round(rates["online"], 1),
+            "model_bound_cached_vs_online": round(rates["cached"] / rates["online"], 3)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student", default="deit_tiny_distilled_patch16_224")
+    ap.add_argument("--teacher", default="regnety_160")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    ap.add_argument("--modes", default="none,store_file,store_redis,service,online")
+    ap.add_argument("--model-steps", type=int, default=20, help="steps of the model-bound measurement (0: skip)")
+    args = ap.parse_args()
+    modes = args.modes.split(",")
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        shards = d / "shards"
+        build(shards, demo="digits", shard_size=128)
+        m = Manifest.load(shards)
+        policy_over = {"input_size": args.input_size}
+        policy = m.policy(**policy_over)
+        teacher = Teacher(TeacherConfig(model=args.teacher, random_init=True, num_classes=len(m.classes), device="cpu"))
+        ns = teacher.namespace(policy.policy_id, RecordFormat(), m.classes)
+        del teacher
+        keys = [r.key for s in m.shards("train") for r in iter_shard(shards / s.name, SkipCounter())]
+        labels = np.random.default_rng(0).integers(0, len(m.classes), len(keys))
+        file_url = str(d / "labels.db")
+        stores = {"store_file": file_url, "store_redis": args.redis_url}
+        for mode, url in stores.items():
+            if mode in modes or (mode == "store_file" and "service" in modes):
+                with open_store(url, ns) as st:
+                    st.put(keys, [0] * len(keys), labels)
+        base = dict(shards=str(shards), model=args.student, policy=policy_over, batch_size=args.batch_size,
+                    epochs=1, max_steps=args.steps, repeated_aug=1, workers=args.workers, eval_every=0,
+                    checkpoint_every=0, export=False, progress=False, warmup_epochs=0)
+        service = None
+        results = {}
+        # warm-up run: CUDA context, cuDNN/cuBLAS autotuning and the page cache are paid here,
+        # not by whichever mode comes first
+        train(TrainConfig(out=str(d / "warmup"), **{**base, "max_steps": 5}, labels="none"))
+        try:
+            for mode in modes:
+                kw = {}
+                if mode == "none":
+                    kw = dict(labels="none")
+                elif mode.startswith("store_"):
+                    kw = dict(labels="store", store=stores[mode], namespace=ns.id)
+                elif mode == "service":
+                    port = free_port()
+                    service = subprocess.Popen(
+                        [sys.executable, "-m", "teacher_service", "serve", "--model", args.teacher, "--random-init",
+                         "--num-classes", str(len(m.classes)), "--shards", str(shards), "--store", file_url,
+                         "--port", str(port), "--policy", json.dumps(policy_over), "--log-level", "warning",
+                         "--augment-workers", "1", "--device", "cpu"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    url = f"http://127.0.0.1:{port}"
+                    TeacherClient(url).wait_ready(600)
+                    kw = dict(labels="service", service_url=url)
+                elif mode == "online":
+                    kw = dict(labels="online", teacher_model=args.teacher, teacher_random_init=True)
+                s = train(TrainConfig(out=str(d / f"run-{mode}"), **base, **kw))
+                results[mode] = s["steady_images_per_s"]
+                if mode == "store_redis":
+                    assert s["labels_cached"] > 0 and s["labels_missing"] == 0
+                print(f"{mode}: {results[mode]:.1f} images/s", file=sys.stderr, flush=True)
+        finally:
+            if service:
+                service.terminate()
+                service.wait(30)
+            r = redis.Redis.from_url(args.redis_url)
+            for chunk in range(0, len(keys), 500):
+                r.delete(*[f"dl:{ns.id}:r:{k}" for k in keys[chunk:chunk + 500]])
+            r.delete(f"dl:{{{ns.id}}}:meta")
+    cached = min(v for k, v in results.items() if k.startswith("store_")) if any(k.startswith("store_") for k in results) else None
+    out = {"student": args.student, "teacher": args.teacher, "input_size": args.input_size, "batch_size": args.batch_size,
+           "steps": args.steps, "workers": args.workers,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+           **{f"{k}_images_per_s": round(v, 1) for k, v in results.items()}}
+    if cached and "none" in results:
+        out["cached_vs_none"] = round(cached / results["none"], 3)
+    if cached and "online" in results:
+        out["cached_vs_online"] = round(cached / results["online"], 3)
+    if args.model_steps:
+        out.update(model_bound(args))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""docker-compose.yml is checked statically, then its services are run here as local processes
+(no Docker engine on CI): the same commands and environment, with the hostnames and the /data
+volume mapped to a real redis-server of our own and a temporary directory."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PY, ROOT, RedisServer, free_port, last_json, require_redis_server
+from teacher_service.app.config import Settings
+from teacher_service.client import TeacherClient
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+def python_argv(cmd: list[str]) -> tuple[str, list[str]]:
+    """('module', args) of `python -m module args` or `torchrun ... -m module args`."""
+    i = cmd.index("-m")
+    return cmd[i + 1], cmd[i + 2:]
+
+
+def check_args(module: str, args: list[str]) -> None:
+    import importlib
+
+    parser = importlib.import_module(f"{module}.__main__").build_parser()
+    parser.parse_args(args)  # SystemExit on an unknown flag or a bad value
+
+
+def test_compose_file_is_consistent():
+    assert {"redis", "teacher", "shards", "teacher-train", "precompute", "train"} <= set(SERVICES)
+    assert "profiles" not in SERVICES["redis"] and "profiles" not in SERVICES["teacher"]  # `up` = redis + teacher
+    for name in ("shards", "teacher-train", "precompute", "train"):
+        assert SERVICES[name]["profiles"] == ["jobs"], name
+    dockerfile = ROOT / SERVICES["teacher"]["build"]["dockerfile"]
+    assert dockerfile.exists()
+    text = dockerfile.read_text()
+    for pkg in ("shards", "teacher_service", "student_trainer"):
+        assert f"COPY {pkg}" in text
+    for name, svc in SERVICES.items():
+        if name == "redis":
+            continue
+        module, args = python_argv(svc["command"])
+        check_args(module, args)
+        for var in svc.get("environment", {}):
+            if var.startswith("DISTILL_"):
+                assert var[len("DISTILL_"):].lower() in Settings.model_fields, var
+    assert SERVICES["teacher"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert any("readyz" in part for part in SERVICES["teacher"]["healthcheck"]["test"])
+    # the trainer trains exactly the seeds precompute writes
+    pre = SERVICES["precompute"]["command"]
+    train = SERVICES["train"]["command"]
+    seeds = pre[pre.index("--seeds") + 1]
+    epochs = int(train[train.index("--epochs") + 1]) * int(train[train.index("--repeated-aug") + 1])
+    assert seeds == f"0:{epochs}"
+
+
+def localize(cmd: list[str], data: Path, redis_url: str, teacher_url: str) -> list[str]:
+    out = []
+    for part in cmd:
+        part = part.replace("redis://redis:6379/0", redis_url).replace("http://teacher:8000", teacher_url)
+        part = part.replace("/data", str(data))
+        out.append(part)
+    if out[0] == "torchrun":
+        out = [PY, "-m", "torch.distributed.run", *out[1:]]
+    elif out[0] == "python":
+        out = [PY, *out[1:]]
+    return out
+
+
+def run_job(name: str, data, redis_url, teacher_url, *extra: str) -> dict:
+    cmd = localize(SERVICES[name]["command"], data, redis_url, teacher_url) + list(extra)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, f"{name}: {p.stderr[-3000:]}"
+    return last_json(p.stdout)
+
+
+def test_cluster_end_to_end_as_local_processes(tmp_path):
+    require_redis_server()
+    redis = RedisServer(tmp_path).start()
+    data = tmp_path / "data"
+    port = free_port()
+    teacher_url = f"http://127.0.0.1:{port}"
+    proc = None
+    try:
+        # smaller runs than the compose defaults; the flags are the compose ones, overridden at the end
+        run_job("shards", data, redis.url, teacher_url)
+        t = run_job("teacher-train", data, redis.url, teacher_url, "--epochs", "2")
+        assert (data / "teacher" / "model.safetensors").exists() and t["epochs_done"] == 2
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for k, v in SERVICES["teacher"]["environment"].items():
+            env[k] = str(v).replace("${TEACHER_CHECKPOINT:-/data/teacher/model.safetensors}",
+                                    "/data/teacher/model.safetensors")
+            env[k] = env[k].replace("redis://redis:6379/0", redis.url).replace("/data", str(data))
+        serve = localize(SERVICES["teacher"]["command"], data, redis.url, teacher_url)
+        serve[serve.index("0.0.0.0")] = "127.0.0.1"
+        serve[serve.index("--port") + 1] = str(port)
+        proc = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        client = TeacherClient(teacher_url)
+        client.wait_ready(120)
+        pre = run_job("precompute", data, redis.url, teacher_url, "--seeds", "0:1", "--quiet")
+        assert pre["labels_computed"] == 1437 and pre["namespace"] == client.info()["namespace"]
+        # epoch 0 from redis; epoch 1's labels are not precomputed: the service computes them on miss
+        s = run_job("train", data, redis.url, teacher_url, "--epochs", "2", "--max-steps", "30", "--eval-every", "0",
+                    "--no-progress", "--model-kwargs", json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 1}))
+        assert s["world_size"] == 2 and s["steps"] == 30
+        # 23 steps per epoch (ceil(ceil(1437 / 2) / 32)); steps 24..30 are epoch 1: 7 steps x 2 ranks x 32
+        assert s["labels_cached"] == 1437
+        assert s["labels_from_service"] == s["labels_missing"] == 7 * 2 * 32
+        metrics = client.http.get("/metrics").text
+        assert "distill_cache_misses_total" in metrics
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(30)
+        redis.kill()
