@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .cli import dispatch
 
 
 def _policy_overrides(args) -> dict:
@@ -97,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.fn(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"ERROR {e}", file=sys.stderr)
-        return 2
+    return dispatch(build_parser(), argv, (FileNotFoundError, ValueError, KeyError))
 
 
 if __name__ == "__main__":

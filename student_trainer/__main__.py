@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import os
 import sys
 import typing
+
+from shards.cli import dispatch
 
 from .train import TrainConfig
 
@@ -73,13 +73,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    print(json.dumps(run_demo(args)), flush=True)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m student_trainer", description="DeiT students from cached teacher labels.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -94,15 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ERROR {e}", file=sys.stderr)
-        return 2
+    return dispatch(build_parser(), argv, (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -109,4 +109,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (DeiT: 0.8; off for 1,437 images)")
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (DeiT: 1.0)")
     p.add_argument("--nproc", type=int, default=2, help="DDP processes (torchrun --nproc_per_node)")
-    p.set_defaults(fn=lambda a: __import__("student_trainer.__main__", fromlist=["cmd_demo"]).cmd_demo(a))
+    p.set_defaults(fn=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    print(json.dumps(run_demo(args)), flush=True)
+    return 0

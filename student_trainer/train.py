@@ -414,5 +414,13 @@ def train(cfg: TrainConfig) -> dict:
                                                                    for k, v in last_eval.items()},
                     "out": str(out)})
     if dist.is_initialized():
+        # DDP's reducer holds Gloo/NCCL work: release it and let every rank arrive before the
+        # group goes, or a rank can abort at interpreter exit ("terminate called without an
+        # active exception").
+        del ddp, loader, val_loader
+        import gc
+
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return summary if main_rank else {}

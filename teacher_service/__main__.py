@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+
+from shards.cli import dispatch
 
 
 def cmd_labels_stats(args) -> int:
@@ -51,15 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .store import StoreError
 
-    try:
-        return args.fn(args)
-    except (StoreError, ValueError, FileNotFoundError) as e:
-        print(f"ERROR {e}", file=sys.stderr)
-        return 2
+    return dispatch(build_parser(), argv, (StoreError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

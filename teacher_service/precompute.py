@@ -3,8 +3,9 @@
 Data-loader workers read the node's shards, ask the store which seeds of each image are missing
 (one bulk get per group of images), decode each image once, augment all its missing seeds and
 hand full batches to the main process, which runs the teacher and writes the batch's labels in one
-bulk put. A killed job restarted with the same arguments skips what is stored; what it redoes is
-the batches that were in flight (at most one per worker plus the one being labeled).
+bulk put on a writer thread. A killed job restarted with the same arguments skips what is
+stored; what it redoes is the batches that were in flight (one prefetched batch per worker, the
+one being labeled and at most 4 queued writes).
 """
 
 from __future__ import annotations

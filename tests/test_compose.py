@@ -7,7 +7,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import PY, ROOT, RedisServer, free_port, last_json, require_redis_server

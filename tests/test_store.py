@@ -1,8 +1,6 @@
-import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -11,7 +9,7 @@ import pytest
 
 from conftest import PY, last_json, run_cli
 from teacher_service.namespace import Namespace, NamespaceMismatch, RecordFormat, parse_seeds
-from teacher_service.store import StoreError, StoreUnavailable, open_existing, open_store
+from teacher_service.store import StoreUnavailable, open_existing, open_store
 
 NS = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
 NS5 = Namespace("regnety_002@abc123", "policy01", RecordFormat(topk=5, probs=True), num_classes=10)

@@ -1,12 +1,10 @@
 import io
-import json
 import os
 import signal
 import subprocess
 import time
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from shards import Manifest, augment, decode_image, iter_shard
 from shards.stream import SkipCounter
 from teacher_service.client import ServiceError, TeacherClient
 from teacher_service.namespace import RecordFormat
-from teacher_service.store import open_existing, open_store
+from teacher_service.store import open_existing
 from teacher_service.teacher import Teacher, TeacherConfig
 
 TOKEN = "s3cret"

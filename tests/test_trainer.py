@@ -2,10 +2,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,7 +105,6 @@ def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_pat
     assert s["labels_cached"] == 1437 * 15
     # evaluate both heads against true and permuted labels
     from shards import ShardStream
-    from teacher_service.teacher import Teacher, TeacherConfig
     import timm
 
     model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, **TINY)

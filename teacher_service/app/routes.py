@@ -8,7 +8,6 @@ import time
 from typing import Annotated
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
