@@ -72,6 +72,9 @@ class AugmentPolicy:
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     @classmethod
     def from_json(cls, text: str) -> "AugmentPolicy":
         return cls.from_dict(json.loads(text))

@@ -158,7 +158,8 @@ def precompute(
     ns = teacher.namespace(policy.policy_id, fmt, manifest.classes)
     store = open_store(store_url, ns)  # creates the namespace before workers open it
     mine = node_shards([s.name for s in manifest.shards(split)], node_rank, num_nodes)
-    images = sum(s.samples for s in manifest.shards(split) if s.name in set(mine))
+    mine_set = set(mine)
+    images = sum(s.samples for s in manifest.shards(split) if s.name in mine_set)
     source = PrecomputeSource(directory, mine, seeds, policy, store_url, ns, batch_size)
     workers = min(workers, len(mine))
     loader = DataLoader(source, batch_size=None, num_workers=workers,

@@ -8,7 +8,6 @@ process-wide RNG; they run in worker processes so the event loop and the batcher
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import os
 import tarfile
@@ -16,6 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from webdataset.tariterators import base_plus_ext
 
 from shards import Manifest
 from shards.stream import IMAGE_KEYS
@@ -26,7 +27,6 @@ class Member:
     path: str
     offset: int
     size: int
-    label: int
 
 
 class ShardIndex:
@@ -41,21 +41,12 @@ class ShardIndex:
                 self._index(self.directory / shard.name)
 
     def _index(self, path: Path) -> None:
-        labels: dict[str, int] = {}
-        images: dict[str, tuple[int, int]] = {}
+        """Tar headers only: keys split exactly as webdataset splits them when streaming."""
         with tarfile.open(path, "r:") as tf:
             for ti in tf:
-                if not ti.isreg() or "." not in ti.name.rsplit("/", 1)[-1]:
-                    continue
-                base = ti.name.rsplit("/", 1)
-                stem, ext = base[-1].split(".", 1)
-                key = (base[0] + "/" if len(base) == 2 else "") + stem
-                if ext == "cls":
-                    labels[key] = int(tf.extractfile(ti).read())
-                elif ext in IMAGE_KEYS:
-                    images[key] = (ti.offset_data, ti.size)
-        for key, (off, size) in images.items():
-            self.members[key] = Member(str(path), off, size, labels.get(key, -1))
+                key, ext = base_plus_ext(ti.name) if ti.isreg() else (None, None)
+                if key is not None and ext in IMAGE_KEYS:
+                    self.members[key] = Member(str(path), ti.offset_data, ti.size)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -134,7 +125,3 @@ class AugmentPool:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def policy_json(policy) -> str:
-    return json.dumps(policy.to_dict(), sort_keys=True)

@@ -13,7 +13,7 @@ from ..store import LabelStore, open_store
 from ..teacher import Teacher, TeacherConfig
 from .batcher import DynamicBatcher
 from .config import Settings
-from .images import AugmentPool, ShardIndex, policy_json
+from .images import AugmentPool, ShardIndex
 from .metrics import Metrics
 
 
@@ -64,6 +64,6 @@ def build_state(settings: Settings, teacher: Teacher | None = None) -> ServiceSt
     metrics = Metrics()
     batcher = DynamicBatcher(teacher, fmt.topk, metrics, settings.max_batch_size, settings.max_queue_delay_ms,
                              settings.max_queue_size)
-    pool = AugmentPool(policy_json(policy), settings.augment_workers)
+    pool = AugmentPool(policy.to_json(), settings.augment_workers)
     pool.warm()
     return ServiceState(settings, teacher, policy, fmt, classes, namespace, store, batcher, pool, index, metrics)
