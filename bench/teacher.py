@@ -1,16 +1,20 @@
 """Teacher throughput: raw forward vs precompute vs the REST service (batched and naive); one JSON line.
 
 python bench/teacher.py --model regnety_160 --input-size 224 --batch-size 128      # DeiT's teacher (GPU)
-python bench/teacher.py --model regnety_002 --input-size 64 --batch-size 64        # CPU-sized
+python bench/teacher.py --input-size 32 --items-per-request 64                      # CPU-sized
 
 Random teacher weights (speed only). Images are the demo digits upscaled by the augmentation's
-RandomResizedCrop to --input-size. The service runs as a real uvicorn process; concurrent clients
-on loopback send cache misses (fresh seeds), then 256-label lookups of cached labels.
+RandomResizedCrop to --input-size. Precompute and the service use the same teacher, policy, batch
+size and number of augmentation workers. The service runs as a real `serve` process (label engine
++ uvicorn); concurrent clients on loopback send cache misses (fresh seeds): first at saturation
+(`--clients`), then at moderate load (`--latency-clients` sending `--latency-items`-item requests,
+for the miss latency); then 256-label lookups of cached labels.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -52,13 +56,13 @@ def raw_throughput(teacher: Teacher, x: torch.Tensor, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int, seed0: int) -> float:
+def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int, seed0: int) -> dict:
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "teacher_service", "serve", "--model", args.model, "--random-init", "--shards", str(shards),
            "--store", store, "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-ms", "5",
            "--max-queue-size", "100000", "--policy", json.dumps({"input_size": args.input_size}), "--log-level", "warning",
-           "--augment-workers", str(args.augment_workers), "--num-classes", "10"]
+           "--augment-workers", str(args.augment_workers or args.workers), "--num-classes", "10"]
     log = open(f"{store}.service.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -69,49 +73,61 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("service did not start:\n" + open(f"{store}.service.log").read()[-4000:])
             time.sleep(0.5)
-        done = [0]
-        lock = threading.Lock()
-        
-        def client(cid: int):
-            c = TeacherClient(url, timeout=120)
-            stop = t0 + args.seconds
-            seed = seed0 + cid * 10_000
-            i = cid * 7
-            while time.perf_counter() < stop:
-                ks = [keys[(i + j) % len(keys)] for j in range(args.items_per_request)]
-                batch, _ = c.label(ks, [seed] * len(ks))  # fresh seed: all misses
-                seed += 1
-                i += args.items_per_request
-                with lock:
-                    done[0] += int(batch.present.sum())
+        order = itertools.count()  # shared by all clients: every request asks for new (key, seed) pairs
+
+        def load(clients: int, items: int, seconds: float) -> tuple[float, list[float]]:
+            """`clients` threads sending `items`-item miss requests for `seconds`: labels/s, latencies.
+            Pairs are taken in training order, key by key, then the next seed (seed 1, 2, ...), so
+            rows stay as small as a training run's; seed 0 is the lookups'."""
+            done, lat = [0], []
+            lock = threading.Lock()
+            stop = time.perf_counter() + seconds
+
+            def client():
+                c = TeacherClient(url, timeout=120)
+                while time.perf_counter() < stop:
+                    start = next(order) * items
+                    idx = range(start, start + items)
+                    t1 = time.perf_counter()
+                    batch, _ = c.label([keys[i % len(keys)] for i in idx], [seed0 + i // len(keys) for i in idx])
+                    dt = time.perf_counter() - t1
+                    with lock:
+                        done[0] += int(batch.present.sum())
+                        lat.append(dt * 1000)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=client) for _ in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return done[0] / (time.perf_counter() - t0), lat
 
         warm = TeacherClient(url, timeout=300)
         warm.label(keys[:256], [seed0 - 1] * 256)  # warm-up, and 256 cached labels for the lookups
-        lat = []
-        if max_batch > 1:  # lookups of cached labels: 256 per request
-            for _ in range(args.lookups):
+        rate, _ = load(args.clients, args.items_per_request, args.seconds)
+        out = {"rate": rate}
+        if max_batch > 1:
+            _, miss_lat = load(args.latency_clients, args.latency_items, args.seconds / 2)
+            out["miss_lat"] = miss_lat
+            lat = []
+            for _ in range(args.lookups):  # lookups of cached labels: 256 per request
                 t1 = time.perf_counter()
                 got = warm.lookup(keys[:256], [seed0 - 1] * 256)
                 lat.append((time.perf_counter() - t1) * 1000)
             assert got.present.all()
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        rate = done[0] / (time.perf_counter() - t0)
+            out["lookup_lat"] = lat
         stages = {}
+        names = ("request_duration_seconds", "queue_duration_seconds", "augment_duration_seconds",
+                 "compute_infer_duration_seconds", "batch_size")
         for line in probe.http.get("/metrics").text.splitlines():
-            for name in ("request_duration_seconds", "queue_duration_seconds", "compute_infer_duration_seconds", "batch_size"):
+            for name in names:
                 for agg in ("sum", "count"):
                     if line.startswith(f"distill_{name}_{agg}") and 'endpoint="/v1/labels/lookup"' not in line:
                         stages[f"{name}_{agg}"] = stages.get(f"{name}_{agg}", 0) + float(line.split()[-1])
-        diag = {k: round(stages[f"{k}_sum"] / stages[f"{k}_count"], 4) for k in
-                ("request_duration_seconds", "queue_duration_seconds", "compute_infer_duration_seconds", "batch_size")
-                if stages.get(f"{k}_count")}
+        diag = {k: round(stages[f"{k}_sum"] / stages[f"{k}_count"], 4) for k in names if stages.get(f"{k}_count")}
         print(f"service max_batch={max_batch}: {rate:.1f} labels/s, mean per stage: {json.dumps(diag)}", file=sys.stderr)
-        return rate, lat
+        return out
     finally:
         proc.terminate()
         proc.wait(30)
@@ -126,9 +142,12 @@ def main():
     ap.add_argument("--seeds", type=int, default=4, help="seeds per image for precompute")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--items-per-request", type=int, default=16)
+    ap.add_argument("--latency-clients", type=int, default=4, help="clients of the moderate-load latency run")
+    ap.add_argument("--latency-items", type=int, default=16, help="items per request of the latency run")
     ap.add_argument("--lookups", type=int, default=200)
-    ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)), help="precompute workers")
-    ap.add_argument("--augment-workers", type=int, default=0, help="service augmentation processes (0: auto)")
+    ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                    help="augmentation workers of precompute and of the service's engine")
+    ap.add_argument("--augment-workers", type=int, default=0, help="the service's, when not --workers")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -146,22 +165,29 @@ def main():
         del teacher
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         keys = [r.key for s in m.shards("train") for r in iter_shard(d / "shards" / s.name, SkipCounter())]
-        svc, lat = service_run(args, d / "shards", str(d / "svc.db"), keys, args.batch_size, 1000)
-        naive, _ = service_run(args, d / "shards", str(d / "naive.db"), keys, 1, 300_000)
+        svc = service_run(args, d / "shards", str(d / "svc.db"), keys, args.batch_size, 1)
+        naive = service_run(args, d / "shards", str(d / "naive.db"), keys, 1, 1)["rate"]
+        pre_rate = pre["steady_labels_per_s"]
+        pct = lambda xs, q: round(float(np.percentile(xs, q)), 2)  # noqa: E731
         out = {
             "model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
             "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+            "workers": args.workers, "augment_workers": args.augment_workers or args.workers,
             "raw_images_per_s": round(raw, 1),
-            "precompute_labels_per_s": pre["steady_labels_per_s"],
+            "precompute_labels_per_s": pre_rate,
             "precompute_labels_per_s_with_startup": pre["labels_per_s"],
-            "service_labels_per_s": round(svc, 1),
+            "service_labels_per_s": round(svc["rate"], 1),
             "naive_service_labels_per_s": round(naive, 1),
-            "precompute_efficiency": round(pre["steady_labels_per_s"] / raw, 3),
-            "service_efficiency": round(svc / raw, 3),
+            "service_vs_precompute": round(svc["rate"] / pre_rate, 3),
+            "precompute_efficiency": round(pre_rate / raw, 3),
+            "service_efficiency": round(svc["rate"] / raw, 3),
             "naive_service_efficiency": round(naive / raw, 3),
-            "lookup_p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "lookup_p99_ms": round(float(np.percentile(lat, 99)), 2),
+            f"miss{args.latency_items}_p50_ms": pct(svc["miss_lat"], 50),
+            f"miss{args.latency_items}_p99_ms": pct(svc["miss_lat"], 99),
+            "lookup_p50_ms": pct(svc["lookup_lat"], 50),
+            "lookup_p99_ms": pct(svc["lookup_lat"], 99),
             "clients": args.clients, "items_per_request": args.items_per_request,
+            "latency_clients": args.latency_clients,
         }
         print(json.dumps(out))
 

@@ -1,34 +1,35 @@
 """Batch precompute: label every (image, seed) of a shard set into a store, resumably.
 
-Data-loader workers read the node's shards, ask the store which seeds of each image are missing
-(one bulk get per group of images), decode each image once, augment all its missing seeds and
-hand full batches to the main process, which runs the teacher and writes the batch's labels in one
-bulk put on a writer thread. A killed job restarted with the same arguments skips what is
-stored; what it redoes is the batches that were in flight (one prefetched batch per worker, the
-one being labeled and at most 4 queued writes).
+The precompute feeder of the label engine (engine.py): the main thread walks the node's shards by
+their tar headers, asks the store which seeds of each group of images are missing (one bulk get
+per group) and submits the missing (image, seeds) work, blocking while the engine's queue is
+full. The engine's workers decode each image once per batch and augment into shared batch
+buffers, the teacher runs full batches and the engine's writer stores each batch's labels in one
+bulk put. A killed job restarted with the same arguments skips what is stored; what it redoes is
+the work that was queued or in flight.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from shards import Manifest, augment, decode_image, iter_shard
-from shards.augment import AugmentPolicy
-from shards.stream import SkipCounter
+from shards import Manifest
+from shards.members import scan_shard
 
-from .namespace import Namespace, RecordFormat, parse_seeds
+from .engine import EngineConfig, Job, LabelEngine, Result
+from .namespace import RecordFormat, parse_seeds
 from .store import open_store
 from .teacher import Teacher, add_teacher_args, teacher_config_from_args
 
 log = logging.getLogger(__name__)
+
+GROUP = 64  # images per store lookup
 
 
 def node_shards(names: list[str], node_rank: int, num_nodes: int) -> list[str]:
@@ -38,102 +39,39 @@ def node_shards(names: list[str], node_rank: int, num_nodes: int) -> list[str]:
     return names[node_rank::num_nodes]
 
 
-@dataclass
-class PrecomputeSource(IterableDataset):
-    directory: Path
-    shard_names: list[str]
-    seeds: range
-    policy: AugmentPolicy
-    store_url: str
-    namespace: Namespace
-    batch_size: int
-    group: int = 64  # images per store lookup
+class _Tally:
+    """Counts the engine's answers (on its writer thread) for the progress bar and the summary;
+    remembers the first failure, which the feeder raises."""
 
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        store = open_store(self.store_url, self.namespace)
-        skips = SkipCounter()
-        pending: list[tuple[torch.Tensor, str, int]] = []
-        counters = {"images": 0, "present": 0, "skipped": 0}
-        for name in self.shard_names[wid::nw]:
-            group = []
-            for raw in iter_shard(self.directory / name, skips):
-                group.append(raw)
-                if len(group) == self.group:
-                    yield from self._group(group, store, pending, counters, skips)
-                    group = []
-            yield from self._group(group, store, pending, counters, skips)
-        counters["skipped"] = skips.count
-        yield self._emit(pending, counters)
-        store.close()
-
-    def _group(self, group, store, pending, counters, skips):
-        if not group:
-            return
-        seeds = list(self.seeds)
-        keys = [r.key for r in group for _ in seeds]
-        have = store.get(keys, seeds * len(group)).present.reshape(len(group), len(seeds))
-        counters["present"] += int(have.sum())
-        for raw, row in zip(group, have):
-            counters["images"] += 1
-            missing = [s for s, h in zip(seeds, row) if not h]
-            if not missing:
-                continue
-            try:
-                image = decode_image(raw.data)  # once per image, for all its seeds
-            except ValueError as e:
-                skips(ValueError(f"{raw.key}: {e}"))
-                continue
-            for s in missing:
-                pending.append((augment(image, raw.key, s, self.policy), raw.key, s))
-                if len(pending) == self.batch_size:
-                    yield self._emit(pending, counters)
-
-    @staticmethod
-    def _emit(pending, counters) -> dict:
-        out = {
-            "image": torch.stack([p[0] for p in pending]) if pending else None,
-            "key": [p[1] for p in pending],
-            "seed": [p[2] for p in pending],
-            **counters,
-        }
-        pending.clear()
-        for k in counters:
-            counters[k] = 0
-        return out
-
-
-class BackgroundWriter:
-    """Bulk puts on a thread of their own, so the GPU does not wait for the store; bounded, and
-    an error in a put is raised in the caller at the next `put` or at `close`."""
-
-    def __init__(self, store, depth: int = 4):
-        import queue
-        import threading
-
-        self.store = store
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, bar):
+        self.bar = bar
+        self.lock = threading.Lock()
+        self.computed = 0
+        self.skipped = 0
+        self.first: tuple[float, int] | None = None  # (time, labels) when the first answer was stored
+        self.last = 0.0  # time of the latest answer
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="label-writer", daemon=True)
-        self.thread.start()
 
-    def _run(self):
-        while (item := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    self.store.put(*item)
-                except BaseException as e:  # surfaced in the main thread
-                    self.error = e
+    def __call__(self, outcome: Result | BaseException) -> None:
+        with self.lock:
+            if isinstance(outcome, BaseException):
+                self.error = self.error or outcome
+                return
+            if not outcome.stored:
+                self.error = self.error or RuntimeError("the store refused labels; see the log")
+            bad = sum(e is not None for e in outcome.errors)
+            for e in outcome.errors:
+                if e is not None:
+                    log.warning("skipping unreadable sample: %s", e)
+                    break
+            self.skipped += bad
+            self.computed += len(outcome.errors) - bad
+            self.last = time.perf_counter()
+            if self.first is None:
+                self.first = (self.last, self.computed)
+        self.bar.update(len(outcome.errors))
 
-    def put(self, *item):
-        if self.error is not None:
-            raise self.error
-        self.q.put(item)
-
-    def close(self):
-        self.q.put(None)
-        self.thread.join()
+    def check(self) -> None:
         if self.error is not None:
             raise self.error
 
@@ -156,50 +94,63 @@ def precompute(
     manifest = Manifest.load(directory)
     policy = manifest.policy(**(policy_overrides or {}))
     ns = teacher.namespace(policy.policy_id, fmt, manifest.classes)
-    store = open_store(store_url, ns)  # creates the namespace before workers open it
+    store = open_store(store_url, ns)  # creates the namespace before the engine's writer opens it
     mine = node_shards([s.name for s in manifest.shards(split)], node_rank, num_nodes)
-    mine_set = set(mine)
-    images = sum(s.samples for s in manifest.shards(split) if s.name in mine_set)
-    source = PrecomputeSource(directory, mine, seeds, policy, store_url, ns, batch_size)
-    workers = min(workers, len(mine))
-    loader = DataLoader(source, batch_size=None, num_workers=workers,
-                        prefetch_factor=1 if workers else None, pin_memory=teacher.device.type == "cuda")
-    writer = BackgroundWriter(store)
-    totals = {"images": 0, "present": 0, "skipped": 0, "computed": 0}
-    infer_s = 0.0
-    first = None  # (time, labels) when the first batch was stored: steady rate excludes start-up
+    expected = {s.name: s.samples for s in manifest.shards(split)}
+    images = sum(expected[name] for name in mine)
+    seed_list = list(seeds)
+    # Room for two groups of images: the feeder looks up and submits the next group while the
+    # engine works through the last one, so neither the workers nor the teacher wait for it.
+    config = EngineConfig(max_batch_size=batch_size, max_queue_delay_ms=50.0,
+                          max_queue_size=max(4 * batch_size, 2 * GROUP * len(seed_list)), workers=workers)
+    totals = {"images": 0, "present": 0, "skipped": 0}
     t0 = time.perf_counter()
-    with tqdm(total=images * len(seeds), desc=f"precompute node {node_rank}/{num_nodes}", unit="label",
+    with tqdm(total=images * len(seed_list), desc=f"precompute node {node_rank}/{num_nodes}", unit="label",
               disable=not progress, smoothing=0.05) as bar:
-        for item in loader:
-            for k in ("images", "present", "skipped"):
-                totals[k] += item[k]
-            bar.update(item["present"])
-            if item["image"] is None:
-                continue
-            t1 = time.perf_counter()
-            classes, probs = teacher.predict(item["image"], fmt.topk)
-            infer_s += time.perf_counter() - t1
-            writer.put(item["key"], item["seed"], classes.numpy(), probs.numpy() if fmt.probs else None)
-            totals["computed"] += len(item["key"])
-            if first is None:
-                first = (time.perf_counter(), totals["computed"])
-            bar.update(len(item["key"]))
-            dt = time.perf_counter() - t0
-            bar.set_postfix(img_s=f"{totals['images'] / dt:.0f}", new_labels_s=f"{totals['computed'] / dt:.0f}")
-    writer.close()  # every label is stored before the summary says so
+        tally = _Tally(bar)
+        with LabelEngine(teacher, policy, fmt, config, store_url=store_url, namespace=ns) as engine:
+
+            def feed(group: list) -> None:
+                keys = [k for k, _ in group for _ in seed_list]
+                have = store.get(keys, seed_list * len(group)).present.reshape(len(group), len(seed_list))
+                present = int(have.sum())
+                totals["present"] += present
+                bar.update(present)
+                jobs = [Job(member, key, tuple(s for s, h in zip(seed_list, row) if not h))
+                        for (key, member), row in zip(group, have) if not row.all()]
+                if jobs:
+                    engine.submit(jobs, tally, block=True)
+                tally.check()
+
+            for name in mine:
+                group, count = [], 0
+                for item in scan_shard(directory / name):
+                    group.append(item)
+                    count += 1
+                    if len(group) == GROUP:
+                        feed(group)
+                        group = []
+                if group:
+                    feed(group)
+                totals["images"] += count
+                if count != expected[name]:  # a damaged tar header ends tarfile's iteration quietly
+                    log.error("shard %s: %d images readable, the manifest says %d", name, count, expected[name])
+                    totals["skipped"] += (expected[name] - count) * len(seed_list)
+                    bar.update((expected[name] - count) * len(seed_list))
+        tally.check()  # every label is stored before the summary says so
     end = time.perf_counter()
     dt = end - t0
-    steady = (totals["computed"] - first[1]) / (end - first[0]) if first and totals["computed"] > first[1] else None
+    first = tally.first
+    # steady: from the first stored answer to the last, without start-up and shut-down
+    steady = (tally.computed - first[1]) / (tally.last - first[0]) if first and tally.computed > first[1] else None
     store.close()
     return {
         "store": store_url, "namespace": ns.id, "teacher": teacher.teacher_id, "policy_id": policy.policy_id,
         "format": fmt.name, "split": split, "seeds": f"{seeds.start}:{seeds.stop}", "node_rank": node_rank,
         "num_nodes": num_nodes, "shards": len(mine), "images": totals["images"], "labels_present": totals["present"],
-        "labels_computed": totals["computed"], "skipped_samples": totals["skipped"], "seconds": round(dt, 3),
-        "labels_per_s": round(totals["computed"] / dt, 1) if dt else None,
+        "labels_computed": tally.computed, "labels_skipped": totals["skipped"] + tally.skipped,
+        "seconds": round(dt, 3), "labels_per_s": round(tally.computed / dt, 1) if dt else None,
         "steady_labels_per_s": round(steady, 1) if steady else None,
-        "teacher_seconds": round(infer_s, 3),
     }
 
 

@@ -128,6 +128,7 @@ class Teacher:
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self._copy_stream = None  # created on first use: CUDA streams do not survive a fork
         log.info("teacher %s on %s (%d classes)", self.teacher_id, self.device, self.num_classes)
 
     @property
@@ -149,11 +150,48 @@ class Teacher:
             return self.model(x).float()
 
     @torch.inference_mode()
+    def launch(self, x: torch.Tensor, topk: int = 1) -> "PendingPrediction":
+        """Start labeling a batch without waiting for it; `.result()` waits.
+
+        On CUDA the host->device copy runs on a side stream (from page-locked memory it overlaps
+        the forward of the batch before), the forward and top-k on the current stream, and the
+        top-k comes back by an asynchronous copy; the caller can launch the next batch before
+        collecting this one. On the CPU it runs to completion here."""
+        if self.device.type != "cuda":
+            return PendingPrediction(*self._topk(x, topk), None)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            xd = x.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        torch.cuda.current_stream(self.device).wait_event(copied)
+        xd.record_stream(torch.cuda.current_stream(self.device))
+        c, p = self._topk(xd, topk)
+        c, p = c.to("cpu", non_blocking=True), p.to("cpu", non_blocking=True)  # into pinned memory
+        done = torch.cuda.Event()
+        done.record()
+        return PendingPrediction(c, p, done)
+
+    def _topk(self, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p, c = self.logits(x).softmax(dim=-1).topk(topk, dim=-1)
+        return c, p
+
     def predict(self, x: torch.Tensor, topk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(classes [B, k] int64, probabilities [B, k] float32), on the CPU."""
-        probs = self.logits(x).softmax(dim=-1)
-        p, c = probs.topk(topk, dim=-1)
-        return c.cpu(), p.cpu()
+        return self.launch(x, topk).result()
+
+
+@dataclass
+class PendingPrediction:
+    classes: torch.Tensor
+    probs: torch.Tensor
+    done: "torch.cuda.Event | None"
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.classes, self.probs
 
 
 def add_teacher_args(p, prefix: str = "") -> None:

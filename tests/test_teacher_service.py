@@ -180,7 +180,7 @@ def test_concurrent_clients_are_batched(service, demo_shards):
     with ThreadPoolExecutor(16) as ex:
         assert all(ex.map(one, range(48)))
     metrics = httpx.get(service["url"] + "/metrics").text
-    counts = {l.split()[0]: float(l.split()[1]) for l in metrics.splitlines() if l.startswith("distill_batch_size_")}
+    counts = {l.split("{")[0]: float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("distill_batch_size_")}
     assert counts["distill_batch_size_count"] < counts["distill_batch_size_sum"]  # some batches held > 1 item
 
 

@@ -1,28 +1,64 @@
-"""`python -m teacher_service serve`: flags override DISTILL_* environment variables."""
+"""`python -m teacher_service serve`: the supervisor. Flags override DISTILL_* environment variables.
+
+It starts one label-engine process per device, waits until each has its teacher loaded and its
+augmentation workers warm, then runs uvicorn with `--http-workers` HTTP processes that connect to
+the engines. When an engine dies the supervisor shuts the service down and exits 1, so that the
+orchestrator (compose, Kubernetes) restarts it whole.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 
 from .config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as DISTILL_* variables, for the uvicorn workers (they read them back)."""
+    out = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            out[f"DISTILL_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out
 
 
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .main import create_app
+    from .state import engine_pool
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**given)
     if settings.host not in ("127.0.0.1", "::1", "localhost"):
-        logging.getLogger(__name__).warning("binding %s: reachable from other machines", settings.host)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
-    return 0
+        log.warning("binding %s: reachable from other machines", settings.host)
+    pool = engine_pool(settings).start()
+    os.environ.update(settings_env(settings))
+    os.environ.update(pool.env())
+    engine_died = threading.Event()
+
+    def watch() -> None:
+        while not engine_died.wait(1.0):
+            if pool.failed():
+                log.error("label engine died: %s; shutting down", ", ".join(pool.failed()))
+                engine_died.set()
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="engine-watch", daemon=True).start()
+    try:
+        uvicorn.run("teacher_service.app.main:create_app", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.http_workers, log_level=settings.log_level, timeout_graceful_shutdown=10)
+    finally:
+        pool.close()
+    return 1 if engine_died.is_set() else 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="run the REST teacher service (uvicorn)",
+    p = sub.add_parser("serve", help="run the REST teacher service: label engines + uvicorn",
                        description="Every flag can also be set as DISTILL_<NAME> (e.g. DISTILL_STORE=redis://...).")
     for name, f in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")

@@ -1,4 +1,8 @@
-"""The FastAPI application: `create_app(settings)`; the teacher loads in the lifespan."""
+"""The FastAPI application: `create_app(settings)`, an HTTP worker.
+
+In the lifespan it connects to the label engines `serve` started (their sockets are in the
+environment), or starts its own when run without `serve`. The teacher never runs in this process.
+"""
 
 from __future__ import annotations
 
@@ -53,16 +57,17 @@ async def _json(send, status: int, body: dict):
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(settings: Settings | None = None, teacher=None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; with no settings, from DISTILL_* variables (how `serve`'s uvicorn workers get them)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.svc = build_state(settings, teacher)
-        log.info("serving namespace %s (teacher %s, %d indexed images)", app.state.svc.namespace.id,
-                 app.state.svc.teacher.teacher_id, len(app.state.svc.index or []))
+        svc = app.state.svc = build_state(settings)
+        log.info("serving namespace %s (teacher %s, %d indexed images, engines on %s)", svc.namespace.id,
+                 svc.info["teacher_id"], len(svc.index or []), ", ".join(e.info["device"] for e in svc.engines.engines))
         yield
-        app.state.svc.close()
+        svc.close()
 
     app = FastAPI(title="teacher_service", version="1", lifespan=lifespan,
                   description="DeiT teacher labels, cached by (namespace, image key, seed).")

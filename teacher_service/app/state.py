@@ -1,69 +1,90 @@
-"""What the service holds while it runs, built once at start-up and injected into routes."""
+"""What an HTTP worker holds while it runs, built once at start-up and injected into routes."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from shards import AugmentPolicy, Manifest
+from shards import AugmentPolicy
 
+from ..engine import EngineConfig
+from ..engine_process import EnginePool, EngineRouter, EngineSpec, engine_devices, engines_from_env
+from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
 from ..store import LabelStore, open_store
-from ..teacher import Teacher, TeacherConfig
-from .batcher import DynamicBatcher
 from .config import Settings
-from .images import AugmentPool, ShardIndex
-from .metrics import Metrics
+from .images import ShardIndex
+from .labeling import LabelService
+
+log = logging.getLogger("teacher_service.app")
 
 
 @dataclass
 class ServiceState:
     settings: Settings
-    teacher: Teacher
+    info: dict  # the engines' teacher: model, teacher_id, classes, ...
     policy: AugmentPolicy
     fmt: RecordFormat
-    classes: list[str]
     namespace: Namespace
     store: LabelStore
-    batcher: DynamicBatcher
-    pool: AugmentPool
+    engines: EngineRouter
     index: ShardIndex | None
     metrics: Metrics
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("teacher_service.app"))
-
-    def retry_after(self) -> str:
-        """Seconds until the queue has likely drained: depth / observed batch rate, at least 1."""
-        return "1" if self.batcher.depth < 4 * self.batcher.max_batch_size else "2"
+    labels: LabelService
+    pool: EnginePool | None = None  # engines this worker started itself (no supervisor)
 
     def close(self) -> None:
-        self.batcher.close()
-        self.pool.close()
+        self.engines.close()
+        if self.pool is not None:
+            self.pool.close()
         self.store.close()
 
 
-def build_state(settings: Settings, teacher: Teacher | None = None) -> ServiceState:
-    teacher = teacher or Teacher(TeacherConfig(
-        model=settings.model, checkpoint=settings.checkpoint, pretrained=settings.pretrained,
-        random_init=settings.random_init, num_classes=settings.num_classes, device=settings.device,
-        amp=settings.amp))
+def policy_and_classes(settings: Settings) -> tuple[AugmentPolicy, list[str] | None]:
+    """The augmentation policy (the manifest's hint + overrides) and the data set's classes."""
+    from shards import Manifest
+
     overrides = json.loads(settings.policy) if settings.policy else {}
+    if settings.shards:
+        manifest = Manifest.load(settings.shards)
+        return manifest.policy(**overrides), manifest.classes
+    return AugmentPolicy.from_dict(overrides), None
+
+
+def engine_pool(settings: Settings) -> EnginePool:
+    """One engine process per device, with this service's teacher, policy, store and batching."""
+    import os
+
+    policy, classes = policy_and_classes(settings)
+    devices = engine_devices(settings.devices)
+    workers = settings.augment_workers or max(1, min(8, (os.cpu_count() or 1) // len(devices)))
+    teacher = {"model": settings.model, "checkpoint": settings.checkpoint, "pretrained": settings.pretrained,
+               "random_init": settings.random_init, "num_classes": settings.num_classes, "amp": settings.amp}
+    config = EngineConfig(max_batch_size=settings.max_batch_size, max_queue_delay_ms=settings.max_queue_delay_ms,
+                          max_queue_size=settings.max_queue_size, workers=workers, buffers=settings.engine_buffers)
+    spec = EngineSpec(teacher, policy.to_json(), classes, settings.format, settings.store, config)
+    return EnginePool(spec, devices)
+
+
+def build_state(settings: Settings) -> ServiceState:
+    """Connect to the engines `serve` started (or start them, when run without it), index the
+    shards, open the store under the engines' namespace."""
+    pool = None
+    found = engines_from_env()
+    if found is None:
+        pool = engine_pool(settings).start()
+        found = pool.addresses, pool.authkey
+    engines = EngineRouter.connect(*found)
+    info = engines.info
+    policy, _ = policy_and_classes(settings)
     index = None
     if settings.shards:
         splits = [s.strip() for s in settings.splits.split(",") if s.strip()]
         index = ShardIndex(settings.shards, splits)
-        manifest: Manifest = index.manifest
-        policy = manifest.policy(**overrides)
-        classes = manifest.classes
-    else:
-        policy = AugmentPolicy.from_dict(overrides)
-        classes = teacher.classes
     fmt = RecordFormat.parse(settings.format)
-    namespace = teacher.namespace(policy.policy_id, fmt, classes)
+    namespace = Namespace.from_meta(info["namespace"])
     store = open_store(settings.store, namespace)
     metrics = Metrics()
-    batcher = DynamicBatcher(teacher, fmt.topk, metrics, settings.max_batch_size, settings.max_queue_delay_ms,
-                             settings.max_queue_size)
-    pool = AugmentPool(policy.to_json(), settings.augment_workers)
-    pool.warm()
-    return ServiceState(settings, teacher, policy, fmt, classes, namespace, store, batcher, pool, index, metrics)
+    labels = LabelService(store, engines, index, namespace, fmt, metrics)
+    return ServiceState(settings, info, policy, fmt, namespace, store, engines, index, metrics, labels, pool)

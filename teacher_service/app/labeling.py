@@ -1,0 +1,104 @@
+"""The service's labeling logic, without HTTP: store lookups, and cache misses sent to the engines.
+
+`LabelService` is what the routes call; it can be driven in-process (tests, embedding) with a
+`LocalEngine`, or across processes with `RemoteEngine`s. It raises the domain's errors (the
+store's `StoreError`, the engine's `QueueFull` and `EngineError`); routes turn them into status
+codes. Storing computed labels is the engine's job (its writer stores a batch before answering),
+so a label the service returns as computed is already in the store unless the store failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi.concurrency import run_in_threadpool
+
+from ..engine import Job
+from ..metrics import Metrics
+from ..namespace import Namespace, RecordFormat
+from ..store import LabelStore
+from .images import ShardIndex
+from .schemas import LabelsOut
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelService:
+    store: LabelStore
+    engines: object  # EngineRouter, RemoteEngine or LocalEngine: `await label(jobs) -> Result`
+    index: ShardIndex | None
+    namespace: Namespace
+    fmt: RecordFormat
+    metrics: Metrics
+
+    def _empty(self, n: int) -> LabelsOut:
+        rich = self.fmt.topk > 1 or self.fmt.probs
+        return LabelsOut(namespace=self.namespace.id, labels=[None] * n, errors=[None] * n,
+                         topk=[None] * n if rich else None, probs=[None] * n if rich else None)
+
+    def _fill(self, out: LabelsOut, i: int, classes, probs) -> None:
+        out.labels[i] = int(classes[0])
+        if out.topk is not None:
+            out.topk[i] = [int(c) for c in classes]
+            out.probs[i] = [float(p) for p in probs]
+
+    async def _from_store(self, keys: list[str], seeds: list[int], out: LabelsOut) -> list[int]:
+        """Fill hits from the store; return the indexes that missed."""
+        got = await run_in_threadpool(self.store.get, keys, seeds)
+        probs = got.probs if got.probs is not None else np.ones_like(got.classes, dtype=np.float32)
+        hits = np.flatnonzero(got.present)
+        for i in hits:
+            self._fill(out, i, got.classes[i], probs[i])
+        out.cached = len(hits)
+        self.metrics.cache_hits.inc(len(hits))
+        return np.flatnonzero(~got.present).tolist()
+
+    async def _compute(self, jobs: list[Job], items: list[list[int]], out: LabelsOut) -> None:
+        """Label `jobs` in an engine; `items[j]` are the answer's indexes of job j's seeds."""
+        result = await self.engines.label(jobs)
+        flat = [i for idx in items for i in idx]
+        for r, i in enumerate(flat):
+            if result.errors[r] is None:
+                self._fill(out, i, result.classes[r], result.probs[r])
+                out.computed += 1
+            else:
+                out.errors[i] = result.errors[r]
+        if not result.stored:
+            log.warning("labels computed but not stored (store unavailable)")
+        self.metrics.cache_misses.inc(out.computed)
+
+    async def lookup(self, keys: list[str], seeds: list[int]) -> LabelsOut:
+        """Labels from the store only; None where missing."""
+        out = self._empty(len(keys))
+        await self._from_store(keys, seeds, out)
+        out.errors = None
+        return out
+
+    async def label(self, keys: list[str], seeds: list[int]) -> LabelsOut:
+        """Cache-through: hits from the store; misses of indexed images labeled by an engine.
+        Items whose key the service cannot read get a per-item error."""
+        out = self._empty(len(keys))
+        misses = await self._from_store(keys, seeds, out)
+        by_key: dict[str, list[int]] = {}
+        for i in misses:
+            if self.index is None or self.index.get(keys[i]) is None:
+                out.errors[i] = f"unknown key {keys[i]!r}" + ("" if self.index else " (service has no --shards)")
+            else:
+                by_key.setdefault(keys[i], []).append(i)
+        if by_key:
+            jobs = [Job(self.index.get(k), k, tuple(seeds[i] for i in idx)) for k, idx in by_key.items()]
+            await self._compute(jobs, list(by_key.values()), out)
+        return out
+
+    async def upload(self, data: bytes, seeds: list[int]) -> tuple[str, LabelsOut]:
+        """Label an uploaded image under `seeds`; its key is upload/<sha256 of the bytes>."""
+        key = "upload/" + hashlib.sha256(data).hexdigest()[:32]
+        out = self._empty(len(seeds))
+        misses = await self._from_store([key] * len(seeds), seeds, out)
+        if misses:
+            await self._compute([Job(data, key, tuple(seeds[i] for i in misses))], [misses], out)
+        return key, out

@@ -1,0 +1,36 @@
+"""The REST contract's bodies: columnar (key, seed) items in, labels out."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from ..namespace import MAX_SEED
+
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+Key = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class Items(BaseModel):
+    """Columnar (key, seed) pairs: keys[i] with seeds[i]."""
+
+    model_config = ConfigDict(extra="forbid")
+    keys: list[Key]
+    seeds: list[Seed]
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.keys) != len(self.seeds):
+            raise ValueError(f"keys ({len(self.keys)}) and seeds ({len(self.seeds)}) differ in length")
+        return self
+
+
+class LabelsOut(BaseModel):
+    namespace: str
+    labels: list[int | None]
+    topk: list[list[int] | None] | None = None
+    probs: list[list[float] | None] | None = None
+    errors: list[str | None] | None = None
+    cached: int = 0
+    computed: int = 0

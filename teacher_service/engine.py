@@ -1,0 +1,572 @@
+"""The label engine: (image, key, seeds) work in, teacher labels out. The one place the teacher runs
+for the precompute job and the service.
+
+Threads of the engine's process and the processes it owns:
+
+    submit() ──> pending ──scheduler──> augment workers (processes) ──> shared batch buffers
+                                         decode once, augment each seed,     (pinned on CUDA)
+                                         write the crop into its slot              │
+                                                                                   v
+    done(result) <── writer: one bulk store put per batch <── inference: teacher on full batches
+
+- **Dynamic batching, Triton's rules:** a batch holds at most `max_batch_size` crops; it is closed
+  when full, or when its oldest item has waited `max_queue_delay_ms` and no closed batch is
+  waiting for the teacher (while the teacher is busy, filling the batch further costs nothing).
+  The queue is bounded: `submit` refuses work that does not fit (`QueueFull`, the service's 503)
+  before any of it is done, or blocks (`block=True`, the precompute feeder's back-pressure).
+- **Decode once per batch of seeds:** the seeds of one image that land in one batch go to one
+  worker in one task, which decodes the image once.
+- **No copies through the engine's interpreter:** workers write crops straight into one of a ring
+  of shared-memory batch buffers; the teacher reads the buffer in place (CPU) or copies it to the
+  device from page-locked memory on a side stream, overlapping the previous batch's forward.
+- **Labels are stored before they are answered:** the writer thread does one bulk put per batch,
+  then completes the requests whose items are all labeled. A failed put is reported in the result
+  (`stored=False`), never hidden.
+
+A worker that dies takes the engine down with a clear `EngineError` for every waiting request
+(the service's supervisor then exits, for the orchestrator to restart it; precompute stops and
+resumes from the store when run again). Workers and the engine watch their parent process and
+exit when it is gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+from shards import AugmentPolicy, augment, decode_image
+from shards.members import Member
+
+from .metrics import Metrics
+from .namespace import Namespace, RecordFormat
+from .store import open_store
+from .teacher import PendingPrediction, Teacher
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue cannot take the work; nothing of it was started."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineError(RuntimeError):
+    """The engine failed or stopped; the work was not labeled."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image and the seeds to label it under. `source` is a shard member or encoded bytes."""
+
+    source: Member | bytes
+    key: str
+    seeds: tuple[int, ...]
+
+
+@dataclass
+class Result:
+    """Labels of a submission's items, in job order (all seeds of job 0, then job 1, ...)."""
+
+    classes: np.ndarray  # int64 [n, topk]
+    probs: np.ndarray  # float32 [n, topk]
+    errors: list[str | None]  # per item: why it has no label (e.g. undecodable image)
+    stored: bool  # every label was written to the store
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 4096  # items accepted and not yet answered
+    workers: int = 0  # augmentation processes; 0: one per CPU core, at most 8
+    buffers: int = 4  # shared batch buffers: one in the teacher, one waiting, the rest filling
+
+    def __post_init__(self):
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.buffers < 2:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1 and buffers >= 2")
+        self.workers = self.workers or max(1, min(8, os.cpu_count() or 1))
+
+
+class _Request:
+    __slots__ = ("n", "done", "accepted", "classes", "probs", "errors", "remaining", "stored", "finished")
+
+    def __init__(self, n: int, topk: int, done: Callable):
+        self.n = n
+        self.done = done
+        self.accepted = time.perf_counter()
+        self.classes = np.full((n, topk), -1, dtype=np.int64)
+        self.probs = np.zeros((n, topk), dtype=np.float32)
+        self.errors: list[str | None] = [None] * n
+        self.remaining = n
+        self.stored = True
+        self.finished = False
+
+    def finish(self, outcome) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.done(outcome)
+        except Exception:  # a callback's bug must not stop the engine's threads
+            log.exception("label engine: result callback failed")
+
+
+@dataclass
+class _Segment:
+    """Seeds of one job not yet given a batch slot; `first` is the request item of seeds[0]."""
+
+    req: _Request
+    job: Job
+    first: int
+    seeds: tuple[int, ...]
+
+
+@dataclass
+class _Batch:
+    bid: int  # which shared buffer
+    slots: list[tuple[_Request, int]] = field(default_factory=list)  # (request, item) per slot
+    keys: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+    outstanding: int = 0  # augmentation tasks not yet done
+    sealed: bool = False
+    deadline: float = math.inf
+    opened: float = field(default_factory=time.perf_counter)
+    augmented: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.slots)
+
+
+class LabelEngine:
+    """Owns the teacher, the augmentation workers and the batch buffers; see the module docstring."""
+
+    def __init__(self, teacher: Teacher, policy: AugmentPolicy, fmt: RecordFormat, config: EngineConfig,
+                 store_url: str | None = None, namespace: Namespace | None = None, metrics: Metrics | None = None):
+        self.teacher = teacher
+        self.policy = policy
+        self.fmt = fmt
+        self.config = config
+        self.store_url = store_url
+        self.namespace = namespace
+        self.metrics = metrics or Metrics()
+        self.device = str(teacher.device)
+        shape = (config.max_batch_size, 3, policy.input_size, policy.input_size)
+        self._buffers = [torch.empty(shape, dtype=torch.float32).share_memory_() for _ in range(config.buffers)]
+        self._pinned: list[int] = []
+        self._cond = threading.Condition()
+        self._pending: collections.deque[_Segment] = collections.deque()
+        self._free = collections.deque(range(config.buffers))
+        self._owner: dict[int, _Batch] = {}  # buffer id -> the batch using it
+        self._open: _Batch | None = None
+        self._sealed: collections.deque[_Batch] = collections.deque()
+        self._live: set[_Request] = set()
+        self._depth = 0
+        self._rate = 0.0  # labels/s, smoothed: for Retry-After
+        self._last_finish = None
+        self._failed: EngineError | None = None
+        self._closed = False
+        self._writes: collections.deque = collections.deque()
+        self._threads: list[threading.Thread] = []
+        self._workers: list = []
+        self._ctx = mp.get_context("spawn")
+        self._tasks = self._ctx.Queue()
+        self._done = self._ctx.Queue()
+        self._depth_gauge = self.metrics.queue_size.labels(self.device)
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self, timeout: float = 300.0) -> "LabelEngine":
+        """Start the workers and wait until each has built its transform, then the threads."""
+        if self.teacher.device.type == "cuda":
+            self._pin_buffers()
+        policy_json = self.policy.to_json()
+        for i in range(self.config.workers):
+            p = self._ctx.Process(target=_worker_main, name=f"augment-{i}", daemon=True,
+                                  args=(self._buffers, policy_json, self._tasks, self._done))
+            p.start()
+            self._workers.append(p)
+        deadline = time.time() + timeout
+        for _ in self._workers:
+            msg = self._get_done(deadline)
+            if msg[0] != "ready":
+                raise EngineError(f"augmentation worker failed to start: {msg}")
+        for name, target in (("scheduler", self._schedule), ("collector", self._collect),
+                             ("inference", self._infer), ("writer", self._write), ("monitor", self._monitor)):
+            t = threading.Thread(target=target, name=f"engine-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("label engine on %s: %d augmentation workers, batches of %d, %d buffers", self.device,
+                 self.config.workers, self.config.max_batch_size, self.config.buffers)
+        return self
+
+    def _get_done(self, deadline: float):
+        import queue
+
+        while True:
+            try:
+                return self._done.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self._workers if p.exitcode is not None]
+                if dead or time.time() > deadline:
+                    self.close(drain=False)
+                    raise EngineError(f"augmentation worker {dead[0].name if dead else ''} did not start "
+                                      f"(exit code {dead[0].exitcode if dead else 'timeout'})")
+
+    def _pin_buffers(self) -> None:
+        """Page-lock the shared buffers in place (cudaHostRegister), so copies to the device are
+        asynchronous; without it they still work, synchronously."""
+        cudart = torch.cuda.cudart()
+        for buf in self._buffers:
+            rc = int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 1))
+            if rc != 0:
+                log.warning("could not page-lock the batch buffers (cudaError %d); copies will be synchronous", rc)
+                return
+            self._pinned.append(buf.data_ptr())
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop; with `drain`, first answer everything accepted (for at most `timeout` seconds)."""
+        if self._closed:
+            return
+        self._closed = True
+        if drain:
+            with self._cond:
+                self._cond.wait_for(lambda: self._depth == 0 or self._failed is not None, timeout)
+        self._fail(EngineError("label engine stopped"), stopping=True)
+        for t in self._threads:
+            t.join(timeout=10)
+        for _ in self._workers:
+            self._tasks.put(None)
+        for p in self._workers:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        self._tasks.close()
+        self._done.close()
+        if self._pinned:
+            cudart = torch.cuda.cudart()
+            for ptr in self._pinned:
+                cudart.cudaHostUnregister(ptr)
+            self._pinned.clear()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close(drain=exc[0] is None)
+
+    # -- feeding ---------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Items accepted and not yet answered."""
+        return self._depth
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has likely drained at the recent rate (1 .. 60)."""
+        rate = self._rate or 1.0
+        return float(min(60, max(1, math.ceil(self._depth / rate))))
+
+    def submit(self, jobs: list[Job], done: Callable[[Result | BaseException], None], block: bool = False) -> None:
+        """Accept all of `jobs` or none. `done` is called once, from an engine thread, with the
+        Result or the exception that ended the work. Full queue: QueueFull, or wait (`block`)."""
+        n = sum(len(j.seeds) for j in jobs)
+        req = _Request(n, self.fmt.topk, done)
+        with self._cond:
+            while True:
+                if self._failed is not None:
+                    raise self._failed
+                if self._depth + n <= self.config.max_queue_size or (block and self._depth == 0):
+                    break
+                if not block:
+                    self.metrics.queue_rejected.labels(self.device).inc(n)
+                    raise QueueFull(f"queue holds {self._depth} of {self.config.max_queue_size} items",
+                                    self.retry_after())
+                self._cond.wait()
+            if n == 0:
+                req.finish(self._result(req))
+                return
+            self._depth += n
+            self._depth_gauge.set(self._depth)
+            self._live.add(req)
+            first = 0
+            for job in jobs:
+                self._pending.append(_Segment(req, job, first, tuple(job.seeds)))
+                first += len(job.seeds)
+            self._cond.notify_all()
+
+    # -- scheduler: pending items -> batch slots -> augmentation tasks ---------------------
+    def _schedule(self) -> None:
+        while True:
+            with self._cond:
+                tasks = self._next_tasks()
+                if tasks is None:
+                    return
+            for task in tasks:
+                self._tasks.put(task)
+
+    def _next_tasks(self):
+        """Under the lock: wait until there is something to do; return the tasks to send."""
+        while True:
+            if self._failed is not None:
+                return None
+            b = self._open
+            if b is None and self._pending and self._free:
+                b = self._open = _Batch(self._free.popleft())
+                self._owner[b.bid] = b
+            if b is not None and self._pending and b.n < self.config.max_batch_size:
+                return self._assign(b)
+            if b is not None and b.n and (b.n == self.config.max_batch_size or
+                                          (time.perf_counter() >= b.deadline and not self._sealed)):
+                b.sealed = True
+                self._open = None
+                self._sealed.append(b)
+                self._cond.notify_all()
+                continue
+            wait = None
+            if b is not None and b.n and not self._sealed:
+                wait = max(0.0, b.deadline - time.perf_counter())
+            self._cond.wait(wait)
+
+    def _assign(self, b: _Batch) -> list:
+        """Move pending seeds into b's free slots; one task per worker, split at image boundaries."""
+        room = self.config.max_batch_size - b.n
+        entries = []  # (source, key, [(seed, slot)])
+        while room and self._pending:
+            seg = self._pending[0]
+            take = seg.seeds[:room]
+            if len(take) == len(seg.seeds):
+                self._pending.popleft()
+            else:
+                self._pending[0] = _Segment(seg.req, seg.job, seg.first + len(take), seg.seeds[len(take):])
+            if not b.slots:
+                b.deadline = seg.req.accepted + self.config.max_queue_delay_ms / 1000.0
+            pairs = []
+            for i, seed in enumerate(take):
+                pairs.append((seed, b.n))
+                b.slots.append((seg.req, seg.first + i))
+                b.keys.append(seg.job.key)
+                b.seeds.append(seed)
+            entries.append((seg.job.source, seg.job.key, pairs))
+            room -= len(take)
+        # Spread the new slots over the workers in about equal tasks; an image's seeds stay in one
+        # task (one decode) unless they alone are more than a task's share.
+        per_task = math.ceil(sum(len(e[2]) for e in entries) / self.config.workers)
+        tasks, current, size = [], [], 0
+        for source, key, pairs in entries:
+            for start in range(0, len(pairs), per_task):
+                piece = pairs[start : start + per_task]
+                current.append((source, key, piece))
+                size += len(piece)
+                if size >= per_task:
+                    tasks.append((b.bid, current))
+                    current, size = [], 0
+        if current:
+            tasks.append((b.bid, current))
+        b.outstanding += len(tasks)
+        return tasks
+
+    # -- collector: workers' done messages ------------------------------------------------
+    def _collect(self) -> None:
+        while True:
+            msg = self._done.get()
+            if msg is None:
+                return
+            bid, errors = msg
+            with self._cond:
+                if self._failed is not None:
+                    return
+                b = self._owner.get(bid)
+                if b is None:  # cannot happen while the engine is healthy
+                    log.error("label engine: a worker reported on buffer %d, which no batch owns", bid)
+                    continue
+                b.errors.update(errors)
+                b.outstanding -= 1
+                if b.outstanding == 0:
+                    b.augmented = time.perf_counter()
+                    self._cond.notify_all()
+
+    # -- inference: one batch in the teacher while the next one's copy is issued ----------
+    def _next_ready(self, block: bool) -> _Batch | None:
+        with self._cond:
+            while not (self._sealed and self._sealed[0].outstanding == 0):
+                if self._failed is not None or not block:
+                    return None
+                self._cond.wait()
+            b = self._sealed.popleft()
+            self._cond.notify_all()  # the scheduler may close the open batch now
+            return b
+
+    def _infer(self) -> None:
+        inflight: tuple[_Batch, PendingPrediction, float] | None = None
+        while True:
+            b = self._next_ready(block=inflight is None)
+            if b is None and inflight is None:
+                return
+            launched = None
+            if b is not None:
+                t0 = time.perf_counter()
+                try:
+                    launched = (b, self.teacher.launch(self._buffers[b.bid][: b.n], self.fmt.topk), t0)
+                except Exception as e:
+                    self._fail(EngineError(f"teacher failed on a batch of {b.n}: {e!r}"))
+                    return
+            if inflight is not None:
+                self._finish(*inflight)
+            inflight = launched
+
+    def _finish(self, b: _Batch, pending: PendingPrediction, t0: float) -> None:
+        try:
+            classes, probs = pending.result()
+        except Exception as e:
+            self._fail(EngineError(f"teacher failed on a batch of {b.n}: {e!r}"))
+            return
+        now = time.perf_counter()
+        m, dev = self.metrics, self.device
+        m.compute_infer_duration.labels(dev).observe(now - t0)
+        m.augment_duration.labels(dev).observe(max(0.0, b.augmented - b.opened))
+        m.batch_size.labels(dev).observe(b.n)
+        m.batch_fill.labels(dev).observe(b.n / self.config.max_batch_size)
+        m.inference_count.labels(dev).inc(b.n)
+        queued = m.queue_duration.labels(dev)
+        for req in {id(r): r for r, _ in b.slots}.values():
+            queued.observe(t0 - req.accepted)
+        if self._last_finish is not None:
+            inst = b.n / max(now - self._last_finish, 1e-6)
+            self._rate = inst if not self._rate else 0.8 * self._rate + 0.2 * inst
+        self._last_finish = now
+        with self._cond:
+            self._writes.append((b, classes.numpy(), probs.numpy()))
+            self._owner.pop(b.bid, None)
+            self._free.append(b.bid)
+            self._cond.notify_all()
+
+    # -- writer: store, then answer ----------------------------------------------------
+    def _write(self) -> None:
+        store = open_store(self.store_url, self.namespace) if self.store_url else None
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._writes or self._failed is not None)
+                    if not self._writes:
+                        return
+                    b, classes, probs = self._writes.popleft()
+                self._store_and_answer(store, b, classes, probs)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _store_and_answer(self, store, b: _Batch, classes: np.ndarray, probs: np.ndarray) -> None:
+        ok = [i for i in range(b.n) if i not in b.errors]
+        stored = True
+        if store is not None and ok:
+            try:
+                store.put([b.keys[i] for i in ok], [b.seeds[i] for i in ok], classes[ok],
+                          probs[ok] if self.fmt.probs else None)
+            except Exception as e:  # answered anyway, flagged: the caller decides what it means
+                stored = False
+                log.warning("labels computed but not stored: %s", e)
+        complete = []
+        for i, (req, item) in enumerate(b.slots):
+            req.classes[item] = classes[i]
+            req.probs[item] = probs[i]
+            if i in b.errors:
+                req.errors[item] = b.errors[i]
+            req.stored &= stored
+            req.remaining -= 1
+            if req.remaining == 0:
+                complete.append(req)
+        with self._cond:
+            if self._failed is None:  # after a failure the requests were answered with the error
+                self._depth -= b.n
+                self._depth_gauge.set(self._depth)
+            self._live.difference_update(complete)
+            self._cond.notify_all()
+        for req in complete:
+            req.finish(self._result(req))
+
+    @staticmethod
+    def _result(req: _Request) -> Result:
+        return Result(req.classes, req.probs, req.errors, req.stored)
+
+    # -- failure -----------------------------------------------------------------------
+    def _monitor(self) -> None:
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._failed is not None, timeout=1.0):
+                    return
+            dead = [p for p in self._workers if p.exitcode is not None]
+            if dead:
+                self._fail(EngineError(f"augmentation worker {dead[0].name} died (exit code {dead[0].exitcode})"))
+                return
+
+    def _fail(self, error: EngineError, stopping: bool = False) -> None:
+        with self._cond:
+            if self._failed is None:
+                self._failed = error
+                if not stopping:
+                    log.error("label engine failed: %s", error)
+            live, self._live = self._live, set()
+            self._pending.clear()
+            self._depth = 0
+            self._cond.notify_all()
+        self._done.put(None)  # wakes the collector
+        for req in live:
+            req.finish(self._failed)
+
+    @property
+    def failed(self) -> EngineError | None:
+        return self._failed
+
+
+def _watch_parent() -> None:
+    """Exit when the process that started this one is gone (no orphans after a kill -9)."""
+    from multiprocessing.connection import wait
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def run():
+        wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=run, name="parent-watch", daemon=True).start()
+
+
+def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done) -> None:
+    """An augmentation process: decode each image of a task once, write each seed's crop into its
+    slot of the shared buffer, report (buffer, {slot: error})."""
+    torch.set_num_threads(1)
+    _watch_parent()
+    policy = AugmentPolicy.from_json(policy_json)
+    policy.train_transform()
+    done.put(("ready", os.getpid()))
+    while (task := tasks.get()) is not None:
+        bid, entries = task
+        buf = buffers[bid]
+        errors: dict[int, str] = {}
+        for source, key, pairs in entries:
+            try:
+                image = decode_image(source.read() if isinstance(source, Member) else source)
+            except (ValueError, OSError) as e:
+                errors.update((slot, f"{key}: {e}") for _, slot in pairs)
+                continue
+            for seed, slot in pairs:
+                try:
+                    buf[slot].copy_(augment(image, key, seed, policy))
+                except Exception as e:  # an augmentation bug: this crop fails, not the engine
+                    errors[slot] = f"{key} seed {seed}: augmentation failed: {e!r}"
+        done.put((bid, errors))
