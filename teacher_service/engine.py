@@ -93,6 +93,7 @@ class EngineConfig:
     max_queue_size: int = 4096  # items accepted and not yet answered
     workers: int = 0  # augmentation processes; 0: one per CPU core, at most 8
     buffers: int = 4  # shared batch buffers: one in the teacher, one waiting, the rest filling
+    teacher_threads: int = 0  # CPU teacher's intra-op threads; 0: the cores the workers leave (>= 1)
 
     def __post_init__(self):
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.buffers < 2:
@@ -193,6 +194,9 @@ class LabelEngine:
         """Start the workers and wait until each has built its transform, then the threads."""
         if self.teacher.device.type == "cuda":
             self._pin_buffers()
+        else:  # the workers have cores of their own; oversubscribing them slows both sides
+            threads = self.config.teacher_threads or max(1, (os.cpu_count() or 1) - self.config.workers)
+            torch.set_num_threads(threads)
         policy_json = self.policy.to_json()
         for i in range(self.config.workers):
             p = self._ctx.Process(target=_worker_main, name=f"augment-{i}", daemon=True,
