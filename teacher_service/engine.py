@@ -535,8 +535,9 @@ class LabelEngine:
         return self._failed
 
 
-def _watch_parent() -> None:
-    """Exit when the process that started this one is gone (no orphans after a kill -9)."""
+def exit_with_parent() -> None:
+    """Exit when the multiprocessing parent of this process is gone (no orphans after a kill -9).
+    A process not started by multiprocessing has no such parent: nothing to watch."""
     from multiprocessing.connection import wait
 
     parent = mp.parent_process()
@@ -554,7 +555,7 @@ def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done) -> 
     """An augmentation process: decode each image of a task once, write each seed's crop into its
     slot of the shared buffer, report (buffer, {slot: error})."""
     torch.set_num_threads(1)
-    _watch_parent()
+    exit_with_parent()
     policy = AugmentPolicy.from_json(policy_json)
     policy.train_transform()
     done.put(("ready", os.getpid()))

@@ -73,15 +73,19 @@ def _info(engine: LabelEngine, classes: list[str]) -> dict:
 def _engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connection) -> None:
     """An engine process: teacher + LabelEngine + a Unix-socket server; exits when its engine fails,
     on SIGTERM (after draining briefly) or when its parent is gone."""
-    from .engine import _watch_parent
+    from .engine import exit_with_parent
     from .namespace import RecordFormat
     from .store import open_store
     from .teacher import Teacher, TeacherConfig
     from shards import AugmentPolicy
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s engine[{spec.device}] %(message)s")
-    _watch_parent()
+    exit_with_parent()
     try:
+        if spec.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(spec.device)  # streams and events of this process: its own GPU
         teacher = Teacher(TeacherConfig(**spec.teacher, device=spec.device))
         policy = AugmentPolicy.from_json(spec.policy_json)
         fmt = RecordFormat.parse(spec.format)

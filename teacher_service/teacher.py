@@ -161,16 +161,17 @@ class Teacher:
             return PendingPrediction(*self._topk(x, topk), None)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._copy_stream):
             xd = x.to(self.device, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        torch.cuda.current_stream(self.device).wait_event(copied)
-        xd.record_stream(torch.cuda.current_stream(self.device))
+        copied = torch.cuda.Event()
+        copied.record(self._copy_stream)
+        compute.wait_event(copied)
+        xd.record_stream(compute)  # allocated on the copy stream, used on the compute stream
         c, p = self._topk(xd, topk)
         c, p = c.to("cpu", non_blocking=True), p.to("cpu", non_blocking=True)  # into pinned memory
         done = torch.cuda.Event()
-        done.record()
+        done.record(compute)
         return PendingPrediction(c, p, done)
 
     def _topk(self, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:

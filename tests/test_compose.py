@@ -46,6 +46,11 @@ def test_compose_file_is_consistent():
         for var in svc.get("environment", {}):
             if var.startswith("DISTILL_"):
                 assert var[len("DISTILL_"):].lower() in Settings.model_fields, var
+    # the label engine's shared batch buffers (4 per engine, float32 crops) fit in the container's /dev/shm
+    teacher = SERVICES["teacher"]
+    batch = int(teacher["environment"].get("DISTILL_MAX_BATCH_SIZE", Settings.model_fields["max_batch_size"].default))
+    shm = teacher["shm_size"]
+    assert shm.endswith("gb") and float(shm[:-2]) * 2**30 >= 4 * batch * 3 * 224 * 224 * 4
     assert SERVICES["teacher"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert any("readyz" in part for part in SERVICES["teacher"]["healthcheck"]["test"])
     # the trainer trains exactly the seeds precompute writes

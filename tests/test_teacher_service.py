@@ -240,3 +240,23 @@ def test_precompute_splits_nodes_without_overlap(demo_shards, tiny_teacher, tmp_
     with open_existing(store) as st:
         assert st.namespace.format == RecordFormat(3, True)
         assert st.num_keys() == 1437
+
+
+@pytest.mark.slow
+def test_trainer_with_labels_service_on_an_empty_store(service, demo_shards, tmp_path):
+    """`--labels service` with nothing precomputed: every label comes from the miss path (two ranks
+    of 64 items against a queue of 64, so one waits on 503 + Retry-After), and ends up stored."""
+    from test_trainer import student_args, torchrun
+
+    def misses() -> float:
+        text = httpx.get(service["url"] + "/metrics").text
+        return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("distill_cache_misses_total"))
+
+    before = misses()
+    s = last_json(torchrun(*student_args(demo_shards, tmp_path / "svc", "--labels", "service", "--service-url",
+                                         service["url"], "--service-token", TOKEN, "--epochs", "1", "--max-steps", "3",
+                                         "--eval-every", "0", "--no-export", "--seed", "11")).stdout)
+    assert s["steps"] == 3 and s["labels_cached"] == 3 * 64 * 2 and s["labels_missing"] == 0
+    # every label trained on was computed by the teacher (the loader prefetches a few batches more)
+    computed = misses() - before
+    assert computed >= 3 * 64 * 2 and computed % 64 == 0

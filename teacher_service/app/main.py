@@ -14,6 +14,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ..engine import exit_with_parent
 from .config import Settings
 from .routes import health, timed, v1
 from .state import build_state
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        exit_with_parent()  # a uvicorn worker of `serve`: gone with its supervisor
         svc = app.state.svc = build_state(settings)
         log.info("serving namespace %s (teacher %s, %d indexed images, engines on %s)", svc.namespace.id,
                  svc.info["teacher_id"], len(svc.index or []), ", ".join(e.info["device"] for e in svc.engines.engines))

@@ -1,0 +1,177 @@
+"""The label engine in-process (precompute's layout) and the service's labeling logic without uvicorn."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import PY, free_port
+from shards import Manifest, augment, decode_image
+from shards.members import scan_shard
+from teacher_service.app.images import ShardIndex
+from teacher_service.app.labeling import LabelService
+from teacher_service.client import TeacherClient
+from teacher_service.engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, Result
+from teacher_service.engine_process import LocalEngine
+from teacher_service.metrics import Metrics
+from teacher_service.namespace import RecordFormat
+from teacher_service.store import open_store
+from teacher_service.teacher import Teacher, TeacherConfig
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    return Teacher(TeacherConfig(checkpoint=str(tiny_teacher), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def members(demo_shards):
+    m = Manifest.load(demo_shards)
+    return [km for s in m.shards("train")[:2] for km in scan_shard(demo_shards / s.name)]
+
+
+def make_engine(teacher, demo_shards, tmp_path, fmt=RecordFormat(), **config):
+    policy = Manifest.load(demo_shards).policy()
+    ns = teacher.namespace(policy.policy_id, fmt, Manifest.load(demo_shards).classes)
+    store = str(tmp_path / "labels.db")
+    open_store(store, ns).close()
+    cfg = EngineConfig(**{"max_batch_size": 8, "max_queue_delay_ms": 2.0, "workers": 2, **config})
+    return LabelEngine(teacher, policy, fmt, cfg, store, ns, Metrics()), store, ns, policy
+
+
+def wait_result(engine, jobs, timeout=60) -> Result:
+    got, done = [], threading.Event()
+    engine.submit(jobs, lambda r: (got.append(r), done.set()))
+    assert done.wait(timeout), "no answer from the engine"
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+def test_engine_matches_the_teacher_and_stores_before_answering(teacher, members, demo_shards, tmp_path):
+    engine, store, ns, policy = make_engine(teacher, demo_shards, tmp_path, fmt=RecordFormat(3, True))
+    # 3 images x 5 seeds = 15 items over batches of 8: an image's seeds cross a batch boundary
+    jobs = [Job(member, key, (0, 1, 2, 3, 4)) for key, member in members[:3]]
+    with engine:
+        res = wait_result(engine, jobs)
+        assert res.stored and res.errors == [None] * 15
+        x = torch.stack([augment(decode_image(m.read()), k, s, policy) for k, m in members[:3] for s in range(5)])
+        probs = teacher.logits(x).softmax(-1)
+        p, c = probs.topk(3)
+        assert (torch.from_numpy(res.classes) == c).all()
+        torch.testing.assert_close(torch.from_numpy(res.probs), p, rtol=1e-4, atol=1e-5)
+        with open_store(store, ns) as st:  # already stored when answered
+            got = st.get([k for k, _ in members[:3] for _ in range(5)], [s for _ in range(3) for s in range(5)])
+        assert got.present.all() and (torch.from_numpy(got.classes) == c).all()
+        assert engine.depth == 0
+        fills = engine.metrics.batch_size.labels("cpu")._sum.get()
+        assert fills == 15
+
+
+def test_engine_refuses_a_full_queue_before_any_work(teacher, members, demo_shards, tmp_path):
+    engine, store, ns, _ = make_engine(teacher, demo_shards, tmp_path, max_queue_size=10)
+    with engine:
+        with pytest.raises(QueueFull) as e:
+            engine.submit([Job(m, k, tuple(range(11))) for k, m in members[:1]], lambda r: None)
+        assert e.value.retry_after >= 1 and engine.depth == 0
+        assert engine.metrics.inference_count.labels("cpu")._value.get() == 0
+        assert engine.metrics.queue_rejected.labels("cpu")._value.get() == 11
+        res = wait_result(engine, [Job(m, k, (0,)) for k, m in members[:10]])  # 10 fit
+        assert res.errors == [None] * 10
+
+
+def test_engine_per_item_errors_are_not_stored(teacher, members, demo_shards, tmp_path):
+    engine, store, ns, _ = make_engine(teacher, demo_shards, tmp_path)
+    (key, member) = members[0]
+    with engine:
+        res = wait_result(engine, [Job(b"not an image", "bad/key", (0, 1)), Job(member, key, (0,))])
+    assert res.errors[0].startswith("bad/key: cannot decode image") and res.errors[1] == res.errors[0]
+    assert res.errors[2] is None and res.classes[2, 0] >= 0
+    with open_store(store, ns) as st:
+        assert st.get(["bad/key", key], [0, 0]).present.tolist() == [False, True]
+
+
+def test_engine_worker_death_fails_waiting_work_clearly(teacher, members, demo_shards, tmp_path):
+    engine, _, _, _ = make_engine(teacher, demo_shards, tmp_path, max_queue_delay_ms=10_000, max_batch_size=64)
+    with engine:
+        outcome, done = [], threading.Event()
+        engine.submit([Job(members[0][1], members[0][0], (0,))], lambda r: (outcome.append(r), done.set()))
+        os.kill(engine._workers[0].pid, signal.SIGKILL)  # the batch waits 10 s for more items: still open
+        assert done.wait(30)
+        assert isinstance(outcome[0], EngineError) and "died" in str(outcome[0])
+        with pytest.raises(EngineError):
+            engine.submit([Job(members[0][1], members[0][0], (1,))], lambda r: None)
+
+
+def test_label_service_in_process(teacher, demo_shards, tmp_path):
+    """The routes' logic without HTTP: hits from the store, misses through an engine, per-item errors."""
+    engine, store, ns, _ = make_engine(teacher, demo_shards, tmp_path)
+    index = ShardIndex(demo_shards, ["train"])
+    keys = list(index.members)[:6]
+
+    async def scenario(svc):
+        first = await svc.label(keys + ["no/such/key"], [0] * 7)
+        again = await svc.lookup(keys, [0] * 6)
+        return first, again
+
+    with engine, open_store(store, ns) as st:
+        svc = LabelService(st, LocalEngine(engine, Manifest.load(demo_shards).classes), index, ns, RecordFormat(),
+                           Metrics())
+        first, again = asyncio.run(scenario(svc))
+    assert first.computed == 6 and first.cached == 0 and None not in first.labels[:6]
+    assert first.errors[6] == "unknown key 'no/such/key'" and first.labels[6] is None
+    assert again.cached == 6 and again.labels == first.labels[:6]
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for p, pp in zip(out[::2], out[1::2]):
+        children.setdefault(int(pp), []).append(int(p))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+@pytest.mark.slow
+def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shards, tiny_teacher, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([PY, "-m", "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", demo_shards,
+                             "--store", tmp_path / "labels.db", "--port", str(port), "--devices", "cpu,cpu",
+                             "--http-workers", "2", "--augment-workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        c = TeacherClient(f"http://127.0.0.1:{port}")
+        c.wait_ready(180)
+        assert c.info()["devices"] == ["cpu", "cpu"]
+        keys = list(ShardIndex(demo_shards, ["train"]).members)[:40]
+        batch, errors = c.label(keys, [5] * 40)
+        assert batch.present.all() and errors == [None] * 40
+        family = _descendants(proc.pid)
+        assert len(family) >= 2 + 2 + 2  # 2 engines with a worker each, 2 HTTP workers (+ helpers)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    deadline = time.time() + 20
+    alive = family
+    while alive and time.time() < deadline:
+        time.sleep(0.25)
+        alive = [p for p in family if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)]
+    assert not alive, f"processes left behind after kill -9 of the service: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line for line in f if line.startswith("State:")).lower()
+    except (OSError, StopIteration):
+        return "zombie"
