@@ -25,13 +25,42 @@ class Member:
     offset: int
     size: int
 
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
+    def read(self, files: "OpenFiles | None" = None) -> bytes:
+        """The member's bytes; with `files`, through its cache of open shard files."""
+        if files is None:
+            with open(self.path, "rb") as f:
+                return self._read_from(f)
+        return self._read_from(files.get(self.path))
+
+    def _read_from(self, f) -> bytes:
+        f.seek(self.offset)
+        data = f.read(self.size)
         if len(data) != self.size:
             raise ValueError(f"{self.path} is truncated at offset {self.offset}")
         return data
+
+
+class OpenFiles:
+    """The most recently used shard files, kept open: a worker reading image after image of the
+    same shards saves an open and a close per image."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self.files: dict[str, object] = {}
+
+    def get(self, path: str):
+        f = self.files.pop(path, None)
+        if f is None:
+            f = open(path, "rb")
+            if len(self.files) >= self.limit:
+                self.files.pop(next(iter(self.files))).close()
+        self.files[path] = f  # most recent last
+        return f
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
 
 
 def scan_shard(path: str | Path) -> Iterator[tuple[str, Member]]:

@@ -45,7 +45,7 @@ import torch
 import torch.multiprocessing as mp
 
 from shards import AugmentPolicy, augment, decode_image
-from shards.members import Member
+from shards.members import Member, OpenFiles
 
 from .metrics import Metrics
 from .namespace import Namespace, RecordFormat
@@ -558,6 +558,7 @@ def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done) -> 
     exit_with_parent()
     policy = AugmentPolicy.from_json(policy_json)
     policy.train_transform()
+    files = OpenFiles()
     done.put(("ready", os.getpid()))
     while (task := tasks.get()) is not None:
         bid, entries = task
@@ -565,13 +566,14 @@ def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done) -> 
         errors: dict[int, str] = {}
         for source, key, pairs in entries:
             try:
-                image = decode_image(source.read() if isinstance(source, Member) else source)
+                image = decode_image(source.read(files) if isinstance(source, Member) else source)
             except (ValueError, OSError) as e:
                 errors.update((slot, f"{key}: {e}") for _, slot in pairs)
                 continue
             for seed, slot in pairs:
                 try:
-                    buf[slot].copy_(augment(image, key, seed, policy))
+                    buf[slot].copy_(augment(image, key, seed, policy, restore_rng=False))  # our own RNGs
                 except Exception as e:  # an augmentation bug: this crop fails, not the engine
                     errors[slot] = f"{key} seed {seed}: augmentation failed: {e!r}"
         done.put((bid, errors))
+    files.close()

@@ -132,7 +132,7 @@ def precompute(
                         group = []
                 if group:
                     feed(group)
-                totals["images"] += count
+                totals["images"] += expected[name]
                 if count != expected[name]:  # a damaged tar header ends tarfile's iteration quietly
                     log.error("shard %s: %d images readable, the manifest says %d", name, count, expected[name])
                     totals["skipped"] += (expected[name] - count) * len(seed_list)

@@ -260,3 +260,25 @@ def test_trainer_with_labels_service_on_an_empty_store(service, demo_shards, tmp
     # every label trained on was computed by the teacher (the loader prefetches a few batches more)
     computed = misses() - before
     assert computed >= 3 * 64 * 2 and computed % 64 == 0
+
+
+def test_precompute_reports_a_shard_cut_short_by_a_damaged_header(demo_shards, tiny_teacher, tmp_path):
+    """tarfile ends iteration quietly at a bad header; precompute compares with the manifest."""
+    import shutil
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    m = Manifest.load(shards)
+    victim = shards / m.shards("train")[0].name
+    with tarfile.open(victim) as tf:
+        header = [ti.offset for ti in tf][20]  # a member header in the middle of the shard
+    data = bytearray(victim.read_bytes())
+    data[header + 148] ^= 0x01  # its checksum field
+    victim.write_bytes(bytes(data))
+    r = run_cli("teacher_service", "precompute", "--shards", shards, "--seeds", "0:2", "--store", tmp_path / "l.db",
+                "--checkpoint", tiny_teacher, "--quiet")
+    s = last_json(r.stdout)
+    assert "manifest says" in r.stderr
+    assert s["images"] == 1437 and s["labels_skipped"] > 0
+    assert s["labels_present"] + s["labels_computed"] + s["labels_skipped"] == 1437 * 2

@@ -34,9 +34,9 @@ class Settings(BaseSettings):
     http_workers: int = Field(1, ge=1, description="uvicorn worker processes (HTTP, lookups and waiting)")
     # request limits and security
     max_items: int = Field(4096, ge=1, description="(key, seed) items per request")
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest uploaded image (413 beyond)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body (413 beyond)")
     token: str | None = Field(None, description="bearer token required on /v1 when set")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    log_level: str = "info"
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 makes the service reachable from others")
+    port: int = Field(8000, description="HTTP port")
+    log_level: str = Field("info", description="uvicorn log level: critical | error | warning | info | debug")
