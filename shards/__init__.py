@@ -1,10 +1,10 @@
 """Webdataset shards, manifest, streaming reader with DDP splitting, and seeded augmentation."""
 
-from .augment import AugmentPolicy, augment, augment_many, decode_image, eval_view, sample_seed
+from .augment import AugmentPolicy, augment, decode_image, eval_view, sample_seed
 from .manifest import Manifest, verify
 from .stream import ShardStream, iter_shard, make_loader, seeds_for_run, train_seed
 
 __all__ = [
-    "AugmentPolicy", "augment", "augment_many", "decode_image", "eval_view", "sample_seed",
+    "AugmentPolicy", "augment", "decode_image", "eval_view", "sample_seed",
     "Manifest", "verify", "ShardStream", "iter_shard", "make_loader", "seeds_for_run", "train_seed",
 ]

@@ -216,11 +216,6 @@ def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, rest
     return out.contiguous()
 
 
-def augment_many(image: Image.Image, key: str, seeds, policy: AugmentPolicy) -> torch.Tensor:
-    """Several seeds of one decoded image, stacked: decode once, augment many (precompute)."""
-    return torch.stack([augment(image, key, int(s), policy) for s in seeds])
-
-
 def eval_view(image: Image.Image, policy: AugmentPolicy) -> torch.Tensor:
     return policy.eval_transform()(image)
 
