@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .engine import EngineError
     from .store import StoreError
 
-    return dispatch(build_parser(), argv, (StoreError, ValueError, FileNotFoundError))
+    return dispatch(build_parser(), argv, (StoreError, EngineError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ exit when it is gone.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -181,6 +182,7 @@ class LabelEngine:
         self._last_finish = None
         self._failed: EngineError | None = None
         self._closed = False
+        self._threads_before: int | None = None  # the caller's torch thread count, restored at close
         self._writes: collections.deque = collections.deque()
         self._threads: list[threading.Thread] = []
         self._workers: list = []
@@ -195,8 +197,8 @@ class LabelEngine:
         if self.teacher.device.type == "cuda":
             self._pin_buffers()
         else:  # the workers have cores of their own; oversubscribing them slows both sides
-            threads = self.config.teacher_threads or max(1, (os.cpu_count() or 1) - self.config.workers)
-            torch.set_num_threads(threads)
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.config.teacher_threads or max(1, (os.cpu_count() or 1) - self.config.workers))
         policy_json = self.policy.to_json()
         for i in range(self.config.workers):
             p = self._ctx.Process(target=_worker_main, name=f"augment-{i}", daemon=True,
@@ -260,6 +262,8 @@ class LabelEngine:
                 p.kill()
         self._tasks.close()
         self._done.close()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
         if self._pinned:
             cudart = torch.cuda.cudart()
             for ptr in self._pinned:
@@ -288,6 +292,9 @@ class LabelEngine:
         Result or the exception that ended the work. Full queue: QueueFull, or wait (`block`)."""
         n = sum(len(j.seeds) for j in jobs)
         req = _Request(n, self.fmt.topk, done)
+        if n == 0:
+            req.finish(self._result(req))
+            return
         with self._cond:
             while True:
                 if self._failed is not None:
@@ -299,9 +306,6 @@ class LabelEngine:
                     raise QueueFull(f"queue holds {self._depth} of {self.config.max_queue_size} items",
                                     self.retry_after())
                 self._cond.wait()
-            if n == 0:
-                req.finish(self._result(req))
-                return
             self._depth += n
             self._depth_gauge.set(self._depth)
             self._live.add(req)
@@ -526,7 +530,8 @@ class LabelEngine:
             self._pending.clear()
             self._depth = 0
             self._cond.notify_all()
-        self._done.put(None)  # wakes the collector
+        with contextlib.suppress(ValueError):  # closed already: the collector is gone too
+            self._done.put(None)  # wakes the collector
         for req in live:
             req.finish(self._failed)
 

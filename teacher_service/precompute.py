@@ -24,7 +24,7 @@ from shards.members import scan_shard
 
 from .engine import EngineConfig, Job, LabelEngine, Result
 from .namespace import RecordFormat, parse_seeds
-from .store import open_store
+from .store import StoreError, open_store
 from .teacher import Teacher, add_teacher_args, teacher_config_from_args
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class _Tally:
                 self.error = self.error or outcome
                 return
             if not outcome.stored:
-                self.error = self.error or RuntimeError("the store refused labels; see the log")
+                self.error = self.error or StoreError("labels could not be stored (see the warning above); "
+                                                      "run the same command again to resume")
             bad = sum(e is not None for e in outcome.errors)
             for e in outcome.errors:
                 if e is not None:

@@ -175,3 +175,26 @@ def _state(pid: int) -> str:
             return next(line for line in f if line.startswith("State:")).lower()
     except (OSError, StopIteration):
         return "zombie"
+
+
+@pytest.mark.slow
+def test_serve_exits_1_when_its_engine_dies(demo_shards, tiny_teacher, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([PY, "-m", "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", demo_shards,
+                             "--store", tmp_path / "labels.db", "--port", str(port), "--augment-workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        TeacherClient(f"http://127.0.0.1:{port}").wait_ready(180)
+        family = _descendants(proc.pid)
+        engines = [p for p in family if _descendants(p)]  # the engine is the child with children (its worker)
+        assert len(engines) == 1
+        os.kill(engines[0], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert "label engine died" in (tmp_path / "serve.log").read_text()
+    time.sleep(2)
+    assert not [p for p in family if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)]

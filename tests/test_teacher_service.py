@@ -48,9 +48,17 @@ def service(demo_shards, tiny_teacher, tmp_path_factory):
         proc.kill()
         raise AssertionError((d / "service.log").read_text()[-3000:])
     yield {"url": url, "client": client, "store": str(d / "labels.db"), "proc": proc}
+    from test_engine import _descendants
+
+    family = _descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
     log.close()
+    assert "label engine stopped" not in (d / "service.log").read_text()  # drained, nothing refused
+    deadline = time.time() + 10  # workers notice their parent's exit within a moment
+    while (alive := [p for p in family if os.path.exists(f"/proc/{p}")]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive, "processes left after SIGTERM"
 
 
 def test_service_matches_direct_teacher(service, demo_shards, tiny_teacher):

@@ -39,22 +39,45 @@ def cmd_serve(args) -> int:
     pool = engine_pool(settings).start()
     os.environ.update(settings_env(settings))
     os.environ.update(pool.env())
-    engine_died = threading.Event()
+    config = uvicorn.Config("teacher_service.app.main:create_app", factory=True, host=settings.host,
+                            port=settings.port, workers=settings.http_workers, log_level=settings.log_level,
+                            timeout_graceful_shutdown=10)
+    if config.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        http = Multiprocess(config, sockets=[config.bind_socket()])
+        shut_down = http.should_exit.set
+    else:
+        http = uvicorn.Server(config)
+        shut_down = lambda: setattr(http, "should_exit", True)  # noqa: E731
+    engine_died, stopping = threading.Event(), threading.Event()
 
     def watch() -> None:
-        while not engine_died.wait(1.0):
+        while not stopping.wait(1.0):
             if pool.failed():
                 log.error("label engine died: %s; shutting down", ", ".join(pool.failed()))
                 engine_died.set()
-                os.kill(os.getpid(), signal.SIGTERM)
+                shut_down()  # uvicorn's graceful shutdown, as on SIGTERM
+                return
 
-    threading.Thread(target=watch, name="engine-watch", daemon=True).start()
+    watcher = threading.Thread(target=watch, name="engine-watch", daemon=True)
+    watcher.start()
+    # uvicorn re-raises the signal that stopped it once it has shut down; land it here, stop the
+    # engines, then exit by that signal as a process manager expects
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _frame: received.append(s))
     try:
-        uvicorn.run("teacher_service.app.main:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.http_workers, log_level=settings.log_level, timeout_graceful_shutdown=10)
+        http.run()
     finally:
+        stopping.set()  # engines stopped from here on are ours, not failures
+        watcher.join()
         pool.close()
-    return 1 if engine_died.is_set() else 0
+    if received:
+        signal.signal(received[0], signal.SIG_DFL)
+        signal.raise_signal(received[0])
+    started = getattr(http, "started", True)  # a single server that failed its start-up says so
+    return 1 if engine_died.is_set() or not started else 0
 
 
 def add_parser(sub) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 
 from shards import AugmentPolicy
@@ -16,8 +15,6 @@ from ..store import LabelStore, open_store
 from .config import Settings
 from .images import ShardIndex
 from .labeling import LabelService
-
-log = logging.getLogger("teacher_service.app")
 
 
 @dataclass
