@@ -4,6 +4,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -143,6 +144,11 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shards, tiny_teacher, tmp_path):
+    import glob
+    import shutil
+
+    pattern = os.path.join(tempfile.gettempdir(), "distill-engines-*")
+    before = set(glob.glob(pattern))
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([PY, "-m", "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", demo_shards,
@@ -167,6 +173,8 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
         time.sleep(0.25)
         alive = [p for p in family if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)]
     assert not alive, f"processes left behind after kill -9 of the service: {alive}"
+    for d in set(glob.glob(pattern)) - before:  # a killed supervisor cannot remove its sockets
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _state(pid: int) -> str:
