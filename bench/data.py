@@ -12,7 +12,7 @@ import torch
 
 from shards import AugmentPolicy, Manifest, augment, decode_image, iter_shard
 from shards.build import build
-from shards.stream import SkipCounter
+from shards import SkipCounter
 
 
 def main():

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards import Manifest, augment, decode_image, iter_shard
+from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from shards.build import build
-from shards.stream import SkipCounter
 from teacher_service.client import TeacherClient
 from teacher_service.namespace import RecordFormat
 from teacher_service.precompute import precompute

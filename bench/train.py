@@ -27,7 +27,7 @@ import torch
 
 from shards import Manifest, iter_shard
 from shards.build import build
-from shards.stream import SkipCounter
+from shards import SkipCounter
 from student_trainer.train import TrainConfig, train
 from teacher_service.client import TeacherClient
 from teacher_service.namespace import RecordFormat

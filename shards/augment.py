@@ -79,9 +79,6 @@ class AugmentPolicy:
     def from_json(cls, text: str) -> "AugmentPolicy":
         return cls.from_dict(json.loads(text))
 
-    def replace(self, **kw) -> "AugmentPolicy":
-        return dataclasses.replace(self, _transform_cache={}, **kw)
-
     @property
     def policy_id(self) -> str:
         """Digest of the parameters and of the code versions that implement them."""

@@ -15,7 +15,7 @@ from typing import Sequence
 import httpx
 import numpy as np
 
-from .store.base import LabelBatch
+from .store import LabelBatch
 
 log = logging.getLogger(__name__)
 

@@ -131,10 +131,6 @@ class Teacher:
         self._copy_stream = None  # created on first use: CUDA streams do not survive a fork
         log.info("teacher %s on %s (%d classes)", self.teacher_id, self.device, self.num_classes)
 
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return tuple(self.model.pretrained_cfg.get("input_size", (3, 224, 224)))
-
     def namespace(self, policy_id: str, fmt: RecordFormat, classes: list[str] | None = None) -> Namespace:
         cls = classes or self.classes
         if len(cls) != self.num_classes:

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from conftest import PY, free_port, last_json, run_cli
-from shards import Manifest, augment, decode_image, iter_shard
-from shards.stream import SkipCounter
+from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from teacher_service.client import ServiceError, TeacherClient
 from teacher_service.namespace import RecordFormat
 from teacher_service.store import open_existing

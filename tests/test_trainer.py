@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import PY, last_json, run_cli
 from shards import Manifest, iter_shard
-from shards.stream import SkipCounter
+from shards import SkipCounter
 from student_trainer.labels import target_distribution
 from student_trainer.loss import DistillationLoss, TeacherTargets
 from teacher_service.namespace import Namespace, RecordFormat, classes_digest

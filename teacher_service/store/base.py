@@ -123,14 +123,6 @@ def group_runs(keys: Sequence[str], seeds: np.ndarray, slots: np.ndarray) -> dic
     return out
 
 
-def row_from_runs(runs: list[tuple[int, bytes]]) -> bytes:
-    size = max(off + len(b) for off, b in runs)
-    row = bytearray(size)
-    for off, b in runs:
-        row[off : off + len(b)] = b
-    return bytes(row)
-
-
 class LabelStore(abc.ABC):
     """Bulk label I/O for one namespace. One round trip per call on the hot path."""
 
