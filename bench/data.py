@@ -10,9 +10,8 @@ import time
 
 import torch
 
-from shards import AugmentPolicy, Manifest, augment, decode_image, iter_shard
+from shards import AugmentPolicy, Manifest, SkipCounter, augment, decode_image, iter_shard
 from shards.build import build
-from shards import SkipCounter
 
 
 def main():

@@ -56,10 +56,18 @@ def main():
         mass += cached.gather(1, online.argmax(1, keepdim=True)).sum().item()
         in_pair += ((online.argmax(1) == own[:, 0]) | (online.argmax(1) == own.flip(0)[:, 0])).sum().item()
         lams.append(lam)
-    print(json.dumps({"batches": len(lams), "images": n, "mean_lambda": round(sum(lams) / len(lams), 3),
-                      "argmax_agreement": round(agree / n, 4),
-                      "online_label_is_one_of_the_pair": round(in_pair / n, 4),
-                      "mean_cached_mass_on_online_label": round(mass / n, 4)}))
+    print(
+        json.dumps(
+            {
+                "batches": len(lams),
+                "images": n,
+                "mean_lambda": round(sum(lams) / len(lams), 3),
+                "argmax_agreement": round(agree / n, 4),
+                "online_label_is_one_of_the_pair": round(in_pair / n, 4),
+                "mean_cached_mass_on_online_label": round(mass / n, 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -86,9 +86,15 @@ def main():
                 size = r.info("memory")["used_memory"] - before
             else:
                 size = store.bytes_used()
-            out = {"backend": backend, "images": args.images, "seeds": args.seeds, "batch": args.batch,
-                   "fill_labels_per_s": round(fill_rate), **measure(store, keys, labels, args.batch, args.seconds, rng),
-                   "bytes_per_label": round(size / total, 3)}
+            out = {
+                "backend": backend,
+                "images": args.images,
+                "seeds": args.seeds,
+                "batch": args.batch,
+                "fill_labels_per_s": round(fill_rate),
+                **measure(store, keys, labels, args.batch, args.seconds, rng),
+                "bytes_per_label": round(size / total, 3),
+            }
             if backend == "redis":
                 for chunk in range(0, len(keys), 500):
                     r.delete(*[store.prefix + k for k in keys[chunk : chunk + 500]])

@@ -58,10 +58,35 @@ def raw_throughput(teacher: Teacher, x: torch.Tensor, seconds: float) -> float:
 def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int, seed0: int) -> dict:
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "teacher_service", "serve", "--model", args.model, "--random-init", "--shards", str(shards),
-           "--store", store, "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue-delay-ms", "5",
-           "--max-queue-size", "100000", "--policy", json.dumps({"input_size": args.input_size}), "--log-level", "warning",
-           "--augment-workers", str(args.augment_workers or args.workers), "--num-classes", "10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "teacher_service",
+        "serve",
+        "--model",
+        args.model,
+        "--random-init",
+        "--shards",
+        str(shards),
+        "--store",
+        store,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch),
+        "--max-queue-delay-ms",
+        "5",
+        "--max-queue-size",
+        "100000",
+        "--policy",
+        json.dumps({"input_size": args.input_size}),
+        "--log-level",
+        "warning",
+        "--augment-workers",
+        str(args.augment_workers or args.workers),
+        "--num-classes",
+        "10",
+    ]
     log = open(f"{store}.service.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -117,15 +142,22 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
             assert got.present.all()
             out["lookup_lat"] = lat
         stages = {}
-        names = ("request_duration_seconds", "queue_duration_seconds", "augment_duration_seconds",
-                 "compute_infer_duration_seconds", "batch_size")
+        names = (
+            "request_duration_seconds",
+            "queue_duration_seconds",
+            "augment_duration_seconds",
+            "compute_infer_duration_seconds",
+            "batch_size",
+        )
         for line in probe.http.get("/metrics").text.splitlines():
             for name in names:
                 for agg in ("sum", "count"):
                     if line.startswith(f"distill_{name}_{agg}") and 'endpoint="/v1/labels/lookup"' not in line:
                         stages[f"{name}_{agg}"] = stages.get(f"{name}_{agg}", 0) + float(line.split()[-1])
         diag = {k: round(stages[f"{k}_sum"] / stages[f"{k}_count"], 4) for k in names if stages.get(f"{k}_count")}
-        print(f"service max_batch={max_batch}: {rate:.1f} labels/s, mean per stage: {json.dumps(diag)}", file=sys.stderr)
+        print(
+            f"service max_batch={max_batch}: {rate:.1f} labels/s, mean per stage: {json.dumps(diag)}", file=sys.stderr
+        )
         return out
     finally:
         proc.terminate()
@@ -145,8 +177,12 @@ def main():
     ap.add_argument("--latency-clients", type=int, default=4, help="clients of the moderate-load latency run")
     ap.add_argument("--latency-items", type=int, default=16, help="items per request of the latency run")
     ap.add_argument("--lookups", type=int, default=200)
-    ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                    help="augmentation workers of precompute and of the service's engine")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+        help="augmentation workers of precompute and of the service's engine",
+    )
     ap.add_argument("--augment-workers", type=int, default=0, help="the service's, when not --workers")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -160,10 +196,20 @@ def main():
         raw = raw_throughput(teacher, x, args.seconds)
         # precompute --precompute-runs times over --seeds new seeds each (the same work per image every
         # time): its steady rate is then measured over about as many labels as the service's
-        pre = [precompute(str(d / "shards"), range(i * args.seeds, (i + 1) * args.seeds), str(d / "pre.db"), teacher,
-                          fmt=RecordFormat(), policy_overrides={"input_size": args.input_size},
-                          batch_size=args.batch_size, workers=args.workers, progress=False)
-               for i in range(args.precompute_runs)]
+        pre = [
+            precompute(
+                str(d / "shards"),
+                range(i * args.seeds, (i + 1) * args.seeds),
+                str(d / "pre.db"),
+                teacher,
+                fmt=RecordFormat(),
+                policy_overrides={"input_size": args.input_size},
+                batch_size=args.batch_size,
+                workers=args.workers,
+                progress=False,
+            )
+            for i in range(args.precompute_runs)
+        ]
         del teacher
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         keys = [r.key for s in m.shards("train") for r in iter_shard(d / "shards" / s.name, SkipCounter())]
@@ -172,9 +218,12 @@ def main():
         pre_rate = float(np.mean([p["steady_labels_per_s"] for p in pre]))
         pct = lambda xs, q: round(float(np.percentile(xs, q)), 2)  # noqa: E731
         out = {
-            "model": args.model, "input_size": args.input_size, "batch_size": args.batch_size,
+            "model": args.model,
+            "input_size": args.input_size,
+            "batch_size": args.batch_size,
             "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
-            "workers": args.workers, "augment_workers": args.augment_workers or args.workers,
+            "workers": args.workers,
+            "augment_workers": args.augment_workers or args.workers,
             "raw_images_per_s": round(raw, 1),
             "precompute_labels_per_s": round(pre_rate, 1),
             "precompute_labels_per_s_with_startup": round(float(np.mean([p["labels_per_s"] for p in pre])), 1),
@@ -188,7 +237,8 @@ def main():
             f"miss{args.latency_items}_p99_ms": pct(svc["miss_lat"], 99),
             "lookup_p50_ms": pct(svc["lookup_lat"], 50),
             "lookup_p99_ms": pct(svc["lookup_lat"], 99),
-            "clients": args.clients, "items_per_request": args.items_per_request,
+            "clients": args.clients,
+            "items_per_request": args.items_per_request,
             "latency_clients": args.latency_clients,
         }
         print(json.dumps(out))

@@ -25,9 +25,8 @@ import numpy as np
 import redis
 import torch
 
-from shards import Manifest, iter_shard
+from shards import Manifest, SkipCounter, iter_shard
 from shards.build import build
-from shards import SkipCounter
 from student_trainer.train import TrainConfig, train
 from teacher_service.client import TeacherClient
 from teacher_service.namespace import RecordFormat
@@ -62,7 +61,8 @@ def model_bound(args) -> dict:
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     rates = {}
     for mode in ("cached", "online"):
-        def step():
+
+        def step(mode=mode):
             t = teacher.logits(x).argmax(1) if mode == "online" else y  # cached: labels arrive with the batch
             with autocast(device, amp):
                 a, b = student(x)
@@ -81,9 +81,11 @@ def model_bound(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates[mode] = args.batch_size * args.model_steps / (time.perf_counter() - t0)
-    return {"model_bound_cached_images_per_s": round(rates["cached"], 1),
-            "model_bound_online_images_per_s": round(rates["online"], 1),
-            "model_bound_cached_vs_online": round(rates["cached"] / rates["online"], 3)}
+    return {
+        "model_bound_cached_images_per_s": round(rates["cached"], 1),
+        "model_bound_online_images_per_s": round(rates["online"], 1),
+        "model_bound_cached_vs_online": round(rates["cached"] / rates["online"], 3),
+    }
 
 
 def main():
@@ -117,9 +119,21 @@ def main():
             if mode in modes or (mode == "store_file" and "service" in modes):
                 with open_store(url, ns) as st:
                     st.put(keys, [0] * len(keys), labels)
-        base = dict(shards=str(shards), model=args.student, policy=policy_over, batch_size=args.batch_size,
-                    epochs=1, max_steps=args.steps, repeated_aug=1, workers=args.workers, eval_every=0,
-                    checkpoint_every=0, export=False, progress=False, warmup_epochs=0)
+        base = dict(
+            shards=str(shards),
+            model=args.student,
+            policy=policy_over,
+            batch_size=args.batch_size,
+            epochs=1,
+            max_steps=args.steps,
+            repeated_aug=1,
+            workers=args.workers,
+            eval_every=0,
+            checkpoint_every=0,
+            export=False,
+            progress=False,
+            warmup_epochs=0,
+        )
         service = None
         results = {}
         # warm-up run: CUDA context, cuDNN/cuBLAS autotuning and the page cache are paid here,
@@ -135,11 +149,34 @@ def main():
                 elif mode == "service":
                     port = free_port()
                     service = subprocess.Popen(
-                        [sys.executable, "-m", "teacher_service", "serve", "--model", args.teacher, "--random-init",
-                         "--num-classes", str(len(m.classes)), "--shards", str(shards), "--store", file_url,
-                         "--port", str(port), "--policy", json.dumps(policy_over), "--log-level", "warning",
-                         "--augment-workers", "1", "--device", "cpu"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        [
+                            sys.executable,
+                            "-m",
+                            "teacher_service",
+                            "serve",
+                            "--model",
+                            args.teacher,
+                            "--random-init",
+                            "--num-classes",
+                            str(len(m.classes)),
+                            "--shards",
+                            str(shards),
+                            "--store",
+                            file_url,
+                            "--port",
+                            str(port),
+                            "--policy",
+                            json.dumps(policy_over),
+                            "--log-level",
+                            "warning",
+                            "--augment-workers",
+                            "1",
+                            "--device",
+                            "cpu",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                     url = f"http://127.0.0.1:{port}"
                     TeacherClient(url).wait_ready(600)
                     kw = dict(labels="service", service_url=url)
@@ -156,13 +193,23 @@ def main():
                 service.wait(30)
             r = redis.Redis.from_url(args.redis_url)
             for chunk in range(0, len(keys), 500):
-                r.delete(*[f"dl:{ns.id}:r:{k}" for k in keys[chunk:chunk + 500]])
+                r.delete(*[f"dl:{ns.id}:r:{k}" for k in keys[chunk : chunk + 500]])
             r.delete(f"dl:{{{ns.id}}}:meta")
-    cached = min(v for k, v in results.items() if k.startswith("store_")) if any(k.startswith("store_") for k in results) else None
-    out = {"student": args.student, "teacher": args.teacher, "input_size": args.input_size, "batch_size": args.batch_size,
-           "steps": args.steps, "workers": args.workers,
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
-           **{f"{k}_images_per_s": round(v, 1) for k, v in results.items()}}
+    cached = (
+        min(v for k, v in results.items() if k.startswith("store_"))
+        if any(k.startswith("store_") for k in results)
+        else None
+    )
+    out = {
+        "student": args.student,
+        "teacher": args.teacher,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "workers": args.workers,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+        **{f"{k}_images_per_s": round(v, 1) for k, v in results.items()},
+    }
     if cached and "none" in results:
         out["cached_vs_none"] = round(cached / results["none"], 3)
     if cached and "online" in results:

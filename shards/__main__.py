@@ -20,8 +20,13 @@ def cmd_build(args) -> int:
     from .build import build
 
     summary = build(
-        args.out, src=args.src, demo=args.demo, shard_size=args.shard_size,
-        val_fraction=args.val_fraction, demo_size=args.demo_size, seed=args.seed,
+        args.out,
+        src=args.src,
+        demo=args.demo,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        demo_size=args.demo_size,
+        seed=args.seed,
     )
     print(json.dumps(summary))
     return 0
@@ -36,7 +41,10 @@ def cmd_inspect(args) -> int:
         "dir": str(args.dir),
         "source": m.source,
         "classes": len(m.classes),
-        "splits": {k: {"shards": len(v), "samples": m.num_samples(k), "bytes": sum(s.bytes for s in v)} for k, v in m.splits.items()},
+        "splits": {
+            k: {"shards": len(v), "samples": m.num_samples(k), "bytes": sum(s.bytes for s in v)}
+            for k, v in m.splits.items()
+        },
         "policy_id": m.policy().policy_id,
         "ok": not problems,
         "problems": problems,
@@ -61,8 +69,19 @@ def cmd_show(args) -> int:
             if raw.key == args.key:
                 crop = augment(decode_image(raw.data), raw.key, args.seed, policy)
                 to_pil(crop, policy).save(args.out, format="PNG")
-                print(json.dumps({"key": raw.key, "seed": args.seed, "label": raw.label, "class": m.classes[raw.label],
-                                  "shard": shard.name, "policy_id": policy.policy_id, "out": str(args.out)}))
+                print(
+                    json.dumps(
+                        {
+                            "key": raw.key,
+                            "seed": args.seed,
+                            "label": raw.label,
+                            "class": m.classes[raw.label],
+                            "shard": shard.name,
+                            "policy_id": policy.policy_id,
+                            "out": str(args.out),
+                        }
+                    )
+                )
                 return 0
     print(f"ERROR key {args.key!r} not found in {args.dir}", file=sys.stderr)
     return 2
@@ -78,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--demo", choices=["digits"], help="bundled demo data set (scikit-learn digits)")
     b.add_argument("--out", type=Path, required=True, help="output directory for .tar shards and manifest.json")
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    b.add_argument("--val-fraction", type=float, default=0.0, help="fraction of --src images held out as val (stable hash split)")
+    b.add_argument(
+        "--val-fraction", type=float, default=0.0, help="fraction of --src images held out as val (stable hash split)"
+    )
     b.add_argument("--demo-size", type=int, default=32, help="demo image side in pixels (default 32)")
     b.add_argument("--seed", type=int, default=0, help="seed of the fixed sample order inside shards")
     b.set_defaults(fn=cmd_build)

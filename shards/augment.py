@@ -17,8 +17,8 @@ import io
 import json
 import random
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class AugmentPolicy:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AugmentPolicy":
+    def from_dict(cls, d: dict) -> AugmentPolicy:
         names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         unknown = set(d) - names
         if unknown:
@@ -76,7 +76,7 @@ class AugmentPolicy:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "AugmentPolicy":
+    def from_json(cls, text: str) -> AugmentPolicy:
         return cls.from_dict(json.loads(text))
 
     @property

@@ -9,9 +9,9 @@ import os
 import random
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import webdataset as wds
 from PIL import Image
@@ -139,7 +139,9 @@ def write_split(samples: Iterable[Sample], out: Path, split: str, shard_size: in
             tmp.unlink()
             return infos
         os.replace(tmp, out / name)
-        infos.append(ShardInfo(name=name, samples=count, bytes=(out / name).stat().st_size, sha256=sha256_file(out / name)))
+        infos.append(
+            ShardInfo(name=name, samples=count, bytes=(out / name).stat().st_size, sha256=sha256_file(out / name))
+        )
 
 
 def build(
@@ -183,7 +185,11 @@ def build(
         keys = unique_keys(rel for rel, _ in items)
         with tqdm(total=total, desc="shards", unit="img") as bar:
             for split in ("train", "val"):
-                chosen = [it for it in items if (split == "val") == (val_fraction > 0 and stable_fraction(keys[it[0]]) < val_fraction)]
+                chosen = [
+                    it
+                    for it in items
+                    if (split == "val") == (val_fraction > 0 and stable_fraction(keys[it[0]]) < val_fraction)
+                ]
                 if chosen:
                     chosen = _mixed(chosen, seed, split, key=lambda it: it[0])
                     splits[split] = write_split(folder_samples(src, chosen, keys, stats), out, split, shard_size, bar)

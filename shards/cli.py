@@ -12,8 +12,9 @@ import sys
 def dispatch(parser: argparse.ArgumentParser, argv=None, user_errors: tuple = (FileNotFoundError, ValueError)) -> int:
     args = parser.parse_args(argv)
     quiet_rank = int(os.environ.get("RANK", "0")) != 0  # torchrun: one rank logs
-    logging.basicConfig(level=logging.WARNING if quiet_rank else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if quiet_rank else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.fn(args)
     except user_errors as e:

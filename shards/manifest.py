@@ -59,7 +59,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Manifest":
+    def load(cls, directory: str | os.PathLike) -> Manifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.exists():
             raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}: build shards first (python -m shards build)")

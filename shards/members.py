@@ -8,9 +8,9 @@ streaming (`base_plus_ext`), so a key here is the key a trainer asks for.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from webdataset.tariterators import base_plus_ext
 
@@ -25,7 +25,7 @@ class Member:
     offset: int
     size: int
 
-    def read(self, files: "OpenFiles | None" = None) -> bytes:
+    def read(self, files: OpenFiles | None = None) -> bytes:
         """The member's bytes; with `files`, through its cache of open shard files."""
         if files is None:
             with open(self.path, "rb") as f:

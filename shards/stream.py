@@ -22,9 +22,9 @@ from __future__ import annotations
 import bisect
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import webdataset as wds
@@ -200,8 +200,16 @@ class ShardStream(IterableDataset):
 
     def plan(self, worker: int, num_workers: int) -> EpochPlan:
         return plan_epoch(
-            [s.samples for s in self.shards], self.batch_size, self.epoch, self.rank, self.world_size,
-            worker, num_workers, self.repeats, self.shuffle, self.seed,
+            [s.samples for s in self.shards],
+            self.batch_size,
+            self.epoch,
+            self.rank,
+            self.world_size,
+            worker,
+            num_workers,
+            self.repeats,
+            self.shuffle,
+            self.seed,
         )
 
     def _positions(self, plan: EpochPlan, skips: SkipCounter) -> Iterator[tuple[RawSample, int]]:

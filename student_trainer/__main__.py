@@ -16,7 +16,7 @@ HELP = {
     "shards": "shard directory (with manifest.json)",
     "out": "run directory: last.pt (checkpoint), metrics.jsonl, model.safetensors",
     "model": "timm model; distillation needs a deit_*_distilled_* (default deit_tiny_distilled_patch16_224)",
-    "model_kwargs": "JSON model kwargs, e.g. '{\"patch_size\": 4, \"embed_dim\": 96, \"depth\": 6, \"num_heads\": 3}'",
+    "model_kwargs": 'JSON model kwargs, e.g. \'{"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}\'',
     "policy": "JSON augmentation policy overrides (must match the labels' policy)",
     "labels": "teacher labels: none | store | service | online (DeiT's in-process teacher)",
     "store": "label store URL for --labels store (file path or redis://)",
@@ -52,7 +52,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        h = HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") and f.name not in HELP else "")
+        h = HELP.get(f.name, "") + (
+            f" (default: {default})" if default not in (None, "") and f.name not in HELP else ""
+        )
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if typ is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=h)
@@ -74,10 +76,15 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m student_trainer", description="DeiT students from cached teacher labels.")
+    p = argparse.ArgumentParser(
+        prog="python -m student_trainer", description="DeiT students from cached teacher labels."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a student (or the demo teacher); also under torchrun",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="train a student (or the demo teacher); also under torchrun",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_config_args(t)
     t.set_defaults(fn=cmd_train)
     from .demo import add_parser as add_demo

@@ -30,12 +30,48 @@ def _run(cmd: list[str], log: Path) -> dict:
 
 def student_cmd(args, out: Path, shards: Path, labels: str, seed: int, extra: list[str]) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    return [*launcher, "-m", "student_trainer", "train", "--shards", str(shards), "--out", str(out),
-            "--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", json.dumps(STUDENT_KWARGS),
-            "--labels", labels, "--epochs", str(args.student_epochs), "--batch-size", str(args.batch_size),
-            "--repeated-aug", "1", "--lr", str(args.student_lr), "--warmup-epochs", "2", "--drop-path", "0.0",
-            "--mixup", str(args.mixup), "--cutmix", str(args.cutmix), "--workers", "1", "--threads", "1",
-            "--seed", str(seed), "--eval-every", str(args.student_epochs), "--no-progress", *extra]
+    return [
+        *launcher,
+        "-m",
+        "student_trainer",
+        "train",
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--model",
+        "deit_tiny_distilled_patch16_224",
+        "--model-kwargs",
+        json.dumps(STUDENT_KWARGS),
+        "--labels",
+        labels,
+        "--epochs",
+        str(args.student_epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--repeated-aug",
+        "1",
+        "--lr",
+        str(args.student_lr),
+        "--warmup-epochs",
+        "2",
+        "--drop-path",
+        "0.0",
+        "--mixup",
+        str(args.mixup),
+        "--cutmix",
+        str(args.cutmix),
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--seed",
+        str(seed),
+        "--eval-every",
+        str(args.student_epochs),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run_demo(args) -> dict:
@@ -48,26 +84,82 @@ def run_demo(args) -> dict:
     t_start = time.perf_counter()
     py = [sys.executable, "-m"]
     if not (shards / "manifest.json").exists():
-        _run([*py, "shards", "build", "--demo", "digits", "--out", str(shards), "--shard-size", "128"], logs / "shards.log")
+        _run(
+            [*py, "shards", "build", "--demo", "digits", "--out", str(shards), "--shard-size", "128"],
+            logs / "shards.log",
+        )
     teacher_dir = out / "teacher"
     if not (teacher_dir / "model.safetensors").exists():
-        teacher = _run([*py, "student_trainer", "train", "--shards", str(shards), "--out", str(teacher_dir),
-                        "--model", "regnety_002", "--labels", "none", "--epochs", str(args.teacher_epochs),
-                        "--batch-size", "64", "--repeated-aug", "1", "--mixup", "0", "--cutmix", "0", "--lr", "0.12",
-                        "--warmup-epochs", "1", "--drop-path", "0", "--workers", "1", "--no-progress",
-                        "--eval-every", str(args.teacher_epochs)], logs / "teacher.log")
+        teacher = _run(
+            [
+                *py,
+                "student_trainer",
+                "train",
+                "--shards",
+                str(shards),
+                "--out",
+                str(teacher_dir),
+                "--model",
+                "regnety_002",
+                "--labels",
+                "none",
+                "--epochs",
+                str(args.teacher_epochs),
+                "--batch-size",
+                "64",
+                "--repeated-aug",
+                "1",
+                "--mixup",
+                "0",
+                "--cutmix",
+                "0",
+                "--lr",
+                "0.12",
+                "--warmup-epochs",
+                "1",
+                "--drop-path",
+                "0",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--eval-every",
+                str(args.teacher_epochs),
+            ],
+            logs / "teacher.log",
+        )
     else:
         teacher = json.loads((logs / "teacher.json").read_text())
     (logs / "teacher.json").write_text(json.dumps(teacher))
     checkpoint = str(teacher_dir / "model.safetensors")
-    pre = _run([*py, "teacher_service", "precompute", "--shards", str(shards), "--seeds", f"0:{args.student_epochs}",
-                "--store", store, "--checkpoint", checkpoint, "--workers", "1", "--quiet"], logs / "precompute.log")
+    pre = _run(
+        [
+            *py,
+            "teacher_service",
+            "precompute",
+            "--shards",
+            str(shards),
+            "--seeds",
+            f"0:{args.student_epochs}",
+            "--store",
+            store,
+            "--checkpoint",
+            checkpoint,
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+        logs / "precompute.log",
+    )
     runs: dict[str, list[dict]] = {"none": [], "store": [], "online": []}
     for seed in range(args.seeds):
         for mode in runs:
             extra = {"none": [], "store": ["--store", store], "online": ["--teacher-checkpoint", checkpoint]}[mode]
-            runs[mode].append(_run(student_cmd(args, out / f"student-{mode}-s{seed}", shards, mode, seed, extra),
-                                   logs / f"student-{mode}-s{seed}.log"))
+            runs[mode].append(
+                _run(
+                    student_cmd(args, out / f"student-{mode}-s{seed}", shards, mode, seed, extra),
+                    logs / f"student-{mode}-s{seed}.log",
+                )
+            )
     rows = []
     for mode, results in runs.items():
         row = {"labels": mode, "seeds": len(results)}
@@ -80,21 +172,30 @@ def run_demo(args) -> dict:
     table = render_table(rows, teacher)
     (out / "results.md").write_text(table)
     print(table, file=sys.stderr)
-    return {"out": str(out), "teacher_val_top1": round(teacher["val_top1_cls"], 2),
-            "labels_precomputed": pre["labels_computed"], "results": rows,
-            "minutes": round((time.perf_counter() - t_start) / 60, 2)}
+    return {
+        "out": str(out),
+        "teacher_val_top1": round(teacher["val_top1_cls"], 2),
+        "labels_precomputed": pre["labels_computed"],
+        "results": rows,
+        "minutes": round((time.perf_counter() - t_start) / 60, 2),
+    }
 
 
 def render_table(rows: list[dict], teacher: dict) -> str:
     def cell(r, k):
         return f"{r[k]:.2f}" + (f" ± {r[k + '_std']:.2f}" if k + "_std" in r else "")
 
-    lines = [f"Teacher regnety_002: val top-1 {teacher['val_top1_cls']:.2f}",
-             "", "| student labels | seeds | top-1 class head | top-1 dist head | top-1 fused | images/s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Teacher regnety_002: val top-1 {teacher['val_top1_cls']:.2f}",
+        "",
+        "| student labels | seeds | top-1 class head | top-1 dist head | top-1 fused | images/s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['labels']} | {r['seeds']} | {cell(r, 'val_top1_cls')} | {cell(r, 'val_top1_dist')} | "
-                     f"{cell(r, 'val_top1_fused')} | {cell(r, 'images_per_s')} |")
+        lines.append(
+            f"| {r['labels']} | {r['seeds']} | {cell(r, 'val_top1_cls')} | {cell(r, 'val_top1_dist')} | "
+            f"{cell(r, 'val_top1_fused')} | {cell(r, 'images_per_s')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -32,8 +32,10 @@ class MissingLabels(RuntimeError):
 def check_compatible(namespace_meta: dict, policy: AugmentPolicy, num_classes: int, where: str) -> None:
     """Labels are only usable for the exact augmentation the student sees."""
     if namespace_meta["policy_id"] != policy.policy_id:
-        raise ValueError(f"{where}: labels were computed under augmentation policy {namespace_meta['policy_id']}, "
-                         f"the trainer uses {policy.policy_id}; precompute with the same policy (see `shards inspect`)")
+        raise ValueError(
+            f"{where}: labels were computed under augmentation policy {namespace_meta['policy_id']}, "
+            f"the trainer uses {policy.policy_id}; precompute with the same policy (see `shards inspect`)"
+        )
     if int(namespace_meta["num_classes"]) != num_classes:
         raise ValueError(f"{where}: teacher has {namespace_meta['num_classes']} classes, data set has {num_classes}")
 
@@ -72,8 +74,13 @@ class ServiceSource:
 
     def meta(self) -> dict:
         info = self.client().info()
-        return {"id": info["namespace"], "policy_id": info["policy_id"], "num_classes": info["num_classes"],
-                "teacher_id": info["teacher_id"], "format": info["format"]}
+        return {
+            "id": info["namespace"],
+            "policy_id": info["policy_id"],
+            "num_classes": info["num_classes"],
+            "teacher_id": info["teacher_id"],
+            "format": info["format"],
+        }
 
     def fetch(self, keys, seeds) -> LabelBatch:
         batch, errors = self.client().label(keys, seeds)
@@ -110,14 +117,18 @@ class LabeledStream(IterableDataset):
         for batch in self.stream:
             keys, seeds = batch["key"], batch["seed"].tolist()
             labels = self.source.fetch(keys, seeds)
-            stats = {"labels_cached": int(labels.present.sum()), "labels_missing": int((~labels.present).sum()),
-                     "labels_from_service": 0}
+            stats = {
+                "labels_cached": int(labels.present.sum()),
+                "labels_missing": int((~labels.present).sum()),
+                "labels_from_service": 0,
+            }
             if not labels.present.all():
                 miss = np.flatnonzero(~labels.present)
                 if self.on_missing == "error":
                     raise MissingLabels(
                         f"{len(miss)} of {len(keys)} labels missing, e.g. ({keys[miss[0]]}, seed {seeds[miss[0]]}); "
-                        "precompute them (python -m teacher_service precompute --seeds A:B) or pass --on-missing")
+                        "precompute them (python -m teacher_service precompute --seeds A:B) or pass --on-missing"
+                    )
                 if self.on_missing == "service":
                     got = self.fallback.fetch([keys[i] for i in miss], [seeds[i] for i in miss])
                     labels.classes[miss] = got.classes[:, : labels.classes.shape[1]]

@@ -32,7 +32,9 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 class DistillationLoss(nn.Module):
-    def __init__(self, base_criterion: nn.Module, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0):
+    def __init__(
+        self, base_criterion: nn.Module, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0
+    ):
         super().__init__()
         if distillation_type not in DISTILLATION_TYPES:
             raise ValueError(f"distillation type must be one of {DISTILLATION_TYPES}")

@@ -156,8 +156,12 @@ def evaluate(model, loader, device, amp: str) -> dict:
             c_dist += (cls.argmax(1) == y).sum().item()
             c_fused += (cls.argmax(1) == y).sum().item()
     n, c_cls, c_dist, c_fused = all_sum([n, c_cls, c_dist, c_fused], device)
-    return {"val_top1_cls": 100 * c_cls / n, "val_top1_dist": 100 * c_dist / n, "val_top1_fused": 100 * c_fused / n,
-            "val_images": int(n)}
+    return {
+        "val_top1_cls": 100 * c_cls / n,
+        "val_top1_dist": 100 * c_dist / n,
+        "val_top1_fused": 100 * c_fused / n,
+        "val_images": int(n),
+    }
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -174,9 +178,15 @@ class MixupWithLambda:
     def __init__(self, cfg: TrainConfig, num_classes: int):
         from timm.data import Mixup
 
-        self.m = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                       switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
-                       num_classes=num_classes)
+        self.m = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode="batch",
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
 
     def __call__(self, x, y):
         from timm.data.mixup import mixup_target
@@ -226,29 +236,53 @@ def train(cfg: TrainConfig) -> dict:
     model.to(device)
 
     # data: every rank the same number of batches
-    train_stream = ShardStream(cfg.shards, "train", policy, cfg.batch_size, mode="train", rank=rank, world_size=world,
-                               repeats=cfg.repeated_aug, seed=cfg.seed)
+    train_stream = ShardStream(
+        cfg.shards,
+        "train",
+        policy,
+        cfg.batch_size,
+        mode="train",
+        rank=rank,
+        world_size=world,
+        repeats=cfg.repeated_aug,
+        seed=cfg.seed,
+    )
     dataset = train_stream
     namespace = None
     teacher = None
     if cfg.labels in ("store", "service"):
-        source = StoreSource(cfg.store, cfg.namespace) if cfg.labels == "store" else ServiceSource(cfg.service_url, cfg.service_token)
+        source = (
+            StoreSource(cfg.store, cfg.namespace)
+            if cfg.labels == "store"
+            else ServiceSource(cfg.service_url, cfg.service_token)
+        )
         meta = source.meta()
         check_compatible(meta, policy, num_classes, cfg.store or cfg.service_url)
         if dtype == "soft" and "p" not in meta["format"]:
-            raise ValueError(f"soft distillation from cached labels needs a topKp record format, store has {meta['format']}")
+            raise ValueError(
+                f"soft distillation from cached labels needs a topKp record format, store has {meta['format']}"
+            )
         namespace = meta["id"]
         fallback = ServiceSource(cfg.service_url, cfg.service_token) if cfg.service_url else None
         dataset = LabeledStream(train_stream, source, cfg.on_missing, fallback)
     if cfg.labels == "online" or cfg.on_missing == "online":
-        teacher = Teacher(TeacherConfig(model=cfg.teacher_model, checkpoint=cfg.teacher_checkpoint,
-                                        random_init=cfg.teacher_random_init, device=str(device), amp=amp,
-                                        num_classes=num_classes if cfg.teacher_random_init else None))
+        teacher = Teacher(
+            TeacherConfig(
+                model=cfg.teacher_model,
+                checkpoint=cfg.teacher_checkpoint,
+                random_init=cfg.teacher_random_init,
+                device=str(device),
+                amp=amp,
+                num_classes=num_classes if cfg.teacher_random_init else None,
+            )
+        )
     loader = make_loader(dataset, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     val_loader = None
     if cfg.eval_every and "val" in manifest.splits:
-        val_loader = make_loader(ShardStream(cfg.shards, "val", policy, cfg.batch_size, mode="eval", rank=rank,
-                                             world_size=world), num_workers=min(cfg.workers, 1))
+        val_loader = make_loader(
+            ShardStream(cfg.shards, "val", policy, cfg.batch_size, mode="eval", rank=rank, world_size=world),
+            num_workers=min(cfg.workers, 1),
+        )
     steps_per_epoch = len(train_stream)
 
     # optimization: DeiT recipe
@@ -260,12 +294,21 @@ def train(cfg: TrainConfig) -> dict:
     lr = cfg.lr * global_batch / 512
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr * global_batch / 512,
-                                  warmup_t=cfg.warmup_epochs * steps_per_epoch, warmup_lr_init=cfg.warmup_lr,
-                                  t_in_epochs=False)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=total_steps,
+        lr_min=cfg.min_lr * global_batch / 512,
+        warmup_t=cfg.warmup_epochs * steps_per_epoch,
+        warmup_lr_init=cfg.warmup_lr,
+        t_in_epochs=False,
+    )
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     mixup = MixupWithLambda(cfg, num_classes) if (cfg.mixup > 0 or cfg.cutmix > 0) else None
-    base = SoftTargetCrossEntropy() if mixup else (LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing else torch.nn.CrossEntropyLoss())
+    base = (
+        SoftTargetCrossEntropy()
+        if mixup
+        else (LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing else torch.nn.CrossEntropyLoss())
+    )
     criterion = DistillationLoss(base, dtype, cfg.distillation_alpha, cfg.distillation_tau)
 
     start_epoch, step = 0, 0
@@ -285,13 +328,28 @@ def train(cfg: TrainConfig) -> dict:
 
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     metrics_path = out / "metrics.jsonl"
-    summary: dict = {"model": cfg.model, "labels": cfg.labels, "distillation_type": dtype, "world_size": world,
-                     "global_batch": global_batch, "namespace": namespace, "policy_id": policy.policy_id,
-                     "seeds_needed": f"0:{seeds_for_run(cfg.epochs, cfg.repeated_aug).stop}"}
-    totals = {"labels_cached": 0, "labels_missing": 0, "labels_from_service": 0, "labels_online": 0, "skipped_samples": 0}
+    summary: dict = {
+        "model": cfg.model,
+        "labels": cfg.labels,
+        "distillation_type": dtype,
+        "world_size": world,
+        "global_batch": global_batch,
+        "namespace": namespace,
+        "policy_id": policy.policy_id,
+        "seeds_needed": f"0:{seeds_for_run(cfg.epochs, cfg.repeated_aug).stop}",
+    }
+    totals = {
+        "labels_cached": 0,
+        "labels_missing": 0,
+        "labels_from_service": 0,
+        "labels_online": 0,
+        "skipped_samples": 0,
+    }
     train_images = train_seconds = 0.0
     run_images, steady_start = 0, None  # steady-state throughput: from the end of the first step
     done = False
@@ -302,8 +360,14 @@ def train(cfg: TrainConfig) -> dict:
         ddp.train()
         t0 = time.perf_counter()
         images, loss_sum, n_steps = 0, 0.0, 0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not (main_rank and cfg.progress),
-                   unit="batch", leave=False)
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}",
+            disable=not (main_rank and cfg.progress),
+            unit="batch",
+            leave=False,
+        )
         for batch in bar:
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
@@ -312,8 +376,11 @@ def train(cfg: TrainConfig) -> dict:
             if "t_classes" in batch:
                 for k, v in batch["label_stats"].items():
                     totals[k] += v
-                cached = (batch["t_classes"].to(device), None if batch["t_probs"] is None else batch["t_probs"].to(device),
-                          batch["t_present"].to(device))
+                cached = (
+                    batch["t_classes"].to(device),
+                    None if batch["t_probs"] is None else batch["t_probs"].to(device),
+                    batch["t_present"].to(device),
+                )
             lam = 1.0
             if mixup is not None:
                 x, y, lam = mixup(x, y)
@@ -329,7 +396,9 @@ def train(cfg: TrainConfig) -> dict:
                 if cfg.on_missing == "online" and not present.all():
                     miss = (~present).nonzero().flatten()
                     logits = teacher.logits(x[miss])  # the teacher sees the mixed image
-                    tdist[miss] = F.softmax(logits, 1) if dtype == "soft" else F.one_hot(logits.argmax(1), num_classes).float()
+                    tdist[miss] = (
+                        F.softmax(logits, 1) if dtype == "soft" else F.one_hot(logits.argmax(1), num_classes).float()
+                    )
                     totals["labels_online"] += len(miss)
                     weight = torch.ones_like(weight)
                 if mixup is not None:  # same lambda and pairing as the images
@@ -338,7 +407,9 @@ def train(cfg: TrainConfig) -> dict:
                 targets = TeacherTargets(dist=tdist, weight=None if bool(weight.all()) else weight)
             with autocast(device, amp):
                 outputs = ddp(x)
-            loss = criterion(tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float(), y, targets)
+            loss = criterion(
+                tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float(), y, targets
+            )
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -375,8 +446,14 @@ def train(cfg: TrainConfig) -> dict:
         g_images, g_loss, g_steps = all_sum([images, loss_sum, n_steps], device)
         train_images += g_images
         train_seconds += dt
-        record = {"epoch": epoch, "step": step, "train_loss": g_loss / max(g_steps, 1),
-                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": g_images / dt, "epoch_seconds": dt}
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": g_loss / max(g_steps, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": g_images / dt,
+            "epoch_seconds": dt,
+        }
         if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or done):
             last_eval = evaluate(ddp, val_loader, device, amp)
             record.update(last_eval)
@@ -386,13 +463,24 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.progress:
                 tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
             if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
-                save_checkpoint(out / "last.pt", {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "epoch": epoch, "step": step, "config": asdict(cfg),
-                    "model_meta": {"model": cfg.model, "model_kwargs": model_kwargs, "num_classes": num_classes,
-                                   "classes": manifest.classes},
-                })
+                save_checkpoint(
+                    out / "last.pt",
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else None,
+                        "epoch": epoch,
+                        "step": step,
+                        "config": asdict(cfg),
+                        "model_meta": {
+                            "model": cfg.model,
+                            "model_kwargs": model_kwargs,
+                            "num_classes": num_classes,
+                            "classes": manifest.classes,
+                        },
+                    },
+                )
         if dist.is_initialized():
             dist.barrier()
         if done:
@@ -402,17 +490,22 @@ def train(cfg: TrainConfig) -> dict:
         torch.cuda.synchronize()
     steady = None
     if steady_start is not None:
-        n_steady, = all_sum([run_images - steady_start[1]], device)
+        (n_steady,) = all_sum([run_images - steady_start[1]], device)
         steady = n_steady / (time.perf_counter() - steady_start[0]) if n_steady else None
     totals_g = dict(zip(totals, all_sum(list(totals.values()), device)))
     if main_rank and cfg.export:
         save_model(model, out / "model.safetensors", cfg.model, model_kwargs, manifest.classes)
-    summary.update({"epochs_done": (epoch + 1) if cfg.epochs > start_epoch else start_epoch, "steps": step,
-                    "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
-                    "steady_images_per_s": round(steady, 2) if steady else None,
-                    **{k: int(v) for k, v in totals_g.items()}, **{k: round(v, 3) if isinstance(v, float) else v
-                                                                   for k, v in last_eval.items()},
-                    "out": str(out)})
+    summary.update(
+        {
+            "epochs_done": (epoch + 1) if cfg.epochs > start_epoch else start_epoch,
+            "steps": step,
+            "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
+            "steady_images_per_s": round(steady, 2) if steady else None,
+            **{k: int(v) for k, v in totals_g.items()},
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in last_eval.items()},
+            "out": str(out),
+        }
+    )
     if dist.is_initialized():
         # DDP's reducer holds Gloo/NCCL work: release it and let every rank arrive before the
         # group goes, or a rank can abort at interpreter exit ("terminate called without an

@@ -31,7 +31,9 @@ def add_labels_parser(sub) -> None:
     st.add_argument("--namespace", help="namespace id (prefix) to report; default all")
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     st.set_defaults(fn=cmd_labels_stats)
-    cp = lsub.add_parser("copy", help="merge one namespace's labels from SRC into DST (e.g. file store -> cluster Redis)")
+    cp = lsub.add_parser(
+        "copy", help="merge one namespace's labels from SRC into DST (e.g. file store -> cluster Redis)"
+    )
     cp.add_argument("src")
     cp.add_argument("dst")
     cp.add_argument("--namespace", help="namespace id (prefix); required when SRC holds several")
@@ -40,7 +42,9 @@ def add_labels_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m teacher_service", description="Teacher labels: precompute, serve, store admin.")
+    p = argparse.ArgumentParser(
+        prog="python -m teacher_service", description="Teacher labels: precompute, serve, store admin."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     from .app.cli import add_parser as add_serve
     from .precompute import add_parser as add_precompute

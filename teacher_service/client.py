@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import httpx
 import numpy as np
@@ -25,8 +25,15 @@ class ServiceError(RuntimeError):
 
 
 class TeacherClient:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0, retries: int = 5,
-                 backoff: float = 0.2, max_backoff: float = 5.0):
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries = retries
@@ -105,8 +112,12 @@ class TeacherClient:
         return self._batch(self._json(r, ok=(200, 404)))
 
     def label_image(self, data: bytes, seeds: Sequence[int], filename: str = "image") -> tuple[str, LabelBatch]:
-        r = self._request("POST", "/v1/labels/upload", files={"image": (filename, data)},
-                          data={"seeds": ",".join(str(int(s)) for s in seeds)})
+        r = self._request(
+            "POST",
+            "/v1/labels/upload",
+            files={"image": (filename, data)},
+            data={"seeds": ",".join(str(int(s)) for s in seeds)},
+        )
         body = self._json(r)
         return body["key"], self._batch(body)[0]
 

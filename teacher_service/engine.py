@@ -38,8 +38,8 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -157,8 +157,16 @@ class _Batch:
 class LabelEngine:
     """Owns the teacher, the augmentation workers and the batch buffers; see the module docstring."""
 
-    def __init__(self, teacher: Teacher, policy: AugmentPolicy, fmt: RecordFormat, config: EngineConfig,
-                 store_url: str | None = None, namespace: Namespace | None = None, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        teacher: Teacher,
+        policy: AugmentPolicy,
+        fmt: RecordFormat,
+        config: EngineConfig,
+        store_url: str | None = None,
+        namespace: Namespace | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.teacher = teacher
         self.policy = policy
         self.fmt = fmt
@@ -192,7 +200,7 @@ class LabelEngine:
         self._depth_gauge = self.metrics.queue_size.labels(self.device)
 
     # -- life cycle ------------------------------------------------------------------------
-    def start(self, timeout: float = 300.0) -> "LabelEngine":
+    def start(self, timeout: float = 300.0) -> LabelEngine:
         """Start the workers and wait until each has built its transform, then the threads."""
         if self.teacher.device.type == "cuda":
             self._pin_buffers()
@@ -201,8 +209,12 @@ class LabelEngine:
             torch.set_num_threads(self.config.teacher_threads or max(1, (os.cpu_count() or 1) - self.config.workers))
         policy_json = self.policy.to_json()
         for i in range(self.config.workers):
-            p = self._ctx.Process(target=_worker_main, name=f"augment-{i}", daemon=True,
-                                  args=(self._buffers, policy_json, self._tasks, self._done))
+            p = self._ctx.Process(
+                target=_worker_main,
+                name=f"augment-{i}",
+                daemon=True,
+                args=(self._buffers, policy_json, self._tasks, self._done),
+            )
             p.start()
             self._workers.append(p)
         deadline = time.time() + timeout
@@ -210,13 +222,23 @@ class LabelEngine:
             msg = self._get_done(deadline)
             if msg[0] != "ready":
                 raise EngineError(f"augmentation worker failed to start: {msg}")
-        for name, target in (("scheduler", self._schedule), ("collector", self._collect),
-                             ("inference", self._infer), ("writer", self._write), ("monitor", self._monitor)):
+        for name, target in (
+            ("scheduler", self._schedule),
+            ("collector", self._collect),
+            ("inference", self._infer),
+            ("writer", self._write),
+            ("monitor", self._monitor),
+        ):
             t = threading.Thread(target=target, name=f"engine-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("label engine on %s: %d augmentation workers, batches of %d, %d buffers", self.device,
-                 self.config.workers, self.config.max_batch_size, self.config.buffers)
+        log.info(
+            "label engine on %s: %d augmentation workers, batches of %d, %d buffers",
+            self.device,
+            self.config.workers,
+            self.config.max_batch_size,
+            self.config.buffers,
+        )
         return self
 
     def _get_done(self, deadline: float):
@@ -229,8 +251,10 @@ class LabelEngine:
                 dead = [p for p in self._workers if p.exitcode is not None]
                 if dead or time.time() > deadline:
                     self.close(drain=False)
-                    raise EngineError(f"augmentation worker {dead[0].name if dead else ''} did not start "
-                                      f"(exit code {dead[0].exitcode if dead else 'timeout'})")
+                    raise EngineError(
+                        f"augmentation worker {dead[0].name if dead else ''} did not start "
+                        f"(exit code {dead[0].exitcode if dead else 'timeout'})"
+                    ) from None
 
     def _pin_buffers(self) -> None:
         """Page-lock the shared buffers in place (cudaHostRegister), so copies to the device are
@@ -303,8 +327,9 @@ class LabelEngine:
                     break
                 if not block:
                     self.metrics.queue_rejected.labels(self.device).inc(n)
-                    raise QueueFull(f"queue holds {self._depth} of {self.config.max_queue_size} items",
-                                    self.retry_after())
+                    raise QueueFull(
+                        f"queue holds {self._depth} of {self.config.max_queue_size} items", self.retry_after()
+                    )
                 self._cond.wait()
             self._depth += n
             self._depth_gauge.set(self._depth)
@@ -336,8 +361,11 @@ class LabelEngine:
                 self._owner[b.bid] = b
             if b is not None and self._pending and b.n < self.config.max_batch_size:
                 return self._assign(b)
-            if b is not None and b.n and (b.n == self.config.max_batch_size or
-                                          (time.perf_counter() >= b.deadline and not self._sealed)):
+            if (
+                b is not None
+                and b.n
+                and (b.n == self.config.max_batch_size or (time.perf_counter() >= b.deadline and not self._sealed))
+            ):
                 b.sealed = True
                 self._open = None
                 self._sealed.append(b)
@@ -358,7 +386,7 @@ class LabelEngine:
             if len(take) == len(seg.seeds):
                 self._pending.popleft()
             else:
-                self._pending[0] = _Segment(seg.req, seg.job, seg.first + len(take), seg.seeds[len(take):])
+                self._pending[0] = _Segment(seg.req, seg.job, seg.first + len(take), seg.seeds[len(take) :])
             if not b.slots:
                 b.deadline = seg.req.accepted + self.config.max_queue_delay_ms / 1000.0
             pairs = []
@@ -481,8 +509,12 @@ class LabelEngine:
         stored = True
         if store is not None and ok:
             try:
-                store.put([b.keys[i] for i in ok], [b.seeds[i] for i in ok], classes[ok],
-                          probs[ok] if self.fmt.probs else None)
+                store.put(
+                    [b.keys[i] for i in ok],
+                    [b.seeds[i] for i in ok],
+                    classes[ok],
+                    probs[ok] if self.fmt.probs else None,
+                )
             except Exception as e:  # answered anyway, flagged: the caller decides what it means
                 stored = False
                 log.warning("labels computed but not stored: %s", e)

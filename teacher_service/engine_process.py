@@ -65,19 +65,27 @@ def engine_devices(devices: str) -> list[str]:
 
 def _info(engine: LabelEngine, classes: list[str]) -> dict:
     t = engine.teacher
-    return {"model": t.model_name, "teacher_id": t.teacher_id, "num_classes": t.num_classes, "classes": classes,
-            "namespace": engine.namespace.meta(), "device": engine.device,
-            "max_batch_size": engine.config.max_batch_size, "max_queue_size": engine.config.max_queue_size}
+    return {
+        "model": t.model_name,
+        "teacher_id": t.teacher_id,
+        "num_classes": t.num_classes,
+        "classes": classes,
+        "namespace": engine.namespace.meta(),
+        "device": engine.device,
+        "max_batch_size": engine.config.max_batch_size,
+        "max_queue_size": engine.config.max_queue_size,
+    }
 
 
 def _engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connection) -> None:
     """An engine process: teacher + LabelEngine + a Unix-socket server; exits when its engine fails,
     on SIGTERM (after draining briefly) or when its parent is gone."""
+    from shards import AugmentPolicy
+
     from .engine import exit_with_parent
     from .namespace import RecordFormat
     from .store import open_store
     from .teacher import Teacher, TeacherConfig
-    from shards import AugmentPolicy
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s engine[{spec.device}] %(message)s")
     exit_with_parent()
@@ -304,7 +312,7 @@ class EngineRouter:
             e.close()
 
     @classmethod
-    def connect(cls, addresses: list[str], authkey: bytes) -> "EngineRouter":
+    def connect(cls, addresses: list[str], authkey: bytes) -> EngineRouter:
         return cls([RemoteEngine(a, authkey) for a in addresses])
 
 
@@ -319,7 +327,7 @@ class EnginePool:
     authkey: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _dir: str | None = None
 
-    def start(self, timeout: float = 600.0) -> "EnginePool":
+    def start(self, timeout: float = 600.0) -> EnginePool:
         self._dir = tempfile.mkdtemp(prefix="distill-engines-")  # private (0700): sockets and metrics
         os.makedirs(os.path.join(self._dir, "metrics"))
         enable_multiprocess(os.path.join(self._dir, "metrics"))
@@ -328,8 +336,12 @@ class EnginePool:
         for i, device in enumerate(self.devices):
             address = os.path.join(self._dir, f"engine-{i}.sock")
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_engine_main, name=f"engine-{device}", daemon=False,
-                            args=(replace(self.spec, device=device), address, self.authkey, child))
+            p = ctx.Process(
+                target=_engine_main,
+                name=f"engine-{device}",
+                daemon=False,
+                args=(replace(self.spec, device=device), address, self.authkey, child),
+            )
             p.start()
             child.close()
             self.processes.append(p)

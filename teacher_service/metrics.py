@@ -24,25 +24,52 @@ class Metrics:
         # HTTP side
         self.request_success = Counter("distill_request_success", "Successful requests", ["endpoint"], registry=r)
         self.request_failure = Counter("distill_request_failure", "Failed requests", ["endpoint", "code"], registry=r)
-        self.request_duration = Histogram("distill_request_duration_seconds", "Request latency", ["endpoint"],
-                                          buckets=_LATENCY, registry=r)
+        self.request_duration = Histogram(
+            "distill_request_duration_seconds", "Request latency", ["endpoint"], buckets=_LATENCY, registry=r
+        )
         self.cache_hits = Counter("distill_cache_hits", "Labels served from the store", registry=r)
         self.cache_misses = Counter("distill_cache_misses", "Labels computed by the teacher", registry=r)
         # label engine, per device
         dev = ["device"]
-        self.queue_size = Gauge("distill_queue_size", "Items accepted by the engine and not yet answered", dev,
-                                registry=r, multiprocess_mode="livesum")
+        self.queue_size = Gauge(
+            "distill_queue_size",
+            "Items accepted by the engine and not yet answered",
+            dev,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.queue_rejected = Counter("distill_queue_rejected", "Items rejected with 503 (queue full)", dev, registry=r)
-        self.queue_duration = Histogram("distill_queue_duration_seconds", "Time from a request's acceptance to its "
-                                        "batch entering the teacher", dev, buckets=_LATENCY, registry=r)
-        self.augment_duration = Histogram("distill_augment_duration_seconds", "Time from a batch's first slot to "
-                                          "its last crop written", dev, buckets=_LATENCY, registry=r)
-        self.compute_infer_duration = Histogram("distill_compute_infer_duration_seconds", "Teacher forward per batch",
-                                                dev, buckets=_LATENCY, registry=r)
-        self.batch_size = Histogram("distill_batch_size", "Items per teacher batch", dev,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
-        self.batch_fill = Histogram("distill_batch_fill", "Batch size / max batch size", dev,
-                                    buckets=(0.125, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
+        self.queue_duration = Histogram(
+            "distill_queue_duration_seconds",
+            "Time from a request's acceptance to its batch entering the teacher",
+            dev,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.augment_duration = Histogram(
+            "distill_augment_duration_seconds",
+            "Time from a batch's first slot to its last crop written",
+            dev,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.compute_infer_duration = Histogram(
+            "distill_compute_infer_duration_seconds", "Teacher forward per batch", dev, buckets=_LATENCY, registry=r
+        )
+        self.batch_size = Histogram(
+            "distill_batch_size",
+            "Items per teacher batch",
+            dev,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.batch_fill = Histogram(
+            "distill_batch_fill",
+            "Batch size / max batch size",
+            dev,
+            buckets=(0.125, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=r,
+        )
         self.inference_count = Counter("distill_inference_count", "Items run through the teacher", dev, registry=r)
 
     def render(self) -> bytes:

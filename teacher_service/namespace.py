@@ -40,7 +40,7 @@ class RecordFormat:
         return 2 * self.topk + (2 * self.topk if self.probs else 0)
 
     @classmethod
-    def parse(cls, name: str) -> "RecordFormat":
+    def parse(cls, name: str) -> RecordFormat:
         """'top1' (hard labels, the default), 'top5p' (top-5 classes with probabilities), ..."""
         if not name.startswith("top"):
             raise ValueError(f"record format must look like top1 or top5p, got {name!r}")
@@ -76,7 +76,7 @@ class Namespace:
         }
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "Namespace":
+    def from_meta(cls, meta: dict) -> Namespace:
         ns = cls(
             teacher_id=meta["teacher_id"],
             policy_id=meta["policy_id"],
@@ -93,8 +93,10 @@ class Namespace:
         diff = {k: (stored.get(k), v) for k, v in mine.items() if stored.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: stored {a!r} != requested {b!r}" for k, (a, b) in diff.items())
-            raise NamespaceMismatch(f"namespace {self.id} exists with different metadata ({detail}); "
-                                    "refusing to mix labels. Use another store or namespace.")
+            raise NamespaceMismatch(
+                f"namespace {self.id} exists with different metadata ({detail}); "
+                "refusing to mix labels. Use another store or namespace."
+            )
 
 
 def classes_digest(classes: list[str]) -> str:

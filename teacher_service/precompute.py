@@ -58,8 +58,9 @@ class _Tally:
                 self.error = self.error or outcome
                 return
             if not outcome.stored:
-                self.error = self.error or StoreError("labels could not be stored (see the warning above); "
-                                                      "run the same command again to resume")
+                self.error = self.error or StoreError(
+                    "labels could not be stored (see the warning above); run the same command again to resume"
+                )
             bad = sum(e is not None for e in outcome.errors)
             for e in outcome.errors:
                 if e is not None:
@@ -102,12 +103,21 @@ def precompute(
     seed_list = list(seeds)
     # Room for two groups of images: the feeder looks up and submits the next group while the
     # engine works through the last one, so neither the workers nor the teacher wait for it.
-    config = EngineConfig(max_batch_size=batch_size, max_queue_delay_ms=50.0,
-                          max_queue_size=max(4 * batch_size, 2 * GROUP * len(seed_list)), workers=workers)
+    config = EngineConfig(
+        max_batch_size=batch_size,
+        max_queue_delay_ms=50.0,
+        max_queue_size=max(4 * batch_size, 2 * GROUP * len(seed_list)),
+        workers=workers,
+    )
     totals = {"images": 0, "present": 0, "skipped": 0}
     t0 = time.perf_counter()
-    with tqdm(total=images * len(seed_list), desc=f"precompute node {node_rank}/{num_nodes}", unit="label",
-              disable=not progress, smoothing=0.05) as bar:
+    with tqdm(
+        total=images * len(seed_list),
+        desc=f"precompute node {node_rank}/{num_nodes}",
+        unit="label",
+        disable=not progress,
+        smoothing=0.05,
+    ) as bar:
         tally = _Tally(bar)
         with LabelEngine(teacher, policy, fmt, config, store_url=store_url, namespace=ns) as engine:
 
@@ -117,8 +127,11 @@ def precompute(
                 present = int(have.sum())
                 totals["present"] += present
                 bar.update(present)
-                jobs = [Job(member, key, tuple(s for s, h in zip(seed_list, row) if not h))
-                        for (key, member), row in zip(group, have) if not row.all()]
+                jobs = [
+                    Job(member, key, tuple(s for s, h in zip(seed_list, row) if not h))
+                    for (key, member), row in zip(group, have)
+                    if not row.all()
+                ]
                 if jobs:
                     engine.submit(jobs, tally, block=True)
                 tally.check()
@@ -146,11 +159,22 @@ def precompute(
     steady = (tally.computed - first[1]) / (tally.last - first[0]) if first and tally.computed > first[1] else None
     store.close()
     return {
-        "store": store_url, "namespace": ns.id, "teacher": teacher.teacher_id, "policy_id": policy.policy_id,
-        "format": fmt.name, "split": split, "seeds": f"{seeds.start}:{seeds.stop}", "node_rank": node_rank,
-        "num_nodes": num_nodes, "shards": len(mine), "images": totals["images"], "labels_present": totals["present"],
-        "labels_computed": tally.computed, "labels_skipped": totals["skipped"] + tally.skipped,
-        "seconds": round(dt, 3), "labels_per_s": round(tally.computed / dt, 1) if dt else None,
+        "store": store_url,
+        "namespace": ns.id,
+        "teacher": teacher.teacher_id,
+        "policy_id": policy.policy_id,
+        "format": fmt.name,
+        "split": split,
+        "seeds": f"{seeds.start}:{seeds.stop}",
+        "node_rank": node_rank,
+        "num_nodes": num_nodes,
+        "shards": len(mine),
+        "images": totals["images"],
+        "labels_present": totals["present"],
+        "labels_computed": tally.computed,
+        "labels_skipped": totals["skipped"] + tally.skipped,
+        "seconds": round(dt, 3),
+        "labels_per_s": round(tally.computed / dt, 1) if dt else None,
         "steady_labels_per_s": round(steady, 1) if steady else None,
     }
 
@@ -158,9 +182,17 @@ def precompute(
 def cmd_precompute(args) -> int:
     teacher = Teacher(teacher_config_from_args(args))
     summary = precompute(
-        args.shards, parse_seeds(args.seeds), args.store, teacher, split=args.split,
-        fmt=RecordFormat.parse(args.format), policy_overrides=json.loads(args.policy) if args.policy else None,
-        batch_size=args.batch_size, workers=args.workers, node_rank=args.node_rank, num_nodes=args.num_nodes,
+        args.shards,
+        parse_seeds(args.seeds),
+        args.store,
+        teacher,
+        split=args.split,
+        fmt=RecordFormat.parse(args.format),
+        policy_overrides=json.loads(args.policy) if args.policy else None,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        node_rank=args.node_rank,
+        num_nodes=args.num_nodes,
         progress=not args.quiet,
     )
     print(json.dumps(summary))
@@ -173,7 +205,9 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--seeds", required=True, help="seed range A:B (a run of E epochs x R repeats needs 0:E*R)")
     p.add_argument("--store", default="runs/labels.db", help="store URL (default: embedded file runs/labels.db)")
-    p.add_argument("--format", default="top1", help="record format: top1 (hard labels) or topKp, e.g. top5p (default top1)")
+    p.add_argument(
+        "--format", default="top1", help="record format: top1 (hard labels) or topKp, e.g. top5p (default top1)"
+    )
     p.add_argument("--policy", help="JSON of augmentation policy overrides (must match the trainer's)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="decode/augment worker processes")

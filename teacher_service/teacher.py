@@ -40,7 +40,9 @@ class TeacherConfig:
     def __post_init__(self):
         sources = sum([bool(self.checkpoint), self.pretrained, self.random_init])
         if sources != 1:
-            raise ValueError("choose exactly one teacher weight source: --checkpoint PATH, --pretrained or --random-init")
+            raise ValueError(
+                "choose exactly one teacher weight source: --checkpoint PATH, --pretrained or --random-init"
+            )
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -115,8 +117,10 @@ class Teacher:
         if state is not None:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise ValueError(f"checkpoint {cfg.checkpoint} does not fit {self.model_name}: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ValueError(
+                    f"checkpoint {cfg.checkpoint} does not fit {self.model_name}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         self.model.eval()
         self.num_classes = self.model.num_classes
         if self.classes is None:
@@ -146,7 +150,7 @@ class Teacher:
             return self.model(x).float()
 
     @torch.inference_mode()
-    def launch(self, x: torch.Tensor, topk: int = 1) -> "PendingPrediction":
+    def launch(self, x: torch.Tensor, topk: int = 1) -> PendingPrediction:
         """Start labeling a batch without waiting for it; `.result()` waits.
 
         On CUDA the host->device copy runs on a side stream (from page-locked memory it overlaps
@@ -183,7 +187,7 @@ class Teacher:
 class PendingPrediction:
     classes: torch.Tensor
     probs: torch.Tensor
-    done: "torch.cuda.Event | None"
+    done: torch.cuda.Event | None
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.done is not None:
@@ -194,31 +198,60 @@ class PendingPrediction:
 def add_teacher_args(p, prefix: str = "") -> None:
     """Teacher flags shared by precompute, serve and the trainer's online baseline."""
     g = p.add_argument_group("teacher")
-    g.add_argument(f"--{prefix}model", dest=f"{prefix.replace('-', '_')}model", default=None,
-                   help=f"timm model name (default: from the checkpoint's metadata, else {DEFAULT_TEACHER})")
+    g.add_argument(
+        f"--{prefix}model",
+        dest=f"{prefix.replace('-', '_')}model",
+        default=None,
+        help=f"timm model name (default: from the checkpoint's metadata, else {DEFAULT_TEACHER})",
+    )
     w = g.add_mutually_exclusive_group()
-    w.add_argument(f"--{prefix}checkpoint", dest=f"{prefix.replace('-', '_')}checkpoint",
-                   help="weights: .safetensors or a torch state dict (loaded with weights_only=True)")
-    w.add_argument(f"--{prefix}pretrained", dest=f"{prefix.replace('-', '_')}pretrained", action="store_true",
-                   help="timm hub weights (needs internet)")
-    w.add_argument(f"--{prefix}random-init", dest=f"{prefix.replace('-', '_')}random_init", action="store_true",
-                   help="random weights, for speed benchmarks only (recorded in the namespace)")
-    g.add_argument(f"--{prefix}num-classes", dest=f"{prefix.replace('-', '_')}num_classes", type=int, default=None,
-                   help="classifier size for --pretrained/--random-init (default: the model's or checkpoint's)")
+    w.add_argument(
+        f"--{prefix}checkpoint",
+        dest=f"{prefix.replace('-', '_')}checkpoint",
+        help="weights: .safetensors or a torch state dict (loaded with weights_only=True)",
+    )
+    w.add_argument(
+        f"--{prefix}pretrained",
+        dest=f"{prefix.replace('-', '_')}pretrained",
+        action="store_true",
+        help="timm hub weights (needs internet)",
+    )
+    w.add_argument(
+        f"--{prefix}random-init",
+        dest=f"{prefix.replace('-', '_')}random_init",
+        action="store_true",
+        help="random weights, for speed benchmarks only (recorded in the namespace)",
+    )
+    g.add_argument(
+        f"--{prefix}num-classes",
+        dest=f"{prefix.replace('-', '_')}num_classes",
+        type=int,
+        default=None,
+        help="classifier size for --pretrained/--random-init (default: the model's or checkpoint's)",
+    )
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast on CUDA (default bf16)")
+    g.add_argument(
+        "--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast on CUDA (default bf16)"
+    )
 
 
 def teacher_config_from_args(args, prefix: str = "", **extra) -> TeacherConfig:
     a = prefix.replace("-", "_")
     return TeacherConfig(
-        model=getattr(args, f"{a}model"), checkpoint=getattr(args, f"{a}checkpoint"),
-        pretrained=getattr(args, f"{a}pretrained"), random_init=getattr(args, f"{a}random_init"),
-        num_classes=getattr(args, f"{a}num_classes"), device=args.device, amp=args.amp, **extra,
+        model=getattr(args, f"{a}model"),
+        checkpoint=getattr(args, f"{a}checkpoint"),
+        pretrained=getattr(args, f"{a}pretrained"),
+        random_init=getattr(args, f"{a}random_init"),
+        num_classes=getattr(args, f"{a}num_classes"),
+        device=args.device,
+        amp=args.amp,
+        **extra,
     )
 
 
-def save_model(model: torch.nn.Module, path: str | Path, model_name: str, model_kwargs: dict, classes: list[str]) -> Path:
+def save_model(
+    model: torch.nn.Module, path: str | Path, model_name: str, model_kwargs: dict, classes: list[str]
+) -> Path:
     """Weights as safetensors with what a Teacher needs to rebuild the model in its metadata."""
     import os
 

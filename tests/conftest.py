@@ -64,7 +64,8 @@ class RedisServer:
         aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof, "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         import redis
 
@@ -122,8 +123,8 @@ def store_url(request, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
     """A small RegNetY trained for a few seconds on the demo digits (real data, real labels)."""
-    import torch
     import timm
+    import torch
 
     from shards import Manifest, ShardStream
     from teacher_service.teacher import save_model

@@ -8,17 +8,19 @@ import subprocess
 from pathlib import Path
 
 import yaml
-
 from conftest import PY, ROOT, RedisServer, free_port, last_json, require_redis_server
+
 from teacher_service.app.config import Settings
 from teacher_service.client import TeacherClient
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+
+
 def python_argv(cmd: list[str]) -> tuple[str, list[str]]:
     """('module', args) of `python -m module args` or `torchrun ... -m module args`."""
     i = cmd.index("-m")
-    return cmd[i + 1], cmd[i + 2:]
+    return cmd[i + 1], cmd[i + 2 :]
 
 
 def check_args(module: str, args: list[str]) -> None:
@@ -45,7 +47,7 @@ def test_compose_file_is_consistent():
         check_args(module, args)
         for var in svc.get("environment", {}):
             if var.startswith("DISTILL_"):
-                assert var[len("DISTILL_"):].lower() in Settings.model_fields, var
+                assert var[len("DISTILL_") :].lower() in Settings.model_fields, var
     # the label engine's shared batch buffers (4 per engine, float32 crops) fit in the container's /dev/shm
     teacher = SERVICES["teacher"]
     batch = int(teacher["environment"].get("DISTILL_MAX_BATCH_SIZE", Settings.model_fields["max_batch_size"].default))
@@ -95,8 +97,9 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
         assert (data / "teacher" / "model.safetensors").exists() and t["epochs_done"] == 2
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for k, v in SERVICES["teacher"]["environment"].items():
-            env[k] = str(v).replace("${TEACHER_CHECKPOINT:-/data/teacher/model.safetensors}",
-                                    "/data/teacher/model.safetensors")
+            env[k] = str(v).replace(
+                "${TEACHER_CHECKPOINT:-/data/teacher/model.safetensors}", "/data/teacher/model.safetensors"
+            )
             env[k] = env[k].replace("redis://redis:6379/0", redis.url).replace("/data", str(data))
         serve = localize(SERVICES["teacher"]["command"], data, redis.url, teacher_url)
         serve[serve.index("0.0.0.0")] = "127.0.0.1"
@@ -107,8 +110,21 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
         pre = run_job("precompute", data, redis.url, teacher_url, "--seeds", "0:1", "--quiet")
         assert pre["labels_computed"] == 1437 and pre["namespace"] == client.info()["namespace"]
         # epoch 0 from redis; epoch 1's labels are not precomputed: the service computes them on miss
-        s = run_job("train", data, redis.url, teacher_url, "--epochs", "2", "--max-steps", "30", "--eval-every", "0",
-                    "--no-progress", "--model-kwargs", json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 1}))
+        s = run_job(
+            "train",
+            data,
+            redis.url,
+            teacher_url,
+            "--epochs",
+            "2",
+            "--max-steps",
+            "30",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--model-kwargs",
+            json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 1}),
+        )
         assert s["world_size"] == 2 and s["steps"] == 30
         # 23 steps per epoch (ceil(ceil(1437 / 2) / 32)); steps 24..30 are epoch 1: 7 steps x 2 ranks x 32
         assert s["labels_cached"] == 1437

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import PY, free_port
+
 from shards import Manifest, augment, decode_image
 from shards.members import scan_shard
 from teacher_service.app.images import ShardIndex
@@ -121,8 +121,9 @@ def test_label_service_in_process(teacher, demo_shards, tmp_path):
         return first, again
 
     with engine, open_store(store, ns) as st:
-        svc = LabelService(st, LocalEngine(engine, Manifest.load(demo_shards).classes), index, ns, RecordFormat(),
-                           Metrics())
+        svc = LabelService(
+            st, LocalEngine(engine, Manifest.load(demo_shards).classes), index, ns, RecordFormat(), Metrics()
+        )
         first, again = asyncio.run(scenario(svc))
     assert first.computed == 6 and first.cached == 0 and None not in first.labels[:6]
     assert first.errors[6] == "unknown key 'no/such/key'" and first.labels[6] is None
@@ -151,9 +152,30 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
     before = set(glob.glob(pattern))
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([PY, "-m", "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", demo_shards,
-                             "--store", tmp_path / "labels.db", "--port", str(port), "--devices", "cpu,cpu",
-                             "--http-workers", "2", "--augment-workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "teacher_service",
+            "serve",
+            "--checkpoint",
+            tiny_teacher,
+            "--shards",
+            demo_shards,
+            "--store",
+            tmp_path / "labels.db",
+            "--port",
+            str(port),
+            "--devices",
+            "cpu,cpu",
+            "--http-workers",
+            "2",
+            "--augment-workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         c = TeacherClient(f"http://127.0.0.1:{port}")
         c.wait_ready(180)
@@ -189,9 +211,26 @@ def _state(pid: int) -> str:
 def test_serve_exits_1_when_its_engine_dies(demo_shards, tiny_teacher, tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([PY, "-m", "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", demo_shards,
-                             "--store", tmp_path / "labels.db", "--port", str(port), "--augment-workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "teacher_service",
+            "serve",
+            "--checkpoint",
+            tiny_teacher,
+            "--shards",
+            demo_shards,
+            "--store",
+            tmp_path / "labels.db",
+            "--port",
+            str(port),
+            "--augment-workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         TeacherClient(f"http://127.0.0.1:{port}").wait_ready(180)
         family = _descendants(proc.pid)

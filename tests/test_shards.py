@@ -6,8 +6,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-
 from conftest import PY, last_json, run_cli
+
 from shards import AugmentPolicy, Manifest, ShardStream, augment, decode_image, iter_shard
 from shards.stream import SkipCounter, batch_sizes, plan_epoch
 
@@ -46,7 +46,9 @@ def test_same_key_seed_identical_in_two_processes(demo_shards):
     """)
     import subprocess
 
-    outs = [subprocess.run([PY, "-c", script], capture_output=True, text=True, check=True).stdout.split() for _ in range(2)]
+    outs = [
+        subprocess.run([PY, "-c", script], capture_output=True, text=True, check=True).stdout.split() for _ in range(2)
+    ]
     assert outs[0] == outs[1] and len(outs[0]) == 3
     assert len(set(outs[0])) == 3, "different seeds must give different crops"
     import hashlib
@@ -57,9 +59,13 @@ def test_same_key_seed_identical_in_two_processes(demo_shards):
 
 def test_augment_leaves_caller_rng_untouched(demo_shards):
     raw = first_sample(demo_shards)
-    random.seed(123); np.random.seed(123); torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    random.seed(123); np.random.seed(123); torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
     augment(decode_image(raw.data), raw.key, 3, POLICY)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
@@ -179,7 +185,9 @@ def test_show_writes_same_png_for_same_seed(demo_shards, tmp_path):
     from PIL import Image
 
     assert Image.open(io.BytesIO(outs[0])).size == (32, 32)
-    missing = run_cli("shards", "show", demo_shards, "no/such/key", "--seed", "1", "--out", tmp_path / "x.png", check=False)
+    missing = run_cli(
+        "shards", "show", demo_shards, "no/such/key", "--seed", "1", "--out", tmp_path / "x.png", check=False
+    )
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
@@ -197,7 +205,9 @@ def test_build_from_folder_keeps_original_bytes(tmp_path):
             originals[f"{cls}/img_{i}"] = buf.getvalue()
     (src / "dog" / "broken.jpg").write_bytes(b"garbage")
     out = tmp_path / "out"
-    summary = last_json(run_cli("shards", "build", "--src", src, "--out", out, "--shard-size", "4", "--val-fraction", "0.25").stdout)
+    summary = last_json(
+        run_cli("shards", "build", "--src", src, "--out", out, "--shard-size", "4", "--val-fraction", "0.25").stdout
+    )
     assert summary["skipped"] == 1
     m = Manifest.load(out)
     assert m.classes == ["cat", "dog"]

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import PY, last_json, run_cli
+
 from teacher_service.namespace import Namespace, NamespaceMismatch, RecordFormat, parse_seeds
 from teacher_service.store import StoreUnavailable, open_existing, open_store
 
@@ -125,10 +125,20 @@ READER = textwrap.dedent("""
 def test_concurrent_writer_and_readers(store_url):
     tests = os.path.dirname(__file__)
     open_store(store_url, NS).close()
-    writer = subprocess.Popen([PY, "-c", WRITER.format(tests=tests, url=store_url, batches=40, pause=0.005)],
-                              stdout=subprocess.PIPE, text=True)
-    readers = [subprocess.Popen([PY, "-c", READER.format(tests=tests, url=store_url, seed=i)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    writer = subprocess.Popen(
+        [PY, "-c", WRITER.format(tests=tests, url=store_url, batches=40, pause=0.005)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    readers = [
+        subprocess.Popen(
+            [PY, "-c", READER.format(tests=tests, url=store_url, seed=i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for r in readers:
         out, err = r.communicate(timeout=120)
         assert r.returncode == 0, err[-2000:]
@@ -140,8 +150,9 @@ def test_concurrent_writer_and_readers(store_url):
 def test_file_store_survives_sigkill_of_writer(tmp_path):
     url = str(tmp_path / "labels.db")
     tests = os.path.dirname(__file__)
-    writer = subprocess.Popen([PY, "-c", WRITER.format(tests=tests, url=url, batches=10_000, pause=0)],
-                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [PY, "-c", WRITER.format(tests=tests, url=url, batches=10_000, pause=0)], stdout=subprocess.PIPE, text=True
+    )
     done = 0
     while done < 15:
         line = writer.stdout.readline()

@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 import torch
-
 from conftest import PY, free_port, last_json, run_cli
+
 from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from teacher_service.client import ServiceError, TeacherClient
 from teacher_service.namespace import RecordFormat
@@ -33,19 +33,44 @@ def some_samples(shards_dir, n=8, split="train"):
 def service(demo_shards, tiny_teacher, tmp_path_factory):
     d = tmp_path_factory.mktemp("svc")
     port = free_port()
-    env = dict(os.environ, DISTILL_TOKEN=TOKEN, DISTILL_MAX_QUEUE_SIZE="64", DISTILL_MAX_ITEMS="300",
-               DISTILL_MAX_UPLOAD_BYTES="200000", DISTILL_AUGMENT_WORKERS="2", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        DISTILL_TOKEN=TOKEN,
+        DISTILL_MAX_QUEUE_SIZE="64",
+        DISTILL_MAX_ITEMS="300",
+        DISTILL_MAX_UPLOAD_BYTES="200000",
+        DISTILL_AUGMENT_WORKERS="2",
+        PYTHONUNBUFFERED="1",
+    )
     log = open(d / "service.log", "w")
-    proc = subprocess.Popen([PY, "-m", "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", demo_shards,
-                             "--store", d / "labels.db", "--port", str(port), "--max-batch-size", "16"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "teacher_service",
+            "serve",
+            "--checkpoint",
+            tiny_teacher,
+            "--shards",
+            demo_shards,
+            "--store",
+            d / "labels.db",
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "16",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     client = TeacherClient(url, token=TOKEN, retries=2)
     try:
         client.wait_ready(120)
     except ServiceError:
         proc.kill()
-        raise AssertionError((d / "service.log").read_text()[-3000:])
+        raise AssertionError((d / "service.log").read_text()[-3000:]) from None
     yield {"url": url, "client": client, "store": str(d / "labels.db"), "proc": proc}
     from test_engine import _descendants
 
@@ -79,8 +104,21 @@ def test_service_matches_direct_teacher(service, demo_shards, tiny_teacher):
 
 def test_precompute_service_and_teacher_agree(service, demo_shards, tiny_teacher, tmp_path):
     store = tmp_path / "pre.db"
-    summary = last_json(run_cli("teacher_service", "precompute", "--shards", demo_shards, "--seeds", "7:9",
-                                "--store", store, "--checkpoint", tiny_teacher, "--quiet").stdout)
+    summary = last_json(
+        run_cli(
+            "teacher_service",
+            "precompute",
+            "--shards",
+            demo_shards,
+            "--seeds",
+            "7:9",
+            "--store",
+            store,
+            "--checkpoint",
+            tiny_teacher,
+            "--quiet",
+        ).stdout
+    )
     assert summary["labels_computed"] == 1437 * 2
     info = service["client"].info()
     assert summary["namespace"] == info["namespace"]
@@ -164,8 +202,11 @@ def test_token_required(service):
 def test_backpressure_503_with_retry_after(service, demo_shards):
     samples = some_samples(demo_shards, 100)
     keys = [r.key for r in samples]
-    r = httpx.post(service["url"] + "/v1/labels", json={"keys": keys, "seeds": [77] * 100},
-                   headers={"Authorization": f"Bearer {TOKEN}"})
+    r = httpx.post(
+        service["url"] + "/v1/labels",
+        json={"keys": keys, "seeds": [77] * 100},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     with pytest.raises(ServiceError, match="503"):
         service["client"].label(keys, [77] * 100)
@@ -180,6 +221,7 @@ def test_concurrent_clients_are_batched(service, demo_shards):
     from concurrent.futures import ThreadPoolExecutor
 
     samples = some_samples(demo_shards, 48)
+
     def one(i):
         with TeacherClient(service["url"], token=TOKEN) as c:
             return c.label([samples[i].key], [200 + i])[0].present.all()
@@ -187,7 +229,11 @@ def test_concurrent_clients_are_batched(service, demo_shards):
     with ThreadPoolExecutor(16) as ex:
         assert all(ex.map(one, range(48)))
     metrics = httpx.get(service["url"] + "/metrics").text
-    counts = {l.split("{")[0]: float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("distill_batch_size_")}
+    counts = {
+        line.split("{")[0]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("distill_batch_size_")
+    }
     assert counts["distill_batch_size_count"] < counts["distill_batch_size_sum"]  # some batches held > 1 item
 
 
@@ -201,8 +247,22 @@ def test_client_retries_then_reports_unreachable():
 
 def test_precompute_sigkill_and_resume(demo_shards, tiny_teacher, tmp_path):
     store = tmp_path / "labels.db"
-    args = ["-m", "teacher_service", "precompute", "--shards", str(demo_shards), "--seeds", "0:6", "--store", str(store),
-            "--checkpoint", str(tiny_teacher), "--batch-size", "64", "--quiet"]
+    args = [
+        "-m",
+        "teacher_service",
+        "precompute",
+        "--shards",
+        str(demo_shards),
+        "--seeds",
+        "0:6",
+        "--store",
+        str(store),
+        "--checkpoint",
+        str(tiny_teacher),
+        "--batch-size",
+        "64",
+        "--quiet",
+    ]
     p = subprocess.Popen([PY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until some, not all, labels are stored
@@ -238,9 +298,27 @@ def test_precompute_splits_nodes_without_overlap(demo_shards, tiny_teacher, tmp_
     store = str(tmp_path / "labels.db")
     totals = []
     for rank in range(2):
-        s = last_json(run_cli("teacher_service", "precompute", "--shards", demo_shards, "--seeds", "0:1", "--store", store,
-                              "--checkpoint", tiny_teacher, "--node-rank", rank, "--num-nodes", "2", "--quiet",
-                              "--format", "top3p").stdout)
+        s = last_json(
+            run_cli(
+                "teacher_service",
+                "precompute",
+                "--shards",
+                demo_shards,
+                "--seeds",
+                "0:1",
+                "--store",
+                store,
+                "--checkpoint",
+                tiny_teacher,
+                "--node-rank",
+                rank,
+                "--num-nodes",
+                "2",
+                "--quiet",
+                "--format",
+                "top3p",
+            ).stdout
+        )
         totals.append(s["labels_computed"])
         assert s["labels_present"] == 0  # the other node's shards are not this node's
     assert sum(totals) == 1437
@@ -257,12 +335,32 @@ def test_trainer_with_labels_service_on_an_empty_store(service, demo_shards, tmp
 
     def misses() -> float:
         text = httpx.get(service["url"] + "/metrics").text
-        return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("distill_cache_misses_total"))
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("distill_cache_misses_total"))
 
     before = misses()
-    s = last_json(torchrun(*student_args(demo_shards, tmp_path / "svc", "--labels", "service", "--service-url",
-                                         service["url"], "--service-token", TOKEN, "--epochs", "1", "--max-steps", "3",
-                                         "--eval-every", "0", "--no-export", "--seed", "11")).stdout)
+    s = last_json(
+        torchrun(
+            *student_args(
+                demo_shards,
+                tmp_path / "svc",
+                "--labels",
+                "service",
+                "--service-url",
+                service["url"],
+                "--service-token",
+                TOKEN,
+                "--epochs",
+                "1",
+                "--max-steps",
+                "3",
+                "--eval-every",
+                "0",
+                "--no-export",
+                "--seed",
+                "11",
+            )
+        ).stdout
+    )
     assert s["steps"] == 3 and s["labels_cached"] == 3 * 64 * 2 and s["labels_missing"] == 0
     # every label trained on was computed by the teacher (the loader prefetches a few batches more)
     computed = misses() - before
@@ -283,8 +381,19 @@ def test_precompute_reports_a_shard_cut_short_by_a_damaged_header(demo_shards, t
     data = bytearray(victim.read_bytes())
     data[header + 148] ^= 0x01  # its checksum field
     victim.write_bytes(bytes(data))
-    r = run_cli("teacher_service", "precompute", "--shards", shards, "--seeds", "0:2", "--store", tmp_path / "l.db",
-                "--checkpoint", tiny_teacher, "--quiet")
+    r = run_cli(
+        "teacher_service",
+        "precompute",
+        "--shards",
+        shards,
+        "--seeds",
+        "0:2",
+        "--store",
+        tmp_path / "l.db",
+        "--checkpoint",
+        tiny_teacher,
+        "--quiet",
+    )
     s = last_json(r.stdout)
     assert "manifest says" in r.stderr
     assert s["images"] == 1437 and s["labels_skipped"] > 0

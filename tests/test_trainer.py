@@ -7,10 +7,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import PY, last_json, run_cli
-from shards import Manifest, iter_shard
-from shards import SkipCounter
+
+from shards import Manifest, SkipCounter, iter_shard
 from student_trainer.labels import target_distribution
 from student_trainer.loss import DistillationLoss, TeacherTargets
 from teacher_service.namespace import Namespace, RecordFormat, classes_digest
@@ -27,15 +26,25 @@ def official_deit_loss(outputs, labels, teacher_outputs, base, dtype, alpha, tau
         return base_loss
     if dtype == "soft":
         T = tau
-        distillation_loss = F.kl_div(F.log_softmax(outputs_kd / T, dim=1), F.log_softmax(teacher_outputs / T, dim=1),
-                                     reduction="sum", log_target=True) * (T * T) / outputs_kd.numel()
+        distillation_loss = (
+            F.kl_div(
+                F.log_softmax(outputs_kd / T, dim=1),
+                F.log_softmax(teacher_outputs / T, dim=1),
+                reduction="sum",
+                log_target=True,
+            )
+            * (T * T)
+            / outputs_kd.numel()
+        )
     else:
         distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
     return base_loss * (1 - alpha) + distillation_loss * alpha
 
 
-@pytest.mark.parametrize("dtype,alpha,tau", [("none", 0.5, 1.0), ("hard", 0.5, 1.0), ("hard", 0.3, 1.0),
-                                             ("soft", 0.5, 1.0), ("soft", 0.7, 3.0)])
+@pytest.mark.parametrize(
+    "dtype,alpha,tau",
+    [("none", 0.5, 1.0), ("hard", 0.5, 1.0), ("hard", 0.3, 1.0), ("soft", 0.5, 1.0), ("soft", 0.7, 3.0)],
+)
 def test_loss_matches_official_deit(dtype, alpha, tau):
     g = torch.Generator().manual_seed(0)
     cls, kd, teacher = (torch.randn(16, 10, generator=g) for _ in range(3))
@@ -46,13 +55,19 @@ def test_loss_matches_official_deit(dtype, alpha, tau):
     torch.testing.assert_close(ours, ref)
     if dtype == "hard":  # cached hard labels as one-hot distributions give the same loss
         dist = target_distribution(teacher.argmax(1, keepdim=True), None, 10)
-        torch.testing.assert_close(DistillationLoss(base, dtype, alpha, tau)((cls, kd), labels, TeacherTargets(dist=dist)), ref)
+        torch.testing.assert_close(
+            DistillationLoss(base, dtype, alpha, tau)((cls, kd), labels, TeacherTargets(dist=dist)), ref
+        )
     if dtype == "soft":  # cached full probabilities give the same loss as the logits
         k = 10
         p, c = teacher.softmax(1).topk(k)
         dist = target_distribution(c, p, 10)
-        torch.testing.assert_close(DistillationLoss(base, dtype, alpha, tau)((cls, kd), labels, TeacherTargets(dist=dist)),
-                                   ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            DistillationLoss(base, dtype, alpha, tau)((cls, kd), labels, TeacherTargets(dist=dist)),
+            ref,
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_masked_targets_ignore_missing():
@@ -82,14 +97,46 @@ def put_labels(store_url, shards, fn, seeds, fmt=RecordFormat()):
 
 
 def torchrun(*args, check=True, timeout=600):
-    return run_cli("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "student_trainer", "train",
-                   *args, check=check, timeout=timeout)
+    return run_cli(
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "student_trainer",
+        "train",
+        *args,
+        check=check,
+        timeout=timeout,
+    )
 
 
 def student_args(shards, out, *extra):
-    return ["--shards", shards, "--out", out, "--model", "deit_tiny_distilled_patch16_224", "--model-kwargs",
-            json.dumps(TINY), "--batch-size", "64", "--repeated-aug", "1", "--workers", "1", "--threads", "1",
-            "--warmup-epochs", "0", "--lr", "4e-3", "--drop-path", "0", "--no-progress", *extra]
+    return [
+        "--shards",
+        shards,
+        "--out",
+        out,
+        "--model",
+        "deit_tiny_distilled_patch16_224",
+        "--model-kwargs",
+        json.dumps(TINY),
+        "--batch-size",
+        "64",
+        "--repeated-aug",
+        "1",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--lr",
+        "4e-3",
+        "--drop-path",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_path):
@@ -97,15 +144,39 @@ def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_pat
     store = str(tmp_path / "perm.db")
     perm = lambda c: (c + 3) % 10  # noqa: E731
     put_labels(store, demo_shards, perm, range(0, 15))
-    r = torchrun(*student_args(demo_shards, tmp_path / "run", "--labels", "store", "--store", store, "--epochs", "15",
-                               "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--distillation-alpha", "0.5",
-                               "--batch-size", "32", "--lr", "8e-3", "--eval-every", "15"))
+    r = torchrun(
+        *student_args(
+            demo_shards,
+            tmp_path / "run",
+            "--labels",
+            "store",
+            "--store",
+            store,
+            "--epochs",
+            "15",
+            "--mixup",
+            "0",
+            "--cutmix",
+            "0",
+            "--smoothing",
+            "0",
+            "--distillation-alpha",
+            "0.5",
+            "--batch-size",
+            "32",
+            "--lr",
+            "8e-3",
+            "--eval-every",
+            "15",
+        )
+    )
     s = last_json(r.stdout)
     assert s["world_size"] == 2 and s["labels_missing"] == 0
     assert s["labels_cached"] == 1437 * 15
     # evaluate both heads against true and permuted labels
-    from shards import ShardStream
     import timm
+
+    from shards import ShardStream
 
     model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, **TINY)
     from safetensors.torch import load_file
@@ -128,8 +199,19 @@ def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_pat
 def test_on_missing_policies(demo_shards, tmp_path):
     store = str(tmp_path / "half.db")
     put_labels(store, demo_shards, lambda c: c, [0])  # only epoch 0's seeds
-    common = ["--labels", "store", "--store", store, "--epochs", "2", "--eval-every", "0", "--checkpoint-every", "0",
-              "--no-export"]
+    common = [
+        "--labels",
+        "store",
+        "--store",
+        store,
+        "--epochs",
+        "2",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--no-export",
+    ]
     bad = torchrun(*student_args(demo_shards, tmp_path / "a", *common), check=False)
     assert bad.returncode != 0 and "labels missing" in bad.stderr
     s = last_json(torchrun(*student_args(demo_shards, tmp_path / "b", *common, "--on-missing", "skip")).stdout)
@@ -140,30 +222,104 @@ def test_on_missing_policies(demo_shards, tmp_path):
 def test_wrong_policy_is_refused(demo_shards, tmp_path):
     store = str(tmp_path / "p.db")
     put_labels(store, demo_shards, lambda c: c, [0])
-    r = run_cli("student_trainer", "train", *student_args(demo_shards, tmp_path / "x", "--labels", "store", "--store",
-                                                         store, "--policy", '{"re_prob": 0.0}', "--epochs", "1"),
-                check=False)
+    r = run_cli(
+        "student_trainer",
+        "train",
+        *student_args(
+            demo_shards,
+            tmp_path / "x",
+            "--labels",
+            "store",
+            "--store",
+            store,
+            "--policy",
+            '{"re_prob": 0.0}',
+            "--epochs",
+            "1",
+        ),
+        check=False,
+    )
     assert r.returncode == 2 and "augmentation policy" in r.stderr
 
 
 def test_online_teacher_and_soft_from_topk(demo_shards, tiny_teacher, tmp_path):
-    s = last_json(run_cli("student_trainer", "train", *student_args(
-        demo_shards, tmp_path / "on", "--labels", "online", "--teacher-checkpoint", tiny_teacher, "--epochs", "1",
-        "--max-steps", "4", "--eval-every", "0", "--distillation-type", "soft")).stdout)
+    s = last_json(
+        run_cli(
+            "student_trainer",
+            "train",
+            *student_args(
+                demo_shards,
+                tmp_path / "on",
+                "--labels",
+                "online",
+                "--teacher-checkpoint",
+                tiny_teacher,
+                "--epochs",
+                "1",
+                "--max-steps",
+                "4",
+                "--eval-every",
+                "0",
+                "--distillation-type",
+                "soft",
+            ),
+        ).stdout
+    )
     assert s["steps"] == 4 and s["distillation_type"] == "soft"
     store = str(tmp_path / "k.db")
-    run_cli("teacher_service", "precompute", "--shards", demo_shards, "--seeds", "0:1", "--store", store,
-            "--checkpoint", tiny_teacher, "--format", "top3p", "--quiet")
-    s = last_json(run_cli("student_trainer", "train", *student_args(
-        demo_shards, tmp_path / "soft", "--labels", "store", "--store", store, "--epochs", "1", "--max-steps", "4",
-        "--eval-every", "0", "--distillation-type", "soft")).stdout)
+    run_cli(
+        "teacher_service",
+        "precompute",
+        "--shards",
+        demo_shards,
+        "--seeds",
+        "0:1",
+        "--store",
+        store,
+        "--checkpoint",
+        tiny_teacher,
+        "--format",
+        "top3p",
+        "--quiet",
+    )
+    s = last_json(
+        run_cli(
+            "student_trainer",
+            "train",
+            *student_args(
+                demo_shards,
+                tmp_path / "soft",
+                "--labels",
+                "store",
+                "--store",
+                store,
+                "--epochs",
+                "1",
+                "--max-steps",
+                "4",
+                "--eval-every",
+                "0",
+                "--distillation-type",
+                "soft",
+            ),
+        ).stdout
+    )
     assert s["labels_cached"] == 4 * 64 and s["labels_missing"] == 0
 
 
 def test_resume_after_kill_continues_from_checkpoint(demo_shards, tmp_path):
     out = tmp_path / "run"
-    args = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "student_trainer", "train",
-            *map(str, student_args(demo_shards, out, "--labels", "none", "--epochs", "4", "--eval-every", "0"))]
+    args = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "student_trainer",
+        "train",
+        *map(str, student_args(demo_shards, out, "--labels", "none", "--epochs", "4", "--eval-every", "0")),
+    ]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -175,9 +331,11 @@ def test_resume_after_kill_continues_from_checkpoint(demo_shards, tmp_path):
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     done_epoch = ckpt["epoch"]
     assert 1 <= done_epoch < 3 and ckpt["step"] == (done_epoch + 1) * 12
-    r = torchrun(*student_args(demo_shards, out, "--labels", "none", "--epochs", "4", "--eval-every", "0", "--resume", "auto"))
+    r = torchrun(
+        *student_args(demo_shards, out, "--labels", "none", "--epochs", "4", "--eval-every", "0", "--resume", "auto")
+    )
     s = last_json(r.stdout)
     assert "resumed from" in r.stderr
     assert s["steps"] == 4 * 12 and s["epochs_done"] == 4
-    epochs = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epochs[-(3 - done_epoch):] == list(range(done_epoch + 1, 4))
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[-(3 - done_epoch) :] == list(range(done_epoch + 1, 4))

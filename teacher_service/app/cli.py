@@ -39,9 +39,15 @@ def cmd_serve(args) -> int:
     pool = engine_pool(settings).start()
     os.environ.update(settings_env(settings))
     os.environ.update(pool.env())
-    config = uvicorn.Config("teacher_service.app.main:create_app", factory=True, host=settings.host,
-                            port=settings.port, workers=settings.http_workers, log_level=settings.log_level,
-                            timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        "teacher_service.app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.http_workers,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
     if config.workers > 1:
         from uvicorn.supervisors import Multiprocess
 
@@ -81,8 +87,11 @@ def cmd_serve(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="run the REST teacher service: label engines + uvicorn",
-                       description="Every flag can also be set as DISTILL_<NAME> (e.g. DISTILL_STORE=redis://...).")
+    p = sub.add_parser(
+        "serve",
+        help="run the REST teacher service: label engines + uvicorn",
+        description="Every flag can also be set as DISTILL_<NAME> (e.g. DISTILL_STORE=redis://...).",
+    )
     for name, f in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_ = (f.description or "") + f" (default: {f.default})"

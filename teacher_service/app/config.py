@@ -14,7 +14,9 @@ class Settings(BaseSettings):
     checkpoint: str | None = Field(None, description="teacher weights (.safetensors or torch state dict)")
     pretrained: bool = Field(False, description="timm hub weights (needs internet)")
     random_init: bool = Field(False, description="random weights: speed benchmarks only")
-    num_classes: int | None = Field(None, description="classifier size for --pretrained/--random-init (default: the model's)")
+    num_classes: int | None = Field(
+        None, description="classifier size for --pretrained/--random-init (default: the model's)"
+    )
     amp: str = Field("auto", description="autocast on CUDA: auto (bf16) | bf16 | fp16 | none")
     # data and labels
     shards: str | None = Field(None, description="shard directory whose images the service can label by key")
@@ -23,13 +25,19 @@ class Settings(BaseSettings):
     format: str = Field("top1", description="record format: top1 or topKp")
     policy: str | None = Field(None, description="JSON augmentation policy overrides")
     # label engines: one process per device, Triton-style batching
-    devices: str = Field("auto", description="engine devices: auto (each visible GPU, else the CPU) or a list "
-                                             "such as cuda:0,cuda:1; one engine process per device")
+    devices: str = Field(
+        "auto",
+        description="engine devices: auto (each visible GPU, else the CPU) or a list "
+        "such as cuda:0,cuda:1; one engine process per device",
+    )
     max_batch_size: int = Field(64, ge=1, description="crops per teacher batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits for more crops")
     max_queue_size: int = Field(4096, ge=1, description="items an engine holds; beyond: 503 + Retry-After")
-    augment_workers: int = Field(0, ge=0, description="augmentation processes per engine (0: one per CPU core "
-                                                      "divided among the engines, at most 8)")
+    augment_workers: int = Field(
+        0,
+        ge=0,
+        description="augmentation processes per engine (0: one per CPU core divided among the engines, at most 8)",
+    )
     engine_buffers: int = Field(4, ge=2, description="shared batch buffers per engine")
     http_workers: int = Field(1, ge=1, description="uvicorn worker processes (HTTP, lookups and waiting)")
     # request limits and security

@@ -37,8 +37,13 @@ class LabelService:
 
     def _empty(self, n: int) -> LabelsOut:
         rich = self.fmt.topk > 1 or self.fmt.probs
-        return LabelsOut(namespace=self.namespace.id, labels=[None] * n, errors=[None] * n,
-                         topk=[None] * n if rich else None, probs=[None] * n if rich else None)
+        return LabelsOut(
+            namespace=self.namespace.id,
+            labels=[None] * n,
+            errors=[None] * n,
+            topk=[None] * n if rich else None,
+            probs=[None] * n if rich else None,
+        )
 
     def _fill(self, out: LabelsOut, i: int, classes, probs) -> None:
         out.labels[i] = int(classes[0])

@@ -53,8 +53,13 @@ async def _json(send, status: int, body: dict):
     import json
 
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -66,13 +71,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         exit_with_parent()  # a uvicorn worker of `serve`: gone with its supervisor
         svc = app.state.svc = build_state(settings)
-        log.info("serving namespace %s (teacher %s, %d indexed images, engines on %s)", svc.namespace.id,
-                 svc.info["teacher_id"], len(svc.index or []), ", ".join(e.info["device"] for e in svc.engines.engines))
+        log.info(
+            "serving namespace %s (teacher %s, %d indexed images, engines on %s)",
+            svc.namespace.id,
+            svc.info["teacher_id"],
+            len(svc.index or []),
+            ", ".join(e.info["device"] for e in svc.engines.engines),
+        )
         yield
         svc.close()
 
-    app = FastAPI(title="teacher_service", version="1", lifespan=lifespan,
-                  description="DeiT teacher labels, cached by (namespace, image key, seed).")
+    app = FastAPI(
+        title="teacher_service",
+        version="1",
+        lifespan=lifespan,
+        description="DeiT teacher labels, cached by (namespace, image key, seed).",
+    )
     app.include_router(health)
     app.include_router(v1)
 

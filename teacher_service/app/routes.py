@@ -41,8 +41,9 @@ def service_errors():
     except StoreError as e:
         raise HTTPException(503, f"label store unavailable: {e}", headers={"Retry-After": "1"}) from e
     except QueueFull as e:
-        raise HTTPException(503, f"teacher queue full: {e}",
-                            headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}) from e
+        raise HTTPException(
+            503, f"teacher queue full: {e}", headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}
+        ) from e
     except EngineError as e:
         raise HTTPException(503, f"label engine unavailable: {e}", headers={"Retry-After": "5"}) from e
 

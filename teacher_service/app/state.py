@@ -56,10 +56,21 @@ def engine_pool(settings: Settings) -> EnginePool:
     policy, classes = policy_and_classes(settings)
     devices = engine_devices(settings.devices)
     workers = settings.augment_workers or max(1, min(8, (os.cpu_count() or 1) // len(devices)))
-    teacher = {"model": settings.model, "checkpoint": settings.checkpoint, "pretrained": settings.pretrained,
-               "random_init": settings.random_init, "num_classes": settings.num_classes, "amp": settings.amp}
-    config = EngineConfig(max_batch_size=settings.max_batch_size, max_queue_delay_ms=settings.max_queue_delay_ms,
-                          max_queue_size=settings.max_queue_size, workers=workers, buffers=settings.engine_buffers)
+    teacher = {
+        "model": settings.model,
+        "checkpoint": settings.checkpoint,
+        "pretrained": settings.pretrained,
+        "random_init": settings.random_init,
+        "num_classes": settings.num_classes,
+        "amp": settings.amp,
+    }
+    config = EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_queue_size=settings.max_queue_size,
+        workers=workers,
+        buffers=settings.engine_buffers,
+    )
     spec = EngineSpec(teacher, policy.to_json(), classes, settings.format, settings.store, config)
     return EnginePool(spec, devices)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..namespace import Namespace, NamespaceMismatch
 from .base import LabelBatch, LabelStore, StoreError, StoreUnavailable
@@ -42,9 +42,21 @@ def open_existing(url: str, namespace_id: str | None = None) -> LabelStore:
         metas = [m for m in metas if m["id"].startswith(namespace_id)]
     if len(metas) != 1:
         have = ", ".join(m["id"] for m in list_namespaces(url)) or "none"
-        raise StoreError(f"{url}: need exactly one namespace matching {namespace_id or '*'} (have: {have}); pass --namespace")
+        raise StoreError(
+            f"{url}: need exactly one namespace matching {namespace_id or '*'} (have: {have}); pass --namespace"
+        )
     return open_store(url, Namespace.from_meta(metas[0]), create=False)
 
 
-__all__ = ["LabelBatch", "LabelStore", "StoreError", "StoreUnavailable", "NamespaceMismatch", "open_store",
-           "list_namespaces", "open_existing", "FileStore", "RedisStore"]
+__all__ = [
+    "LabelBatch",
+    "LabelStore",
+    "StoreError",
+    "StoreUnavailable",
+    "NamespaceMismatch",
+    "open_store",
+    "list_namespaces",
+    "open_existing",
+    "FileStore",
+    "RedisStore",
+]

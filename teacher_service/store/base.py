@@ -9,8 +9,8 @@ the format has them. A hard label is 2 bytes; a 300-epoch row is 600 bytes under
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -83,7 +83,9 @@ class RowCodec:
         if not mask.any():
             return []
         edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.view(np.int8), [0]])))
-        return [(int(a) * self.width, bytes(row[a * self.width : b * self.width])) for a, b in zip(edges[::2], edges[1::2])]
+        return [
+            (int(a) * self.width, bytes(row[a * self.width : b * self.width])) for a, b in zip(edges[::2], edges[1::2])
+        ]
 
     def merge(self, old: bytes | None, new: bytes) -> bytes:
         """Present slots of `new` over `old`; missing slots of `new` never erase."""
@@ -115,7 +117,9 @@ def group_runs(keys: Sequence[str], seeds: np.ndarray, slots: np.ndarray) -> dic
     i = 0
     while i < len(order):
         j = i
-        while j + 1 < len(order) and keys[order[j + 1]] == keys[order[i]] and seeds[order[j + 1]] == seeds[order[j]] + 1:
+        while (
+            j + 1 < len(order) and keys[order[j + 1]] == keys[order[i]] and seeds[order[j + 1]] == seeds[order[j]] + 1
+        ):
             j += 1
         idx = order[i : j + 1]
         out.setdefault(keys[order[i]], []).append((int(seeds[order[i]]) * width, slots[idx].tobytes()))
@@ -185,7 +189,7 @@ class LabelStore(abc.ABC):
     @abc.abstractmethod
     def bytes_used(self) -> int: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook: a store may hold nothing to release)
         pass
 
     def __enter__(self):

@@ -14,8 +14,8 @@ import os
 import sqlite3
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..namespace import Namespace
 from .base import LabelStore, StoreError
@@ -30,7 +30,7 @@ SQLITE_MAX_VARS = 900  # below SQLite's default limit on bound parameters per st
 
 
 def path_from_url(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url)
+    return Path(url[len("file://") :] if url.startswith("file://") else url)
 
 
 class _Conn:
@@ -82,7 +82,10 @@ class FileStore(LabelStore):
         if row is None:
             if not create:
                 raise StoreError(f"namespace {namespace.id} not found in {self.path}")
-            db.execute("INSERT OR IGNORE INTO namespaces (id, meta) VALUES (?, ?)", (namespace.id, json.dumps(namespace.meta())))
+            db.execute(
+                "INSERT OR IGNORE INTO namespaces (id, meta) VALUES (?, ?)",
+                (namespace.id, json.dumps(namespace.meta())),
+            )
             row = db.execute("SELECT nsid, meta FROM namespaces WHERE id = ?", (namespace.id,)).fetchone()
         namespace.check_against(json.loads(row[1]))
         self.nsid = row[0]
@@ -129,8 +132,9 @@ class FileStore(LabelStore):
         db = self.conn.get()
         last = ""
         while True:
-            got = db.execute("SELECT key, row FROM labels WHERE nsid = ? AND key > ? ORDER BY key LIMIT ?",
-                             (self.nsid, last, batch)).fetchall()
+            got = db.execute(
+                "SELECT key, row FROM labels WHERE nsid = ? AND key > ? ORDER BY key LIMIT ?", (self.nsid, last, batch)
+            ).fetchall()
             if not got:
                 return
             yield [(k, zlib.decompress(r)) for k, r in got]
@@ -144,7 +148,9 @@ class FileStore(LabelStore):
         db = self.conn.get()
         db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         page = db.execute("PRAGMA page_size").fetchone()[0]
-        used = (db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]) * page
+        used = (
+            db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        ) * page
         total, mine = db.execute("SELECT COUNT(*), SUM(nsid = ?) FROM labels", (self.nsid,)).fetchone()
         return int(used * (mine or 0) / total) if total else 0
 

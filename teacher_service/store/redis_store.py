@@ -13,7 +13,7 @@ surfaces as StoreUnavailable, never as labels that look present.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
 import redis
@@ -35,8 +35,12 @@ def connect(url: str, socket_timeout: float = 5.0):
     cluster = parse_qs(parsed.query).get("cluster", ["0"])[0] in ("1", "true", "yes")
     clean = url.split("?", 1)[0] if cluster else url
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
-    kw = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, retry=retry,
-              retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError])
+    kw = dict(
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+    )
     if cluster:
         return redis.RedisCluster.from_url(clean, **kw), True
     return redis.Redis.from_url(clean, health_check_interval=30, **kw), False
