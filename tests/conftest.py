@@ -145,3 +145,55 @@ def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
             opt.step()
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     return save_model(model, path, "regnety_002", kwargs, m.classes)
+
+
+def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | None = None):
+    """A real `serve` (supervisor, label engines, uvicorn) on a free port: (process, url) once ready."""
+    from teacher_service.client import ServiceError, TeacherClient
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        cmd = [PY, "-m", "teacher_service", "serve", "--checkpoint", teacher, "--shards", shards, "--store", store]
+        proc = subprocess.Popen(
+            [*map(str, cmd), "--port", str(port), *map(str, flags)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        TeacherClient(url).wait_ready(180)
+    except ServiceError:
+        proc.kill()
+        raise AssertionError(Path(log_path).read_text()[-3000:]) from None
+    return proc, url
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from ps."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for p, pp in zip(out[::2], out[1::2]):
+        children.setdefault(int(pp), []).append(int(p))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def still_running(pids: list[int], grace: float = 10.0) -> list[int]:
+    """Those of `pids` still running (zombies count as gone) after up to `grace` seconds."""
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "zombie" not in next(line for line in f if line.startswith("State:")).lower()
+        except (OSError, StopIteration):
+            return False
+
+    deadline = time.time() + grace
+    while (alive := [p for p in pids if running(p)]) and time.time() < deadline:
+        time.sleep(0.2)
+    return alive

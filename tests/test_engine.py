@@ -3,14 +3,12 @@
 import asyncio
 import os
 import signal
-import subprocess
 import tempfile
 import threading
-import time
 
 import pytest
 import torch
-from conftest import PY, free_port
+from conftest import descendants, start_service, still_running
 
 from shards import Manifest, augment, decode_image
 from shards.members import scan_shard
@@ -130,19 +128,6 @@ def test_label_service_in_process(teacher, demo_shards, tmp_path):
     assert again.cached == 6 and again.labels == first.labels[:6]
 
 
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-    children: dict[int, list[int]] = {}
-    for p, pp in zip(out[::2], out[1::2]):
-        children.setdefault(int(pp), []).append(int(p))
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
 @pytest.mark.slow
 def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shards, tiny_teacher, tmp_path):
     import glob
@@ -150,98 +135,48 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
 
     pattern = os.path.join(tempfile.gettempdir(), "distill-engines-*")
     before = set(glob.glob(pattern))
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "teacher_service",
-            "serve",
-            "--checkpoint",
-            tiny_teacher,
-            "--shards",
-            demo_shards,
-            "--store",
-            tmp_path / "labels.db",
-            "--port",
-            str(port),
-            "--devices",
-            "cpu,cpu",
-            "--http-workers",
-            "2",
-            "--augment-workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    proc, url = start_service(
+        tiny_teacher,
+        demo_shards,
+        tmp_path / "labels.db",
+        tmp_path / "serve.log",
+        "--devices",
+        "cpu,cpu",
+        "--http-workers",
+        "2",
+        "--augment-workers",
+        "1",
     )
     try:
-        c = TeacherClient(f"http://127.0.0.1:{port}")
-        c.wait_ready(180)
+        c = TeacherClient(url)
         assert c.info()["devices"] == ["cpu", "cpu"]
         keys = list(ShardIndex(demo_shards, ["train"]).members)[:40]
         batch, errors = c.label(keys, [5] * 40)
         assert batch.present.all() and errors == [None] * 40
-        family = _descendants(proc.pid)
+        family = descendants(proc.pid)
         assert len(family) >= 2 + 2 + 2  # 2 engines with a worker each, 2 HTTP workers (+ helpers)
     finally:
         proc.kill()
         proc.wait()
-        log.close()
-    deadline = time.time() + 20
-    alive = family
-    while alive and time.time() < deadline:
-        time.sleep(0.25)
-        alive = [p for p in family if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)]
+    alive = still_running(family, grace=20)
     assert not alive, f"processes left behind after kill -9 of the service: {alive}"
     for d in set(glob.glob(pattern)) - before:  # a killed supervisor cannot remove its sockets
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(line for line in f if line.startswith("State:")).lower()
-    except (OSError, StopIteration):
-        return "zombie"
-
-
 @pytest.mark.slow
 def test_serve_exits_1_when_its_engine_dies(demo_shards, tiny_teacher, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "teacher_service",
-            "serve",
-            "--checkpoint",
-            tiny_teacher,
-            "--shards",
-            demo_shards,
-            "--store",
-            tmp_path / "labels.db",
-            "--port",
-            str(port),
-            "--augment-workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    proc, _ = start_service(
+        tiny_teacher, demo_shards, tmp_path / "labels.db", tmp_path / "serve.log", "--augment-workers", "1"
     )
     try:
-        TeacherClient(f"http://127.0.0.1:{port}").wait_ready(180)
-        family = _descendants(proc.pid)
-        engines = [p for p in family if _descendants(p)]  # the engine is the child with children (its worker)
+        family = descendants(proc.pid)
+        engines = [p for p in family if descendants(p)]  # the engine is the child with children (its worker)
         assert len(engines) == 1
         os.kill(engines[0], signal.SIGKILL)
         assert proc.wait(timeout=60) == 1
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
     assert "label engine died" in (tmp_path / "serve.log").read_text()
-    time.sleep(2)
-    assert not [p for p in family if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)]
+    assert not still_running(family)

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import PY, free_port, last_json, run_cli
+from conftest import PY, descendants, free_port, last_json, run_cli, start_service, still_running
 
 from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from teacher_service.client import ServiceError, TeacherClient
@@ -32,57 +32,23 @@ def some_samples(shards_dir, n=8, split="train"):
 @pytest.fixture(scope="module")
 def service(demo_shards, tiny_teacher, tmp_path_factory):
     d = tmp_path_factory.mktemp("svc")
-    port = free_port()
     env = dict(
-        os.environ,
         DISTILL_TOKEN=TOKEN,
         DISTILL_MAX_QUEUE_SIZE="64",
         DISTILL_MAX_ITEMS="300",
         DISTILL_MAX_UPLOAD_BYTES="200000",
         DISTILL_AUGMENT_WORKERS="2",
-        PYTHONUNBUFFERED="1",
     )
-    log = open(d / "service.log", "w")
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "teacher_service",
-            "serve",
-            "--checkpoint",
-            tiny_teacher,
-            "--shards",
-            demo_shards,
-            "--store",
-            d / "labels.db",
-            "--port",
-            str(port),
-            "--max-batch-size",
-            "16",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
+    proc, url = start_service(
+        tiny_teacher, demo_shards, d / "labels.db", d / "service.log", "--max-batch-size", "16", env=env
     )
-    url = f"http://127.0.0.1:{port}"
     client = TeacherClient(url, token=TOKEN, retries=2)
-    try:
-        client.wait_ready(120)
-    except ServiceError:
-        proc.kill()
-        raise AssertionError((d / "service.log").read_text()[-3000:]) from None
     yield {"url": url, "client": client, "store": str(d / "labels.db"), "proc": proc}
-    from test_engine import _descendants
-
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == -signal.SIGTERM
-    log.close()
     assert "label engine stopped" not in (d / "service.log").read_text()  # drained, nothing refused
-    deadline = time.time() + 10  # workers notice their parent's exit within a moment
-    while (alive := [p for p in family if os.path.exists(f"/proc/{p}")]) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not alive, "processes left after SIGTERM"
+    assert not still_running(family), "processes left after SIGTERM"
 
 
 def test_service_matches_direct_teacher(service, demo_shards, tiny_teacher):
