@@ -238,7 +238,7 @@ class ShardStream(IterableDataset):
         stream = self._positions(plan, skips)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")
-            stream = wds.filters._shuffle(stream, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+            stream = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
         samples = self._decoded(stream, skips)
         last = None
         for size in plan.sizes:
