@@ -22,6 +22,25 @@ def run_cli(*args, check=True, env=None, timeout=600, **kw):
     return p
 
 
+def run_precompute(shards, seeds: str, store, teacher, *extra, **kw):
+    """`python -m teacher_service precompute --quiet` over `shards` with a teacher checkpoint."""
+    return run_cli(
+        "teacher_service",
+        "precompute",
+        "--shards",
+        shards,
+        "--seeds",
+        seeds,
+        "--store",
+        store,
+        "--checkpoint",
+        teacher,
+        "--quiet",
+        *extra,
+        **kw,
+    )
+
+
 def last_json(text: str) -> dict:
     import json
 

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import PY, descendants, free_port, last_json, run_cli, start_service, still_running
+from conftest import PY, descendants, free_port, last_json, run_cli, run_precompute, start_service, still_running
 
 from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from teacher_service.client import ServiceError, TeacherClient
@@ -70,21 +70,7 @@ def test_service_matches_direct_teacher(service, demo_shards, tiny_teacher):
 
 def test_precompute_service_and_teacher_agree(service, demo_shards, tiny_teacher, tmp_path):
     store = tmp_path / "pre.db"
-    summary = last_json(
-        run_cli(
-            "teacher_service",
-            "precompute",
-            "--shards",
-            demo_shards,
-            "--seeds",
-            "7:9",
-            "--store",
-            store,
-            "--checkpoint",
-            tiny_teacher,
-            "--quiet",
-        ).stdout
-    )
+    summary = last_json(run_precompute(demo_shards, "7:9", store, tiny_teacher).stdout)
     assert summary["labels_computed"] == 1437 * 2
     info = service["client"].info()
     assert summary["namespace"] == info["namespace"]
@@ -264,27 +250,8 @@ def test_precompute_splits_nodes_without_overlap(demo_shards, tiny_teacher, tmp_
     store = str(tmp_path / "labels.db")
     totals = []
     for rank in range(2):
-        s = last_json(
-            run_cli(
-                "teacher_service",
-                "precompute",
-                "--shards",
-                demo_shards,
-                "--seeds",
-                "0:1",
-                "--store",
-                store,
-                "--checkpoint",
-                tiny_teacher,
-                "--node-rank",
-                rank,
-                "--num-nodes",
-                "2",
-                "--quiet",
-                "--format",
-                "top3p",
-            ).stdout
-        )
+        extra = ("--node-rank", rank, "--num-nodes", "2", "--format", "top3p")
+        s = last_json(run_precompute(demo_shards, "0:1", store, tiny_teacher, *extra).stdout)
         totals.append(s["labels_computed"])
         assert s["labels_present"] == 0  # the other node's shards are not this node's
     assert sum(totals) == 1437
@@ -347,19 +314,7 @@ def test_precompute_reports_a_shard_cut_short_by_a_damaged_header(demo_shards, t
     data = bytearray(victim.read_bytes())
     data[header + 148] ^= 0x01  # its checksum field
     victim.write_bytes(bytes(data))
-    r = run_cli(
-        "teacher_service",
-        "precompute",
-        "--shards",
-        shards,
-        "--seeds",
-        "0:2",
-        "--store",
-        tmp_path / "l.db",
-        "--checkpoint",
-        tiny_teacher,
-        "--quiet",
-    )
+    r = run_precompute(shards, "0:2", tmp_path / "l.db", tiny_teacher)
     s = last_json(r.stdout)
     assert "manifest says" in r.stderr
     assert s["images"] == 1437 and s["labels_skipped"] > 0

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PY, last_json, run_cli
+from conftest import PY, last_json, run_cli, run_precompute
 
 from shards import Manifest, SkipCounter, iter_shard
 from student_trainer.labels import target_distribution
@@ -267,21 +267,7 @@ def test_online_teacher_and_soft_from_topk(demo_shards, tiny_teacher, tmp_path):
     )
     assert s["steps"] == 4 and s["distillation_type"] == "soft"
     store = str(tmp_path / "k.db")
-    run_cli(
-        "teacher_service",
-        "precompute",
-        "--shards",
-        demo_shards,
-        "--seeds",
-        "0:1",
-        "--store",
-        store,
-        "--checkpoint",
-        tiny_teacher,
-        "--format",
-        "top3p",
-        "--quiet",
-    )
+    run_precompute(demo_shards, "0:1", store, tiny_teacher, "--format", "top3p")
     s = last_json(
         run_cli(
             "student_trainer",
