@@ -71,6 +71,20 @@ def test_namespace_mismatch_is_an_error(store_url):
         assert a.get(["k"], [0]).top1[0] == 4
 
 
+def test_drop_deletes_one_namespace_only(store_url):
+    other = Namespace("regnety_002@fff", NS.policy_id, NS.format, num_classes=10)
+    with open_store(store_url, NS) as a, open_store(store_url, other) as b:
+        a.put(["k/1", "k/2", "k/3"], [0, 1, 2], [1, 2, 3])
+        b.put(["k/1"], [0], [5])
+        assert a.drop() == 3
+        assert b.get(["k/1"], [0]).top1[0] == 5  # the other namespace keeps its labels
+    from teacher_service.store import list_namespaces
+
+    assert [m["id"] for m in list_namespaces(store_url)] == [other.id]
+    with pytest.raises(Exception, match="not found"):
+        open_store(store_url, NS, create=False)
+
+
 def test_bad_inputs_rejected(store_url):
     with open_store(store_url, NS) as st:
         with pytest.raises(ValueError):

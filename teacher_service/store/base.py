@@ -187,6 +187,10 @@ class LabelStore(abc.ABC):
     def num_keys(self) -> int: ...
 
     @abc.abstractmethod
+    def drop(self) -> int:
+        """Delete the namespace: every row and its metadata. Returns the rows deleted."""
+
+    @abc.abstractmethod
     def bytes_used(self) -> int: ...
 
     def close(self) -> None:  # noqa: B027 (an optional hook: a store may hold nothing to release)

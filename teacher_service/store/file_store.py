@@ -143,6 +143,19 @@ class FileStore(LabelStore):
     def num_keys(self) -> int:
         return self.conn.get().execute("SELECT COUNT(*) FROM labels WHERE nsid = ?", (self.nsid,)).fetchone()[0]
 
+    def drop(self) -> int:
+        with self.conn.lock:
+            db = self.conn.get()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = db.execute("DELETE FROM labels WHERE nsid = ?", (self.nsid,)).rowcount
+                db.execute("DELETE FROM namespaces WHERE nsid = ?", (self.nsid,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return deleted
+
     def bytes_used(self) -> int:
         """Bytes on disk of the file (+ WAL) attributed to this namespace's share of rows."""
         db = self.conn.get()

@@ -107,6 +107,18 @@ class RedisStore(LabelStore):
     def num_keys(self) -> int:
         return self._call(lambda: sum(1 for _ in self.client.scan_iter(match=self.prefix + "*", count=1000)))
 
+    def drop(self) -> int:
+        deleted = 0
+        for rows in self.iter_rows(500):
+            names = [self.prefix + k for k, _ in rows]
+            # one command per key: on a cluster the rows of a batch live in different slots
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.unlink(name)
+            deleted += sum(self._call(pipe.execute))
+        self._call(self.client.delete, self.meta_key)
+        return deleted
+
     def bytes_used(self) -> int:
         """Server memory attributed to this namespace (MEMORY USAGE summed over its keys)."""
         total = 0
