@@ -3,21 +3,24 @@
 python bench/data.py [--n 500]
 """
 
-import argparse
 import json
 import tempfile
 import time
 
 import torch
+from pydantic import BaseModel, Field
 
+from distill_core import parse_script_args
 from shards import AugmentPolicy, Manifest, SkipCounter, augment, decode_image, iter_shard
 from shards.build import build
 
 
+class BenchData(BaseModel):
+    n: int = Field(500, ge=1, description="images to augment per policy")
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n", type=int, default=500, help="images to augment per policy")
-    args = ap.parse_args()
+    args = parse_script_args(BenchData, __doc__)
     torch.set_num_threads(1)  # per-core figure
     with tempfile.TemporaryDirectory() as d:
         summary = build(d, demo="digits", shard_size=128)

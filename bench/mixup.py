@@ -11,29 +11,32 @@ label is one of the two source labels, and the mass the cached target puts on th
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 
+from distill_core import parse_script_args
 from shards import Manifest, ShardStream
 from student_trainer.labels import target_distribution
 from student_trainer.train import MixupWithLambda, TrainConfig
-from teacher_service.teacher import Teacher, TeacherConfig
+from teacher_service.teacher import Teacher, TeacherSettings
+
+
+class BenchMixup(BaseModel):
+    shards: str = Field("runs/demo/shards", description="shard directory")
+    checkpoint: str = Field("runs/demo/teacher/model.safetensors", description="teacher weights")
+    batches: int = Field(20, ge=1, description="mixed batches to compare")
+    batch_size: int = Field(64, ge=2, description="batch size")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", default="runs/demo/shards")
-    ap.add_argument("--checkpoint", default="runs/demo/teacher/model.safetensors")
-    ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=64)
-    args = ap.parse_args()
+    args = parse_script_args(BenchMixup, __doc__)
     torch.manual_seed(0)
     np.random.seed(0)  # timm's Mixup draws lambda from numpy
     m = Manifest.load(args.shards)
-    teacher = Teacher(TeacherConfig(checkpoint=args.checkpoint, device="cpu"))
+    teacher = Teacher(TeacherSettings(checkpoint=args.checkpoint), device="cpu")
     mix = MixupWithLambda(TrainConfig(shards=args.shards, out="-"), len(m.classes))
     stream = ShardStream(args.shards, "train", m.policy(), args.batch_size)
     agree = n = 0

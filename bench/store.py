@@ -9,7 +9,6 @@ classes. Gets and puts are batches of 256 random (key, seed) pairs from one clie
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -17,7 +16,9 @@ import uuid
 
 import numpy as np
 import redis
+from pydantic import BaseModel, Field
 
+from distill_core import parse_script_args
 from teacher_service.namespace import Namespace, RecordFormat
 from teacher_service.store import open_store
 
@@ -56,15 +57,17 @@ def measure(store, keys, labels, batch: int, seconds: float, rng) -> dict:
     return {"get_labels_per_s": round(get_rate), "put_labels_per_s": round(n / (time.perf_counter() - t0))}
 
 
+class BenchStore(BaseModel):
+    redis_url: str = Field("redis://127.0.0.1:6379/15", description="Redis to measure (a scratch db)")
+    images: int = Field(2000, ge=1, description="images in the store")
+    seeds: int = Field(300, ge=1, description="seeds per image (a 300-epoch run)")
+    batch: int = Field(256, ge=1, description="(key, seed) pairs per get or put")
+    seconds: float = Field(3.0, gt=0, description="per measurement")
+    backends: str = Field("redis,file", description="comma-separated backends to measure")
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--seeds", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    ap.add_argument("--backends", default="redis,file")
-    args = ap.parse_args()
+    args = parse_script_args(BenchStore, __doc__)
     rng = np.random.default_rng(0)
     ns = Namespace(f"bench@{uuid.uuid4().hex[:8]}", "bench", RecordFormat(), num_classes=1000)
     keys = [f"n{i // 1300:08d}/n{i // 1300:08d}_{i:06d}" for i in range(args.images)]  # ImageNet-like keys
@@ -95,10 +98,7 @@ def main():
                 **measure(store, keys, labels, args.batch, args.seconds, rng),
                 "bytes_per_label": round(size / total, 3),
             }
-            if backend == "redis":
-                for chunk in range(0, len(keys), 500):
-                    r.delete(*[store.prefix + k for k in keys[chunk : chunk + 500]])
-                r.delete(store.meta_key)
+            store.drop()
             store.close()
         print(json.dumps(out), flush=True)
 

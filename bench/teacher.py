@@ -13,7 +13,6 @@ for the miss latency); then 256-label lookups of cached labels.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -26,13 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 
+from distill_core import parse_script_args
 from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from shards.build import build
 from teacher_service.client import TeacherClient
 from teacher_service.namespace import RecordFormat
 from teacher_service.precompute import precompute
-from teacher_service.teacher import Teacher, TeacherConfig
+from teacher_service.teacher import Teacher, TeacherSettings
 
 
 def free_port() -> int:
@@ -164,33 +165,34 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
         proc.wait(30)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="regnety_002")
-    ap.add_argument("--input-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=10.0, help="per throughput measurement")
-    ap.add_argument("--seeds", type=int, default=4, help="seeds per image for each precompute run")
-    ap.add_argument("--precompute-runs", type=int, default=3, help="precompute runs, each over --seeds new seeds")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--items-per-request", type=int, default=16)
-    ap.add_argument("--latency-clients", type=int, default=4, help="clients of the moderate-load latency run")
-    ap.add_argument("--latency-items", type=int, default=16, help="items per request of the latency run")
-    ap.add_argument("--lookups", type=int, default=200)
-    ap.add_argument(
-        "--workers",
-        type=int,
-        default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-        help="augmentation workers of precompute and of the service's engine",
+class BenchTeacher(BaseModel):
+    model: str = Field("regnety_002", description="timm teacher model (random weights)")
+    input_size: int = Field(64, ge=8, description="crop size")
+    batch_size: int = Field(64, ge=1, description="teacher batch size (precompute, service, raw forward)")
+    seconds: float = Field(10.0, gt=0, description="per throughput measurement")
+    seeds: int = Field(4, ge=1, description="seeds per image for each precompute run")
+    precompute_runs: int = Field(3, ge=1, description="precompute runs, each over --seeds new seeds")
+    clients: int = Field(16, ge=1, description="concurrent clients at saturation")
+    items_per_request: int = Field(16, ge=1, description="items per request at saturation")
+    latency_clients: int = Field(4, ge=1, description="clients of the moderate-load latency run")
+    latency_items: int = Field(16, ge=1, description="items per request of the latency run")
+    lookups: int = Field(200, ge=1, description="lookup requests of 256 cached labels")
+    workers: int = Field(
+        max(1, min(8, (os.cpu_count() or 2) - 1)),
+        ge=1,
+        description="augmentation workers of precompute and of the service's engine",
     )
-    ap.add_argument("--augment-workers", type=int, default=0, help="the service's, when not --workers")
-    args = ap.parse_args()
+    augment_workers: int = Field(0, ge=0, description="the service's, when not --workers")
+
+
+def main():
+    args = parse_script_args(BenchTeacher, __doc__)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         build(d / "shards", demo="digits", shard_size=64)
         m = Manifest.load(d / "shards")
         policy = m.policy(input_size=args.input_size)
-        teacher = Teacher(TeacherConfig(model=args.model, random_init=True, num_classes=10))
+        teacher = Teacher(TeacherSettings(model=args.model, random_init=True, num_classes=10))
         raws = [r for s in m.shards("train")[:2] for r in iter_shard(d / "shards" / s.name, SkipCounter())]
         x = torch.stack([augment(decode_image(r.data), r.key, 0, policy) for r in raws[: args.batch_size]])
         raw = raw_throughput(teacher, x, args.seconds)

@@ -13,7 +13,6 @@ state (after the first batch of each run).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -22,16 +21,27 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import redis
 import torch
+from pydantic import BaseModel, Field
 
+from distill_core import parse_script_args
 from shards import Manifest, SkipCounter, iter_shard
 from shards.build import build
-from student_trainer.train import TrainConfig, train
-from teacher_service.client import TeacherClient
-from teacher_service.namespace import RecordFormat
-from teacher_service.store import open_store
-from teacher_service.teacher import Teacher, TeacherConfig
+from student_trainer import TrainConfig
+from student_trainer.train import train
+from teacher_service import RecordFormat, Teacher, TeacherClient, TeacherSettings, open_store
+
+
+class BenchTrain(BaseModel):
+    student: str = Field("deit_tiny_distilled_patch16_224", description="timm student model")
+    teacher: str = Field("regnety_160", description="timm teacher model (random weights)")
+    input_size: int = Field(224, ge=8, description="crop size")
+    batch_size: int = Field(128, ge=2, description="batch size")
+    steps: int = Field(30, ge=1, description="training steps per mode")
+    workers: int = Field(max(1, min(12, (os.cpu_count() or 2) - 2)), ge=0, description="data-loader workers")
+    redis_url: str = Field("redis://127.0.0.1:6379/14", description="Redis for the store_redis mode")
+    modes: str = Field("none,store_file,store_redis,service,online", description="comma-separated modes to run")
+    model_steps: int = Field(20, ge=0, description="steps of the model-bound measurement (0: skip)")
 
 
 def free_port() -> int:
@@ -56,7 +66,7 @@ def model_bound(args) -> dict:
     student = timm.create_model(args.student, num_classes=1000).to(device)
     student.set_distilled_training(True)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    teacher = Teacher(TeacherConfig(model=args.teacher, random_init=True, num_classes=1000, device=str(device)))
+    teacher = Teacher(TeacherSettings(model=args.teacher, random_init=True, num_classes=1000), device=str(device))
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     rates = {}
@@ -89,17 +99,7 @@ def model_bound(args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--student", default="deit_tiny_distilled_patch16_224")
-    ap.add_argument("--teacher", default="regnety_160")
-    ap.add_argument("--input-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
-    ap.add_argument("--modes", default="none,store_file,store_redis,service,online")
-    ap.add_argument("--model-steps", type=int, default=20, help="steps of the model-bound measurement (0: skip)")
-    args = ap.parse_args()
+    args = parse_script_args(BenchTrain, __doc__)
     modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -108,7 +108,8 @@ def main():
         m = Manifest.load(shards)
         policy_over = {"input_size": args.input_size}
         policy = m.policy(**policy_over)
-        teacher = Teacher(TeacherConfig(model=args.teacher, random_init=True, num_classes=len(m.classes), device="cpu"))
+        random_teacher = TeacherSettings(model=args.teacher, random_init=True, num_classes=len(m.classes))
+        teacher = Teacher(random_teacher, device="cpu")
         ns = teacher.namespace(policy.policy_id, RecordFormat(), m.classes)
         del teacher
         keys = [r.key for s in m.shards("train") for r in iter_shard(shards / s.name, SkipCounter())]
@@ -171,7 +172,7 @@ def main():
                             "warning",
                             "--augment-workers",
                             "1",
-                            "--device",
+                            "--devices",
                             "cpu",
                         ],
                         stdout=subprocess.DEVNULL,
@@ -181,7 +182,7 @@ def main():
                     TeacherClient(url).wait_ready(600)
                     kw = dict(labels="service", service_url=url)
                 elif mode == "online":
-                    kw = dict(labels="online", teacher_model=args.teacher, teacher_random_init=True)
+                    kw = dict(labels="online", teacher=TeacherSettings(model=args.teacher, random_init=True))
                 s = train(TrainConfig(out=str(d / f"run-{mode}"), **base, **kw))
                 results[mode] = s["steady_images_per_s"]
                 if mode == "store_redis":
@@ -191,10 +192,9 @@ def main():
             if service:
                 service.terminate()
                 service.wait(30)
-            r = redis.Redis.from_url(args.redis_url)
-            for chunk in range(0, len(keys), 500):
-                r.delete(*[f"dl:{ns.id}:r:{k}" for k in keys[chunk : chunk + 500]])
-            r.delete(f"dl:{{{ns.id}}}:meta")
+            if "store_redis" in modes:
+                with open_store(args.redis_url, ns) as st:
+                    st.drop()
     cached = (
         min(v for k, v in results.items() if k.startswith("store_"))
         if any(k.startswith("store_") for k in results)

@@ -2,43 +2,71 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
+from typing import Annotated, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from .cli import dispatch
+from distill_core import App, Command, Positional
 
 
-def _policy_overrides(args) -> dict:
-    return json.loads(args.policy) if getattr(args, "policy", None) else {}
+class BuildConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="output directory for .tar shards and manifest.json")
+    src: Path | None = Field(None, description="image folder, one sub-folder per class (ImageNet train layout)")
+    demo: Literal["digits"] | None = Field(None, description="bundled demo data set (scikit-learn digits)")
+    shard_size: int = Field(1000, ge=1, description="samples per shard")
+    val_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="fraction of --src images held out as val (stable hash split)"
+    )
+    demo_size: int = Field(32, ge=8, description="demo image side in pixels")
+    seed: int = Field(0, description="seed of the fixed sample order inside shards")
 
 
-def cmd_build(args) -> int:
+class InspectConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Annotated[Path, Positional()] = Field(description="shard directory (with manifest.json)")
+
+
+class ShowConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Annotated[Path, Positional()] = Field(description="shard directory (with manifest.json)")
+    key: Annotated[str, Positional()] = Field(description="image key, e.g. digits/3/00003")
+    seed: int = Field(ge=0, description="augmentation seed")
+    out: Path = Field(description="PNG file to write")
+    policy: dict = Field(
+        default_factory=dict, description='JSON of augmentation policy overrides, e.g. {"input_size": 64}'
+    )
+
+
+def build(cfg: BuildConfig) -> dict:
     from .build import build
 
-    summary = build(
-        args.out,
-        src=args.src,
-        demo=args.demo,
-        shard_size=args.shard_size,
-        val_fraction=args.val_fraction,
-        demo_size=args.demo_size,
-        seed=args.seed,
+    return build(
+        cfg.out,
+        src=cfg.src,
+        demo=cfg.demo,
+        shard_size=cfg.shard_size,
+        val_fraction=cfg.val_fraction,
+        demo_size=cfg.demo_size,
+        seed=cfg.seed,
     )
-    print(json.dumps(summary))
-    return 0
 
 
-def cmd_inspect(args) -> int:
+def inspect(cfg: InspectConfig) -> int:
+    import json
+
     from .manifest import Manifest, verify
 
-    m = Manifest.load(args.dir)
-    problems = verify(args.dir, m)
+    m = Manifest.load(cfg.dir)
+    problems = verify(cfg.dir, m)
     summary = {
-        "dir": str(args.dir),
+        "dir": str(cfg.dir),
         "source": m.source,
         "classes": len(m.classes),
         "splits": {
@@ -55,72 +83,50 @@ def cmd_inspect(args) -> int:
     return 0 if not problems else 1
 
 
-def cmd_show(args) -> int:
+def show(cfg: ShowConfig) -> dict:
     from .augment import augment, decode_image, to_pil
     from .manifest import Manifest
     from .stream import SkipCounter, iter_shard
 
-    m = Manifest.load(args.dir)
-    policy = m.policy(**_policy_overrides(args))
+    m = Manifest.load(cfg.dir)
+    policy = m.policy(**cfg.policy)
     skips = SkipCounter()
     all_shards = [s for shards in m.splits.values() for s in shards]
     for shard in tqdm(all_shards, desc="searching", unit="shard", disable=len(all_shards) < 20):
-        for raw in iter_shard(Path(args.dir) / shard.name, skips):
-            if raw.key == args.key:
-                crop = augment(decode_image(raw.data), raw.key, args.seed, policy)
-                to_pil(crop, policy).save(args.out, format="PNG")
-                print(
-                    json.dumps(
-                        {
-                            "key": raw.key,
-                            "seed": args.seed,
-                            "label": raw.label,
-                            "class": m.classes[raw.label],
-                            "shard": shard.name,
-                            "policy_id": policy.policy_id,
-                            "out": str(args.out),
-                        }
-                    )
-                )
-                return 0
-    print(f"ERROR key {args.key!r} not found in {args.dir}", file=sys.stderr)
-    return 2
+        for raw in iter_shard(Path(cfg.dir) / shard.name, skips):
+            if raw.key == cfg.key:
+                crop = augment(decode_image(raw.data), raw.key, cfg.seed, policy)
+                to_pil(crop, policy).save(cfg.out, format="PNG")
+                return {
+                    "key": raw.key,
+                    "seed": cfg.seed,
+                    "label": raw.label,
+                    "class": m.classes[raw.label],
+                    "shard": shard.name,
+                    "policy_id": policy.policy_id,
+                    "out": str(cfg.out),
+                }
+    raise KeyError(f"key {cfg.key!r} not found in {cfg.dir}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shards", description="Webdataset shards with seeded augmentation.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    b = sub.add_parser("build", help="build shards and manifest.json from an image folder or the demo data set")
-    src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--src", type=Path, help="image folder, one sub-folder per class (ImageNet train layout)")
-    src.add_argument("--demo", choices=["digits"], help="bundled demo data set (scikit-learn digits)")
-    b.add_argument("--out", type=Path, required=True, help="output directory for .tar shards and manifest.json")
-    b.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    b.add_argument(
-        "--val-fraction", type=float, default=0.0, help="fraction of --src images held out as val (stable hash split)"
-    )
-    b.add_argument("--demo-size", type=int, default=32, help="demo image side in pixels (default 32)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the fixed sample order inside shards")
-    b.set_defaults(fn=cmd_build)
-
-    i = sub.add_parser("inspect", help="summarize shards and verify their checksums (non-zero exit on problems)")
-    i.add_argument("dir", type=Path)
-    i.set_defaults(fn=cmd_inspect)
-
-    s = sub.add_parser("show", help="write the augmented crop that (KEY, seed) produces as a PNG")
-    s.add_argument("dir", type=Path)
-    s.add_argument("key")
-    s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--policy", help="JSON of augmentation policy overrides, e.g. '{\"input_size\": 64}'")
-    s.set_defaults(fn=cmd_show)
-    return p
+COMMANDS = [
+    Command(
+        "build",
+        help="build shards and manifest.json from an image folder or the demo data set",
+        config=BuildConfig,
+        run=build,
+    ),
+    Command(
+        "inspect",
+        help="summarize shards and verify their checksums (non-zero exit on problems)",
+        config=InspectConfig,
+        run=inspect,
+    ),
+    Command("show", help="write the augmented crop that (KEY, seed) produces as a PNG", config=ShowConfig, run=show),
+]
 
 
-def main(argv=None) -> int:
-    return dispatch(build_parser(), argv, (FileNotFoundError, ValueError, KeyError))
-
+APP = App("python -m shards", "Webdataset shards with seeded augmentation.", COMMANDS, user_errors=(KeyError,))
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(APP.main())

@@ -15,6 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from distill_core import Command
+
 STUDENT_KWARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}
 
 
@@ -146,7 +150,7 @@ def run_demo(args) -> dict:
             checkpoint,
             "--workers",
             "1",
-            "--quiet",
+            "--no-progress",
         ],
         logs / "precompute.log",
     )
@@ -199,20 +203,23 @@ def render_table(rows: list[dict], teacher: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="end-to-end demo on the digits data set (embedded file store, 2 CPU ranks)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seeds", type=int, default=1, help="student seeds per mode (the README table used 3)")
-    p.add_argument("--teacher-epochs", type=int, default=20)
-    p.add_argument("--student-epochs", type=int, default=40)
-    p.add_argument("--student-lr", type=float, default=1.6e-2, help="per global batch 512, scaled linearly")
-    p.add_argument("--batch-size", type=int, default=32, help="per rank")
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (DeiT: 0.8; off for 1,437 images)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (DeiT: 1.0)")
-    p.add_argument("--nproc", type=int, default=2, help="DDP processes (torchrun --nproc_per_node)")
-    p.set_defaults(fn=cmd_demo)
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field("runs/demo", description="output directory (shards, teacher, labels, runs, results)")
+    seeds: int = Field(1, ge=1, description="student seeds per mode (the README table used 3)")
+    teacher_epochs: int = Field(20, ge=1, description="epochs of the demo teacher")
+    student_epochs: int = Field(40, ge=1, description="epochs of each student run")
+    student_lr: float = Field(1.6e-2, gt=0, description="student learning rate per global batch 512, scaled linearly")
+    batch_size: int = Field(32, ge=1, description="student batch size per rank")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (DeiT: 0.8; off for 1,437 images)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (DeiT: 1.0)")
+    nproc: int = Field(2, ge=1, description="DDP processes per run (torchrun --nproc_per_node)")
 
 
-def cmd_demo(args) -> int:
-    print(json.dumps(run_demo(args)), flush=True)
-    return 0
+COMMAND = Command(
+    "demo",
+    help="end-to-end demo on the digits data set (embedded file store, 2 CPU ranks)",
+    config=DemoConfig,
+    run=run_demo,
+)

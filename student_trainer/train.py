@@ -18,85 +18,33 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 from tqdm import tqdm
 
+from distill_core import atomic_save, load_training_checkpoint, save_weights
 from shards import Manifest, ShardStream, make_loader, seeds_for_run
-from teacher_service.teacher import Teacher, TeacherConfig, save_model
+from teacher_service.teacher import Teacher
 
+from .config import TrainConfig
 from .labels import LabeledStream, ServiceSource, StoreSource, check_compatible, target_distribution
 from .loss import DistillationLoss, TeacherTargets
 
 log = logging.getLogger("student_trainer")
 
-LABEL_SOURCES = ("none", "store", "service", "online")
-
-
-@dataclass
-class TrainConfig:
-    shards: str
-    out: str
-    model: str = "deit_tiny_distilled_patch16_224"
-    model_kwargs: dict = field(default_factory=dict)
-    policy: dict = field(default_factory=dict)
-    labels: str = "none"
-    store: str | None = None
-    namespace: str | None = None
-    service_url: str | None = None
-    service_token: str | None = None
-    on_missing: str = "error"
-    teacher_model: str | None = None
-    teacher_checkpoint: str | None = None
-    teacher_random_init: bool = False
-    distillation_type: str | None = None  # default: hard when labels != none
-    distillation_alpha: float = 0.5
-    distillation_tau: float = 1.0
-    epochs: int = 300
-    batch_size: int = 128  # per rank
-    lr: float = 5e-4  # for a global batch of 512, scaled linearly (DeiT)
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: int = 5
-    weight_decay: float = 0.05
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    repeated_aug: int = 3
-    drop_path: float = 0.1
-    clip_grad: float | None = None
-    amp: str = "auto"
-    workers: int = 2
-    threads: int = 0
-    seed: int = 0
-    eval_every: int = 1
-    checkpoint_every: int = 1
-    max_steps: int = 0  # stop after this many optimizer steps (benchmarks); 0 = full run
-    resume: str | None = None
-    export: bool = True
-    progress: bool = True
-
 
 # --------------------------------------------------------------------------------------------
 def setup_distributed() -> tuple[int, int, torch.device]:
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
+    """timm's set-up from torchrun's (or SLURM's) environment: NCCL on CUDA, Gloo on the CPU."""
+    from timm.utils.distributed import init_distributed_device_so
+
+    d = init_distributed_device_so(device="cuda" if torch.cuda.is_available() else "cpu")
+    return d["global_rank"], d["world_size"], torch.device(d["device"])
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -107,23 +55,20 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def all_sum(values: list[float], device) -> list[float]:
+    """Sums over ranks (timm's reduce_tensor averages; counts need sums)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
 
 
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 def is_distilled(model) -> bool:
-    return hasattr(unwrap(model), "head_dist")
+    return hasattr(unwrap_model(model), "head_dist")
 
 
 def heads(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class-head and distillation-head logits (eval), for timm's VisionTransformerDistilled."""
-    m = unwrap(model)
+    m = unwrap_model(model)
     if not is_distilled(m):
         return m(x), None
     f = m.forward_features(x)
@@ -162,13 +107,6 @@ def evaluate(model, loader, device, amp: str) -> dict:
         "val_top1_fused": 100 * c_fused / n,
         "val_images": int(n),
     }
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 class MixupWithLambda:
@@ -216,11 +154,7 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    if cfg.labels not in LABEL_SOURCES:
-        raise ValueError(f"--labels must be one of {LABEL_SOURCES}")
-    dtype = cfg.distillation_type or ("none" if cfg.labels == "none" else "hard")
-    if (dtype == "none") != (cfg.labels == "none"):
-        raise ValueError(f"--distillation-type {dtype} does not fit --labels {cfg.labels}")
+    dtype = cfg.distillation_type
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
 
     manifest = Manifest.load(cfg.shards)
@@ -265,17 +199,11 @@ def train(cfg: TrainConfig) -> dict:
         namespace = meta["id"]
         fallback = ServiceSource(cfg.service_url, cfg.service_token) if cfg.service_url else None
         dataset = LabeledStream(train_stream, source, cfg.on_missing, fallback)
-    if cfg.labels == "online" or cfg.on_missing == "online":
-        teacher = Teacher(
-            TeacherConfig(
-                model=cfg.teacher_model,
-                checkpoint=cfg.teacher_checkpoint,
-                random_init=cfg.teacher_random_init,
-                device=str(device),
-                amp=amp,
-                num_classes=num_classes if cfg.teacher_random_init else None,
-            )
-        )
+    if cfg.needs_teacher:
+        teacher_cfg = cfg.teacher
+        if teacher_cfg.random_init and teacher_cfg.num_classes is None:
+            teacher_cfg = teacher_cfg.model_copy(update={"num_classes": num_classes})
+        teacher = Teacher(teacher_cfg, device=str(device))
     loader = make_loader(dataset, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     val_loader = None
     if cfg.eval_every and "val" in manifest.splits:
@@ -314,7 +242,7 @@ def train(cfg: TrainConfig) -> dict:
     start_epoch, step = 0, 0
     resume = out / "last.pt" if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if resume is not None and resume.exists():
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+        ckpt = load_training_checkpoint(resume)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -463,8 +391,7 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.progress:
                 tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
             if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
-                save_checkpoint(
-                    out / "last.pt",
+                atomic_save(
                     {
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -472,7 +399,7 @@ def train(cfg: TrainConfig) -> dict:
                         "scaler": scaler.state_dict() if scaler else None,
                         "epoch": epoch,
                         "step": step,
-                        "config": asdict(cfg),
+                        "config": cfg.model_dump(),
                         "model_meta": {
                             "model": cfg.model,
                             "model_kwargs": model_kwargs,
@@ -480,6 +407,7 @@ def train(cfg: TrainConfig) -> dict:
                             "classes": manifest.classes,
                         },
                     },
+                    out / "last.pt",
                 )
         if dist.is_initialized():
             dist.barrier()
@@ -494,7 +422,11 @@ def train(cfg: TrainConfig) -> dict:
         steady = n_steady / (time.perf_counter() - steady_start[0]) if n_steady else None
     totals_g = dict(zip(totals, all_sum(list(totals.values()), device)))
     if main_rank and cfg.export:
-        save_model(model, out / "model.safetensors", cfg.model, model_kwargs, manifest.classes)
+        save_weights(
+            model.state_dict(),
+            out / "model.safetensors",
+            {"model": cfg.model, "model_kwargs": model_kwargs, "num_classes": num_classes, "classes": manifest.classes},
+        )
     summary.update(
         {
             "epochs_done": (epoch + 1) if cfg.epochs > start_epoch else start_epoch,

@@ -1,27 +1,53 @@
 """TeacherClient: what trainers use to talk to the teacher service.
 
-Bulk `lookup` (store only) and `label` (cache-through) with timeouts, and retries with exponential
-backoff on 503 (honoring Retry-After) and on connection errors. Results come back as the same
-LabelBatch the stores return, so a trainer does not care where labels came from.
+Bulk `lookup` (store only) and `label` (cache-through) with timeouts. Connection errors and 503s
+are retried (tenacity) with jittered exponential backoff, waiting at least what Retry-After asks,
+for up to `retry_for` seconds: longer than the service takes to restart, so a trainer rides
+through a restart instead of failing. Results come back as the same LabelBatch the stores
+return, so a trainer does not care where labels came from.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Sequence
 
 import httpx
 import numpy as np
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from .store import LabelBatch
 
 log = logging.getLogger(__name__)
 
+_TRANSPORT_ERRORS = (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException)
+
 
 class ServiceError(RuntimeError):
     """The service answered with an error that retrying will not fix, or retries ran out."""
+
+
+class _Unavailable(Exception):
+    """A 503: retried, and returned as it is when the retries run out."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        try:
+            self.retry_after = float(response.headers.get("retry-after", 0) or 0)
+        except ValueError:
+            self.retry_after = 0.0
+
+
+class _WaitRetryAfter:
+    """Backoff, but never shorter than the server's Retry-After."""
+
+    def __init__(self, backoff):
+        self.backoff = backoff
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return max(self.backoff(state), getattr(exc, "retry_after", 0.0))
 
 
 class TeacherClient:
@@ -30,35 +56,36 @@ class TeacherClient:
         base_url: str,
         token: str | None = None,
         timeout: float = 30.0,
-        retries: int = 5,
+        retry_for: float = 90.0,
         backoff: float = 0.2,
         max_backoff: float = 5.0,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.retry_for = retry_for
+        self._wait = _WaitRetryAfter(wait_random_exponential(multiplier=backoff, max=max_backoff))
         self._info: dict | None = None
 
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                r = self.http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException) as e:
-                if attempt == self.retries:
-                    raise ServiceError(f"{method} {path}: {e!r} after {self.retries} retries") from e
-                wait = delay
-            else:
-                if r.status_code != 503:
-                    return r
-                if attempt == self.retries:
-                    return r
-                wait = max(delay, float(r.headers.get("retry-after", 0) or 0))
-            time.sleep(min(self.max_backoff, wait) * (0.5 + random.random()))
-            delay = min(self.max_backoff, delay * 2)
-        raise AssertionError("unreachable")
+        def attempt() -> httpx.Response:
+            r = self.http.request(method, path, **kw)
+            if r.status_code == 503:
+                raise _Unavailable(r)
+            return r
+
+        retrying = Retrying(
+            retry=retry_if_exception_type((_Unavailable, *_TRANSPORT_ERRORS)),
+            stop=stop_after_delay(self.retry_for),
+            wait=self._wait,
+            before_sleep=lambda s: log.debug("%s %s: retrying after %r", method, path, s.outcome.exception()),
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except _Unavailable as e:
+            return e.response  # still 503 after retry_for seconds: the caller reports its body
+        except _TRANSPORT_ERRORS as e:
+            raise ServiceError(f"{method} {path}: {e!r} (retried for {self.retry_for:.0f}s)") from e
 
     def _json(self, r: httpx.Response, ok=(200,)) -> dict:
         if r.status_code not in ok:

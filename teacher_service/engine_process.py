@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 
 from .engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, Result
 from .metrics import Metrics, enable_multiprocess, mark_process_dead
+from .teacher import TeacherSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ AUTHKEY_ENV = "DISTILL_ENGINE_AUTHKEY"
 class EngineSpec:
     """Everything an engine process needs to build its teacher and engine."""
 
-    teacher: dict  # TeacherConfig fields (device is set per engine)
+    teacher: TeacherSettings
     policy_json: str
     classes: list[str] | None  # from the manifest; None: the teacher's own
     format: str
@@ -85,7 +86,7 @@ def _engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connecti
     from .engine import exit_with_parent
     from .namespace import RecordFormat
     from .store import open_store
-    from .teacher import Teacher, TeacherConfig
+    from .teacher import Teacher
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s engine[{spec.device}] %(message)s")
     exit_with_parent()
@@ -94,7 +95,7 @@ def _engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connecti
             import torch
 
             torch.cuda.set_device(spec.device)  # streams and events of this process: its own GPU
-        teacher = Teacher(TeacherConfig(**spec.teacher, device=spec.device))
+        teacher = Teacher(spec.teacher, device=spec.device)
         policy = AugmentPolicy.from_json(spec.policy_json)
         fmt = RecordFormat.parse(spec.format)
         classes = spec.classes or teacher.classes

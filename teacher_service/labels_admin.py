@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
+
+from distill_core import Command, Positional
 
 from .store import LabelStore, list_namespaces, open_existing, open_store
 
@@ -68,3 +73,42 @@ def copy(src_url: str, dst_url: str, namespace_id: str | None = None, batch: int
                 labels += int(sum(src.codec.present_mask(r).sum() for r in payload.values()))
                 bar.update(len(rows))
         return {"src": src_url, "dst": dst_url, "namespace": src.namespace.id, "images": keys, "labels": labels}
+
+
+class StatsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, Positional()] = Field(
+        description="store URL: redis://host:port/db, rediss://..., file:///path.db or a path"
+    )
+    namespace: str | None = Field(None, description="namespace id (or a prefix of it) to report; default all")
+    progress: bool = Field(True, description="progress bar")
+
+
+class CopyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    src: Annotated[str, Positional()] = Field(description="store URL to copy from")
+    dst: Annotated[str, Positional()] = Field(description="store URL to merge into (e.g. a Redis cluster)")
+    namespace: str | None = Field(None, description="namespace id (or a prefix); required when SRC holds several")
+    progress: bool = Field(True, description="progress bar")
+
+
+COMMAND = Command(
+    "labels",
+    help="inspect and move label stores",
+    commands=[
+        Command(
+            "stats",
+            help="counts, coverage per seed and bytes of each namespace in a store",
+            config=StatsConfig,
+            run=lambda c: stats(c.url, c.namespace, progress=c.progress),
+        ),
+        Command(
+            "copy",
+            help="merge one namespace's labels from SRC into DST (e.g. file store -> Redis)",
+            config=CopyConfig,
+            run=lambda c: copy(c.src, c.dst, c.namespace, progress=c.progress),
+        ),
+    ],
+)

@@ -11,21 +11,23 @@ the work that was queued or in flight.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from distill_core import Command, Nested
 from shards import Manifest
 from shards.members import scan_shard
 
 from .engine import EngineConfig, Job, LabelEngine, Result
 from .namespace import RecordFormat, parse_seeds
 from .store import StoreError, open_store
-from .teacher import Teacher, add_teacher_args, teacher_config_from_args
+from .teacher import Teacher, TeacherSettings
 
 log = logging.getLogger(__name__)
 
@@ -179,40 +181,46 @@ def precompute(
     }
 
 
-def cmd_precompute(args) -> int:
-    teacher = Teacher(teacher_config_from_args(args))
-    summary = precompute(
-        args.shards,
-        parse_seeds(args.seeds),
-        args.store,
-        teacher,
-        split=args.split,
-        fmt=RecordFormat.parse(args.format),
-        policy_overrides=json.loads(args.policy) if args.policy else None,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        node_rank=args.node_rank,
-        num_nodes=args.num_nodes,
-        progress=not args.quiet,
+class PrecomputeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shards: str = Field(description="shard directory (with manifest.json)")
+    seeds: str = Field(description="seed range A:B (a run of E epochs x R repeats needs 0:E*R)")
+    split: str = Field("train", description="split of --shards to label")
+    store: str = Field("runs/labels.db", description="label store URL (a file path, file://, redis://, rediss://)")
+    format: str = Field("top1", description="record format: top1 (hard labels) or topKp, e.g. top5p")
+    policy: dict = Field(default_factory=dict, description="JSON of augmentation policy overrides (as the trainer's)")
+    batch_size: int = Field(256, ge=1, description="crops per teacher batch")
+    workers: int = Field(2, ge=1, description="decode/augment worker processes")
+    node_rank: int = Field(0, ge=0, description="this machine's index when N machines split the shards")
+    num_nodes: int = Field(1, ge=1, description="machines splitting the shards (each takes every N-th shard)")
+    device: str = Field("auto", description="teacher device: auto | cpu | cuda | cuda:N")
+    progress: bool = Field(True, description="progress bar")
+    teacher: Annotated[TeacherSettings, Nested(title="teacher")] = Field(
+        default_factory=TeacherSettings, description="the teacher"
     )
-    print(json.dumps(summary))
-    return 0
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("precompute", help="label every (image, seed) of a shard set into a store (resumable)")
-    p.add_argument("--shards", required=True, help="shard directory (with manifest.json)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--seeds", required=True, help="seed range A:B (a run of E epochs x R repeats needs 0:E*R)")
-    p.add_argument("--store", default="runs/labels.db", help="store URL (default: embedded file runs/labels.db)")
-    p.add_argument(
-        "--format", default="top1", help="record format: top1 (hard labels) or topKp, e.g. top5p (default top1)"
+def run_precompute(cfg: PrecomputeConfig) -> dict:
+    return precompute(
+        cfg.shards,
+        parse_seeds(cfg.seeds),
+        cfg.store,
+        Teacher(cfg.teacher, device=cfg.device),
+        split=cfg.split,
+        fmt=RecordFormat.parse(cfg.format),
+        policy_overrides=cfg.policy,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        node_rank=cfg.node_rank,
+        num_nodes=cfg.num_nodes,
+        progress=cfg.progress,
     )
-    p.add_argument("--policy", help="JSON of augmentation policy overrides (must match the trainer's)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2, help="decode/augment worker processes")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's index when N machines split the shards")
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_teacher_args(p)
-    p.set_defaults(fn=cmd_precompute)
+
+
+COMMAND = Command(
+    "precompute",
+    help="label every (image, seed) of a shard set into a store (resumable)",
+    config=PrecomputeConfig,
+    run=run_precompute,
+)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from distill_core import read_weights
 
 from .namespace import Namespace, RecordFormat, classes_digest
 
@@ -24,51 +26,31 @@ log = logging.getLogger(__name__)
 DEFAULT_TEACHER = "regnety_160"
 
 
-@dataclass
-class TeacherConfig:
-    model: str | None = None  # None: from the checkpoint's metadata, else DEFAULT_TEACHER
-    checkpoint: str | None = None
-    pretrained: bool = False
-    random_init: bool = False
-    num_classes: int | None = None
-    model_kwargs: dict = field(default_factory=dict)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp16 | none
-    channels_last: bool = True
-    seed: int = 0  # random-init seed
+class TeacherSettings(BaseModel):
+    """Which teacher: nested into the precompute, service and trainer configurations (flags
+    `--checkpoint` ... there, `--teacher-checkpoint` ... in the trainer)."""
 
-    def __post_init__(self):
-        sources = sum([bool(self.checkpoint), self.pretrained, self.random_init])
-        if sources != 1:
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description=f"timm model name (default: the checkpoint's metadata, else {DEFAULT_TEACHER})"
+    )
+    checkpoint: str | None = Field(
+        None, description="weights: .safetensors or a torch state dict (loaded with weights_only=True)"
+    )
+    pretrained: bool = Field(False, description="timm hub weights (needs internet)")
+    random_init: bool = Field(False, description="random weights: speed benchmarks only (recorded in the namespace)")
+    num_classes: int | None = Field(
+        None, ge=1, description="classifier size for --pretrained/--random-init (default: the model's or checkpoint's)"
+    )
+    amp: Literal["auto", "bf16", "fp16", "none"] = Field("auto", description="autocast on CUDA (auto: bf16)")
+    channels_last: bool = Field(True, description="channels-last memory format (faster convnets on GPUs)")
+
+    def check_source(self) -> None:
+        if sum([bool(self.checkpoint), self.pretrained, self.random_init]) != 1:
             raise ValueError(
-                "choose exactly one teacher weight source: --checkpoint PATH, --pretrained or --random-init"
+                "choose exactly one teacher weight source: a checkpoint, pretrained (hub) or random-init weights"
             )
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """State dict and metadata (model name, kwargs, classes) of a safetensors or torch checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"teacher checkpoint {path} not found")
-    meta: dict = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        meta = {k: json.loads(v) for k, v in raw.items()}
-        state = load_file(str(path))
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-            meta = obj.get("model_meta", {}) or {}
-            obj = obj["model"]
-        elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        state = obj
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    return state, meta
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -97,22 +79,23 @@ def autocast_for(device: torch.device, amp: str):
 class Teacher:
     """Eval-mode, batched, channels-last inference; `predict` returns top-k classes and probabilities."""
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: TeacherSettings, device: str = "auto"):
         import timm
 
+        cfg.check_source()
         self.cfg = cfg
         meta: dict = {}
         state = None
         if cfg.checkpoint:
-            state, meta = read_checkpoint(cfg.checkpoint)
+            state, meta = read_weights(cfg.checkpoint)
         self.model_name = cfg.model or meta.get("model") or DEFAULT_TEACHER
-        kwargs = {**meta.get("model_kwargs", {}), **cfg.model_kwargs}
+        kwargs = dict(meta.get("model_kwargs", {}))
         num_classes = cfg.num_classes or meta.get("num_classes")
         if num_classes:
             kwargs["num_classes"] = num_classes
         self.classes: list[str] | None = meta.get("classes")
         if cfg.random_init:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(0)  # the same random teacher in every process
         self.model = timm.create_model(self.model_name, pretrained=cfg.pretrained, **kwargs)
         if state is not None:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
@@ -128,7 +111,7 @@ class Teacher:
         digest = weights_digest(self.model.state_dict())
         origin = "random-init" if cfg.random_init else "w"
         self.teacher_id = f"{self.model_name}@{origin}:{digest[:16]}"
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(device)
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -193,75 +176,3 @@ class PendingPrediction:
         if self.done is not None:
             self.done.synchronize()
         return self.classes, self.probs
-
-
-def add_teacher_args(p, prefix: str = "") -> None:
-    """Teacher flags shared by precompute, serve and the trainer's online baseline."""
-    g = p.add_argument_group("teacher")
-    g.add_argument(
-        f"--{prefix}model",
-        dest=f"{prefix.replace('-', '_')}model",
-        default=None,
-        help=f"timm model name (default: from the checkpoint's metadata, else {DEFAULT_TEACHER})",
-    )
-    w = g.add_mutually_exclusive_group()
-    w.add_argument(
-        f"--{prefix}checkpoint",
-        dest=f"{prefix.replace('-', '_')}checkpoint",
-        help="weights: .safetensors or a torch state dict (loaded with weights_only=True)",
-    )
-    w.add_argument(
-        f"--{prefix}pretrained",
-        dest=f"{prefix.replace('-', '_')}pretrained",
-        action="store_true",
-        help="timm hub weights (needs internet)",
-    )
-    w.add_argument(
-        f"--{prefix}random-init",
-        dest=f"{prefix.replace('-', '_')}random_init",
-        action="store_true",
-        help="random weights, for speed benchmarks only (recorded in the namespace)",
-    )
-    g.add_argument(
-        f"--{prefix}num-classes",
-        dest=f"{prefix.replace('-', '_')}num_classes",
-        type=int,
-        default=None,
-        help="classifier size for --pretrained/--random-init (default: the model's or checkpoint's)",
-    )
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    g.add_argument(
-        "--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast on CUDA (default bf16)"
-    )
-
-
-def teacher_config_from_args(args, prefix: str = "", **extra) -> TeacherConfig:
-    a = prefix.replace("-", "_")
-    return TeacherConfig(
-        model=getattr(args, f"{a}model"),
-        checkpoint=getattr(args, f"{a}checkpoint"),
-        pretrained=getattr(args, f"{a}pretrained"),
-        random_init=getattr(args, f"{a}random_init"),
-        num_classes=getattr(args, f"{a}num_classes"),
-        device=args.device,
-        amp=args.amp,
-        **extra,
-    )
-
-
-def save_model(
-    model: torch.nn.Module, path: str | Path, model_name: str, model_kwargs: dict, classes: list[str]
-) -> Path:
-    """Weights as safetensors with what a Teacher needs to rebuild the model in its metadata."""
-    import os
-
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k.removeprefix("module."): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"model": model_name, "model_kwargs": model_kwargs, "num_classes": len(classes), "classes": classes}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    return path

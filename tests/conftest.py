@@ -23,7 +23,7 @@ def run_cli(*args, check=True, env=None, timeout=600, **kw):
 
 
 def run_precompute(shards, seeds: str, store, teacher, *extra, **kw):
-    """`python -m teacher_service precompute --quiet` over `shards` with a teacher checkpoint."""
+    """`python -m teacher_service precompute --no-progress` over `shards` with a teacher checkpoint."""
     return run_cli(
         "teacher_service",
         "precompute",
@@ -35,7 +35,7 @@ def run_precompute(shards, seeds: str, store, teacher, *extra, **kw):
         store,
         "--checkpoint",
         teacher,
-        "--quiet",
+        "--no-progress",
         *extra,
         **kw,
     )
@@ -145,8 +145,8 @@ def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
     import timm
     import torch
 
+    from distill_core import save_weights
     from shards import Manifest, ShardStream
-    from teacher_service.teacher import save_model
 
     torch.manual_seed(0)
     m = Manifest.load(demo_shards)
@@ -163,7 +163,8 @@ def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
             loss.backward()
             opt.step()
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    return save_model(model, path, "regnety_002", kwargs, m.classes)
+    meta = {"model": "regnety_002", "model_kwargs": kwargs, "num_classes": 10, "classes": m.classes}
+    return save_weights(model.state_dict(), path, meta)
 
 
 def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | None = None):

@@ -20,12 +20,12 @@ from teacher_service.engine_process import LocalEngine
 from teacher_service.metrics import Metrics
 from teacher_service.namespace import RecordFormat
 from teacher_service.store import open_store
-from teacher_service.teacher import Teacher, TeacherConfig
+from teacher_service.teacher import Teacher, TeacherSettings
 
 
 @pytest.fixture(scope="module")
 def teacher(tiny_teacher):
-    return Teacher(TeacherConfig(checkpoint=str(tiny_teacher), device="cpu"))
+    return Teacher(TeacherSettings(checkpoint=str(tiny_teacher)), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from teacher_service.client import ServiceError, TeacherClient
 from teacher_service.namespace import RecordFormat
 from teacher_service.store import open_existing
-from teacher_service.teacher import Teacher, TeacherConfig
+from teacher_service.teacher import Teacher, TeacherSettings
 
 TOKEN = "s3cret"
 
@@ -42,7 +42,7 @@ def service(demo_shards, tiny_teacher, tmp_path_factory):
     proc, url = start_service(
         tiny_teacher, demo_shards, d / "labels.db", d / "service.log", "--max-batch-size", "16", env=env
     )
-    client = TeacherClient(url, token=TOKEN, retries=2)
+    client = TeacherClient(url, token=TOKEN, retry_for=3)
     yield {"url": url, "client": client, "store": str(d / "labels.db"), "proc": proc}
     family = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
@@ -57,7 +57,7 @@ def test_service_matches_direct_teacher(service, demo_shards, tiny_teacher):
     seeds = [s for _ in samples for s in (3, 4)]
     batch, errors = service["client"].label(keys, seeds)
     assert batch.present.all() and errors == [None] * len(keys)
-    teacher = Teacher(TeacherConfig(checkpoint=str(tiny_teacher), device="cpu"))
+    teacher = Teacher(TeacherSettings(checkpoint=str(tiny_teacher)), device="cpu")
     policy = Manifest.load(demo_shards).policy()
     x = torch.stack([augment(decode_image(r.data), r.key, s, policy) for r in samples for s in (3, 4)])
     direct = teacher.logits(x).argmax(-1).numpy()
@@ -190,9 +190,9 @@ def test_concurrent_clients_are_batched(service, demo_shards):
 
 
 def test_client_retries_then_reports_unreachable():
-    c = TeacherClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01)
+    c = TeacherClient(f"http://127.0.0.1:{free_port()}", retry_for=2, backoff=0.01)
     t0 = time.time()
-    with pytest.raises(ServiceError, match="after 2 retries"):
+    with pytest.raises(ServiceError, match="retried for 2s"):
         c.lookup(["a"], [0])
     assert time.time() - t0 < 10
 
@@ -213,7 +213,7 @@ def test_precompute_sigkill_and_resume(demo_shards, tiny_teacher, tmp_path):
         str(tiny_teacher),
         "--batch-size",
         "64",
-        "--quiet",
+        "--no-progress",
     ]
     p = subprocess.Popen([PY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120

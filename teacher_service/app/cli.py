@@ -13,31 +13,22 @@ import os
 import signal
 import threading
 
+from distill_core import Command
+
 from .config import Settings
 
 log = logging.getLogger(__name__)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as DISTILL_* variables, for the uvicorn workers (they read them back)."""
-    out = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            out[f"DISTILL_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    return out
-
-
-def cmd_serve(args) -> int:
+def serve(settings: Settings) -> int:
     import uvicorn
 
     from .state import engine_pool
 
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**given)
     if settings.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("binding %s: reachable from other machines", settings.host)
     pool = engine_pool(settings).start()
-    os.environ.update(settings_env(settings))
+    os.environ.update(settings.to_env())
     os.environ.update(pool.env())
     config = uvicorn.Config(
         "teacher_service.app.main:create_app",
@@ -86,18 +77,11 @@ def cmd_serve(args) -> int:
     return 1 if engine_died.is_set() or not started else 0
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run the REST teacher service: label engines + uvicorn",
-        description="Every flag can also be set as DISTILL_<NAME> (e.g. DISTILL_STORE=redis://...).",
-    )
-    for name, f in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_ = (f.description or "") + f" (default: {f.default})"
-        if f.annotation is bool:
-            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_)
-        else:
-            typ = {int: int, float: float}.get(f.annotation, str)
-            p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
-    p.set_defaults(fn=cmd_serve)
+COMMAND = Command(
+    "serve",
+    help="run the REST teacher service: label engines + uvicorn",
+    description="Run the REST teacher service (label engines + uvicorn). Every flag can also be set as "
+    "DISTILL_<NAME>, e.g. DISTILL_STORE=redis://host:6379/0 or DISTILL_CHECKPOINT=teacher.safetensors.",
+    config=Settings,
+    run=serve,
+)

@@ -1,42 +1,63 @@
-"""Service settings: flags or DISTILL_* environment variables (pydantic-settings)."""
+"""Service settings: flags, or DISTILL_* environment variables (pydantic-settings); flags win.
+
+The teacher's settings are the shared `TeacherSettings`, nested; their variables keep the flat
+names (DISTILL_CHECKPOINT, DISTILL_MODEL, ...) that the flags have (--checkpoint, --model, ...).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Annotated, Any, Literal
+
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from distill_core import Nested
+
+from ..teacher import TeacherSettings
+
+ENV_PREFIX = "DISTILL_"
+
+
+class _TeacherEnv(PydanticBaseSettingsSource):
+    """DISTILL_<FIELD> of TeacherSettings' fields, nested under `teacher`."""
+
+    def get_field_value(self, field, field_name):  # required by the interface; __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {
+            name: os.environ[ENV_PREFIX + name.upper()]
+            for name in TeacherSettings.model_fields
+            if ENV_PREFIX + name.upper() in os.environ
+        }
+        return {"teacher": found} if found else {}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    # teacher
-    model: str | None = Field(None, description="timm model name (default: checkpoint metadata, else regnety_160)")
-    checkpoint: str | None = Field(None, description="teacher weights (.safetensors or torch state dict)")
-    pretrained: bool = Field(False, description="timm hub weights (needs internet)")
-    random_init: bool = Field(False, description="random weights: speed benchmarks only")
-    num_classes: int | None = Field(
-        None, description="classifier size for --pretrained/--random-init (default: the model's)"
+    teacher: Annotated[TeacherSettings, Nested(title="teacher")] = Field(
+        default_factory=TeacherSettings, description="the teacher"
     )
-    amp: str = Field("auto", description="autocast on CUDA: auto (bf16) | bf16 | fp16 | none")
     # data and labels
     shards: str | None = Field(None, description="shard directory whose images the service can label by key")
     splits: str = Field("train,val", description="comma-separated splits of --shards to index")
-    store: str = Field("runs/labels.db", description="label store URL")
-    format: str = Field("top1", description="record format: top1 or topKp")
-    policy: str | None = Field(None, description="JSON augmentation policy overrides")
+    store: str = Field("runs/labels.db", description="label store URL (a file path, file://, redis://, rediss://)")
+    format: str = Field("top1", description="record format: top1 (hard labels) or topKp, e.g. top5p")
+    policy: dict = Field(default_factory=dict, description="JSON of augmentation policy overrides (as the trainer's)")
     # label engines: one process per device, Triton-style batching
     devices: str = Field(
         "auto",
-        description="engine devices: auto (each visible GPU, else the CPU) or a list "
-        "such as cuda:0,cuda:1; one engine process per device",
+        description="engine devices: auto (each visible GPU, else the CPU) or a list such as cuda:0,cuda:1; "
+        "one engine process per device",
     )
     max_batch_size: int = Field(64, ge=1, description="crops per teacher batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits for more crops")
     max_queue_size: int = Field(4096, ge=1, description="items an engine holds; beyond: 503 + Retry-After")
     augment_workers: int = Field(
-        0,
-        ge=0,
-        description="augmentation processes per engine (0: one per CPU core divided among the engines, at most 8)",
+        0, ge=0, description="augmentation processes per engine (0: the CPU cores divided among the engines, at most 8)"
     )
     engine_buffers: int = Field(4, ge=2, description="shared batch buffers per engine")
     http_workers: int = Field(1, ge=1, description="uvicorn worker processes (HTTP, lookups and waiting)")
@@ -47,4 +68,22 @@ class Settings(BaseSettings):
     token: str | None = Field(None, description="bearer token required on /v1 when set")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 makes the service reachable from others")
     port: int = Field(8000, description="HTTP port")
-    log_level: str = Field("info", description="uvicorn log level: critical | error | warning | info | debug")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return init_settings, env_settings, _TeacherEnv(settings_cls), dotenv_settings, file_secret_settings
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as DISTILL_* variables (how `serve` hands them to its uvicorn workers)."""
+        flat = {k: v for k, v in self.model_dump(exclude={"teacher"}).items()}
+        flat.update(self.teacher.model_dump())
+
+        def text(value) -> str:
+            if isinstance(value, bool):
+                return str(value).lower()
+            return json.dumps(value) if isinstance(value, dict) else str(value)
+
+        return {ENV_PREFIX + name.upper(): text(value) for name, value in flat.items() if value is not None}

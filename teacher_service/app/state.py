@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from shards import AugmentPolicy
@@ -42,11 +41,10 @@ def policy_and_classes(settings: Settings) -> tuple[AugmentPolicy, list[str] | N
     """The augmentation policy (the manifest's hint + overrides) and the data set's classes."""
     from shards import Manifest
 
-    overrides = json.loads(settings.policy) if settings.policy else {}
     if settings.shards:
         manifest = Manifest.load(settings.shards)
-        return manifest.policy(**overrides), manifest.classes
-    return AugmentPolicy.from_dict(overrides), None
+        return manifest.policy(**settings.policy), manifest.classes
+    return AugmentPolicy.from_dict(settings.policy), None
 
 
 def engine_pool(settings: Settings) -> EnginePool:
@@ -56,14 +54,6 @@ def engine_pool(settings: Settings) -> EnginePool:
     policy, classes = policy_and_classes(settings)
     devices = engine_devices(settings.devices)
     workers = settings.augment_workers or max(1, min(8, (os.cpu_count() or 1) // len(devices)))
-    teacher = {
-        "model": settings.model,
-        "checkpoint": settings.checkpoint,
-        "pretrained": settings.pretrained,
-        "random_init": settings.random_init,
-        "num_classes": settings.num_classes,
-        "amp": settings.amp,
-    }
     config = EngineConfig(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_ms=settings.max_queue_delay_ms,
@@ -71,7 +61,7 @@ def engine_pool(settings: Settings) -> EnginePool:
         workers=workers,
         buffers=settings.engine_buffers,
     )
-    spec = EngineSpec(teacher, policy.to_json(), classes, settings.format, settings.store, config)
+    spec = EngineSpec(settings.teacher, policy.to_json(), classes, settings.format, settings.store, config)
     return EnginePool(spec, devices)
 
 

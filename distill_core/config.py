@@ -1,0 +1,153 @@
+"""One way to configure every command: a pydantic model is a command's configuration, and its fields,
+with their descriptions, are the command's flags.
+
+    class BuildConfig(BaseModel):
+        out: Path = Field(description="output directory")
+        shard_size: int = Field(1000, ge=1, description="samples per shard")
+
+gives `--out OUT` (required) and `--shard-size SHARD_SIZE` (default 1000). Types map to argparse:
+`bool` -> `--flag/--no-flag`, `Literal[...]` -> choices, `dict` -> a JSON object, `X | None` -> X.
+A field annotated with `Positional()` is a positional argument. A nested model annotated with
+`Nested(prefix)` contributes its own fields with that flag prefix, as an argument group: one
+`TeacherSettings` gives `--checkpoint` in precompute and the service and `--teacher-checkpoint` in
+the trainer.
+
+Only the flags given on the command line reach the model (argparse.SUPPRESS defaults), so the
+model decides everything else: its defaults, its validators and, for a pydantic-settings model,
+its environment variables (the service's DISTILL_*). Every field must have a description: that is
+the flag's help, and a field without one is refused when the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+SEP = "__"  # argparse dest of a nested field: teacher__checkpoint
+
+
+@dataclass(frozen=True)
+class Positional:
+    """Field metadata: a positional argument instead of a flag."""
+
+
+@dataclass(frozen=True)
+class Nested:
+    """Field metadata for a nested model: its fields become flags named `--{prefix}{field}`."""
+
+    prefix: str = ""
+    title: str | None = None
+
+
+class ConfigError(ValueError):
+    """A value given on the command line (or in the environment) that the configuration refuses."""
+
+
+def _strip_optional(annotation):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a dict field: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def _default_text(f: FieldInfo) -> str:
+    if f.is_required():
+        return ""
+    value = f.get_default(call_default_factory=True)
+    if value is None or value == "" or value == {}:
+        return ""
+    if isinstance(value, bool):
+        value = str(value).lower()
+    return f" (default: {value})"
+
+
+def _walk(model: type[BaseModel], prefix: str = "", dest: str = "", title: str | None = None):
+    """(field, flag name, argparse dest, group title) of every leaf field, nested models flattened."""
+    for name, f in model.model_fields.items():
+        nested = next((m for m in f.metadata if isinstance(m, Nested)), None)
+        if nested is not None:
+            sub = _strip_optional(f.annotation)
+            yield from _walk(sub, prefix + nested.prefix, dest + name + SEP, nested.title or name)
+            continue
+        yield f, prefix + name.replace("_", "-"), dest + name, title
+
+
+def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> argparse.ArgumentParser:
+    """Add one argument per field of `model` (and of its nested models) to `parser`."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f, flag, dest, title in _walk(model):
+        if not f.description:
+            raise TypeError(f"{model.__name__}: field {dest!r} has no description (it is the flag's help)")
+        target = parser if title is None else groups.setdefault(title, parser.add_argument_group(title))
+        kind = _strip_optional(f.annotation)
+        kw: dict = {"help": f.description + _default_text(f), "default": argparse.SUPPRESS}
+        if any(isinstance(m, Positional) for m in f.metadata):
+            if not f.is_required():
+                kw["nargs"] = "?"
+            target.add_argument(dest, metavar=flag.upper().replace("-", "_"), type=_scalar(kind), **kw)
+            continue
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            kw.update(choices=choices, type=type(choices[0]), metavar="{" + ",".join(map(str, choices)) + "}")
+        else:
+            kw.update(type=_scalar(kind), metavar=flag.upper().replace("-", "_"))
+        target.add_argument("--" + flag, dest=dest, required=f.is_required(), **kw)
+    return parser
+
+
+def _scalar(kind):
+    if kind is dict or typing.get_origin(kind) is dict:
+        return json_object
+    if kind in (int, float, str, Path):
+        return kind
+    raise TypeError(f"no command-line form for fields of type {kind!r}")
+
+
+def from_arguments(model: type[BaseModel], args: argparse.Namespace):
+    """The model from the flags that were given; a refused value raises ConfigError naming its flag."""
+    given = vars(args)
+    data: dict = {}
+    flags = {}
+    for _, flag, dest, _ in _walk(model):
+        flags[tuple(dest.split(SEP))] = flag
+        if dest in given:
+            *parents, leaf = dest.split(SEP)
+            node = data
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = given[dest]
+    try:
+        return model(**data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, flags)) from None
+
+
+def _explain(e: ValidationError, flags: dict[tuple, str]) -> str:
+    parts = []
+    for err in e.errors():
+        loc = tuple(str(x) for x in err.get("loc", ()))
+        flag = flags.get(loc)
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"--{flag}: {msg}" if flag else msg)
+    return "; ".join(parts)

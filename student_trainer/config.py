@@ -1,0 +1,102 @@
+"""The trainer's configuration: DeiT's recipe as defaults, every flag of `train`, and every check of
+their combination (a run that cannot work is refused before any process starts training)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distill_core import Nested
+from teacher_service.teacher import TeacherSettings
+
+LabelSource = Literal["none", "store", "service", "online"]
+OnMissing = Literal["error", "service", "online", "skip"]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shards: str = Field(description="shard directory (with manifest.json)")
+    out: str = Field(description="run directory: last.pt (checkpoint), metrics.jsonl, model.safetensors")
+    model: str = Field(
+        "deit_tiny_distilled_patch16_224",
+        description="timm model; distillation needs a deit_*_distilled_* model",
+    )
+    model_kwargs: dict = Field(
+        default_factory=dict,
+        description='JSON model kwargs, e.g. {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}',
+    )
+    policy: dict = Field(
+        default_factory=dict, description="JSON augmentation policy overrides (must match the labels' policy)"
+    )
+    # teacher labels
+    labels: LabelSource = Field(
+        "none", description="teacher labels: none | store | service | online (DeiT's in-process teacher)"
+    )
+    store: str | None = Field(None, description="label store URL for --labels store (file path or redis://)")
+    namespace: str | None = Field(None, description="label namespace id (prefix) when the store holds several")
+    service_url: str | None = Field(None, description="teacher service URL (--labels service, or --on-missing service)")
+    service_token: str | None = Field(None, description="bearer token of the teacher service")
+    on_missing: OnMissing = Field(
+        "error", description="a cached label is missing: error | service | online | skip (counted in the summary)"
+    )
+    teacher: Annotated[TeacherSettings, Nested("teacher-", title="online teacher")] = Field(
+        default_factory=TeacherSettings, description="the online teacher (--labels online, --on-missing online)"
+    )
+    # DeiT's loss
+    distillation_type: Literal["none", "soft", "hard"] | None = Field(
+        None, description="none | soft | hard (default: hard with teacher labels, none without)"
+    )
+    distillation_alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (DeiT: 0.5)")
+    distillation_tau: float = Field(1.0, gt=0, description="soft distillation temperature (DeiT: 1.0)")
+    # DeiT's recipe
+    epochs: int = Field(300, ge=1, description="training epochs")
+    batch_size: int = Field(128, ge=1, description="batch size per rank")
+    lr: float = Field(5e-4, gt=0, description="learning rate for a global batch of 512, scaled linearly (DeiT: 5e-4)")
+    min_lr: float = Field(1e-5, ge=0, description="final learning rate of the cosine schedule, for a batch of 512")
+    warmup_lr: float = Field(1e-6, ge=0, description="learning rate at the start of warm-up")
+    warmup_epochs: int = Field(5, ge=0, description="epochs of linear warm-up")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the class-head target")
+    mixup: float = Field(0.8, ge=0, description="mixup alpha (0: off)")
+    cutmix: float = Field(1.0, ge=0, description="cutmix alpha (0: off)")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix instead of mixup")
+    repeated_aug: int = Field(
+        3, ge=1, description="repeated augmentation: each image R times per epoch with seeds e*R+r (DeiT: 3)"
+    )
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate")
+    clip_grad: float | None = Field(None, gt=0, description="gradient norm clipping (default off)")
+    # execution
+    amp: Literal["auto", "bf16", "fp16", "none"] = Field("auto", description="auto (bf16 on CUDA, none on CPU)")
+    workers: int = Field(2, ge=0, description="data-loader worker processes per rank")
+    threads: int = Field(0, ge=0, description="torch CPU threads per rank (0: cores / ranks)")
+    seed: int = Field(0, ge=0, description="seed of weights, data order and mixup")
+    eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: never)")
+    checkpoint_every: int = Field(1, ge=0, description="checkpoint every N epochs (0: never)")
+    max_steps: int = Field(0, ge=0, description="stop after N optimizer steps (benchmarks; 0: full run)")
+    resume: str | None = Field(None, description="checkpoint to resume from, or 'auto' for OUT/last.pt if present")
+    export: bool = Field(True, description="write OUT/model.safetensors at the end (loadable as a teacher)")
+    progress: bool = Field(True, description="progress bar on rank 0")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.distillation_type is None:
+            self.distillation_type = "none" if self.labels == "none" else "hard"
+        if (self.distillation_type == "none") != (self.labels == "none"):
+            raise ValueError(f"--distillation-type {self.distillation_type} does not fit --labels {self.labels}")
+        if self.labels == "store" and not self.store:
+            raise ValueError("--labels store needs --store URL")
+        if self.labels == "service" and not self.service_url:
+            raise ValueError("--labels service needs --service-url")
+        if self.on_missing == "service" and not self.service_url:
+            raise ValueError("--on-missing service needs --service-url")
+        if self.needs_teacher:
+            self.teacher.check_source()
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        """An in-process teacher: DeiT's online baseline, or the fallback for missing labels."""
+        return self.labels == "online" or (self.labels in ("store", "service") and self.on_missing == "online")

@@ -1,0 +1,78 @@
+"""Every command is configured one way (a pydantic model whose fields are its flags): each flag is
+listed once with help, nested teacher settings keep their flag names, values are validated with
+the flag named in the error, and the service's DISTILL_* variables still configure it."""
+
+import argparse
+import os
+from unittest import mock
+
+import pytest
+from conftest import run_cli
+
+import shards.__main__ as shards_cli
+import student_trainer.__main__ as trainer_cli
+import teacher_service.__main__ as teacher_cli
+from distill_core import ConfigError
+
+APPS = [shards_cli.APP, teacher_cli.APP, trainer_cli.APP]
+
+
+def leaf_parsers(parser: argparse.ArgumentParser, path=()):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for sub in subs:
+        for name, p in sub.choices.items():
+            yield from leaf_parsers(p, (*path, name))
+
+
+def test_every_flag_once_with_help():
+    seen = 0
+    for app in APPS:
+        for path, parser in leaf_parsers(app.parser()):
+            flags = [s for a in parser._actions for s in a.option_strings]
+            assert len(flags) == len(set(flags)), (path, flags)
+            for action in parser._actions:
+                if isinstance(action, argparse._HelpAction):
+                    continue
+                assert action.help and len(action.help) > 8, (path, action.dest)
+                assert action.help.count("(default:") <= 1, (path, action.help)
+                seen += 1
+    assert seen > 80  # the walk really reached the commands
+
+
+def test_teacher_settings_nest_under_each_command():
+    _, pre = teacher_cli.APP.parse(["precompute", "--shards", "s", "--seeds", "0:4", "--checkpoint", "t.safetensors"])
+    assert pre.teacher.checkpoint == "t.safetensors" and pre.teacher.amp == "auto"
+    _, train = trainer_cli.APP.parse(
+        ["train", "--shards", "s", "--out", "o", "--labels", "online", "--teacher-checkpoint", "t.safetensors"]
+    )
+    assert train.teacher.checkpoint == "t.safetensors" and train.distillation_type == "hard"
+
+
+def test_refused_values_name_their_flag():
+    with pytest.raises(ConfigError, match="--shard-size"):
+        shards_cli.APP.parse(["build", "--demo", "digits", "--out", "x", "--shard-size", "0"])
+    with pytest.raises(ConfigError, match="--labels store needs --store"):
+        trainer_cli.APP.parse(["train", "--shards", "s", "--out", "o", "--labels", "store"])
+    with pytest.raises(ConfigError, match="exactly one teacher weight source"):
+        trainer_cli.APP.parse(["train", "--shards", "s", "--out", "o", "--labels", "online"])
+    with pytest.raises(SystemExit):  # argparse: not JSON
+        trainer_cli.APP.parse(["train", "--shards", "s", "--out", "o", "--model-kwargs", "{oops"])
+    r = run_cli("shards", "build", "--demo", "digits", "--out", "x", "--val-fraction", "1.5", check=False)
+    assert r.returncode == 2 and r.stderr.startswith("ERROR --val-fraction")
+
+
+def test_service_flags_and_environment():
+    env = {"DISTILL_CHECKPOINT": "/w/teacher.safetensors", "DISTILL_MAX_BATCH_SIZE": "32", "DISTILL_AMP": "fp16"}
+    with mock.patch.dict(os.environ, env):
+        _, s = teacher_cli.APP.parse(["serve", "--amp", "none", "--policy", '{"input_size": 64}'])
+        assert s.teacher.checkpoint == "/w/teacher.safetensors"  # flat name of a nested setting
+        assert s.teacher.amp == "none"  # the flag wins over the environment
+        assert s.max_batch_size == 32 and s.policy == {"input_size": 64}
+        exported = s.to_env()
+    assert exported["DISTILL_CHECKPOINT"] == "/w/teacher.safetensors" and exported["DISTILL_AMP"] == "none"
+    with mock.patch.dict(os.environ, exported, clear=True):  # what serve's HTTP workers read back
+        from teacher_service.app.config import Settings
+
+        assert Settings() == s
