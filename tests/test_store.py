@@ -231,3 +231,55 @@ def test_stats_and_copy_cli(tmp_path, redis_server):
     assert r["namespaces"][0]["labels"] == 301
     bad = run_cli("teacher_service", "labels", "stats", "ftp://x", check=False)
     assert bad.returncode == 2 and "unsupported store URL" in bad.stderr
+
+
+def test_seeds_are_bounded_by_the_namespace(store_url):
+    from teacher_service.store import DEFAULT_SEED_LIMIT, SeedOutOfRange
+
+    with open_store(store_url, NS) as st:
+        assert st.seed_limit == DEFAULT_SEED_LIMIT
+        st.put(["k"], [DEFAULT_SEED_LIMIT - 1], [3])
+        with pytest.raises(SeedOutOfRange, match="precompute with --seeds 0:5001"):
+            st.put(["k"], [5000], [3])  # would grow the row past what the namespace serves
+        got = st.get(["k", "k"], [DEFAULT_SEED_LIMIT - 1, 5000])
+        assert got.present.tolist() == [True, False]  # beyond the range: missing, never fetched
+    with open_store(store_url, NS, seed_limit=6000) as wider, open_store(store_url, NS, seed_limit=10) as st:
+        assert wider.seed_limit == st.seed_limit == 6000  # extended by the first, never lowered by the second
+        st.put(["k"], [5000], [4])
+        assert wider.get(["k"], [5000]).top1[0] == 4
+
+
+def test_a_long_row_does_not_inflate_a_batch(store_url):
+    """One image with a label at the last seed (a 2 MB row) beside 255 short rows: a get of the
+    batch allocates about the rows it fetched, not 256 rows padded to the longest."""
+    import tracemalloc
+
+    from teacher_service.namespace import MAX_SEED
+
+    with open_store(store_url, NS, seed_limit=MAX_SEED + 1) as st:
+        keys = [f"k/{i}" for i in range(256)]
+        st.put(keys, [0] * 256, [1] * 256)
+        st.put(["k/0"], [MAX_SEED], [2])
+        tracemalloc.start()
+        got = st.get(keys, [MAX_SEED] + [0] * 255)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert got.present.all() and got.top1[0] == 2
+        assert peak < 16 * 2**20, peak  # padded, it was 256 x 2 MB = 512 MB
+
+
+def test_redis_that_lost_its_data_gets_the_namespace_back(redis_server):
+    """A Redis restarted without persistence keeps no metadata; the next write restores it, so the
+    rows written after are never rows that no namespace describes."""
+    import redis as redis_py
+
+    from teacher_service.store import list_namespaces
+
+    with open_store(redis_server.url, NS, seed_limit=2000) as st:
+        st.put(["a"], [0], [1])
+        redis_py.Redis(port=redis_server.port).flushall()
+        assert list_namespaces(redis_server.url) == []
+        st.put(["b"], [1], [2])
+        assert [m["id"] for m in list_namespaces(redis_server.url)] == [NS.id]
+    with open_store(redis_server.url, NS, create=False) as again:
+        assert again.seed_limit == 2000 and again.get(["b"], [1]).top1[0] == 2

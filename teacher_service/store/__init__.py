@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..namespace import Namespace, NamespaceMismatch
-from .base import LabelBatch, LabelStore, StoreError, StoreUnavailable
+from .base import DEFAULT_SEED_LIMIT, LabelBatch, LabelStore, SeedOutOfRange, StoreError, StoreUnavailable, redact
 from .file_store import FileStore
 from .file_store import list_namespaces as _file_namespaces
 from .redis_store import RedisStore
@@ -21,13 +21,15 @@ BACKENDS: dict[str, tuple[type[LabelStore], Callable[[str], list[dict]]]] = {
 def _scheme(url: str) -> str:
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     if scheme not in BACKENDS:
-        raise ValueError(f"unsupported store URL {url!r}: use redis://, rediss://, file:// or a path")
+        raise ValueError(f"unsupported store URL {redact(url)!r}: use redis://, rediss://, file:// or a path")
     return scheme
 
 
-def open_store(url: str, namespace: Namespace, create: bool = True) -> LabelStore:
-    """Open `namespace` in the store at `url` (created unless create=False)."""
-    return BACKENDS[_scheme(url)][0](url, namespace, create=create)
+def open_store(url: str, namespace: Namespace, create: bool = True, seed_limit: int | None = None) -> LabelStore:
+    """Open `namespace` in the store at `url` (created unless create=False). The namespace serves
+    seeds 0 .. seed_limit - 1: `seed_limit` raises the stored limit (DEFAULT_SEED_LIMIT for a new
+    namespace when not given); it is never lowered."""
+    return BACKENDS[_scheme(url)][0](url, namespace, create=create, seed_limit=seed_limit)
 
 
 def list_namespaces(url: str) -> list[dict]:
@@ -43,13 +45,15 @@ def open_existing(url: str, namespace_id: str | None = None) -> LabelStore:
     if len(metas) != 1:
         have = ", ".join(m["id"] for m in list_namespaces(url)) or "none"
         raise StoreError(
-            f"{url}: need exactly one namespace matching {namespace_id or '*'} (have: {have}); pass --namespace"
+            f"{redact(url)}: need exactly one namespace matching {namespace_id or '*'} (have: {have}); pass --namespace"
         )
     return open_store(url, Namespace.from_meta(metas[0]), create=False)
 
 
 __all__ = [
+    "DEFAULT_SEED_LIMIT",
     "LabelBatch",
+    "SeedOutOfRange",
     "LabelStore",
     "StoreError",
     "StoreUnavailable",
@@ -57,6 +61,7 @@ __all__ = [
     "open_store",
     "list_namespaces",
     "open_existing",
+    "redact",
     "FileStore",
     "RedisStore",
 ]

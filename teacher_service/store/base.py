@@ -11,18 +11,38 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from ..namespace import MAX_SEED, Namespace, RecordFormat
 
+# Seeds a namespace serves when nobody said: DeiT's 300 epochs x 3 repeats fit, with room.
+DEFAULT_SEED_LIMIT = 1024
+
 
 class StoreError(RuntimeError):
-    """Base class of label-store failures."""
+    """Base class of label-store failures. Messages carry URLs through `redact`: never a password."""
+
+
+def redact(url: str) -> str:
+    """The URL with its password (and user name) replaced: what logs, errors and summaries show."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = "***@" + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class StoreUnavailable(StoreError):
     """The store could not be reached (after bounded retries). No labels were returned."""
+
+
+class SeedOutOfRange(ValueError):
+    """A seed beyond the range the namespace serves (what its precompute and schedule need)."""
 
 
 @dataclass
@@ -137,23 +157,67 @@ class LabelStore(abc.ABC):
         self.namespace = namespace
         self.codec = RowCodec(namespace.format)
 
+    # -- seed range ----------------------------------------------------------------------
+    seed_limit: int  # the namespace serves seeds 0 .. seed_limit - 1
+
+    @abc.abstractmethod
+    def _read_seed_limit(self) -> int | None:
+        """The stored limit; None when the namespace has none recorded (made by an older version)."""
+
+    @abc.abstractmethod
+    def _extend_seed_limit(self, limit: int) -> int:
+        """Raise the stored limit to at least `limit` (never lower it), atomically; return it."""
+
+    def _init_seed_limit(self, create: bool, seed_limit: int | None) -> None:
+        stored = self._read_seed_limit()
+        if stored is None:
+            if not create:
+                stored = MAX_SEED + 1  # an older store: no bound known, rows were bounded by MAX_SEED
+            else:
+                stored = self._extend_seed_limit(seed_limit or DEFAULT_SEED_LIMIT)
+        if seed_limit is not None and seed_limit > stored:
+            stored = self._extend_seed_limit(seed_limit)
+        self.seed_limit = stored
+
+    def refresh_seed_limit(self) -> int:
+        """Re-read the limit (another process, e.g. precompute, may have extended it)."""
+        stored = self._read_seed_limit()
+        if stored is not None:
+            self.seed_limit = stored
+        return self.seed_limit
+
+    def check_seeds(self, seeds: Sequence[int]) -> None:
+        """SeedOutOfRange unless every seed is inside the namespace's range (re-read once if not)."""
+        top = max(seeds, default=-1)
+        if top >= self.seed_limit and top >= self.refresh_seed_limit():
+            raise SeedOutOfRange(
+                f"seed {top} is outside namespace {self.namespace.id}'s range 0..{self.seed_limit - 1}; "
+                f"precompute with --seeds 0:{top + 1} (or serve with --seed-limit {top + 1}) to extend it"
+            )
+
     # -- hot path -------------------------------------------------------------------------
     def get(self, keys: Sequence[str], seeds: Sequence[int]) -> LabelBatch:
+        """Labels of (key, seed) pairs; seeds outside the namespace's range read as missing.
+
+        One fetch of the distinct images' rows; each label is cut out of the fetched bytes at its
+        row's offset, so nothing larger than the rows themselves (each bounded by the seed limit)
+        is allocated, however long any one row is."""
         s = validate_pairs(keys, seeds)
-        if not len(s):
-            return self.codec.decode(np.zeros((0, self.codec.width), np.uint8))
-        uniq = list(dict.fromkeys(keys))
-        rows = [r or b"" for r in self._get_rows(uniq)]
         w = self.codec.width
-        # Vectorized slicing: rows padded into one [unique keys, max row] array, then indexed.
-        length = max(max(map(len, rows)), w)
-        table = np.frombuffer(b"".join(r.ljust(length, b"\0") for r in rows), dtype=np.uint8).reshape(len(rows), length)
-        pos = {k: i for i, k in enumerate(uniq)}
-        ki = np.fromiter((pos[k] for k in keys), dtype=np.int64, count=len(keys))
-        beyond = s * w + w > length  # seeds past the end of a row: missing
-        cols = np.where(beyond, 0, s)[:, None] * w + np.arange(w)[None, :]
-        slots = table[ki[:, None], cols]
-        slots[beyond] = 0
+        slots = np.zeros((len(s), w), dtype=np.uint8)
+        wanted = np.flatnonzero(s < self.seed_limit)
+        if len(wanted):
+            pos = {k: i for i, k in enumerate(dict.fromkeys(keys[i] for i in wanted))}
+            rows = [r or b"" for r in self._get_rows(list(pos))]
+            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            ki = np.fromiter((pos[keys[i]] for i in wanted), dtype=np.int64, count=len(wanted))
+            offset = s[wanted] * w
+            stored = offset + w <= lengths[ki]  # past a row's end: missing
+            src = starts[ki[stored]] + offset[stored]
+            if len(src):
+                buf = np.frombuffer(b"".join(rows), dtype=np.uint8)
+                slots[wanted[stored]] = buf[src[:, None] + np.arange(w)[None, :]]
         return self.codec.decode(slots)
 
     def put(self, keys: Sequence[str], seeds: Sequence[int], classes, probs=None) -> int:
@@ -161,6 +225,7 @@ class LabelStore(abc.ABC):
         s = validate_pairs(keys, seeds)
         if not len(s):
             return 0
+        self.check_seeds(s.tolist())
         classes = np.asarray(classes).reshape(len(s), -1)
         if (classes >= self.namespace.num_classes).any():
             raise ValueError(f"class id >= num_classes ({self.namespace.num_classes})")
@@ -171,6 +236,8 @@ class LabelStore(abc.ABC):
     # -- rows: copy, stats ---------------------------------------------------------------
     def put_rows(self, rows: dict[str, bytes]) -> None:
         """Merge whole rows (present slots only), e.g. from another store."""
+        longest = max((len(r) for r in rows.values()), default=0) // self.codec.width
+        self.check_seeds([longest - 1])
         self._put_runs({k: self.codec.runs(r) for k, r in rows.items() if self.codec.present_mask(r).any()})
 
     @abc.abstractmethod

@@ -70,7 +70,7 @@ def _open(path: Path) -> _Conn:
 
 
 class FileStore(LabelStore):
-    def __init__(self, url: str, namespace: Namespace, create: bool = True):
+    def __init__(self, url: str, namespace: Namespace, create: bool = True, seed_limit: int | None = None):
         super().__init__(namespace)
         self.url = url
         self.path = path_from_url(url)
@@ -89,6 +89,26 @@ class FileStore(LabelStore):
             row = db.execute("SELECT nsid, meta FROM namespaces WHERE id = ?", (namespace.id,)).fetchone()
         namespace.check_against(json.loads(row[1]))
         self.nsid = row[0]
+        self._init_seed_limit(create, seed_limit)
+
+    def _read_seed_limit(self) -> int | None:
+        with self.conn.lock:
+            row = self.conn.get().execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()
+        return json.loads(row[0]).get("seed_limit") if row else None
+
+    def _extend_seed_limit(self, limit: int) -> int:
+        with self.conn.lock:
+            db = self.conn.get()
+            db.execute("BEGIN IMMEDIATE")  # read-modify-write of the metadata, one writer at a time
+            try:
+                meta = json.loads(db.execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()[0])
+                meta["seed_limit"] = max(int(meta.get("seed_limit") or 0), limit)
+                db.execute("UPDATE namespaces SET meta = ? WHERE nsid = ?", (json.dumps(meta), self.nsid))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return meta["seed_limit"]
 
     def _select(self, db, keys: list[str]) -> dict[str, bytes]:
         out = {}

@@ -18,15 +18,17 @@ from urllib.parse import parse_qs, urlparse
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..namespace import Namespace
-from .base import LabelStore, StoreError, StoreUnavailable
+from .base import LabelStore, StoreError, StoreUnavailable, redact
 
 RETRIES = 3
+# Unreachable, or a cluster with a master gone (its slots uncovered): nothing was read or written.
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ClusterError, RedisClusterException, OSError)
 
 
 def connect(url: str, socket_timeout: float = 5.0):
@@ -47,35 +49,54 @@ def connect(url: str, socket_timeout: float = 5.0):
 
 
 def _unavailable(url: str, e: Exception) -> StoreUnavailable:
-    return StoreUnavailable(f"redis store {url} unavailable after {RETRIES} retries: {e}")
+    return StoreUnavailable(f"redis store {redact(url)} unavailable after {RETRIES} retries: {e}")
+
+
+# Raise the limit, never lower it, in one step: two writers extending at once keep the larger.
+_EXTEND = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local wanted = tonumber(ARGV[1])
+if wanted > current then redis.call('SET', KEYS[1], wanted) return wanted end
+return current
+"""
 
 
 class RedisStore(LabelStore):
-    def __init__(self, url: str, namespace: Namespace, create: bool = True):
+    def __init__(self, url: str, namespace: Namespace, create: bool = True, seed_limit: int | None = None):
         super().__init__(namespace)
         self.url = url
         self.client, self.cluster = connect(url)
         self.prefix = f"dl:{namespace.id}:r:"
         self.meta_key = f"dl:{{{namespace.id}}}:meta"
+        self.seeds_key = f"dl:{{{namespace.id}}}:seeds"  # same hash slot as meta_key
+        self.meta_json = json.dumps(namespace.meta())
         try:
             stored = self.client.get(self.meta_key)
             if stored is None:
                 if not create:
-                    raise StoreError(f"namespace {namespace.id} not found in {url}")
+                    raise StoreError(f"namespace {namespace.id} not found in {redact(url)}")
                 # NX: two processes creating the namespace at once agree on one record.
-                self.client.set(self.meta_key, json.dumps(namespace.meta()), nx=True)
+                self.client.set(self.meta_key, self.meta_json, nx=True)
                 stored = self.client.get(self.meta_key)
             namespace.check_against(json.loads(stored))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            self._init_seed_limit(create, seed_limit)
+        except UNAVAILABLE as e:
             raise _unavailable(url, e) from e
+
+    def _read_seed_limit(self) -> int | None:
+        value = self._call(self.client.get, self.seeds_key)
+        return int(value) if value is not None else None
+
+    def _extend_seed_limit(self, limit: int) -> int:
+        return int(self._call(self.client.eval, _EXTEND, 1, self.seeds_key, limit))
 
     def _call(self, fn, *args):
         try:
             return fn(*args)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        except UNAVAILABLE as e:
             raise _unavailable(self.url, e) from e
         except RedisError as e:
-            raise StoreError(f"redis store {self.url}: {e}") from e
+            raise StoreError(f"redis store {redact(self.url)}: {e}") from e
 
     def _get_rows(self, keys: list[str]) -> list[bytes | None]:
         names = [self.prefix + k for k in keys]
@@ -86,6 +107,10 @@ class RedisStore(LabelStore):
     def _put_runs(self, runs: dict[str, list[tuple[int, bytes]]]) -> None:
         def write():
             pipe = self.client.pipeline(transaction=False)
+            # A Redis that lost its data (restarted without persistence) gets the namespace's
+            # metadata back with the first write, instead of rows no namespace describes.
+            pipe.set(self.meta_key, self.meta_json, nx=True)
+            pipe.set(self.seeds_key, self.seed_limit, nx=True)
             for key, parts in runs.items():
                 for off, data in parts:
                     pipe.setrange(self.prefix + key, off, data)
@@ -117,6 +142,7 @@ class RedisStore(LabelStore):
                 pipe.unlink(name)
             deleted += sum(self._call(pipe.execute))
         self._call(self.client.delete, self.meta_key)
+        self._call(self.client.delete, self.seeds_key)
         return deleted
 
     def bytes_used(self) -> int:
@@ -143,5 +169,5 @@ def list_namespaces(url: str) -> list[dict]:
     client, _ = connect(url)
     try:
         return [json.loads(client.get(k)) for k in client.scan_iter(match="dl:{*}:meta", count=1000)]
-    except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+    except UNAVAILABLE as e:
         raise _unavailable(url, e) from e
