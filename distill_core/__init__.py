@@ -5,13 +5,14 @@ It sits below `shards`, `teacher_service` and `student_trainer` and imports none
 
 from .checkpoint import atomic_save, clean_state_dict, load_training_checkpoint, read_weights, save_weights
 from .cli import App, Command, parse_script_args
-from .config import ConfigError, Nested, Positional, add_arguments, from_arguments
+from .config import ConfigError, Nested, NotAFlag, Positional, add_arguments, from_arguments, read_secret
 
 __all__ = [
     "App",
     "Command",
     "ConfigError",
     "Nested",
+    "NotAFlag",
     "Positional",
     "add_arguments",
     "atomic_save",
@@ -20,6 +21,7 @@ __all__ = [
     "from_arguments",
     "lazy_exports",
     "parse_script_args",
+    "read_secret",
     "read_weights",
     "save_weights",
 ]

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ class Command:
     name: str
     help: str
     config: type[BaseModel] | None = None
-    run: Callable[[BaseModel], dict | int | None] | None = None
+    run: Callable[[BaseModel], dict | tuple[dict, int] | int | None] | None = None
     description: str | None = None
     commands: list[Command] = field(default_factory=list)
 
@@ -81,12 +82,17 @@ class App:
             command, config = self.parse(argv)
             result = command.run(config)
         except (ConfigError, *USER_ERRORS, *self.user_errors) as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is a repr
+            message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)  # KeyError's str() is a repr
+            if "Original Traceback" in message:  # re-raised from a data-loader worker: its own last line
+                message = re.sub(r"^[A-Za-z_][\w.]*: ", "", message.strip().splitlines()[-1])  # minus the class
             print(f"ERROR {message}", file=sys.stderr)
             return 2
+        code = 0
+        if isinstance(result, tuple):  # (summary, exit code): a summary of a run that failed in part
+            result, code = result
         if isinstance(result, dict):
             print(json.dumps(result), flush=True)
-            return 0
+            return code
         return int(result or 0)
 
 

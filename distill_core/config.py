@@ -6,7 +6,8 @@ with their descriptions, are the command's flags.
         shard_size: int = Field(1000, ge=1, description="samples per shard")
 
 gives `--out OUT` (required) and `--shard-size SHARD_SIZE` (default 1000). Types map to argparse:
-`bool` -> `--flag/--no-flag`, `Literal[...]` -> choices, `dict` -> a JSON object, `X | None` -> X.
+`bool` -> `--flag/--no-flag`, `Literal[...]` -> choices, `dict` -> a JSON object, `list[X]` -> one or
+more values, `X | None` -> X.
 A field annotated with `Positional()` is a positional argument. A nested model annotated with
 `Nested(prefix)` contributes its own fields with that flag prefix, as an argument group: one
 `TeacherSettings` gives `--checkpoint` in precompute and the service and `--teacher-checkpoint` in
@@ -39,6 +40,12 @@ class Positional:
 
 
 @dataclass(frozen=True)
+class NotAFlag:
+    """Field metadata: never on the command line (a secret: `ps` shows every process's arguments).
+    It comes from the environment (a pydantic-settings model) or from code."""
+
+
+@dataclass(frozen=True)
 class Nested:
     """Field metadata for a nested model: its fields become flags named `--{prefix}{field}`."""
 
@@ -48,6 +55,14 @@ class Nested:
 
 class ConfigError(ValueError):
     """A value given on the command line (or in the environment) that the configuration refuses."""
+
+
+def read_secret(path: str | Path, flag: str) -> str:
+    """A secret (a bearer token) from a file, for a `--*-file` flag: never passed as a flag itself."""
+    secret = Path(path).read_text().strip()
+    if not secret:
+        raise ValueError(f"{flag} {path} is empty")
+    return secret
 
 
 def _strip_optional(annotation):
@@ -77,6 +92,10 @@ def _default_text(f: FieldInfo) -> str:
         return ""
     if isinstance(value, bool):
         value = str(value).lower()
+    elif isinstance(value, dict):
+        value = json.dumps(value)
+    elif isinstance(value, list):
+        value = " ".join(map(str, value))
     return f" (default: {value})"
 
 
@@ -87,6 +106,8 @@ def _walk(model: type[BaseModel], prefix: str = "", dest: str = "", title: str |
         if nested is not None:
             sub = _strip_optional(f.annotation)
             yield from _walk(sub, prefix + nested.prefix, dest + name + SEP, nested.title or name)
+            continue
+        if any(isinstance(m, NotAFlag) for m in f.metadata):
             continue
         yield f, prefix + name.replace("_", "-"), dest + name, title
 
@@ -100,8 +121,12 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> ar
         target = parser if title is None else groups.setdefault(title, parser.add_argument_group(title))
         kind = _strip_optional(f.annotation)
         kw: dict = {"help": f.description + _default_text(f), "default": argparse.SUPPRESS}
+        many = typing.get_origin(kind) is list
+        if many:  # list[X]: one or more values
+            kind = typing.get_args(kind)[0]
+            kw["nargs"] = "+"
         if any(isinstance(m, Positional) for m in f.metadata):
-            if not f.is_required():
+            if not f.is_required() and not many:
                 kw["nargs"] = "?"
             target.add_argument(dest, metavar=flag.upper().replace("-", "_"), type=_scalar(kind), **kw)
             continue

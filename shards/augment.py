@@ -17,6 +17,7 @@ import io
 import json
 import random
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -193,15 +194,23 @@ def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to RGB; raises ValueError for anything undecodable."""
+    """Decode encoded image bytes to RGB; raises ValueError for anything undecodable or larger than
+    Image.MAX_IMAGE_PIXELS (Pillow only warns between 1x and 2x its limit: here that is an error)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # Pillow warns of a bomb it would still decode; we refuse it below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only
+        with im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height}")
             im.load()
             return im.convert("RGB")
     except Image.DecompressionBombError as e:
-        raise ValueError(f"image too large: {e}") from e
+        raise ValueError(f"image too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels") from e
+    except Image.UnidentifiedImageError as e:
+        raise ValueError("cannot identify the image format") from e  # Pillow's text names a heap address
     except Exception as e:  # PIL raises several types for bad data
-        raise ValueError(f"cannot decode image: {e}") from e
+        raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
 
 
 def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, restore_rng: bool = True) -> torch.Tensor:

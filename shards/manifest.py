@@ -82,22 +82,27 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def verify_shard(directory: str | os.PathLike, shard: ShardInfo) -> str | None:
+    """What is wrong with one shard against its manifest entry (missing, resized, modified), or None."""
+    p = Path(directory) / shard.name
+    if not p.exists():
+        return f"{shard.name} missing"
+    size = p.stat().st_size
+    if size != shard.bytes:
+        return f"{shard.name} has {size} bytes, manifest says {shard.bytes} (truncated?)"
+    digest = sha256_file(p)
+    if digest != shard.sha256:
+        return f"{shard.name} sha256 {digest[:12]}.. != manifest {shard.sha256[:12]}.. (modified)"
+    return None
+
+
 def verify(directory: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
     """Problems found (missing, resized or modified shards); empty when everything matches."""
-    directory = Path(directory)
     manifest = manifest or Manifest.load(directory)
     problems = []
     for split, shards in manifest.splits.items():
         for s in shards:
-            p = directory / s.name
-            if not p.exists():
-                problems.append(f"{split}: {s.name} missing")
-                continue
-            size = p.stat().st_size
-            if size != s.bytes:
-                problems.append(f"{split}: {s.name} has {size} bytes, manifest says {s.bytes} (truncated?)")
-                continue
-            digest = sha256_file(p)
-            if digest != s.sha256:
-                problems.append(f"{split}: {s.name} sha256 {digest[:12]}.. != manifest {s.sha256[:12]}.. (modified)")
+            problem = verify_shard(directory, s)
+            if problem:
+                problems.append(f"{split}: {problem}")
     return problems

@@ -572,9 +572,10 @@ class LabelEngine:
         return self._failed
 
 
-def exit_with_parent() -> None:
-    """Exit when the multiprocessing parent of this process is gone (no orphans after a kill -9).
-    A process not started by multiprocessing has no such parent: nothing to watch."""
+def exit_with_parent(cleanup: Callable[[], None] | None = None) -> None:
+    """Exit when the multiprocessing parent of this process is gone (no orphans after a kill -9),
+    after `cleanup` (what the parent can no longer remove). A process not started by
+    multiprocessing has no such parent: nothing to watch."""
     from multiprocessing.connection import wait
 
     parent = mp.parent_process()
@@ -583,6 +584,9 @@ def exit_with_parent() -> None:
 
     def run():
         wait([parent.sentinel])
+        if cleanup is not None:
+            with contextlib.suppress(Exception):
+                cleanup()
         os._exit(0)
 
     threading.Thread(target=run, name="parent-watch", daemon=True).start()

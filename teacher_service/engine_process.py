@@ -49,6 +49,7 @@ class EngineSpec:
     store_url: str
     config: EngineConfig
     device: str = "cpu"
+    seed_limit: int | None = None
 
 
 def engine_devices(devices: str) -> list[str]:
@@ -89,7 +90,8 @@ def _engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connecti
     from .teacher import Teacher
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s engine[{spec.device}] %(message)s")
-    exit_with_parent()
+    # a supervisor killed with SIGKILL cannot remove its private directory (sockets, metrics): we do
+    exit_with_parent(cleanup=lambda: shutil.rmtree(os.path.dirname(address), ignore_errors=True))
     try:
         if spec.device.startswith("cuda"):
             import torch
@@ -100,7 +102,8 @@ def _engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connecti
         fmt = RecordFormat.parse(spec.format)
         classes = spec.classes or teacher.classes
         namespace = teacher.namespace(policy.policy_id, fmt, classes)
-        open_store(spec.store_url, namespace).close()  # create the namespace, fail early when unreachable
+        # create the namespace (and extend its seed range) now: fail early when the store is unreachable
+        open_store(spec.store_url, namespace, seed_limit=spec.seed_limit).close()
         engine = LabelEngine(teacher, policy, fmt, spec.config, spec.store_url, namespace, Metrics()).start()
         listener = Listener(address, family="AF_UNIX", authkey=authkey)
     except Exception as e:
@@ -360,6 +363,11 @@ class EnginePool:
                 self.close()
                 raise EngineError(f"{p.name} failed to start: {detail}")
         return self
+
+    @property
+    def directory(self) -> str:
+        """The pool's private directory (mode 0700, removed at close): sockets, metrics, hand-overs."""
+        return self._dir
 
     def env(self) -> dict[str, str]:
         """What an HTTP worker needs to connect (it inherits the environment)."""

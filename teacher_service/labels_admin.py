@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from distill_core import Command, Positional
 
-from .store import LabelStore, list_namespaces, open_existing, open_store
+from .store import LabelStore, list_namespaces, open_existing, open_store, redact
 
 
 def coverage_runs(per_seed: np.ndarray) -> list[list[int]]:
@@ -58,12 +58,15 @@ def stats(url: str, namespace_id: str | None = None, progress: bool = True) -> d
     for m in metas:
         with open_existing(url, m["id"]) as store:
             out.append(namespace_stats(store, progress))
-    return {"url": url, "namespaces": out}
+    return {"url": redact(url), "namespaces": out}
 
 
 def copy(src_url: str, dst_url: str, namespace_id: str | None = None, batch: int = 1000, progress: bool = True) -> dict:
     """Merge a namespace's labels from src into dst (present labels only; idempotent)."""
-    with open_existing(src_url, namespace_id) as src, open_store(dst_url, src.namespace) as dst:
+    with (
+        open_existing(src_url, namespace_id) as src,
+        open_store(dst_url, src.namespace, seed_limit=src.seed_limit) as dst,
+    ):
         keys = labels = 0
         with tqdm(total=src.num_keys(), desc="copy", unit="img", disable=not progress) as bar:
             for rows in src.iter_rows(batch):
@@ -72,7 +75,13 @@ def copy(src_url: str, dst_url: str, namespace_id: str | None = None, batch: int
                 keys += len(payload)
                 labels += int(sum(src.codec.present_mask(r).sum() for r in payload.values()))
                 bar.update(len(rows))
-        return {"src": src_url, "dst": dst_url, "namespace": src.namespace.id, "images": keys, "labels": labels}
+        return {
+            "src": redact(src_url),
+            "dst": redact(dst_url),
+            "namespace": src.namespace.id,
+            "images": keys,
+            "labels": labels,
+        }
 
 
 class StatsConfig(BaseModel):

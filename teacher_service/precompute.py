@@ -22,11 +22,12 @@ from tqdm import tqdm
 
 from distill_core import Command, Nested
 from shards import Manifest
+from shards.manifest import verify_shard
 from shards.members import scan_shard
 
 from .engine import EngineConfig, Job, LabelEngine, Result
 from .namespace import RecordFormat, parse_seeds
-from .store import StoreError, open_store
+from .store import StoreError, open_store, redact
 from .teacher import Teacher, TeacherSettings
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,17 @@ def precompute(
     node_rank: int = 0,
     num_nodes: int = 1,
     progress: bool = True,
+    verify: bool = True,
 ) -> dict:
+    """Label every (image, seed) of this node's shards; returns the summary, whose `ok` is False
+    when any label could not be made (a shard that does not match its manifest entry, a shard cut
+    short, an unreadable image): those labels are counted in `labels_skipped`, never as done."""
     directory = Path(shards)
     manifest = Manifest.load(directory)
     policy = manifest.policy(**(policy_overrides or {}))
     ns = teacher.namespace(policy.policy_id, fmt, manifest.classes)
-    store = open_store(store_url, ns)  # creates the namespace before the engine's writer opens it
+    # creates the namespace (serving at least these seeds) before the engine's writer opens it
+    store = open_store(store_url, ns, seed_limit=seeds.stop)
     mine = node_shards([s.name for s in manifest.shards(split)], node_rank, num_nodes)
     expected = {s.name: s.samples for s in manifest.shards(split)}
     images = sum(expected[name] for name in mine)
@@ -112,6 +118,8 @@ def precompute(
         workers=workers,
     )
     totals = {"images": 0, "present": 0, "skipped": 0}
+    damaged: list[str] = []
+    info = {s.name: s for s in manifest.shards(split)}
     t0 = time.perf_counter()
     with tqdm(
         total=images * len(seed_list),
@@ -139,6 +147,14 @@ def precompute(
                 tally.check()
 
             for name in mine:
+                totals["images"] += expected[name]
+                problem = verify_shard(directory, info[name]) if verify else None
+                if problem:  # its images may not be the ones the keys name: label none of them
+                    log.error("%s; its %d images are not labeled", problem, expected[name])
+                    damaged.append(name)
+                    totals["skipped"] += expected[name] * len(seed_list)
+                    bar.update(expected[name] * len(seed_list))
+                    continue
                 group, count = [], 0
                 for item in scan_shard(directory / name):
                     group.append(item)
@@ -148,9 +164,9 @@ def precompute(
                         group = []
                 if group:
                     feed(group)
-                totals["images"] += expected[name]
                 if count != expected[name]:  # a damaged tar header ends tarfile's iteration quietly
                     log.error("shard %s: %d images readable, the manifest says %d", name, count, expected[name])
+                    damaged.append(name)
                     totals["skipped"] += (expected[name] - count) * len(seed_list)
                     bar.update((expected[name] - count) * len(seed_list))
         tally.check()  # every label is stored before the summary says so
@@ -161,7 +177,7 @@ def precompute(
     steady = (tally.computed - first[1]) / (tally.last - first[0]) if first and tally.computed > first[1] else None
     store.close()
     return {
-        "store": store_url,
+        "store": redact(store_url),
         "namespace": ns.id,
         "teacher": teacher.teacher_id,
         "policy_id": policy.policy_id,
@@ -171,6 +187,8 @@ def precompute(
         "node_rank": node_rank,
         "num_nodes": num_nodes,
         "shards": len(mine),
+        "ok": not damaged and totals["skipped"] + tally.skipped == 0,
+        "shards_damaged": damaged,
         "images": totals["images"],
         "labels_present": totals["present"],
         "labels_computed": tally.computed,
@@ -195,14 +213,16 @@ class PrecomputeConfig(BaseModel):
     node_rank: int = Field(0, ge=0, description="this machine's index when N machines split the shards")
     num_nodes: int = Field(1, ge=1, description="machines splitting the shards (each takes every N-th shard)")
     device: str = Field("auto", description="teacher device: auto | cpu | cuda | cuda:N")
+    verify: bool = Field(True, description="check each shard's size and sha256 against the manifest before labeling it")
     progress: bool = Field(True, description="progress bar")
     teacher: Annotated[TeacherSettings, Nested(title="teacher")] = Field(
         default_factory=TeacherSettings, description="the teacher"
     )
 
 
-def run_precompute(cfg: PrecomputeConfig) -> dict:
-    return precompute(
+def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
+    """The summary, and exit code 1 when it is not ok (labels missing: see the errors logged)."""
+    summary = precompute(
         cfg.shards,
         parse_seeds(cfg.seeds),
         cfg.store,
@@ -215,7 +235,9 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
         node_rank=cfg.node_rank,
         num_nodes=cfg.num_nodes,
         progress=cfg.progress,
+        verify=cfg.verify,
     )
+    return summary, 0 if summary["ok"] else 1
 
 
 COMMAND = Command(

@@ -41,6 +41,19 @@ def test_every_flag_once_with_help():
     assert seen > 80  # the walk really reached the commands
 
 
+def test_secrets_are_never_flags():
+    """`ps` shows every process's arguments: tokens come from the environment or a file."""
+    serve = next(p for path, p in leaf_parsers(teacher_cli.APP.parser()) if path == ("serve",))
+    train = next(p for path, p in leaf_parsers(trainer_cli.APP.parser()) if path == ("train",))
+    serve_flags = {s for a in serve._actions for s in a.option_strings}
+    train_flags = {s for a in train._actions for s in a.option_strings}
+    assert "--token" not in serve_flags and "--token-file" in serve_flags
+    assert "--service-token" not in train_flags and "--service-token-file" in train_flags
+    with mock.patch.dict(os.environ, {"DISTILL_TOKEN": "from-env"}):
+        _, cfg = trainer_cli.APP.parse(["train", "--shards", "s", "--out", "o"])
+    assert cfg.service_token == "from-env" and "service_token" not in cfg.model_dump()  # never in a checkpoint
+
+
 def test_teacher_settings_nest_under_each_command():
     _, pre = teacher_cli.APP.parse(["precompute", "--shards", "s", "--seeds", "0:4", "--checkpoint", "t.safetensors"])
     assert pre.teacher.checkpoint == "t.safetensors" and pre.teacher.amp == "auto"

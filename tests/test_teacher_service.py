@@ -93,6 +93,23 @@ BAD = [
     ("too many items", dict(json={"keys": ["a"] * 301, "seeds": [1] * 301}), 413),
     ("unknown key", dict(json={"keys": ["no/such/key"], "seeds": [1]}), 404),
     ("body too large", dict(content=b"x" * (17 * 1024 * 1024), headers={"content-type": "application/json"}), 413),
+    # a chunked body declares no length: cut off at the limit
+    (
+        "chunked too large",
+        dict(content=iter([b"x" * 1024 * 1024] * 17), headers={"content-type": "application/json"}),
+        413,
+    ),
+    (
+        "not UTF-8",
+        dict(content=b'{"keys": ["\xff\xfe"], "seeds": [1]}', headers={"content-type": "application/json"}),
+        422,
+    ),
+    (
+        "nested too deep",
+        dict(content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}),
+        422,
+    ),
+    ("seed past the namespace's range", dict(json={"keys": ["a"], "seeds": [5000]}), 422),
 ]
 
 
@@ -127,6 +144,9 @@ def test_uploads(service):
         ({"image": ("big.png", b"\x89PNG" + os.urandom(250_000))}, {"seeds": "0"}, 413),
         ({"image": ("a.png", _png())}, {"seeds": "-3"}, 422),
         ({"image": ("a.png", _png())}, {"seeds": "x"}, 422),
+        ({"image": ("a.png", _png())}, {"seeds": "1_0"}, 422),  # int() would take it
+        ({"image": ("a.png", _png())}, {"seeds": "\u0661"}, 422),  # ARABIC-INDIC DIGIT ONE, int() too
+        ({"image": ("a.png", _png())}, {"seeds": "4096"}, 422),  # past the namespace's seed range
         ({}, {"seeds": "1"}, 422),
     ]
     for files, data, code in cases:
@@ -140,7 +160,26 @@ def test_uploads(service):
     Image.new("1", (12000, 12000)).save(buf, format="PNG")
     r = httpx.post(url, headers=h, files={"image": ("bomb.png", buf.getvalue())}, data={"seeds": "0"})
     assert r.status_code == 400 and "too large" in r.json()["error"]
+    # 100 MP: between Pillow's limit (64 MP here) and twice it, where Pillow only warns and decodes
+    buf = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(buf, format="PNG")
+    r = httpx.post(url, headers=h, files={"image": ("bomb.png", buf.getvalue())}, data={"seeds": "0"})
+    assert r.status_code == 400 and "too large" in r.json()["error"]
+    garbage = httpx.post(url, headers=h, files={"image": ("g.png", b"garbage bytes")}, data={"seeds": "0"})
+    assert "0x" not in garbage.json()["error"]  # no heap address from Pillow's message
     assert httpx.get(service["url"] + "/healthz").status_code == 200
+
+
+def test_unknown_routes_and_the_openapi_contract(service):
+    r = httpx.get(service["url"] + "/v2/nothing")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    assert httpx.get(service["url"] + "/docs").status_code == 404  # no page that loads assets from a CDN
+    spec = httpx.get(service["url"] + "/openapi.json").json()
+    labels = spec["paths"]["/v1/labels"]["post"]["responses"]
+    assert {"200", "401", "404", "413", "422", "503"} <= set(labels)
+    assert labels["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+    assert "Retry-After" in labels["503"]["headers"]
+    assert "400" in spec["paths"]["/v1/labels/upload"]["post"]["responses"]
 
 
 def test_token_required(service):
@@ -271,6 +310,8 @@ def test_trainer_with_labels_service_on_an_empty_store(service, demo_shards, tmp
         return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("distill_cache_misses_total"))
 
     before = misses()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
     s = last_json(
         torchrun(
             *student_args(
@@ -280,8 +321,8 @@ def test_trainer_with_labels_service_on_an_empty_store(service, demo_shards, tmp
                 "service",
                 "--service-url",
                 service["url"],
-                "--service-token",
-                TOKEN,
+                "--service-token-file",
+                token_file,
                 "--epochs",
                 "1",
                 "--max-steps",
@@ -314,8 +355,15 @@ def test_precompute_reports_a_shard_cut_short_by_a_damaged_header(demo_shards, t
     data = bytearray(victim.read_bytes())
     data[header + 148] ^= 0x01  # its checksum field
     victim.write_bytes(bytes(data))
-    r = run_precompute(shards, "0:2", tmp_path / "l.db", tiny_teacher)
+    # checked against the manifest first: the shard is refused whole, the run says it is not complete
+    r = run_precompute(shards, "0:2", tmp_path / "l.db", tiny_teacher, check=False)
     s = last_json(r.stdout)
-    assert "manifest says" in r.stderr
-    assert s["images"] == 1437 and s["labels_skipped"] > 0
+    assert r.returncode == 1 and not s["ok"] and s["shards_damaged"] == [victim.name]
+    assert "modified" in r.stderr and s["labels_skipped"] == m.shards("train")[0].samples * 2
+    assert s["labels_present"] + s["labels_computed"] + s["labels_skipped"] == 1437 * 2
+    # without the check: what tarfile can read is labeled; the short count still fails the run
+    r = run_precompute(shards, "0:2", tmp_path / "l2.db", tiny_teacher, "--no-verify", check=False)
+    s = last_json(r.stdout)
+    assert r.returncode == 1 and not s["ok"] and "manifest says" in r.stderr
+    assert s["images"] == 1437 and 0 < s["labels_skipped"] < m.shards("train")[0].samples * 2
     assert s["labels_present"] + s["labels_computed"] + s["labels_skipped"] == 1437 * 2

@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from distill_core import Nested
+from distill_core import Nested, NotAFlag, read_secret
 
+from ..namespace import MAX_SEED
 from ..teacher import TeacherSettings
 
 ENV_PREFIX = "DISTILL_"
@@ -46,6 +47,13 @@ class Settings(BaseSettings):
     splits: str = Field("train,val", description="comma-separated splits of --shards to index")
     store: str = Field("runs/labels.db", description="label store URL (a file path, file://, redis://, rediss://)")
     format: str = Field("top1", description="record format: top1 (hard labels) or topKp, e.g. top5p")
+    seed_limit: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SEED + 1,
+        description="the namespace serves seeds 0..N-1; larger seeds get 422 (default: the namespace's "
+        "own, set by precompute; 1024 for a namespace the service creates). A larger N extends it",
+    )
     policy: dict = Field(default_factory=dict, description="JSON of augmentation policy overrides (as the trainer's)")
     # label engines: one process per device, Triton-style batching
     devices: str = Field(
@@ -65,7 +73,10 @@ class Settings(BaseSettings):
     max_items: int = Field(4096, ge=1, description="(key, seed) items per request")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest uploaded image (413 beyond)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body (413 beyond)")
-    token: str | None = Field(None, description="bearer token required on /v1 when set")
+    token: Annotated[str | None, NotAFlag()] = Field(
+        None, description="bearer token required on /v1 when set: DISTILL_TOKEN (never a flag: ps shows flags)"
+    )
+    token_file: str | None = Field(None, description="file holding the bearer token required on /v1")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 makes the service reachable from others")
     port: int = Field(8000, description="HTTP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
@@ -75,6 +86,12 @@ class Settings(BaseSettings):
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):
         return init_settings, env_settings, _TeacherEnv(settings_cls), dotenv_settings, file_secret_settings
+
+    def bearer_token(self) -> str | None:
+        """The token from DISTILL_TOKEN, else from --token-file (read once, at start-up)."""
+        if self.token:
+            return self.token
+        return read_secret(self.token_file, "--token-file") if self.token_file else None
 
     def to_env(self) -> dict[str, str]:
         """These settings as DISTILL_* variables (how `serve` hands them to its uvicorn workers)."""

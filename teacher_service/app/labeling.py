@@ -78,6 +78,7 @@ class LabelService:
 
     async def lookup(self, keys: list[str], seeds: list[int]) -> LabelsOut:
         """Labels from the store only; None where missing."""
+        await run_in_threadpool(self.store.check_seeds, seeds)
         out = self._empty(len(keys))
         await self._from_store(keys, seeds, out)
         out.errors = None
@@ -86,6 +87,7 @@ class LabelService:
     async def label(self, keys: list[str], seeds: list[int]) -> LabelsOut:
         """Cache-through: hits from the store; misses of indexed images labeled by an engine.
         Items whose key the service cannot read get a per-item error."""
+        await run_in_threadpool(self.store.check_seeds, seeds)
         out = self._empty(len(keys))
         misses = await self._from_store(keys, seeds, out)
         by_key: dict[str, list[int]] = {}
@@ -101,6 +103,7 @@ class LabelService:
 
     async def upload(self, data: bytes, seeds: list[int]) -> tuple[str, LabelsOut]:
         """Label an uploaded image under `seeds`; its key is upload/<sha256 of the bytes>."""
+        await run_in_threadpool(self.store.check_seeds, seeds)
         key = "upload/" + hashlib.sha256(data).hexdigest()[:32]
         out = self._empty(len(seeds))
         misses = await self._from_store([key] * len(seeds), seeds, out)

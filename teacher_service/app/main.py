@@ -10,9 +10,10 @@ import contextlib
 import logging
 import time
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import exit_with_parent
 from .config import Settings
@@ -21,9 +22,12 @@ from .state import build_state
 
 log = logging.getLogger(__name__)
 
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
 
 class BodyLimit:
-    """Pure ASGI middleware: 413 for bodies over `limit` bytes, declared or streamed."""
+    """Pure ASGI middleware: 413 for bodies over `limit` bytes, declared (Content-Length) or
+    streamed (chunked: the app is cut off at the limit and its answer replaced by the 413)."""
 
     def __init__(self, app, limit: int):
         self.app = app
@@ -32,21 +36,33 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = {"error": f"request body larger than {self.limit} bytes"}
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                return await _json(send, 413, {"error": f"request body larger than {self.limit} bytes"})
-        seen = 0
+                return await _json(send, 413, too_large)
+        seen, over = 0, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise HTTPException(413, f"request body larger than {self.limit} bytes")
+                    over = True
+                    return {"type": "http.disconnect"}  # the app stops reading here
             return msg
 
-        return await self.app(scope, limited, send)
+        async def unless_over(message):
+            if not over:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, unless_over)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await _json(send, 413, too_large)
 
 
 async def _json(send, status: int, body: dict):
@@ -86,6 +102,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
         description="DeiT teacher labels, cached by (namespace, image key, seed).",
+        # Swagger UI and ReDoc load their assets from a CDN, which air-gapped clusters cannot
+        # reach: the contract is served as /openapi.json only.
+        docs_url=None,
+        redoc_url=None,
     )
     app.include_router(health)
     app.include_router(v1)
@@ -95,9 +115,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
         return JSONResponse({"error": "invalid request", "detail": errors}, status_code=422)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    @app.exception_handler(StarletteHTTPException)  # ours, FastAPI's and Starlette's (404, 405)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:
+            # FastAPI answers 400 for a body json.loads cannot take (not UTF-8, nested too deep);
+            # to a client that is a refused body like any other: 422
+            detail = [{"loc": ["body"], "msg": "not valid JSON (UTF-8, nested at most a few hundred levels)"}]
+            return JSONResponse({"error": "invalid request", "detail": detail}, status_code=422)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.middleware("http")
     async def _metrics(request: Request, call_next):

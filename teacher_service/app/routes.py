@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import math
+import re
 import time
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..engine import EngineError, QueueFull
 from ..namespace import MAX_SEED
-from ..store import StoreError
-from .schemas import Items, LabelsOut
+from ..store import SeedOutOfRange, StoreError
+from .schemas import Items, LabelsNotFound, LabelsOut, Ready, error
 from .state import ServiceState
+
+# ASCII digits only: int() also takes "1_0" and other scripts' digits
+SEED_LIST = re.compile(r"^ *[0-9]{1,7} *(, *[0-9]{1,7} *)*$")
 
 
 def state(request: Request) -> ServiceState:
@@ -22,15 +27,25 @@ def state(request: Request) -> ServiceState:
 
 
 def require_token(request: Request) -> None:
-    token = request.app.state.svc.settings.token
+    token = request.app.state.svc.token
     if not token:
         return
-    if request.headers.get("authorization", "") != f"Bearer {token}":
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):  # constant time: no timing oracle
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 health = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+v1 = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(require_token)],
+    responses={
+        **error(401, "missing or wrong bearer token"),
+        **error(413, "too many items, or a body or upload over the limit"),
+        **error(422, "invalid request: bad JSON, wrong types, a seed out of range, unknown fields"),
+        **error(503, "label store or engine unavailable, or the teacher's queue full", retry_after=True),
+    },
+)
 
 
 @contextlib.contextmanager
@@ -38,6 +53,8 @@ def service_errors():
     """The domain's failures as HTTP: store or engine down, or the engine's queue full -> 503."""
     try:
         yield
+    except SeedOutOfRange as e:
+        raise HTTPException(422, str(e)) from e
     except StoreError as e:
         raise HTTPException(503, f"label store unavailable: {e}", headers={"Retry-After": "1"}) from e
     except QueueFull as e:
@@ -53,7 +70,7 @@ def healthz():
     return {"status": "ok"}
 
 
-@health.get("/readyz")
+@health.get("/readyz", response_model=Ready, response_model_exclude_none=True, responses={503: {"model": Ready}})
 def readyz(svc: ServiceState = Depends(state)):
     try:
         svc.store.get(["__readyz__"], [0])
@@ -61,10 +78,15 @@ def readyz(svc: ServiceState = Depends(state)):
         return JSONResponse({"status": "unavailable", "error": str(e)}, status_code=503)
     if not svc.engines.alive:
         return JSONResponse({"status": "unavailable", "error": "a label engine is gone"}, status_code=503)
-    return {"status": "ready", "teacher": svc.info["teacher_id"], "engines": len(svc.engines.engines)}
+    return Ready(status="ready", teacher=svc.info["teacher_id"], engines=len(svc.engines.engines))
 
 
-@health.get("/metrics")
+@health.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                     "description": "Prometheus text exposition, every process of the service"}},
+)  # fmt: skip
 def metrics(svc: ServiceState = Depends(state)):
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -82,6 +104,7 @@ def teacher_info(svc: ServiceState = Depends(state)):
         "policy_id": svc.policy.policy_id,
         "format": svc.fmt.name,
         "namespace": svc.namespace.id,
+        "seed_limit": svc.store.seed_limit,
         "indexed_images": len(svc.index) if svc.index else 0,
         "devices": [e.info["device"] for e in svc.engines.engines],
     }
@@ -100,7 +123,12 @@ async def lookup(items: Items, svc: ServiceState = Depends(state)):
         return await svc.labels.lookup(items.keys, items.seeds)
 
 
-@v1.post("/labels", response_model=LabelsOut, response_model_exclude_none=True)
+@v1.post(
+    "/labels",
+    response_model=LabelsOut,
+    response_model_exclude_none=True,
+    responses={404: {"model": LabelsNotFound, "description": "no item could be labeled"}},
+)
 async def labels(items: Items, svc: ServiceState = Depends(state)):
     """Cache-through: hits from the store; misses augmented, batched, labeled, stored.
 
@@ -115,17 +143,19 @@ async def labels(items: Items, svc: ServiceState = Depends(state)):
     return out
 
 
-@v1.post("/labels/upload", response_model=LabelsOut, response_model_exclude_none=True)
+@v1.post(
+    "/labels/upload",
+    response_model=LabelsOut,
+    response_model_exclude_none=True,
+    responses=error(400, "empty or undecodable image, or more pixels than the decompression-bomb limit"),
+)
 async def labels_upload(
     image: UploadFile = File(..., description="encoded image (JPEG, PNG, ...)"),
-    seeds: str = Form(..., description="comma-separated seeds, e.g. 0,1,2"),
+    seeds: str = Form(..., description="comma-separated seeds, e.g. 0,1,2", pattern=SEED_LIST.pattern),
     svc: ServiceState = Depends(state),
 ):
     """Label an uploaded image under seeds; the key is upload/<sha256 of the bytes>."""
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise HTTPException(422, "seeds must be comma-separated integers") from None
+    seed_list = [int(s) for s in seeds.replace(" ", "").split(",")]
     if not seed_list or any(not 0 <= s <= MAX_SEED for s in seed_list):
         raise HTTPException(422, f"seeds must be 1+ integers in 0..{MAX_SEED}")
     _check_size(svc, len(seed_list))

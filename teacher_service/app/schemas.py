@@ -34,3 +34,38 @@ class LabelsOut(BaseModel):
     errors: list[str | None] | None = None
     cached: int = 0
     computed: int = 0
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: what went wrong, and for a refused body each refused field."""
+
+    error: str
+    detail: list[FieldError] | None = None
+
+
+class LabelsNotFound(LabelsOut):
+    """404 of /v1/labels: no item could be labeled; `errors` says why for each."""
+
+    error: str
+
+
+class Ready(BaseModel):
+    status: str
+    teacher: str | None = None
+    engines: int | None = None
+    error: str | None = None
+
+
+def error(status: int, description: str, retry_after: bool = False) -> dict:
+    """An OpenAPI `responses` entry for an error answer."""
+    entry: dict = {"model": ErrorOut, "description": description}
+    if retry_after:
+        entry["headers"] = {
+            "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+        }
+    return {status: entry}

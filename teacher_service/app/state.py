@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from shards import AugmentPolicy
@@ -12,7 +13,7 @@ from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
 from ..store import LabelStore, open_store
 from .config import Settings
-from .images import ShardIndex
+from .images import INDEX_ENV, ShardIndex
 from .labeling import LabelService
 
 
@@ -28,6 +29,7 @@ class ServiceState:
     index: ShardIndex | None
     metrics: Metrics
     labels: LabelService
+    token: str | None  # bearer token required on /v1 (None: open)
     pool: EnginePool | None = None  # engines this worker started itself (no supervisor)
 
     def close(self) -> None:
@@ -61,8 +63,21 @@ def engine_pool(settings: Settings) -> EnginePool:
         workers=workers,
         buffers=settings.engine_buffers,
     )
-    spec = EngineSpec(settings.teacher, policy.to_json(), classes, settings.format, settings.store, config)
+    spec = EngineSpec(
+        settings.teacher,
+        policy.to_json(),
+        classes,
+        settings.format,
+        settings.store,
+        config,
+        seed_limit=settings.seed_limit,
+    )
     return EnginePool(spec, devices)
+
+
+def build_index(settings: Settings) -> ShardIndex:
+    """The shards' index, checked against their manifest (ValueError naming the damaged shards)."""
+    return ShardIndex.build(settings.shards, [s.strip() for s in settings.splits.split(",") if s.strip()])
 
 
 def build_state(settings: Settings) -> ServiceState:
@@ -77,12 +92,14 @@ def build_state(settings: Settings) -> ServiceState:
     info = engines.info
     policy, _ = policy_and_classes(settings)
     index = None
-    if settings.shards:
-        splits = [s.strip() for s in settings.splits.split(",") if s.strip()]
-        index = ShardIndex(settings.shards, splits)
+    if os.environ.get(INDEX_ENV):  # built and checked once by `serve`
+        index = ShardIndex.load(os.environ[INDEX_ENV])
+    elif settings.shards:
+        index = build_index(settings)
     fmt = RecordFormat.parse(settings.format)
     namespace = Namespace.from_meta(info["namespace"])
-    store = open_store(settings.store, namespace)
+    store = open_store(settings.store, namespace, seed_limit=settings.seed_limit)
     metrics = Metrics()
     labels = LabelService(store, engines, index, namespace, fmt, metrics)
-    return ServiceState(settings, info, policy, fmt, namespace, store, engines, index, metrics, labels, pool)
+    token = settings.bearer_token()
+    return ServiceState(settings, info, policy, fmt, namespace, store, engines, index, metrics, labels, token, pool)

@@ -1,0 +1,81 @@
+"""What the benchmark scripts (and the tests that run them) share: a free loopback port, the demo
+shard set with its samples, a local Redis Cluster."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from shards import Manifest, SkipCounter, iter_shard
+from shards.build import build
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_shards(directory: Path, shard_size: int = 128) -> tuple[Manifest, list]:
+    """Build the demo digits into `directory`: its manifest and its train samples, in shard order."""
+    build(directory, demo="digits", shard_size=shard_size)
+    m = Manifest.load(directory)
+    return m, [r for s in m.shards("train") for r in iter_shard(Path(directory) / s.name, SkipCounter())]
+
+
+class LocalRedisCluster:
+    """A Redis Cluster of `masters` real redis-server processes on free loopback ports (no
+    persistence), joined with `redis-cli --cluster create`; for benchmarks and tests."""
+
+    def __init__(self, workdir: Path, masters: int = 3):
+        self.nodes = []
+        for i in range(masters):
+            d = Path(workdir) / f"node{i}"
+            d.mkdir(parents=True)
+            self.nodes.append((free_port(), d))
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0][0]}/0?cluster=1"
+
+    def start(self) -> LocalRedisCluster:
+        for port, d in self.nodes:
+            self.procs[port] = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", str(d / "nodes.conf"), "--save", "", "--appendonly", "no", "--dir", str(d)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        for port, _ in self.nodes:
+            _wait(lambda p=port: _cli("-p", str(p), "ping") == "PONG")
+        addresses = [f"127.0.0.1:{p}" for p, _ in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        _wait(lambda: "cluster_state:ok" in _cli("-p", str(self.nodes[0][0]), "cluster", "info"))
+        return self
+
+    def kill(self, port: int | None = None) -> None:
+        for p in [port] if port else list(self.procs):
+            self.procs.pop(p).kill()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def _cli(*args: str) -> str:
+    return subprocess.run(["redis-cli", *args], capture_output=True, text=True).stdout.strip()
+
+
+def _wait(ready, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if time.time() > deadline:
+            raise RuntimeError("redis cluster did not come up")
+        time.sleep(0.1)

@@ -1,0 +1,236 @@
+"""Faults and hostile input, each reproduced against real processes: a Redis password that must
+not leak, damaged shards, Redis and the teacher service dying under a training run, a DDP rank
+killed, and the API contract fuzzed by schemathesis."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+
+import httpx
+import pytest
+from conftest import PY, RedisServer, last_json, require_redis_server, run_cli, run_precompute, start_service
+
+from shards import Manifest
+
+TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def trainer_cmd(shards, out, *extra) -> list[str]:
+    args = {
+        "--shards": shards,
+        "--out": out,
+        "--model": "deit_tiny_distilled_patch16_224",
+        "--model-kwargs": json.dumps(TINY),
+        "--batch-size": 64,
+        "--repeated-aug": 1,
+        "--workers": 1,
+        "--threads": 1,
+        "--warmup-epochs": 0,
+        "--lr": "4e-3",
+        "--eval-every": 0,
+    }
+    flat = [str(x) for kv in args.items() for x in kv]
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "student_trainer",
+            "train", *flat, "--no-progress", *map(str, extra)]  # fmt: skip
+
+
+def wait_for_epochs(out, n: int, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    path = out / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} epochs in {timeout}s")
+
+
+def test_redis_password_never_in_answers_or_logs(demo_shards, tiny_teacher, tmp_path):
+    require_redis_server()
+    password = "hunter2-Sup3rSecret"
+    redis = RedisServer(tmp_path, password=password).start()
+    log = tmp_path / "service.log"
+    url = redis.url.replace("/0", "/9")
+    proc, base = start_service(tiny_teacher, demo_shards, None, log, env={"DISTILL_STORE": url})
+    try:
+        assert httpx.get(base + "/readyz").status_code == 200
+        redis.kill()
+        answers = [
+            httpx.get(base + "/readyz", timeout=60),
+            httpx.post(base + "/v1/labels/lookup", json={"keys": ["a"], "seeds": [0]}, timeout=60),
+            httpx.post(base + "/v1/labels", json={"keys": ["a"], "seeds": [0]}, timeout=60),
+        ]
+        for r in answers:
+            assert r.status_code == 503, r.text
+            assert password not in r.text and "***@127.0.0.1" in r.text, r.text
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert password not in log.read_text()
+    # the CLIs' summaries and errors name the store without its password too
+    r = run_cli("teacher_service", "labels", "stats", url, check=False)
+    assert r.returncode == 2 and password not in r.stderr + r.stdout and "***@" in r.stderr
+
+
+def damage_a_header(shards):
+    m = Manifest.load(shards)
+    victim = shards / m.shards("train")[0].name
+    with tarfile.open(victim) as tf:
+        header = [ti.offset for ti in tf][20]
+    data = bytearray(victim.read_bytes())
+    data[header + 148] ^= 0x01  # one bit of a member header's checksum: tarfile stops there, quietly
+    victim.write_bytes(bytes(data))
+    return victim
+
+
+def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, tiny_teacher, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    victim = damage_a_header(shards)
+    r = run_cli(
+        "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", shards, "--store", tmp_path / "l.db",
+        "--port", "1", check=False, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "do not match their manifest" in r.stderr and victim.name in r.stderr
+
+
+def test_the_trainer_rides_out_a_short_redis_outage(demo_shards, tiny_teacher, tmp_path):
+    """Redis killed after the first epoch and back 3 s later (AOF): every label trained on is the
+    stored one, none missing."""
+    require_redis_server()
+    redis = RedisServer(tmp_path, persistent=True).start()
+    try:
+        run_precompute(demo_shards, "0:3", redis.url, tiny_teacher)
+        out = tmp_path / "run"
+        cmd = trainer_cmd(demo_shards, out, "--labels", "store", "--store", redis.url, "--epochs", 3)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_epochs(out, 1, proc)
+        redis.kill()
+        time.sleep(3)
+        redis.start()
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        s = last_json(stdout)
+        assert s["labels_missing"] == 0 and s["labels_cached"] == 3 * 1437 and s["steps"] == 3 * 12
+    finally:
+        redis.kill()
+
+
+def test_a_longer_redis_outage_stops_training_clearly_and_resumes(demo_shards, tiny_teacher, tmp_path):
+    require_redis_server()
+    redis = RedisServer(tmp_path, persistent=True).start()
+    try:
+        run_precompute(demo_shards, "0:4", redis.url, tiny_teacher)
+        out = tmp_path / "run"
+        store = ["--labels", "store", "--store", redis.url, "--epochs", 4]
+        proc = subprocess.Popen(
+            trainer_cmd(demo_shards, out, *store, "--store-retry-for", 2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_epochs(out, 1, proc)
+        redis.kill()
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and "ERROR redis store" in stderr and "unavailable" in stderr, stderr[-4000:]
+        assert (out / "last.pt").exists()
+        redis.start()
+        r = subprocess.run(trainer_cmd(demo_shards, out, *store, "--resume", "auto"), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        s = last_json(r.stdout)
+        assert s["steps"] == 4 * 12 and s["labels_missing"] == 0
+    finally:
+        redis.kill()
+
+
+@pytest.mark.slow
+def test_training_continues_through_a_teacher_service_restart(demo_shards, tiny_teacher, tmp_path):
+    store = tmp_path / "labels.db"
+    log = tmp_path / "service.log"
+    proc, url = start_service(tiny_teacher, demo_shards, store, log)
+    port = int(url.rsplit(":", 1)[1])
+    out = tmp_path / "run"
+    train = subprocess.Popen(
+        trainer_cmd(demo_shards, out, "--labels", "service", "--service-url", url, "--epochs", 3),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_epochs(out, 1, train)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        proc, _ = start_service(tiny_teacher, demo_shards, store, log, port=port)
+        stdout, stderr = train.communicate(timeout=600)
+        assert train.returncode == 0, stderr[-3000:]
+        s = last_json(stdout)
+        assert s["labels_missing"] == 0 and s["labels_cached"] == 3 * 1437
+    finally:
+        train.kill()
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_a_killed_rank_resumes_to_the_same_step_count(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = trainer_cmd(demo_shards, out, "--labels", "none", "--epochs", 4)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_epochs(out, 2, proc)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    os.kill(int(ranks[1]), signal.SIGKILL)  # one rank only: torchrun must take the other down
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    r = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last_json(r.stdout)["steps"] == 4 * 12
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(demo_shards, tiny_teacher, tmp_path):
+    """The OpenAPI document is the contract: generated requests (bounded) get only documented
+    status codes and bodies that match their schemas; never a 5xx."""
+    exe = shutil.which("schemathesis", path=os.path.dirname(PY))
+    assert exe, "schemathesis is a dev dependency"
+    token = "fuzz-token"
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    proc, url = start_service(
+        tiny_teacher, demo_shards, tmp_path / "l.db", tmp_path / "service.log", "--token-file", token_file,
+        "--max-items", 64,
+    )  # fmt: skip
+    try:
+        r = subprocess.run(
+            [exe, "run", url + "/openapi.json", "-H", f"Authorization: Bearer {token}", "--checks", "all",
+             "--exclude-checks", "positive_data_acceptance", "--max-examples", "40",
+             "--phases", "examples,coverage,fuzzing", "--workers", "2", "--request-timeout", "60", "--seed", "1",
+             "--generation-database", "none"],
+            capture_output=True, text=True, timeout=900, cwd=tmp_path,  # its reports stay out of the repository
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout[-6000:]
+        assert httpx.get(url + "/healthz").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@pytest.mark.slow
+def test_load_below_the_queue_never_fails_and_above_it_only_503s():
+    """bench/load.py, bounded: mixed hits and misses from concurrent clients on loopback."""
+    from conftest import ROOT
+
+    r = subprocess.run(
+        [PY, str(ROOT / "bench" / "load.py"), "--seconds", "8", "--clients", "6"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = last_json(r.stdout)
+    below, above = s["below"], s["above"]
+    assert below["requests"] >= 20 and below["failures"] == 0, below
+    assert above["statuses"].get("503", 0) > 0 and above["non_503_failures"] == 0, above
+    assert above["503_without_retry_after"] == 0
+    assert s["rss_growth"] < 0.25, s["rss"]
