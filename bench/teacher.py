@@ -28,20 +28,13 @@ import torch
 from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args
-from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
-from shards.build import build
+from shards import augment, decode_image
 from teacher_service.client import TeacherClient
 from teacher_service.namespace import RecordFormat
 from teacher_service.precompute import precompute
 from teacher_service.teacher import Teacher, TeacherSettings
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import demo_shards, free_port
 
 
 def raw_throughput(teacher: Teacher, x: torch.Tensor, seconds: float) -> float:
@@ -189,11 +182,10 @@ def main():
     args = parse_script_args(BenchTeacher, __doc__)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        build(d / "shards", demo="digits", shard_size=64)
-        m = Manifest.load(d / "shards")
+        m, samples = demo_shards(d / "shards", shard_size=64)
         policy = m.policy(input_size=args.input_size)
         teacher = Teacher(TeacherSettings(model=args.model, random_init=True, num_classes=10))
-        raws = [r for s in m.shards("train")[:2] for r in iter_shard(d / "shards" / s.name, SkipCounter())]
+        raws = samples[:128]
         x = torch.stack([augment(decode_image(r.data), r.key, 0, policy) for r in raws[: args.batch_size]])
         raw = raw_throughput(teacher, x, args.seconds)
         # precompute --precompute-runs times over --seeds new seeds each (the same work per image every
@@ -214,7 +206,7 @@ def main():
         ]
         del teacher
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        keys = [r.key for s in m.shards("train") for r in iter_shard(d / "shards" / s.name, SkipCounter())]
+        keys = [r.key for r in samples]
         svc = service_run(args, d / "shards", str(d / "svc.db"), keys, args.batch_size, 1)
         naive = service_run(args, d / "shards", str(d / "naive.db"), keys, 1, 1)["rate"]
         pre_rate = float(np.mean([p["steady_labels_per_s"] for p in pre]))

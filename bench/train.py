@@ -22,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args
-from shards import Manifest, SkipCounter, iter_shard
-from shards.build import build
 from student_trainer import TrainConfig
 from student_trainer.train import train
 from teacher_service import RecordFormat, Teacher, TeacherClient, TeacherSettings, open_store
+
+from common import demo_shards, free_port
 
 
 class BenchTrain(BaseModel):
@@ -42,60 +43,69 @@ class BenchTrain(BaseModel):
     redis_url: str = Field("redis://127.0.0.1:6379/14", description="Redis for the store_redis mode")
     modes: str = Field("none,store_file,store_redis,service,online", description="comma-separated modes to run")
     model_steps: int = Field(20, ge=0, description="steps of the model-bound measurement (0: skip)")
+    compile: bool = Field(False, description="torch.compile: end-to-end runs compiled, model-bound measured both ways")
 
 
-def free_port() -> int:
-    import socket
+def step(net, opt, teacher, x, y, amp: str) -> None:
+    """One distillation step; the target is the online teacher's argmax, or cached (labels that came
+    with the batch)."""
+    from student_trainer.train import autocast
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    t = teacher.logits(x).argmax(1) if teacher is not None else y
+    with autocast(x.device, amp):
+        a, b = net(x)
+    loss = F.cross_entropy(a.float(), y) + F.cross_entropy(b.float(), t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def model_bound(args) -> dict:
     """Step throughput with the input already on the device: what the ratios are once data loading
-    keeps up (the end-to-end figures above are capped by CPU augmentation on small machines)."""
+    keeps up (the end-to-end figures are capped by CPU augmentation on small machines). The step is
+    the trainer's: AdamW (fused on CUDA), bf16 autocast on CUDA, channels-last teacher, and with
+    --compile also torch.compile'd student and teacher (measured beside the eager ones)."""
     import time
 
     import timm
 
-    from student_trainer.train import autocast
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = "bf16" if device.type == "cuda" else "none"
-    student = timm.create_model(args.student, num_classes=1000).to(device)
-    student.set_distilled_training(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    teacher = Teacher(TeacherSettings(model=args.teacher, random_init=True, num_classes=1000), device=str(device))
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    rates = {}
-    for mode in ("cached", "online"):
-
-        def step(mode=mode):
-            t = teacher.logits(x).argmax(1) if mode == "online" else y  # cached: labels arrive with the batch
-            with autocast(device, amp):
-                a, b = student(x)
-            loss = torch.nn.functional.cross_entropy(a.float(), y) + torch.nn.functional.cross_entropy(b.float(), t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(3):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.model_steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates[mode] = args.batch_size * args.model_steps / (time.perf_counter() - t0)
-    return {
-        "model_bound_cached_images_per_s": round(rates["cached"], 1),
-        "model_bound_online_images_per_s": round(rates["online"], 1),
-        "model_bound_cached_vs_online": round(rates["cached"] / rates["online"], 3),
-    }
+    out = {}
+    for compiled in (False, True) if args.compile else (False,):
+        torch.manual_seed(0)
+        student = timm.create_model(args.student, num_classes=1000).to(device)
+        student.set_distilled_training(True)
+        fused = {"fused": True} if device.type == "cuda" else {}
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **fused)
+        teacher = Teacher(TeacherSettings(model=args.teacher, random_init=True, num_classes=1000), device=str(device))
+        net = torch.compile(student) if compiled else student
+        if compiled:
+            teacher.compile()
+        rates = {}
+        for mode in ("cached", "online"):
+            for _ in range(5 if compiled else 3):  # compiled: the first steps compile
+                step(net, opt, teacher if mode == "online" else None, x, y, amp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.model_steps):
+                step(net, opt, teacher if mode == "online" else None, x, y, amp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[mode] = args.batch_size * args.model_steps / (time.perf_counter() - t0)
+        tag = "model_bound_compiled" if compiled else "model_bound"
+        out.update(
+            {
+                f"{tag}_cached_images_per_s": round(rates["cached"], 1),
+                f"{tag}_online_images_per_s": round(rates["online"], 1),
+                f"{tag}_cached_vs_online": round(rates["cached"] / rates["online"], 3),
+            }
+        )
+        del student, teacher, net, opt
+    return out
 
 
 def main():
@@ -104,15 +114,14 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         shards = d / "shards"
-        build(shards, demo="digits", shard_size=128)
-        m = Manifest.load(shards)
+        m, samples = demo_shards(shards)
         policy_over = {"input_size": args.input_size}
         policy = m.policy(**policy_over)
         random_teacher = TeacherSettings(model=args.teacher, random_init=True, num_classes=len(m.classes))
         teacher = Teacher(random_teacher, device="cpu")
         ns = teacher.namespace(policy.policy_id, RecordFormat(), m.classes)
         del teacher
-        keys = [r.key for s in m.shards("train") for r in iter_shard(shards / s.name, SkipCounter())]
+        keys = [r.key for r in samples]
         labels = np.random.default_rng(0).integers(0, len(m.classes), len(keys))
         file_url = str(d / "labels.db")
         stores = {"store_file": file_url, "store_redis": args.redis_url}
@@ -134,6 +143,7 @@ def main():
             export=False,
             progress=False,
             warmup_epochs=0,
+            compile=args.compile,
         )
         service = None
         results = {}

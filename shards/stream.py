@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import multiprocessing
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,10 +191,16 @@ class ShardStream(IterableDataset):
         self.shuffle = (mode == "train") if shuffle is None else shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.epoch = 0
+        # shared with the data loader's persistent workers, which keep the copy made at their start
+        self._epoch = multiprocessing.RawValue("q", 0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Call before iterating an epoch (before `iter(loader)`), as with DistributedSampler."""
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return batches_per_rank(sum(s.samples for s in self.shards), self.batch_size, self.world_size, self.repeats)
@@ -220,13 +227,20 @@ class ShardStream(IterableDataset):
             if base >= plan.stop:
                 break
             shard = self.shards[plan.order[j]]
+            read = 0
             for i, raw in enumerate(iter_shard(self.directory / shard.name, skips)):
+                read = i + 1
                 for r in range(self.repeats):
                     pos = base + i * self.repeats + r
                     if plan.start <= pos < plan.stop:
                         yield raw, train_seed(self.epoch, r, self.repeats)
                 if base + (i + 1) * self.repeats >= plan.stop:
                     break
+            else:  # read to its end: a damaged tar header ends tarfile's iteration early, quietly
+                lost = min(plan.stop, base + shard.samples * self.repeats) - max(plan.start, base + read * self.repeats)
+                if lost > 0:  # positions of this plan the shard should have filled: counted as skipped
+                    skips(ValueError(f"{shard.name}: {read} images readable, the manifest says {shard.samples}"))
+                    skips.count += lost - 1
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -281,9 +295,10 @@ def collate(items: list, skipped: int = 0) -> dict:
     }
 
 
-def make_loader(stream: ShardStream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 4):
-    """A DataLoader over a ShardStream (batching happens in the workers)."""
-    kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
+def make_loader(stream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 4):
+    """A DataLoader over a ShardStream (batching happens in the workers). Workers persist across
+    epochs (no start-up per epoch); they see `set_epoch` through the stream's shared epoch."""
+    kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
     if num_workers > 0:
-        kw["prefetch_factor"] = prefetch_factor
+        kw.update(prefetch_factor=prefetch_factor, persistent_workers=True)
     return torch.utils.data.DataLoader(stream, **kw)

@@ -1,13 +1,17 @@
-"""python -m student_trainer {train,demo}  (train also under torchrun)"""
+"""python -m student_trainer {train,demo,plot}  (train also under torchrun)"""
 
 from __future__ import annotations
 
 import sys
 
 from distill_core import App, Command
+from teacher_service.client import ServiceError
+from teacher_service.store import StoreError
 
 from .config import TrainConfig
 from .demo import COMMAND as DEMO
+from .labels import MissingLabels
+from .plot import COMMAND as PLOT
 
 
 def run_train(cfg: TrainConfig) -> dict | None:
@@ -26,7 +30,12 @@ TRAIN = Command(
 )
 
 
-APP = App("python -m student_trainer", "DeiT students from cached teacher labels.", [TRAIN, DEMO])
+APP = App(
+    "python -m student_trainer",
+    "DeiT students from cached teacher labels.",
+    [TRAIN, DEMO, PLOT],
+    user_errors=(StoreError, ServiceError, MissingLabels),
+)
 
 if __name__ == "__main__":
     sys.exit(APP.main())

@@ -3,11 +3,12 @@ their combination (a run that cannot work is refused before any process starts t
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill_core import Nested
+from distill_core import Nested, NotAFlag, read_secret
 from teacher_service.teacher import TeacherSettings
 
 LabelSource = Literal["none", "store", "service", "online"]
@@ -36,8 +37,16 @@ class TrainConfig(BaseModel):
     )
     store: str | None = Field(None, description="label store URL for --labels store (file path or redis://)")
     namespace: str | None = Field(None, description="label namespace id (prefix) when the store holds several")
+    store_retry_for: float = Field(
+        60.0, ge=0, description="seconds an unreachable store is retried before the run stops (resumable)"
+    )
     service_url: str | None = Field(None, description="teacher service URL (--labels service, or --on-missing service)")
-    service_token: str | None = Field(None, description="bearer token of the teacher service")
+    service_token: Annotated[str | None, NotAFlag()] = Field(
+        None, exclude=True, description="bearer token of the teacher service (default: DISTILL_TOKEN)"
+    )
+    service_token_file: str | None = Field(
+        None, description="file holding the teacher service's bearer token (default: $DISTILL_TOKEN)"
+    )
     on_missing: OnMissing = Field(
         "error", description="a cached label is missing: error | service | online | skip (counted in the summary)"
     )
@@ -70,10 +79,14 @@ class TrainConfig(BaseModel):
     clip_grad: float | None = Field(None, gt=0, description="gradient norm clipping (default off)")
     # execution
     amp: Literal["auto", "bf16", "fp16", "none"] = Field("auto", description="auto (bf16 on CUDA, none on CPU)")
+    compile: bool = Field(False, description="torch.compile the student (and the online teacher)")
     workers: int = Field(2, ge=0, description="data-loader worker processes per rank")
     threads: int = Field(0, ge=0, description="torch CPU threads per rank (0: cores / ranks)")
     seed: int = Field(0, ge=0, description="seed of weights, data order and mixup")
     eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: never)")
+    log_every: int = Field(
+        50, ge=1, description="read and check the loss every N steps (the step's only wait on the device)"
+    )
     checkpoint_every: int = Field(1, ge=0, description="checkpoint every N epochs (0: never)")
     max_steps: int = Field(0, ge=0, description="stop after N optimizer steps (benchmarks; 0: full run)")
     resume: str | None = Field(None, description="checkpoint to resume from, or 'auto' for OUT/last.pt if present")
@@ -94,6 +107,11 @@ class TrainConfig(BaseModel):
             raise ValueError("--on-missing service needs --service-url")
         if self.needs_teacher:
             self.teacher.check_source()
+        if self.service_token is None:  # never a flag: `ps` shows every process's arguments
+            if self.service_token_file:
+                self.service_token = read_secret(self.service_token_file, "--service-token-file")
+            else:
+                self.service_token = os.environ.get("DISTILL_TOKEN") or None
         return self
 
     @property

@@ -1,25 +1,65 @@
-"""The end-to-end demo on the embedded default (no Redis, no Docker), as the compose jobs would run it:
+"""The end-to-end demo on the embedded default (no Redis, no Docker), each step a process of its own
+as the compose jobs run them:
 
-build demo shards -> train a small RegNetY teacher -> precompute its labels into the file store ->
-train the DeiT-style student with 2 DDP CPU processes from cached labels, without distillation and
-with the online teacher -> a table of top-1 (class, distillation, fused heads) and images/s.
+build demo shards -> train a small RegNetY teacher -> precompute its hard labels into the file
+store -> per seed, three students of the same size, 2 DDP CPU processes each:
+
+- `plain`: the ViT *without* a distillation token, trained on the true labels (the paper's
+  no-distillation baseline);
+- `cached`: the same ViT with a distillation token, hard distillation from the precomputed labels;
+- `online`: the same, with the teacher run in the training loop (DeiT's recipe).
+
+-> `results.md` (top-1 per mode, and the paired difference distilled - plain per seed, mean ± std),
+`results.png` (validation top-1 per epoch, images/s) and a one-line JSON summary.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill_core import Command
 
+from .plot import group_runs, mean_std, plot_runs, read_metrics, throughput
+
+# Patch 4 on 32 px crops: 64 tokens, width 64, depth 4 (209k parameters). A wider, deeper student
+# (96 x 6) learned slower in the same minutes and distillation did not help it either (README).
 STUDENT_KWARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}
+MODES = {  # mode: (timm model, --labels)
+    "plain": ("deit_tiny_patch16_224", "none"),
+    "cached": ("deit_tiny_distilled_patch16_224", "store"),
+    "online": ("deit_tiny_distilled_patch16_224", "online"),
+}
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field("runs/demo", description="output directory (shards, teacher, labels, runs, results)")
+    seeds: int = Field(1, ge=1, description="student seeds per mode (the README table used 3)")
+    modes: list[str] = Field(list(MODES), description=f"student modes to run, of: {', '.join(MODES)}")
+    teacher_epochs: int = Field(20, ge=1, description="epochs of the demo teacher")
+    student_epochs: int = Field(40, ge=1, description="epochs of each student run")
+    student_kwargs: dict = Field(STUDENT_KWARGS, description="JSON timm kwargs of the student ViT")
+    student_lr: float = Field(1.6e-2, gt=0, description="student learning rate per global batch 512, scaled linearly")
+    batch_size: int = Field(32, ge=1, description="student batch size per rank")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (DeiT: 0.8; off for 1,437 images)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (DeiT: 1.0)")
+    nproc: int = Field(2, ge=1, description="DDP processes per run (torchrun --nproc_per_node)")
+
+    @field_validator("modes")
+    @classmethod
+    def _known_modes(cls, modes: list[str]) -> list[str]:
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            raise ValueError(f"unknown modes {unknown}; choose from {list(MODES)}")
+        return modes
 
 
 def _run(cmd: list[str], log: Path) -> dict:
@@ -32,194 +72,189 @@ def _run(cmd: list[str], log: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def student_cmd(args, out: Path, shards: Path, labels: str, seed: int, extra: list[str]) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    return [
-        *launcher,
-        "-m",
-        "student_trainer",
-        "train",
-        "--shards",
-        str(shards),
-        "--out",
-        str(out),
-        "--model",
-        "deit_tiny_distilled_patch16_224",
-        "--model-kwargs",
-        json.dumps(STUDENT_KWARGS),
-        "--labels",
-        labels,
-        "--epochs",
-        str(args.student_epochs),
-        "--batch-size",
-        str(args.batch_size),
-        "--repeated-aug",
-        "1",
-        "--lr",
-        str(args.student_lr),
-        "--warmup-epochs",
-        "2",
-        "--drop-path",
-        "0.0",
-        "--mixup",
-        str(args.mixup),
-        "--cutmix",
-        str(args.cutmix),
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-        "--seed",
-        str(seed),
-        "--eval-every",
-        str(args.student_epochs),
-        "--no-progress",
-        *extra,
-    ]
+def _flags(**kw) -> list[str]:
+    """--flag value pairs in the order given; True -> --flag, False -> --no-flag."""
+    out = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + flag[2:])
+        else:
+            out += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    return out
 
 
-def run_demo(args) -> dict:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def train_cmd(cfg: DemoConfig, shards: Path, out: Path, launcher: list[str], **flags) -> list[str]:
+    return [*launcher, "-m", "student_trainer", "train", *_flags(shards=shards, out=out, **flags)]
+
+
+def student_cmd(cfg: DemoConfig, shards: Path, out: Path, mode: str, seed: int, store: str, teacher: str):
+    model, labels = MODES[mode]
+    extra = {"store": {"store": store}, "online": {"teacher_checkpoint": teacher}}.get(labels, {})
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}"]
+    return train_cmd(
+        cfg,
+        shards,
+        out,
+        launcher,
+        model=model,
+        model_kwargs=cfg.student_kwargs,
+        labels=labels,
+        epochs=cfg.student_epochs,
+        batch_size=cfg.batch_size,
+        repeated_aug=1,
+        lr=cfg.student_lr,
+        warmup_epochs=2,
+        drop_path=0.0,
+        mixup=cfg.mixup,
+        cutmix=cfg.cutmix,
+        workers=1,
+        threads=1,
+        seed=seed,
+        eval_every=max(1, cfg.student_epochs // 15),  # curves for results.png, at little cost
+        progress=False,
+        **extra,
+    )
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    out = Path(cfg.out)
     logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    shards = out / "shards"
-    store = str(out / "labels.db")
+    logs.mkdir(parents=True, exist_ok=True)
+    shards, store = out / "shards", str(out / "labels.db")
     t_start = time.perf_counter()
-    py = [sys.executable, "-m"]
     if not (shards / "manifest.json").exists():
-        _run(
-            [*py, "shards", "build", "--demo", "digits", "--out", str(shards), "--shard-size", "128"],
-            logs / "shards.log",
-        )
+        build = ["build", *_flags(demo="digits", out=shards, shard_size=128)]
+        _run([sys.executable, "-m", "shards", *build], logs / "shards.log")
     teacher_dir = out / "teacher"
     if not (teacher_dir / "model.safetensors").exists():
-        teacher = _run(
-            [
-                *py,
-                "student_trainer",
-                "train",
-                "--shards",
-                str(shards),
-                "--out",
-                str(teacher_dir),
-                "--model",
-                "regnety_002",
-                "--labels",
-                "none",
-                "--epochs",
-                str(args.teacher_epochs),
-                "--batch-size",
-                "64",
-                "--repeated-aug",
-                "1",
-                "--mixup",
-                "0",
-                "--cutmix",
-                "0",
-                "--lr",
-                "0.12",
-                "--warmup-epochs",
-                "1",
-                "--drop-path",
-                "0",
-                "--workers",
-                "1",
-                "--no-progress",
-                "--eval-every",
-                str(args.teacher_epochs),
-            ],
-            logs / "teacher.log",
+        cmd = train_cmd(
+            cfg,
+            shards,
+            teacher_dir,
+            [sys.executable],
+            model="regnety_002",
+            labels="none",
+            epochs=cfg.teacher_epochs,
+            batch_size=64,
+            repeated_aug=1,
+            mixup=0,
+            cutmix=0,
+            lr=0.12,
+            warmup_epochs=1,
+            drop_path=0,
+            workers=1,
+            progress=False,
+            eval_every=cfg.teacher_epochs,
         )
-    else:
-        teacher = json.loads((logs / "teacher.json").read_text())
-    (logs / "teacher.json").write_text(json.dumps(teacher))
+        (logs / "teacher.json").write_text(json.dumps(_run(cmd, logs / "teacher.log")))
+    teacher = json.loads((logs / "teacher.json").read_text())
     checkpoint = str(teacher_dir / "model.safetensors")
-    pre = _run(
-        [
-            *py,
-            "teacher_service",
-            "precompute",
-            "--shards",
-            str(shards),
-            "--seeds",
-            f"0:{args.student_epochs}",
-            "--store",
-            store,
-            "--checkpoint",
-            checkpoint,
-            "--workers",
-            "1",
-            "--no-progress",
-        ],
-        logs / "precompute.log",
-    )
-    runs: dict[str, list[dict]] = {"none": [], "store": [], "online": []}
-    for seed in range(args.seeds):
-        for mode in runs:
-            extra = {"none": [], "store": ["--store", store], "online": ["--teacher-checkpoint", checkpoint]}[mode]
-            runs[mode].append(
-                _run(
-                    student_cmd(args, out / f"student-{mode}-s{seed}", shards, mode, seed, extra),
-                    logs / f"student-{mode}-s{seed}.log",
-                )
-            )
-    rows = []
-    for mode, results in runs.items():
-        row = {"labels": mode, "seeds": len(results)}
-        for k in ("val_top1_cls", "val_top1_dist", "val_top1_fused", "images_per_s"):
-            vals = [r[k] for r in results]
-            row[k] = round(statistics.mean(vals), 2)
-            if len(vals) > 1:
-                row[k + "_std"] = round(statistics.stdev(vals), 2)
-        rows.append(row)
-    table = render_table(rows, teacher)
+    pre = {"labels_computed": 0}
+    if "cached" in cfg.modes:  # the seeds a run of E epochs with 1 repeat asks for: 0..E-1
+        pre = _run(
+            [sys.executable, "-m", "teacher_service", "precompute"]
+            + _flags(shards=shards, seeds=f"0:{cfg.student_epochs}", store=store, checkpoint=checkpoint, workers=1)
+            + ["--no-progress"],
+            logs / "precompute.log",
+        )
+    runs: dict[str, list[Path]] = {mode: [] for mode in cfg.modes}
+    summaries: dict[str, list[dict]] = {mode: [] for mode in cfg.modes}
+    for seed in range(cfg.seeds):
+        for mode in cfg.modes:
+            run_dir = out / f"student-{mode}-s{seed}"
+            if run_dir.exists():  # a rerun of the demo starts its students afresh
+                for f in ("metrics.jsonl", "last.pt"):
+                    (run_dir / f).unlink(missing_ok=True)
+            cmd = student_cmd(cfg, shards, run_dir, mode, seed, store, checkpoint)
+            summaries[mode].append(_run(cmd, logs / f"student-{mode}-s{seed}.log"))
+            runs[mode].append(run_dir)
+    rows = summarize(runs, summaries)
+    table = render_table(rows, teacher, cfg)
     (out / "results.md").write_text(table)
+    title = f"demo: {cfg.student_epochs} epochs, student {json.dumps(cfg.student_kwargs)}"
+    if cfg.mixup or cfg.cutmix:
+        title += f", mixup {cfg.mixup} / cutmix {cfg.cutmix}"
+    plot_runs(group_runs([r for mode in cfg.modes for r in runs[mode]]), out / "results.png", title)
     print(table, file=sys.stderr)
     return {
         "out": str(out),
-        "teacher_val_top1": round(teacher["val_top1_cls"], 2),
+        "teacher_val_top1": round(teacher["val_top1"], 2),
         "labels_precomputed": pre["labels_computed"],
         "results": rows,
+        "results_md": str(out / "results.md"),
+        "results_png": str(out / "results.png"),
         "minutes": round((time.perf_counter() - t_start) / 60, 2),
     }
 
 
-def render_table(rows: list[dict], teacher: dict) -> str:
-    def cell(r, k):
-        return f"{r[k]:.2f}" + (f" ± {r[k + '_std']:.2f}" if k + "_std" in r else "")
+def _stats(values: list[float]) -> dict:
+    mean, std = mean_std(values)
+    return {"mean": round(mean, 2), "std": round(std, 2) if len(values) > 1 else None}
+
+
+def summarize(runs: dict[str, list[Path]], summaries: dict[str, list[dict]]) -> list[dict]:
+    """Per mode: top-1 (the model's prediction), both heads, images/s, and the per-seed paired
+    difference to `plain` (the same seed's data order and initialization draw)."""
+    rows = []
+    plain = [s["val_top1"] for s in summaries.get("plain", [])]
+    for mode, results in summaries.items():
+        top1 = [s["val_top1"] for s in results]
+        row = {
+            "mode": mode,
+            "model": results[0]["model"],
+            "labels": results[0]["labels"],
+            "seeds": len(results),
+            "top1": _stats(top1),
+            "top1_cls": _stats([s["val_top1_cls"] for s in results]),
+            "top1_dist": _stats([s["val_top1_dist"] for s in results]) if mode != "plain" else None,
+            "images_per_s": _stats([throughput(read_metrics(r)) or 0.0 for r in runs[mode]]),
+        }
+        if plain and mode != "plain":
+            row["minus_plain"] = _stats([a - b for a, b in zip(top1, plain)])
+            row["minus_plain_per_seed"] = [round(a - b, 2) for a, b in zip(top1, plain)]
+        rows.append(row)
+    return rows
+
+
+def render_table(rows: list[dict], teacher: dict, cfg: DemoConfig) -> str:
+    def cell(s: dict | None, sign: bool = False) -> str:
+        if s is None:
+            return "-"
+        mean = f"{s['mean']:+.2f}" if sign else f"{s['mean']:.2f}"
+        return mean + (f" ± {s['std']:.2f}" if s["std"] is not None else "")
 
     lines = [
-        f"Teacher regnety_002: val top-1 {teacher['val_top1_cls']:.2f}",
+        f"Teacher regnety_002: val top-1 {teacher['val_top1']:.2f}. Students: {cfg.student_epochs} epochs, "
+        f"{json.dumps(cfg.student_kwargs)}, mixup {cfg.mixup}, cutmix {cfg.cutmix}, {cfg.nproc} DDP CPU processes.",
         "",
-        "| student labels | seeds | top-1 class head | top-1 dist head | top-1 fused | images/s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| mode | student | labels | seeds | top-1 | minus plain, paired (per seed) | class head | dist head "
+        "| images/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        paired = "-"
+        if "minus_plain" in r:
+            paired = (
+                f"{cell(r['minus_plain'], sign=True)} ({', '.join(f'{d:+.2f}' for d in r['minus_plain_per_seed'])})"
+            )
         lines.append(
-            f"| {r['labels']} | {r['seeds']} | {cell(r, 'val_top1_cls')} | {cell(r, 'val_top1_dist')} | "
-            f"{cell(r, 'val_top1_fused')} | {cell(r, 'images_per_s')} |"
+            f"| {r['mode']} | {r['model']} | {r['labels']} | {r['seeds']} | {cell(r['top1'])} | {paired} | "
+            f"{cell(r['top1_cls'])} | {cell(r['top1_dist'])} | {cell(r['images_per_s'])} |"
         )
+    lines += [
+        "",
+        "top-1: the model's prediction on the validation split (fused heads for the distilled students, the "
+        "class head for plain); mean ± std over seeds. minus plain: the same seed's distilled top-1 minus plain "
+        "top-1. images/s: training throughput after each epoch's first step.",
+    ]
     return "\n".join(lines) + "\n"
-
-
-class DemoConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    out: str = Field("runs/demo", description="output directory (shards, teacher, labels, runs, results)")
-    seeds: int = Field(1, ge=1, description="student seeds per mode (the README table used 3)")
-    teacher_epochs: int = Field(20, ge=1, description="epochs of the demo teacher")
-    student_epochs: int = Field(40, ge=1, description="epochs of each student run")
-    student_lr: float = Field(1.6e-2, gt=0, description="student learning rate per global batch 512, scaled linearly")
-    batch_size: int = Field(32, ge=1, description="student batch size per rank")
-    mixup: float = Field(0.0, ge=0, description="mixup alpha (DeiT: 0.8; off for 1,437 images)")
-    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (DeiT: 1.0)")
-    nproc: int = Field(2, ge=1, description="DDP processes per run (torchrun --nproc_per_node)")
 
 
 COMMAND = Command(
     "demo",
     help="end-to-end demo on the digits data set (embedded file store, 2 CPU ranks)",
+    description=__doc__.split("\n\n")[0],
     config=DemoConfig,
     run=run_demo,
 )

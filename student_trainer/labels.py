@@ -1,10 +1,14 @@
-"""Where the student's teacher targets come from: a label store, the teacher service, or nothing.
+"""The student's teacher targets, from wherever they come: a label store, the teacher service, an
+online teacher, or nothing; and every `--on-missing` policy. Two halves:
 
-Labels are fetched inside the data-loader workers, right after a worker builds a batch, with one
-bulk request per batch. The worker then holds the finished batch in the loader's prefetch queue,
-so labels for the next batches are in hand while the current batch trains; the training loop
-never waits on the store. (The online teacher, DeiT's baseline, runs in the training loop on the
-device; see train.py.)
+- `LabeledStream`, in the data-loader workers: one bulk request per batch, right after the worker
+  builds it, so the labels of the next batches are in hand while the current batch trains (the
+  loop never waits on the store). `--on-missing error` raises here, `service` asks the teacher
+  service for the missing ones here.
+- `TeacherTargetBuilder`, in the training loop on the device: the batch's labels (or an online
+  teacher's logits) as the distillation target, mixed with the images' mixup/cutmix lambda;
+  `--on-missing online` runs the teacher on the missing crops, `skip` masks them. Whether any
+  label is missing is a host-side count from the loader, so the step never waits on the device.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 from torch.utils.data import IterableDataset
 
-from shards import AugmentPolicy, ShardStream
+from shards import AugmentPolicy, ShardStream, seeds_for_run
 from teacher_service.client import TeacherClient
-from teacher_service.store import LabelBatch, open_existing
+from teacher_service.store import LabelBatch, StoreUnavailable, open_existing, redact
+
+from .config import TrainConfig
+from .loss import TeacherTargets
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +51,13 @@ def check_compatible(namespace_meta: dict, policy: AugmentPolicy, num_classes: i
 
 @dataclass
 class StoreSource:
-    url: str
+    """Labels from a store. An unreachable store is retried for `retry_for` seconds (a Redis
+    restart, a failover) before StoreUnavailable ends the run, resumable from its last checkpoint;
+    a failed fetch never returns labels that look present."""
+
+    url: str = field(repr=False)
     namespace: str | None = None
+    retry_for: float = 60.0
     _store: object = field(default=None, repr=False)
 
     def open(self):
@@ -52,19 +66,27 @@ class StoreSource:
         return self._store
 
     def meta(self) -> dict:
-        return self.open().namespace.meta()
+        store = self.open()
+        return {**store.namespace.meta(), "seed_limit": store.refresh_seed_limit()}
 
     def fetch(self, keys, seeds) -> LabelBatch:
-        return self.open().get(keys, seeds)
+        retrying = Retrying(
+            retry=retry_if_exception_type(StoreUnavailable),
+            stop=stop_after_delay(self.retry_for),
+            wait=wait_exponential(multiplier=0.2, max=5.0),
+            before_sleep=lambda s: log.warning("label store unavailable, retrying: %s", s.outcome.exception()),
+            reraise=True,
+        )
+        return retrying(lambda: self.open().get(keys, seeds))
 
     def __getstate__(self):  # data-loader workers open their own connection
-        return {"url": self.url, "namespace": self.namespace, "_store": None}
+        return {"url": self.url, "namespace": self.namespace, "retry_for": self.retry_for, "_store": None}
 
 
 @dataclass
 class ServiceSource:
     url: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     _client: TeacherClient | None = field(default=None, repr=False)
 
     def client(self) -> TeacherClient:
@@ -80,6 +102,7 @@ class ServiceSource:
             "num_classes": info["num_classes"],
             "teacher_id": info["teacher_id"],
             "format": info["format"],
+            "seed_limit": info["seed_limit"],
         }
 
     def fetch(self, keys, seeds) -> LabelBatch:
@@ -139,6 +162,7 @@ class LabeledStream(IterableDataset):
             batch["t_classes"] = torch.from_numpy(labels.classes)
             batch["t_probs"] = None if labels.probs is None else torch.from_numpy(labels.probs)
             batch["t_present"] = torch.from_numpy(labels.present)
+            batch["t_missing"] = int((~labels.present).sum())  # still missing: the loop's host-side test
             batch["label_stats"] = stats
             yield batch
 
@@ -157,3 +181,73 @@ def target_distribution(classes: torch.Tensor, probs: torch.Tensor | None, num_c
     rest = (1.0 - p.sum(1, keepdim=True)).clamp_min(0) / max(num_classes - k, 1)
     dist = rest.expand(b, num_classes).clone()
     return dist.scatter_(1, valid, p)
+
+
+def with_teacher_labels(stream: ShardStream, cfg: TrainConfig, policy: AugmentPolicy, num_classes: int):
+    """(dataset, namespace id): the stream itself without cached labels, else a LabeledStream over
+    the store or the service, after checking that its labels fit this run (policy, classes, format,
+    and the seeds the schedule needs)."""
+    if cfg.labels not in ("store", "service"):
+        return stream, None
+    if cfg.labels == "store":
+        source = StoreSource(cfg.store, cfg.namespace, cfg.store_retry_for)
+    else:
+        source = ServiceSource(cfg.service_url, cfg.service_token)
+    meta = source.meta()
+    where = redact(cfg.store or cfg.service_url)
+    check_compatible(meta, policy, num_classes, where)
+    needed = seeds_for_run(cfg.epochs, cfg.repeated_aug).stop
+    tolerated = cfg.labels == "store" and cfg.on_missing in ("online", "skip")  # beyond the range: missing
+    if needed > meta["seed_limit"] and not tolerated:
+        raise ValueError(
+            f"{where}: the run needs seeds 0:{needed} but namespace {meta['id']} serves 0:{meta['seed_limit']}; "
+            f"precompute with --seeds 0:{needed}, or pass --on-missing online|skip"
+        )
+    if cfg.distillation_type == "soft" and "p" not in meta["format"]:
+        raise ValueError(f"soft distillation from cached labels needs a topKp format, the store has {meta['format']}")
+    fallback = ServiceSource(cfg.service_url, cfg.service_token) if cfg.service_url else None
+    return LabeledStream(stream, source, cfg.on_missing, fallback), meta["id"]
+
+
+class TeacherTargetBuilder:
+    """The distillation target of a training batch (see the module docstring)."""
+
+    def __init__(self, labels: str, on_missing: str, distillation_type: str, num_classes: int, teacher=None):
+        self.labels = labels
+        self.on_missing = on_missing
+        self.soft = distillation_type == "soft"
+        self.num_classes = num_classes
+        self.teacher = teacher
+        self.labels_online = 0  # missing labels the online teacher filled in
+
+    def __call__(self, batch: dict, x: torch.Tensor, lam: float | None) -> TeacherTargets | None:
+        """`x`: the batch's (mixed) images on the device, `lam`: the mixup lambda (None: no mixing)."""
+        if self.labels == "none":
+            return None
+        if self.labels == "online":  # DeiT's baseline: the teacher sees the mixed image
+            return TeacherTargets(logits=self.teacher.logits(x))
+        n, device = len(x), x.device  # mixup may have dropped an odd last sample
+        probs = batch["t_probs"]
+        dist = target_distribution(
+            batch["t_classes"][:n].to(device, non_blocking=True),
+            None if probs is None else probs[:n].to(device, non_blocking=True),
+            self.num_classes,
+        )
+        weight = None
+        if batch["t_missing"]:
+            present = batch["t_present"][:n]
+            if self.on_missing == "online":
+                miss = (~present).nonzero().flatten()  # a CPU tensor: no wait on the device
+                if len(miss):
+                    miss = miss.to(device, non_blocking=True)
+                    logits = self.teacher.logits(x[miss])  # the teacher sees the mixed image, as online
+                    one_hot = F.one_hot(logits.argmax(1), self.num_classes).float()
+                    dist[miss] = logits.softmax(1) if self.soft else one_hot
+                    self.labels_online += len(miss)
+            else:  # skip: the missing rows carry no distillation loss
+                weight = present.float().to(device, non_blocking=True)
+        if lam is not None:  # same lambda and pairing as the images
+            dist = lam * dist + (1 - lam) * dist.flip(0)
+            if weight is not None:
+                weight = weight * weight.flip(0)
+        return TeacherTargets(dist=dist, weight=weight)

@@ -1,12 +1,17 @@
-"""DeiT student training: one loop, top to bottom. Run directly or under torchrun.
+"""DeiT student training: set-up, then one loop that reads top to bottom. Directly or under torchrun.
 
     python -m student_trainer train --shards DIR --labels store --store runs/labels.db --out runs/x
     torchrun --nproc_per_node 2 -m student_trainer train ...
 
-DDP comes from torchrun's environment (Gloo on CPU, NCCL on CUDA). Every rank gets the same
-number of batches from ShardStream, so collectives never hang. Randomness is re-seeded from
-(seed, epoch, rank) at the start of every epoch, so a run resumed from a checkpoint draws the same
-numbers as one that never stopped.
+DDP comes from torchrun's environment (timm's set-up: Gloo on CPU, NCCL on CUDA). Every rank gets
+the same number of batches from ShardStream, so collectives never hang. Randomness is re-seeded
+from (seed, epoch, rank) at the start of every epoch, so a run resumed from a checkpoint draws
+the same numbers as one that never stopped. The step does not wait on the device: the loss is
+read (and checked) every `--log-every` steps, label accounting is host-side counts from the loader.
+
+A distilled model (timm's deit_*_distilled_*) trained without teacher labels trains its class
+head only, as the official DeiT code does; its prediction is then the class head. The paper's
+no-distillation baseline is the same ViT without a distillation token (deit_*_patch16_224).
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from timm.utils import unwrap_model
 from tqdm import tqdm
 
@@ -32,13 +37,15 @@ from shards import Manifest, ShardStream, make_loader, seeds_for_run
 from teacher_service.teacher import Teacher
 
 from .config import TrainConfig
-from .labels import LabeledStream, ServiceSource, StoreSource, check_compatible, target_distribution
-from .loss import DistillationLoss, TeacherTargets
+from .labels import LabeledStream, TeacherTargetBuilder, with_teacher_labels
+from .loss import DistillationLoss
 
 log = logging.getLogger("student_trainer")
 
+LABEL_COUNTS = ("labels_cached", "labels_missing", "labels_from_service")
 
-# --------------------------------------------------------------------------------------------
+
+# -- set-up ------------------------------------------------------------------------------------
 def setup_distributed() -> tuple[int, int, torch.device]:
     """timm's set-up from torchrun's (or SLURM's) environment: NCCL on CUDA, Gloo on the CPU."""
     from timm.utils.distributed import init_distributed_device_so
@@ -62,56 +69,58 @@ def all_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def is_distilled(model) -> bool:
-    return hasattr(unwrap_model(model), "head_dist")
-
-
-def heads(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Class-head and distillation-head logits (eval), for timm's VisionTransformerDistilled."""
-    m = unwrap_model(model)
-    if not is_distilled(m):
-        return m(x), None
-    f = m.forward_features(x)
-    return m.head(f[:, 0]), m.head_dist(f[:, 1])
-
-
-def autocast(device, amp: str):
+def autocast(device: torch.device, amp: str):
     if device.type != "cuda" or amp == "none":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, amp: str) -> dict:
-    model.eval()
-    n = c_cls = c_dist = c_fused = 0
-    for batch in loader:
-        x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device)
-        with autocast(device, amp):
-            cls, dst = heads(model, x)
-        cls = cls.float()
-        n += len(y)
-        c_cls += (cls.argmax(1) == y).sum().item()
-        if dst is not None:
-            dst = dst.float()
-            c_dist += (dst.argmax(1) == y).sum().item()
-            fused = (cls.softmax(1) + dst.softmax(1)) / 2  # DeiT's fused prediction
-            c_fused += (fused.argmax(1) == y).sum().item()
-        else:
-            c_dist += (cls.argmax(1) == y).sum().item()
-            c_fused += (cls.argmax(1) == y).sum().item()
-    n, c_cls, c_dist, c_fused = all_sum([n, c_cls, c_dist, c_fused], device)
-    return {
-        "val_top1_cls": 100 * c_cls / n,
-        "val_top1_dist": 100 * c_dist / n,
-        "val_top1_fused": 100 * c_fused / n,
-        "val_images": int(n),
-    }
+def is_distilled(model) -> bool:
+    return hasattr(unwrap_model(model), "head_dist")
+
+
+def build_model(cfg: TrainConfig, num_classes: int, input_size: int):
+    import timm
+
+    kwargs = dict(cfg.model_kwargs)
+    if ("deit" in cfg.model or "vit" in cfg.model) and "img_size" not in kwargs:
+        kwargs["img_size"] = input_size
+    model = timm.create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path, **kwargs)
+    if cfg.distillation_type != "none" and not is_distilled(model):
+        raise ValueError(f"{cfg.model} has no distillation token: use a timm deit_*_distilled_* model")
+    if is_distilled(model):
+        model.set_distilled_training(True)  # both heads' logits in training
+        if cfg.distillation_type == "none":
+            # the official code's baseline: the loss sees the class head only. The distillation head
+            # gets no gradient; frozen, DDP does not wait for one.
+            model.head_dist.requires_grad_(False)
+            log.info("%s without distillation: training its class head only", cfg.model)
+    return model, kwargs
+
+
+def build_optimization(cfg: TrainConfig, model, steps_per_epoch: int, global_batch: int, device: torch.device):
+    """DeiT's recipe: AdamW (fused on CUDA), cosine schedule with warm-up per step, lr scaled by batch/512."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    scale = global_batch / 512
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr * scale, weight_decay=cfg.weight_decay, **fused)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=cfg.epochs * steps_per_epoch,
+        lr_min=cfg.min_lr * scale,
+        warmup_t=cfg.warmup_epochs * steps_per_epoch,
+        warmup_lr_init=cfg.warmup_lr,
+        t_in_epochs=False,
+    )
+    return optimizer, scheduler
 
 
 class MixupWithLambda:
     """timm's Mixup/CutMix (batch mode), also returning lambda so cached teacher targets can be mixed
-    exactly like the images: lam * t + (1 - lam) * t.flip(0)."""
+    exactly like the images: lam * t + (1 - lam) * t.flip(0). (timm's public Mixup.__call__ returns
+    the mixed true targets but not lambda, hence its _mix_batch.)"""
 
     def __init__(self, cfg: TrainConfig, num_classes: int):
         from timm.data import Mixup
@@ -135,317 +144,338 @@ class MixupWithLambda:
         return x, mixup_target(y, self.m.num_classes, lam, self.m.label_smoothing), float(lam)
 
 
-# --------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, num_classes: int, input_size: int):
-    import timm
+def build_criterion(cfg: TrainConfig, mixup: MixupWithLambda | None) -> DistillationLoss:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    kwargs = dict(cfg.model_kwargs)
-    if ("deit" in cfg.model or "vit" in cfg.model) and "img_size" not in kwargs:
-        kwargs["img_size"] = input_size
-    model = timm.create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path, **kwargs)
-    return model, kwargs
+    if mixup is not None:
+        base = SoftTargetCrossEntropy()  # mixup's targets are smoothed distributions
+    elif cfg.smoothing:
+        base = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        base = torch.nn.CrossEntropyLoss()
+    return DistillationLoss(base, cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau)
 
 
-def train(cfg: TrainConfig) -> dict:
+@dataclass
+class Run:
+    """What the loop works with; built once by `setup`."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    amp: str
+    out: Path
+    manifest: Manifest
+    model: torch.nn.Module  # the model itself: checkpoints and export
+    net: torch.nn.Module  # what runs the step: DDP- and/or compile-wrapped model
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    criterion: DistillationLoss
+    mixup: MixupWithLambda | None
+    targets: TeacherTargetBuilder
+    dataset: ShardStream | LabeledStream
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    steps_per_epoch: int
+    model_meta: dict
+    namespace: str | None = None
+    counts: dict = field(default_factory=lambda: dict.fromkeys((*LABEL_COUNTS, "skipped_samples"), 0))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: TrainConfig) -> Run:
     rank, world, device = setup_distributed()
-    main_rank = rank == 0
     out = Path(cfg.out)
-    if main_rank:
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    dtype = cfg.distillation_type
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-
     manifest = Manifest.load(cfg.shards)
     policy = manifest.policy(**cfg.policy)
     num_classes = len(manifest.classes)
-    seed_epoch(cfg.seed, 0, 0)  # same initial weights on every rank (DDP also broadcasts them)
+
+    seed_epoch(cfg.seed, 0, 0)  # the same initial weights on every rank (DDP also broadcasts them)
     model, model_kwargs = build_model(cfg, num_classes, policy.input_size)
-    distilled = dtype != "none"
-    if distilled:
-        if not is_distilled(model):
-            raise ValueError(f"{cfg.model} has no distillation token: use a timm deit_*_distilled_* model")
-        model.set_distilled_training(True)
     model.to(device)
 
-    # data: every rank the same number of batches
+    # data: every rank the same number of batches; labels fetched in the loader workers
     train_stream = ShardStream(
-        cfg.shards,
-        "train",
-        policy,
-        cfg.batch_size,
-        mode="train",
-        rank=rank,
-        world_size=world,
-        repeats=cfg.repeated_aug,
-        seed=cfg.seed,
+        cfg.shards, "train", policy, cfg.batch_size, "train", rank, world, cfg.repeated_aug, seed=cfg.seed
     )
-    dataset = train_stream
-    namespace = None
-    teacher = None
-    if cfg.labels in ("store", "service"):
-        source = (
-            StoreSource(cfg.store, cfg.namespace)
-            if cfg.labels == "store"
-            else ServiceSource(cfg.service_url, cfg.service_token)
-        )
-        meta = source.meta()
-        check_compatible(meta, policy, num_classes, cfg.store or cfg.service_url)
-        if dtype == "soft" and "p" not in meta["format"]:
-            raise ValueError(
-                f"soft distillation from cached labels needs a topKp record format, store has {meta['format']}"
-            )
-        namespace = meta["id"]
-        fallback = ServiceSource(cfg.service_url, cfg.service_token) if cfg.service_url else None
-        dataset = LabeledStream(train_stream, source, cfg.on_missing, fallback)
-    if cfg.needs_teacher:
-        teacher_cfg = cfg.teacher
-        if teacher_cfg.random_init and teacher_cfg.num_classes is None:
-            teacher_cfg = teacher_cfg.model_copy(update={"num_classes": num_classes})
-        teacher = Teacher(teacher_cfg, device=str(device))
-    loader = make_loader(dataset, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    dataset, namespace = with_teacher_labels(train_stream, cfg, policy, num_classes)
+    pin = device.type == "cuda"
+    loader = make_loader(dataset, num_workers=cfg.workers, pin_memory=pin)
     val_loader = None
     if cfg.eval_every and "val" in manifest.splits:
-        val_loader = make_loader(
-            ShardStream(cfg.shards, "val", policy, cfg.batch_size, mode="eval", rank=rank, world_size=world),
-            num_workers=min(cfg.workers, 1),
-        )
+        val = ShardStream(cfg.shards, "val", policy, cfg.batch_size, "eval", rank, world)
+        val_loader = make_loader(val, num_workers=min(cfg.workers, 1), pin_memory=pin)
+
+    teacher = None
+    if cfg.needs_teacher:
+        settings = cfg.teacher
+        if settings.random_init and settings.num_classes is None:
+            settings = settings.model_copy(update={"num_classes": num_classes})
+        teacher = Teacher(settings, device=str(device))
+        if cfg.compile:
+            teacher.compile()
+
     steps_per_epoch = len(train_stream)
-
-    # optimization: DeiT recipe
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-
-    global_batch = cfg.batch_size * world
-    lr = cfg.lr * global_batch / 512
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=total_steps,
-        lr_min=cfg.min_lr * global_batch / 512,
-        warmup_t=cfg.warmup_epochs * steps_per_epoch,
-        warmup_lr_init=cfg.warmup_lr,
-        t_in_epochs=False,
-    )
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, cfg.batch_size * world, device)
     mixup = MixupWithLambda(cfg, num_classes) if (cfg.mixup > 0 or cfg.cutmix > 0) else None
-    base = (
-        SoftTargetCrossEntropy()
-        if mixup
-        else (LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing else torch.nn.CrossEntropyLoss())
-    )
-    criterion = DistillationLoss(base, dtype, cfg.distillation_alpha, cfg.distillation_tau)
-
-    start_epoch, step = 0, 0
-    resume = out / "last.pt" if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if resume is not None and resume.exists():
-        ckpt = load_training_checkpoint(resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        if main_rank:
-            log.info("resumed from %s: epoch %d, step %d", resume, start_epoch, step)
-    elif cfg.resume not in (None, "auto"):
-        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint")
-
-    ddp = model
+    net = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        amp=amp,
+        out=out,
+        manifest=manifest,
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
+        criterion=build_criterion(cfg, mixup),
+        mixup=mixup,
+        targets=TeacherTargetBuilder(cfg.labels, cfg.on_missing, cfg.distillation_type, num_classes, teacher),
+        dataset=dataset,
+        loader=loader,
+        val_loader=val_loader,
+        steps_per_epoch=steps_per_epoch,
+        model_meta={
+            "model": cfg.model,
+            "model_kwargs": model_kwargs,
+            "num_classes": num_classes,
+            "classes": manifest.classes,
+        },
+        namespace=namespace,
+    )
 
-    metrics_path = out / "metrics.jsonl"
-    summary: dict = {
-        "model": cfg.model,
-        "labels": cfg.labels,
-        "distillation_type": dtype,
-        "world_size": world,
-        "global_batch": global_batch,
-        "namespace": namespace,
-        "policy_id": policy.policy_id,
-        "seeds_needed": f"0:{seeds_for_run(cfg.epochs, cfg.repeated_aug).stop}",
+
+# -- checkpoints --------------------------------------------------------------------------------
+def save_checkpoint(run: Run, epoch: int, step: int) -> None:
+    """OUT/last.pt, atomically; plain values only, so resuming loads it with weights_only=True."""
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "config": run.cfg.model_dump(),
+        "model_meta": run.model_meta,
     }
-    totals = {
-        "labels_cached": 0,
-        "labels_missing": 0,
-        "labels_from_service": 0,
-        "labels_online": 0,
-        "skipped_samples": 0,
+    atomic_save(state, run.out / "last.pt")
+
+
+def load_checkpoint(run: Run) -> tuple[int, int]:
+    """(first epoch, step) to continue from: from --resume, or (0, 0)."""
+    cfg = run.cfg
+    path = run.out / "last.pt" if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    if path is None or not path.exists():
+        if cfg.resume not in (None, "auto"):
+            raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint")
+        return 0, 0
+    ckpt = load_training_checkpoint(path)
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if run.main:
+        log.info("resumed from %s: epoch %d, step %d", path, ckpt["epoch"] + 1, ckpt["step"])
+    return ckpt["epoch"] + 1, ckpt["step"]
+
+
+def export(run: Run) -> None:
+    """OUT/model.safetensors with the metadata that rebuilds the model (it is loadable as a teacher)."""
+    save_weights(run.model.state_dict(), run.out / "model.safetensors", run.model_meta)
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[int, dict]:
+    """One epoch (or up to max_steps); returns the step reached and the epoch's figures (all ranks)."""
+    cfg, device = run.cfg, run.device
+    run.net.train()
+    loss_sum = torch.zeros((), device=device)
+    images = n_steps = 0
+    first_step_done = None  # (time, images) after the first step: the steady-state clock starts there
+    t0 = time.perf_counter()
+    bar = tqdm(
+        run.loader,
+        total=run.steps_per_epoch,
+        desc=f"epoch {epoch}",
+        disable=not (run.main and cfg.progress),
+        unit="batch",
+        leave=False,
+    )
+    for batch in bar:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        run.counts["skipped_samples"] += batch["skipped"]
+        for k, v in batch.get("label_stats", {}).items():
+            run.counts[k] += v
+        lam = None
+        if run.mixup is not None:
+            x, y, lam = run.mixup(x, y)
+        targets = run.targets(batch, x, lam)
+        with autocast(device, run.amp):
+            outputs = run.net(x)
+        loss = run.criterion(outputs, y, targets)
+
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        step += 1
+        run.scheduler.step_update(step)
+
+        loss_sum += loss.detach()
+        images += len(x)
+        n_steps += 1
+        if first_step_done is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_step_done = (time.perf_counter(), images)
+        if step % cfg.log_every == 0:  # the step's only host sync, nanoGPT-style
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at epoch {epoch} step {step}")
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+        if max_steps and step >= max_steps:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    mean_loss = loss_sum.item() / max(n_steps, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch}")
+    steady_images = images - first_step_done[1] if first_step_done else 0
+    steady_seconds = end - first_step_done[0] if first_step_done else 0.0
+    g_images, g_loss, g_steps, g_steady = all_sum([images, mean_loss * n_steps, n_steps, steady_images], device)
+    return step, {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": g_loss / max(g_steps, 1),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images": int(g_images),
+        "images_per_s": g_images / (end - t0),
+        "steady_images": int(g_steady),  # all ranks' images after each one's first step of the epoch
+        "steady_seconds": steady_seconds,
+        "epoch_seconds": end - t0,
     }
-    train_images = train_seconds = 0.0
-    run_images, steady_start = 0, None  # steady-state throughput: from the end of the first step
-    done = False
-    last_eval: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        seed_epoch(cfg.seed, epoch, rank)
-        dataset.set_epoch(epoch)
-        ddp.train()
-        t0 = time.perf_counter()
-        images, loss_sum, n_steps = 0, 0.0, 0
-        bar = tqdm(
-            loader,
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}",
-            disable=not (main_rank and cfg.progress),
-            unit="batch",
-            leave=False,
-        )
-        for batch in bar:
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True)
-            totals["skipped_samples"] += batch["skipped"]
-            cached = None
-            if "t_classes" in batch:
-                for k, v in batch["label_stats"].items():
-                    totals[k] += v
-                cached = (
-                    batch["t_classes"].to(device),
-                    None if batch["t_probs"] is None else batch["t_probs"].to(device),
-                    batch["t_present"].to(device),
-                )
-            lam = 1.0
-            if mixup is not None:
-                x, y, lam = mixup(x, y)
-                if cached is not None:
-                    cached = tuple(None if t is None else t[: len(x)] for t in cached)
-            targets = None
-            if cfg.labels == "online":
-                targets = TeacherTargets(logits=teacher.logits(x))
-            elif cached is not None:
-                classes, probs, present = cached
-                tdist = target_distribution(classes, probs, num_classes)
-                weight = present.float()
-                if cfg.on_missing == "online" and not present.all():
-                    miss = (~present).nonzero().flatten()
-                    logits = teacher.logits(x[miss])  # the teacher sees the mixed image
-                    tdist[miss] = (
-                        F.softmax(logits, 1) if dtype == "soft" else F.one_hot(logits.argmax(1), num_classes).float()
-                    )
-                    totals["labels_online"] += len(miss)
-                    weight = torch.ones_like(weight)
-                if mixup is not None:  # same lambda and pairing as the images
-                    tdist = lam * tdist + (1 - lam) * tdist.flip(0)
-                    weight = weight * weight.flip(0)
-                targets = TeacherTargets(dist=tdist, weight=None if bool(weight.all()) else weight)
-            with autocast(device, amp):
-                outputs = ddp(x)
-            loss = criterion(
-                tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float(), y, targets
-            )
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, amp: str, distilled_training: bool) -> dict:
+    """Top-1 of the class head, the distillation head and DeiT's fused prediction (mean of the two
+    softmaxes); `val_top1` is the model's prediction: fused when it was trained with distillation,
+    else its class head (a plain ViT has only that)."""
+    model.eval()
+    n = c_cls = c_dist = c_fused = 0
+    for batch in loader:
+        x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        with autocast(device, amp):
+            m = unwrap_model(model)
+            if is_distilled(m):
+                f = m.forward_features(x)
+                cls, dst = m.head(f[:, 0]).float(), m.head_dist(f[:, 1]).float()
             else:
-                loss.backward()
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            images += len(x)
-            run_images += len(x)
-            if steady_start is None:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                steady_start = (time.perf_counter(), run_images)
-            loss_sum += loss.item()
-            n_steps += 1
-            if main_rank and cfg.progress:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if cfg.max_steps and step >= cfg.max_steps:
-                done = True
-                break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        g_images, g_loss, g_steps = all_sum([images, loss_sum, n_steps], device)
-        train_images += g_images
-        train_seconds += dt
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": g_loss / max(g_steps, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": g_images / dt,
-            "epoch_seconds": dt,
-        }
-        if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or done):
-            last_eval = evaluate(ddp, val_loader, device, amp)
+                cls = dst = m(x).float()
+        n += len(y)
+        c_cls += (cls.argmax(1) == y).sum()
+        c_dist += (dst.argmax(1) == y).sum()
+        c_fused += (((cls.softmax(1) + dst.softmax(1)) / 2).argmax(1) == y).sum()
+    n, c_cls, c_dist, c_fused = all_sum([n, int(c_cls), int(c_dist), int(c_fused)], device)
+    out = {
+        "val_top1_cls": 100 * c_cls / n,
+        "val_top1_dist": 100 * c_dist / n,
+        "val_top1_fused": 100 * c_fused / n,
+        "val_images": int(n),
+    }
+    out["val_top1"] = out["val_top1_fused"] if distilled_training else out["val_top1_cls"]
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    run = setup(cfg)
+    start_epoch, step = load_checkpoint(run)
+    total_images = total_seconds = steady_images = steady_seconds = 0.0
+    last_eval: dict = {}
+    epoch, done = start_epoch - 1, False
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch, run.rank)
+        run.dataset.set_epoch(epoch)  # before iter(loader): persistent workers read it at the epoch's start
+        step, record = train_one_epoch(run, epoch, step, cfg.max_steps)
+        done = bool(cfg.max_steps) and step >= cfg.max_steps
+        total_images += record["images"]
+        total_seconds += record["epoch_seconds"]
+        steady_images += record["steady_images"]
+        steady_seconds += record["steady_seconds"]
+        last_epoch = epoch + 1 == cfg.epochs or done
+        if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
+            last_eval = evaluate(run.net, run.val_loader, run.device, run.amp, cfg.distillation_type != "none")
             record.update(last_eval)
-        if main_rank:
-            with open(metrics_path, "a") as f:
+        if run.main:
+            with open(run.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if cfg.progress:
                 tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-            if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
-                atomic_save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler else None,
-                        "epoch": epoch,
-                        "step": step,
-                        "config": cfg.model_dump(),
-                        "model_meta": {
-                            "model": cfg.model,
-                            "model_kwargs": model_kwargs,
-                            "num_classes": num_classes,
-                            "classes": manifest.classes,
-                        },
-                    },
-                    out / "last.pt",
-                )
+            if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch):
+                save_checkpoint(run, epoch, step)
         if dist.is_initialized():
             dist.barrier()
         if done:
             break
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    steady = None
-    if steady_start is not None:
-        (n_steady,) = all_sum([run_images - steady_start[1]], device)
-        steady = n_steady / (time.perf_counter() - steady_start[0]) if n_steady else None
-    totals_g = dict(zip(totals, all_sum(list(totals.values()), device)))
-    if main_rank and cfg.export:
-        save_weights(
-            model.state_dict(),
-            out / "model.safetensors",
-            {"model": cfg.model, "model_kwargs": model_kwargs, "num_classes": num_classes, "classes": manifest.classes},
-        )
-    summary.update(
-        {
-            "epochs_done": (epoch + 1) if cfg.epochs > start_epoch else start_epoch,
-            "steps": step,
-            "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
-            "steady_images_per_s": round(steady, 2) if steady else None,
-            **{k: int(v) for k, v in totals_g.items()},
-            **{k: round(v, 3) if isinstance(v, float) else v for k, v in last_eval.items()},
-            "out": str(out),
-        }
-    )
-    if dist.is_initialized():
-        # DDP's reducer holds Gloo/NCCL work: release it and let every rank arrive before the
-        # group goes, or a rank can abort at interpreter exit ("terminate called without an
-        # active exception").
-        del ddp, loader, val_loader
-        import gc
+    counts = dict(zip(run.counts, all_sum(list(run.counts.values()), run.device)))
+    (labels_online,) = all_sum([run.targets.labels_online], run.device)
+    if run.main and cfg.export:
+        export(run)
+    summary = {
+        "model": cfg.model,
+        "labels": cfg.labels,
+        "distillation_type": cfg.distillation_type,
+        "world_size": run.world,
+        "global_batch": cfg.batch_size * run.world,
+        "namespace": run.namespace,
+        "policy_id": run.manifest.policy(**cfg.policy).policy_id,
+        "seeds_needed": f"0:{seeds_for_run(cfg.epochs, cfg.repeated_aug).stop}",
+        "epochs_done": max(epoch + 1, start_epoch),
+        "steps": step,
+        "images_per_s": round(total_images / total_seconds, 2) if total_seconds else None,
+        "steady_images_per_s": round(steady_images / steady_seconds, 2) if steady_seconds else None,
+        **{k: int(v) for k, v in counts.items()},
+        "labels_online": int(labels_online),
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in last_eval.items()},
+        "out": str(run.out),
+    }
+    shutdown(run)
+    return summary if run.main else {}
 
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary if main_rank else {}
+
+def shutdown(run: Run) -> None:
+    """DDP's reducer holds Gloo/NCCL work: release it and let every rank arrive before the group
+    goes, or a rank can abort at interpreter exit ("terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    import gc
+
+    run.net = run.loader = run.val_loader = None
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -118,6 +118,11 @@ class Teacher:
         self._copy_stream = None  # created on first use: CUDA streams do not survive a fork
         log.info("teacher %s on %s (%d classes)", self.teacher_id, self.device, self.num_classes)
 
+    def compile(self) -> Teacher:
+        """torch.compile the forward (the weights, and so the teacher id, are unchanged)."""
+        self.model = torch.compile(self.model)
+        return self
+
     def namespace(self, policy_id: str, fmt: RecordFormat, classes: list[str] | None = None) -> Namespace:
         cls = classes or self.classes
         if len(cls) != self.num_classes:

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from conftest import PY, last_json, run_cli, run_precompute
 
+from distill_core import load_training_checkpoint
 from shards import Manifest, SkipCounter, iter_shard
-from student_trainer.labels import target_distribution
+from student_trainer.labels import TeacherTargetBuilder, target_distribution
 from student_trainer.loss import DistillationLoss, TeacherTargets
 from teacher_service.namespace import Namespace, RecordFormat, classes_digest
 from teacher_service.store import open_store
@@ -81,6 +82,51 @@ def test_masked_targets_ignore_missing():
     expect = 0.5 * base_all + 0.5 * F.cross_entropy(kd[:2], torch.tensor([1, 2]))
     torch.testing.assert_close(masked, expect)
     assert not torch.isclose(full, masked)
+
+
+class FixedTeacher:
+    """A stand-in online teacher whose logits say class 7 (the builder only needs `logits`)."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def logits(self, x):
+        self.seen += len(x)
+        return F.one_hot(torch.full((len(x),), 7), 10).float() * 5
+
+
+def labeled_batch(classes, present):
+    present = torch.tensor(present)
+    return {
+        "t_classes": torch.tensor(classes).reshape(-1, 1),
+        "t_probs": None,
+        "t_present": present,
+        "t_missing": int((~present).sum()),
+    }
+
+
+def test_target_builder_on_missing_policies_and_mixup():
+    x = torch.zeros(4, 3, 8, 8)
+    batch = labeled_batch([1, 2, -1, 4], [True, True, False, True])
+    # online: the teacher labels only the missing crop; every row then carries a target
+    teacher = FixedTeacher()
+    online = TeacherTargetBuilder("store", "online", "hard", 10, teacher)(batch, x, None)
+    assert teacher.seen == 1 and online.weight is None
+    assert online.dist.argmax(1).tolist() == [1, 2, 7, 4]
+    # skip: the missing row is masked out of the distillation loss
+    skip = TeacherTargetBuilder("store", "skip", "hard", 10)(batch, x, None)
+    assert skip.weight.tolist() == [1, 1, 0, 1]
+    # mixup: targets mixed with the images' lambda and pairing (a batch with its reverse)
+    full = labeled_batch([1, 2, 3, 4], [True] * 4)
+    mixed = TeacherTargetBuilder("store", "error", "hard", 10)(full, x, 0.75)
+    assert mixed.dist[0, 1] == 0.75 and mixed.dist[0, 4] == 0.25 and mixed.weight is None
+    # no label was missing: the builder never asks for the online teacher
+    untouched = FixedTeacher()
+    TeacherTargetBuilder("store", "online", "hard", 10, untouched)(full, x, None)
+    assert untouched.seen == 0
+    # online mode: the teacher on the (mixed) images; no labels: no targets
+    assert TeacherTargetBuilder("online", "error", "hard", 10, teacher)(full, x, 0.5).logits.shape == (4, 10)
+    assert TeacherTargetBuilder("none", "error", "none", 10)(full, x, None) is None
 
 
 def put_labels(store_url, shards, fn, seeds, fmt=RecordFormat()):
@@ -314,7 +360,7 @@ def test_resume_after_kill_continues_from_checkpoint(demo_shards, tmp_path):
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = load_training_checkpoint(out / "last.pt")  # plain values only: weights_only=True
     done_epoch = ckpt["epoch"]
     assert 1 <= done_epoch < 3 and ckpt["step"] == (done_epoch + 1) * 12
     r = torchrun(
@@ -325,3 +371,57 @@ def test_resume_after_kill_continues_from_checkpoint(demo_shards, tmp_path):
     assert s["steps"] == 4 * 12 and s["epochs_done"] == 4
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-(3 - done_epoch) :] == list(range(done_epoch + 1, 4))
+    # a distilled model without distillation trains its class head only (the official baseline)
+    import timm
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)  # the trainer's initial draw for --seed 0
+    init = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, **TINY)
+    trained = load_file(str(out / "model.safetensors"))
+    assert torch.equal(trained["head_dist.weight"], init.head_dist.weight.detach())
+    assert not torch.equal(trained["head.weight"], init.head.weight.detach())
+
+
+def test_plot_groups_seeds_into_curves(tmp_path):
+    for name, top1 in (("plain-s0", 80.0), ("plain-s1", 82.0), ("cached-s0", 85.0)):
+        run = tmp_path / name
+        run.mkdir()
+        records = [{"epoch": e, "val_top1": top1 + e, "steady_images": 1000, "steady_seconds": 2.0} for e in range(3)]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    runs = [tmp_path / n for n in ("plain-s0", "plain-s1", "cached-s0")]
+    s = last_json(run_cli("student_trainer", "plot", *runs, "--out", tmp_path / "p.png").stdout)
+    assert s["curves"] == {"plain": 2, "cached": 1}
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_cli("student_trainer", "plot", tmp_path / "nope", check=False)
+    assert bad.returncode == 2 and "metrics.jsonl not found" in bad.stderr
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_writes_table_and_picture(tmp_path, demo_shards):
+    """The quick start's first command, shortened: every mode runs, cached = online exactly."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_shards, out / "shards")  # the demo reuses shards it finds
+    r = run_cli(
+        "student_trainer",
+        "demo",
+        "--out",
+        out,
+        "--teacher-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+        "--student-kwargs",
+        json.dumps(TINY),
+        timeout=900,
+    )
+    s = last_json(r.stdout)
+    rows = {row["mode"]: row for row in s["results"]}
+    assert set(rows) == {"plain", "cached", "online"}
+    assert rows["plain"]["model"] == "deit_tiny_patch16_224"  # the baseline has no distillation token
+    assert rows["cached"]["top1"] == rows["online"]["top1"]  # same crops, same labels, same weights
+    assert "minus_plain" in rows["cached"] and s["labels_precomputed"] == 1437
+    assert (out / "results.png").stat().st_size > 10_000
+    table = (out / "results.md").read_text()
+    assert "| plain |" in table and "minus plain" in table
