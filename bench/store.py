@@ -1,6 +1,7 @@
 """Label store throughput and size; prints one JSON line per backend.
 
 python bench/store.py [--redis-url redis://127.0.0.1:6379/15] [--images 2000] [--seeds 300]
+python bench/store.py --backends redis,redis_cluster      # one Redis vs a local 3-master cluster
 
 The store is shaped like a 300-epoch run: every image has a label for every seed. Labels follow
 what a teacher produces: per image one dominant class (85% of crops), the rest spread over 1000
@@ -9,10 +10,12 @@ classes. Gets and puts are batches of 256 random (key, seed) pairs from one clie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import redis
@@ -21,6 +24,8 @@ from pydantic import BaseModel, Field
 from distill_core import parse_script_args
 from teacher_service.namespace import Namespace, RecordFormat
 from teacher_service.store import open_store
+
+from common import LocalRedisCluster
 
 
 def teacher_like_labels(rng, images: int, seeds: int, classes: int = 1000) -> np.ndarray:
@@ -63,7 +68,10 @@ class BenchStore(BaseModel):
     seeds: int = Field(300, ge=1, description="seeds per image (a 300-epoch run)")
     batch: int = Field(256, ge=1, description="(key, seed) pairs per get or put")
     seconds: float = Field(3.0, gt=0, description="per measurement")
-    backends: str = Field("redis,file", description="comma-separated backends to measure")
+    backends: str = Field("redis,file", description="comma-separated backends to measure: redis, redis_cluster, file")
+    cluster_url: str | None = Field(
+        None, description="Redis Cluster to measure (default: a local 3-master cluster of redis-server processes)"
+    )
 
 
 def main():
@@ -74,19 +82,24 @@ def main():
     labels = teacher_like_labels(rng, args.images, args.seeds)
     total = labels.size
     for backend in args.backends.split(","):
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
+            servers = []  # redis-py clients of every server holding the rows: memory is their sum
             if backend == "redis":
                 url = args.redis_url
-                r = redis.Redis.from_url(url)
-                before = r.info("memory")["used_memory"]
+                servers = [redis.Redis.from_url(url)]
+            elif backend == "redis_cluster":
+                url = args.cluster_url or stack.enter_context(LocalRedisCluster(Path(d) / "cluster")).url
+                servers = [redis.Redis(host=n.host, port=n.port) for n in redis.RedisCluster.from_url(
+                    url.split("?")[0]).get_primaries()]  # fmt: skip
             else:
                 url = f"{d}/labels.db"
-            store = open_store(url, ns)
+            before = sum(r.info("memory")["used_memory"] for r in servers)
+            store = open_store(url, ns, seed_limit=args.seeds)
             t0 = time.perf_counter()
             fill(store, keys, labels)
             fill_rate = total / (time.perf_counter() - t0)
-            if backend == "redis":
-                size = r.info("memory")["used_memory"] - before
+            if servers:
+                size = sum(r.info("memory")["used_memory"] for r in servers) - before
             else:
                 size = store.bytes_used()
             out = {

