@@ -67,22 +67,37 @@ def demo_shards(tmp_path_factory) -> Path:
 class RedisServer:
     """A real redis-server of our own on a free port, that tests may kill and restart."""
 
-    def __init__(self, workdir: Path, persistent: bool = False):
+    def __init__(self, workdir: Path, persistent: bool = False, password: str | None = None):
         self.port = free_port()
         self.workdir = workdir
         self.persistent = persistent
+        self.password = password
         self.proc = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self):
         exe = shutil.which("redis-server")
         # persistent: an append-only file fsynced on every write, so kill -9 loses nothing acknowledged
         aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof, "--dir", str(self.workdir)],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *aof,
+                *auth,
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -91,7 +106,7 @@ class RedisServer:
         deadline = time.time() + 10
         while time.time() < deadline:
             try:
-                redis.Redis(port=self.port).ping()
+                redis.Redis(port=self.port, password=self.password).ping()
                 return self
             except Exception:
                 time.sleep(0.05)
@@ -167,13 +182,15 @@ def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
     return save_weights(model.state_dict(), path, meta)
 
 
-def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | None = None):
-    """A real `serve` (supervisor, label engines, uvicorn) on a free port: (process, url) once ready."""
+def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | None = None, port: int | None = None):
+    """A real `serve` (supervisor, label engines, uvicorn) on a free port (or `port`): (process, url)
+    once ready. `store` None: the environment names it (DISTILL_STORE, for a URL with a password)."""
     from teacher_service.client import ServiceError, TeacherClient
 
-    port = free_port()
-    with open(log_path, "w") as log:
-        cmd = [PY, "-m", "teacher_service", "serve", "--checkpoint", teacher, "--shards", shards, "--store", store]
+    port = port or free_port()
+    with open(log_path, "a") as log:
+        cmd = [PY, "-m", "teacher_service", "serve", "--checkpoint", teacher, "--shards", shards]
+        cmd += ["--store", store] if store is not None else []
         proc = subprocess.Popen(
             [*map(str, cmd), "--port", str(port), *map(str, flags)],
             stdout=log,
