@@ -3,6 +3,7 @@ shard set with its samples, a local Redis Cluster."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -34,7 +35,7 @@ class LocalRedisCluster:
         for i in range(masters):
             d = Path(workdir) / f"node{i}"
             d.mkdir(parents=True)
-            self.nodes.append((free_port(), d))
+            self.nodes.append((_cluster_port(), d))
         self.procs: dict[int, subprocess.Popen] = {}
 
     @property
@@ -67,6 +68,20 @@ class LocalRedisCluster:
 
     def __exit__(self, *exc):
         self.kill()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too: Redis refuses ports over 55535."""
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 def _cli(*args: str) -> str:

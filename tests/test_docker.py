@@ -152,6 +152,11 @@ def pip_index_roots() -> list[Path]:
     return roots
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # one line per wheel fetched is noise in the test's output
+        pass
+
+
 class LoopbackIndex:
     """Serves local index directories over HTTP on 127.0.0.1, for a build with the host's network."""
 
@@ -160,9 +165,8 @@ class LoopbackIndex:
         for i, simple in enumerate(roots):  # each index's `simple/` and the files it links to, side by side
             (self.base / f"i{i}").symlink_to(simple.parent)
         self.names = [f"i{i}/{simple.name}" for i, simple in enumerate(roots)]
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(self.base))
+        handler = functools.partial(_QuietHandler, directory=str(self.base))
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-        self.server.RequestHandlerClass.log_message = lambda *a: None
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def url(self, name: str) -> str:
@@ -173,13 +177,22 @@ class LoopbackIndex:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def pip_default_index() -> str:
+    """The index pip uses when its configuration names none (read from pip, not written here)."""
+    configured = sh("python3", "-m", "pip", "config", "get", "global.index-url", check=False).stdout.strip()
+    if configured:
+        return configured
+    return sh("python3", "-c", "from pip._internal.models.index import PyPI; print(PyPI.simple_url)").stdout.strip()
+
+
 def torch_index(index: LoopbackIndex) -> tuple[str, list[str]]:
-    """(the index that holds this Python's torch wheel, the other indexes)."""
+    """(the index that holds this Python's torch wheel, the indexes for everything else: the other
+    local ones, then pip's default for what no local index has)."""
     version = importlib.metadata.version("torch").split("+")[0]
     for name in index.names:
         page = index.base / name / "torch" / "index.html"
         if page.exists() and f"torch-{version}-" in page.read_text():
-            return index.url(name), [index.url(n) for n in index.names if n != name]
+            return index.url(name), [index.url(n) for n in index.names if n != name] + [pip_default_index()]
     unavailable(f"no local index holds torch {version} (pip config: file:// index URLs)")
 
 
@@ -258,7 +271,7 @@ def test_compose_user_path(compose):
         return last_json(p.stdout)
 
     shards = job("shards")
-    assert shards["images"] == 1797
+    assert shards["samples"] == {"train": 1437, "val": 360}
     teacher = job("teacher-train")
     assert teacher["epochs_done"] == 2
     t = time.perf_counter()

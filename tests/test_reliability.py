@@ -98,6 +98,7 @@ def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, ti
     assert r.returncode == 2 and "do not match their manifest" in r.stderr and victim.name in r.stderr
 
 
+@pytest.mark.slow
 def test_the_trainer_rides_out_a_short_redis_outage(demo_shards, tiny_teacher, tmp_path):
     """Redis killed after the first epoch and back 3 s later (AOF): every label trained on is the
     stored one, none missing."""
@@ -120,6 +121,7 @@ def test_the_trainer_rides_out_a_short_redis_outage(demo_shards, tiny_teacher, t
         redis.kill()
 
 
+@pytest.mark.slow
 def test_a_longer_redis_outage_stops_training_clearly_and_resumes(demo_shards, tiny_teacher, tmp_path):
     require_redis_server()
     redis = RedisServer(tmp_path, persistent=True).start()
@@ -175,6 +177,7 @@ def test_training_continues_through_a_teacher_service_restart(demo_shards, tiny_
         proc.wait(60)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_resumes_to_the_same_step_count(demo_shards, tmp_path):
     out = tmp_path / "run"
     cmd = trainer_cmd(demo_shards, out, "--labels", "none", "--epochs", 4)

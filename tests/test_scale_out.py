@@ -61,6 +61,7 @@ def test_precompute_into_a_redis_cluster_and_read_back(redis_cluster, demo_shard
         StoreSource(redis_cluster.url, retry_for=1).fetch(pairs_k[:512], pairs_s[:512])
 
 
+@pytest.mark.slow
 def test_precompute_split_over_two_nodes_at_once(redis_server, demo_shards, tiny_teacher, tmp_path):
     """Two precompute processes (--node-rank 0/1 of 2) into one Redis at the same time: the union is
     complete, nothing is computed twice, the labels are those of a one-node run."""
@@ -109,6 +110,7 @@ def test_precompute_split_over_two_nodes_at_once(redis_server, demo_shards, tiny
     assert a.present.all() and np.array_equal(a.top1, b.top1)
 
 
+@pytest.mark.slow
 def test_training_as_two_nodes_matches_one_node(redis_server, demo_shards, tiny_teacher, tmp_path):
     """torchrun --nnodes 2 (c10d rendezvous on loopback), one process per node, labels from one
     Redis: the same steps per rank and the same accuracy as one node with two processes."""
