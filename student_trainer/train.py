@@ -332,6 +332,8 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
         targets = run.targets(batch, x, lam)
         with autocast(device, run.amp):
             outputs = run.net(x)
+        # the losses in float32, whatever the forward ran in
+        outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
         loss = run.criterion(outputs, y, targets)
 
         run.optimizer.zero_grad(set_to_none=True)
@@ -361,12 +363,12 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
     if device.type == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()
-    mean_loss = loss_sum.item() / max(n_steps, 1)
-    if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch}")
+    loss_total = loss_sum.item()
+    if not math.isfinite(loss_total):
+        raise FloatingPointError(f"loss is {loss_total} in epoch {epoch}")
     steady_images = images - first_step_done[1] if first_step_done else 0
     steady_seconds = end - first_step_done[0] if first_step_done else 0.0
-    g_images, g_loss, g_steps, g_steady = all_sum([images, mean_loss * n_steps, n_steps, steady_images], device)
+    g_images, g_loss, g_steps, g_steady = all_sum([images, loss_total, n_steps, steady_images], device)
     return step, {
         "epoch": epoch,
         "step": step,

@@ -22,23 +22,15 @@ def run_cli(*args, check=True, env=None, timeout=600, **kw):
     return p
 
 
-def run_precompute(shards, seeds: str, store, teacher, *extra, **kw):
+def precompute_argv(shards, seeds: str, store, teacher, *extra) -> list[str]:
     """`python -m teacher_service precompute --no-progress` over `shards` with a teacher checkpoint."""
-    return run_cli(
-        "teacher_service",
-        "precompute",
-        "--shards",
-        shards,
-        "--seeds",
-        seeds,
-        "--store",
-        store,
-        "--checkpoint",
-        teacher,
-        "--no-progress",
-        *extra,
-        **kw,
-    )
+    flags = ["--shards", shards, "--seeds", seeds, "--store", store, "--checkpoint", teacher, "--no-progress"]
+    return [PY, "-m", "teacher_service", "precompute", *map(str, flags), *map(str, extra)]
+
+
+def run_precompute(shards, seeds: str, store, teacher, *extra, **kw):
+    """Precompute as a subprocess, to its end (see precompute_argv)."""
+    return run_cli(*precompute_argv(shards, seeds, store, teacher, *extra)[2:], **kw)
 
 
 def last_json(text: str) -> dict:

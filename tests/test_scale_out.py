@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PY, ROOT, free_port, last_json, require_redis_server, run_precompute
+from conftest import PY, ROOT, free_port, last_json, precompute_argv, require_redis_server, run_precompute
 
 from shards import Manifest, SkipCounter, iter_shard
 from teacher_service.store import StoreUnavailable, open_existing
@@ -67,27 +67,18 @@ def test_precompute_split_over_two_nodes_at_once(redis_server, demo_shards, tiny
     complete, nothing is computed twice, the labels are those of a one-node run."""
     procs = [
         subprocess.Popen(
-            [
-                PY,
-                "-m",
-                "teacher_service",
-                "precompute",
-                "--shards",
-                str(demo_shards),
-                "--seeds",
+            precompute_argv(
+                demo_shards,
                 "0:2",
-                "--store",
                 redis_server.url,
-                "--checkpoint",
-                str(tiny_teacher),
+                tiny_teacher,
                 "--node-rank",
-                str(rank),
+                rank,
                 "--num-nodes",
-                "2",
+                2,
                 "--workers",
-                "1",
-                "--no-progress",
-            ],
+                1,
+            ),  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

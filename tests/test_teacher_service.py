@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import PY, descendants, free_port, last_json, run_cli, run_precompute, start_service, still_running
+from conftest import descendants, free_port, last_json, precompute_argv, run_precompute, start_service, still_running
 
 from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from teacher_service.client import ServiceError, TeacherClient
@@ -238,23 +238,8 @@ def test_client_retries_then_reports_unreachable():
 
 def test_precompute_sigkill_and_resume(demo_shards, tiny_teacher, tmp_path):
     store = tmp_path / "labels.db"
-    args = [
-        "-m",
-        "teacher_service",
-        "precompute",
-        "--shards",
-        str(demo_shards),
-        "--seeds",
-        "0:6",
-        "--store",
-        str(store),
-        "--checkpoint",
-        str(tiny_teacher),
-        "--batch-size",
-        "64",
-        "--no-progress",
-    ]
-    p = subprocess.Popen([PY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = precompute_argv(demo_shards, "0:6", store, tiny_teacher, "--batch-size", "64")
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until some, not all, labels are stored
         if store.exists():
@@ -270,12 +255,12 @@ def test_precompute_sigkill_and_resume(demo_shards, tiny_teacher, tmp_path):
     with open_existing(str(store)) as st:
         before = sum(int(st.codec.present_mask(r).sum()) for rows in st.iter_rows() for _, r in rows)
     assert 0 < before < 1437 * 6
-    summary = last_json(run_cli(*args[1:]).stdout)
+    summary = last_json(run_precompute(demo_shards, "0:6", store, tiny_teacher, "--batch-size", "64").stdout)
     assert summary["labels_present"] == before
     assert summary["labels_present"] + summary["labels_computed"] == 1437 * 6
     assert summary["labels_computed"] <= 1437 * 6 - before
     full = tmp_path / "full.db"
-    run_cli(*[a if a != str(store) else str(full) for a in args[1:]])
+    run_precompute(demo_shards, "0:6", full, tiny_teacher, "--batch-size", "64")
     m = Manifest.load(demo_shards)
     keys = [r.key for s in m.shards("train") for r in iter_shard(demo_shards / s.name, SkipCounter())]
     with open_existing(str(store)) as a, open_existing(str(full)) as b:

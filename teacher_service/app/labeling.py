@@ -76,9 +76,15 @@ class LabelService:
             log.warning("labels computed but not stored (store unavailable)")
         self.metrics.cache_misses.inc(out.computed)
 
+    async def _check_seeds(self, seeds: list[int]) -> None:
+        """SeedOutOfRange for a seed past the namespace's range; the store is asked (the range may
+        have grown) only for such a seed, off the event loop."""
+        if seeds and max(seeds) >= self.store.seed_limit:
+            await run_in_threadpool(self.store.check_seeds, seeds)
+
     async def lookup(self, keys: list[str], seeds: list[int]) -> LabelsOut:
         """Labels from the store only; None where missing."""
-        await run_in_threadpool(self.store.check_seeds, seeds)
+        await self._check_seeds(seeds)
         out = self._empty(len(keys))
         await self._from_store(keys, seeds, out)
         out.errors = None
@@ -87,7 +93,7 @@ class LabelService:
     async def label(self, keys: list[str], seeds: list[int]) -> LabelsOut:
         """Cache-through: hits from the store; misses of indexed images labeled by an engine.
         Items whose key the service cannot read get a per-item error."""
-        await run_in_threadpool(self.store.check_seeds, seeds)
+        await self._check_seeds(seeds)
         out = self._empty(len(keys))
         misses = await self._from_store(keys, seeds, out)
         by_key: dict[str, list[int]] = {}
@@ -103,7 +109,7 @@ class LabelService:
 
     async def upload(self, data: bytes, seeds: list[int]) -> tuple[str, LabelsOut]:
         """Label an uploaded image under `seeds`; its key is upload/<sha256 of the bytes>."""
-        await run_in_threadpool(self.store.check_seeds, seeds)
+        await self._check_seeds(seeds)
         key = "upload/" + hashlib.sha256(data).hexdigest()[:32]
         out = self._empty(len(seeds))
         misses = await self._from_store([key] * len(seeds), seeds, out)
