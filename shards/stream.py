@@ -63,9 +63,10 @@ class SkipCounter:
     def __init__(self):
         self.count = 0
 
-    def __call__(self, exn: BaseException) -> bool:
-        self.count += 1
-        log.warning("skipping unreadable sample: %s", exn)
+    def __call__(self, exn: BaseException, samples: int = 1) -> bool:
+        """Count `samples` skipped (more than one for a shard cut short) and log why, once."""
+        self.count += samples
+        log.warning("skipping %s: %s", "unreadable sample" if samples == 1 else f"{samples} samples", exn)
         return True
 
 
@@ -239,8 +240,8 @@ class ShardStream(IterableDataset):
             else:  # read to its end: a damaged tar header ends tarfile's iteration early, quietly
                 lost = min(plan.stop, base + shard.samples * self.repeats) - max(plan.start, base + read * self.repeats)
                 if lost > 0:  # positions of this plan the shard should have filled: counted as skipped
-                    skips(ValueError(f"{shard.name}: {read} images readable, the manifest says {shard.samples}"))
-                    skips.count += lost - 1
+                    short = ValueError(f"{shard.name}: {read} images readable, the manifest says {shard.samples}")
+                    skips(short, samples=lost)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

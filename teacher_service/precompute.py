@@ -106,8 +106,8 @@ def precompute(
     # creates the namespace (serving at least these seeds) before the engine's writer opens it
     store = open_store(store_url, ns, seed_limit=seeds.stop)
     mine = node_shards([s.name for s in manifest.shards(split)], node_rank, num_nodes)
-    expected = {s.name: s.samples for s in manifest.shards(split)}
-    images = sum(expected[name] for name in mine)
+    info = {s.name: s for s in manifest.shards(split)}
+    images = sum(info[name].samples for name in mine)
     seed_list = list(seeds)
     # Room for two groups of images: the feeder looks up and submits the next group while the
     # engine works through the last one, so neither the workers nor the teacher wait for it.
@@ -119,7 +119,6 @@ def precompute(
     )
     totals = {"images": 0, "present": 0, "skipped": 0}
     damaged: list[str] = []
-    info = {s.name: s for s in manifest.shards(split)}
     t0 = time.perf_counter()
     with tqdm(
         total=images * len(seed_list),
@@ -147,13 +146,14 @@ def precompute(
                 tally.check()
 
             for name in mine:
-                totals["images"] += expected[name]
-                problem = verify_shard(directory, info[name]) if verify else None
+                shard = info[name]
+                totals["images"] += shard.samples
+                problem = verify_shard(directory, shard) if verify else None
                 if problem:  # its images may not be the ones the keys name: label none of them
-                    log.error("%s; its %d images are not labeled", problem, expected[name])
+                    log.error("%s; its %d images are not labeled", problem, shard.samples)
                     damaged.append(name)
-                    totals["skipped"] += expected[name] * len(seed_list)
-                    bar.update(expected[name] * len(seed_list))
+                    totals["skipped"] += shard.samples * len(seed_list)
+                    bar.update(shard.samples * len(seed_list))
                     continue
                 group, count = [], 0
                 for item in scan_shard(directory / name):
@@ -164,11 +164,11 @@ def precompute(
                         group = []
                 if group:
                     feed(group)
-                if count != expected[name]:  # a damaged tar header ends tarfile's iteration quietly
-                    log.error("shard %s: %d images readable, the manifest says %d", name, count, expected[name])
+                if count != shard.samples:  # a damaged tar header ends tarfile's iteration quietly
+                    log.error("shard %s: %d images readable, the manifest says %d", name, count, shard.samples)
                     damaged.append(name)
-                    totals["skipped"] += (expected[name] - count) * len(seed_list)
-                    bar.update((expected[name] - count) * len(seed_list))
+                    totals["skipped"] += (shard.samples - count) * len(seed_list)
+                    bar.update((shard.samples - count) * len(seed_list))
         tally.check()  # every label is stored before the summary says so
     end = time.perf_counter()
     dt = end - t0

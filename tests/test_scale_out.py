@@ -30,6 +30,17 @@ def redis_cluster(tmp_path):
     cluster.kill()
 
 
+def run_together(argvs: list[list[str]], timeout: float = 600) -> list[str]:
+    """Start every command at once (the machines of one job), wait for all: their stdouts."""
+    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in argvs]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
+
+
 def train_keys(shards) -> list[str]:
     m = Manifest.load(shards)
     return [r.key for s in m.shards("train") for r in iter_shard(shards / s.name, SkipCounter())]
@@ -65,31 +76,13 @@ def test_precompute_into_a_redis_cluster_and_read_back(redis_cluster, demo_shard
 def test_precompute_split_over_two_nodes_at_once(redis_server, demo_shards, tiny_teacher, tmp_path):
     """Two precompute processes (--node-rank 0/1 of 2) into one Redis at the same time: the union is
     complete, nothing is computed twice, the labels are those of a one-node run."""
-    procs = [
-        subprocess.Popen(
-            precompute_argv(
-                demo_shards,
-                "0:2",
-                redis_server.url,
-                tiny_teacher,
-                "--node-rank",
-                rank,
-                "--num-nodes",
-                2,
-                "--workers",
-                1,
-            ),  # fmt: skip
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    argv = [
+        precompute_argv(
+            demo_shards, "0:2", redis_server.url, tiny_teacher, "--node-rank", rank, "--num-nodes", 2, "--workers", 1
         )  # fmt: skip
         for rank in range(2)
     ]
-    summaries = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-        summaries.append(last_json(out))
+    summaries = [last_json(out) for out in run_together(argv)]
     assert sum(s["labels_computed"] for s in summaries) == 1437 * 2  # no overlap, nothing missed
     assert all(s["labels_present"] == 0 for s in summaries)
     one = tmp_path / "one.db"
@@ -115,39 +108,13 @@ def test_training_as_two_nodes_matches_one_node(redis_server, demo_shards, tiny_
     one = subprocess.run([*single, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [
-        subprocess.Popen(
-            [
-                PY,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(rank),
-                "--nproc_per_node",
-                "1",
-                "--rdzv-backend",
-                "c10d",
-                "--rdzv-endpoint",
-                endpoint,
-                "--rdzv-id",
-                "two-nodes",
-                *common,
-                "--out",
-                str(tmp_path / "two"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+    rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+            "--rdzv-id", "two-nodes"]  # fmt: skip
+    argv = [
+        [PY, "-m", "torch.distributed.run", *rdzv, "--node-rank", str(rank), *common, "--out", str(tmp_path / "two")]
         for rank in range(2)
     ]
-    outs = []
-    for p in nodes:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(out)
+    outs = run_together(argv)
     a, b = last_json(one.stdout), last_json("\n".join(outs))
     assert b["world_size"] == 2 and b["steps"] == a["steps"] == 3 * 12
     assert b["labels_cached"] == a["labels_cached"] == 3 * 1437 and b["labels_missing"] == 0
