@@ -50,13 +50,15 @@ class LocalRedisCluster:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         for port, _ in self.nodes:
-            _wait(lambda p=port: _cli("-p", str(p), "ping") == "PONG")
+            _wait(f"redis cluster node {port} answers PING", lambda p=port: _cli("-p", str(p), "ping") == "PONG")
         addresses = [f"127.0.0.1:{p}" for p, _ in self.nodes]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
+            check=True, capture_output=True, timeout=120,
         )  # fmt: skip
-        _wait(lambda: "cluster_state:ok" in _cli("-p", str(self.nodes[0][0]), "cluster", "info"))
+        _wait(
+            "redis cluster state ok", lambda: "cluster_state:ok" in _cli("-p", str(self.nodes[0][0]), "cluster", "info")
+        )
         return self
 
     def kill(self, port: int | None = None) -> None:
@@ -88,9 +90,10 @@ def _cli(*args: str) -> str:
     return subprocess.run(["redis-cli", *args], capture_output=True, text=True).stdout.strip()
 
 
-def _wait(ready, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
+def _wait(step: str, ready, timeout: float = 60.0) -> None:
+    """Until `ready()`; about a second here on 2 cores, so 60 s is for much slower or busy machines."""
+    t0 = time.monotonic()
     while not ready():
-        if time.time() > deadline:
-            raise RuntimeError("redis cluster did not come up")
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{step}: not after {time.monotonic() - t0:.1f} s (allowed {timeout:.0f} s)")
         time.sleep(0.1)

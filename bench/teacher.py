@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from distill_core import parse_script_args
+from distill_core import parse_script_args, usable_cpus
 from shards import augment, decode_image
 from teacher_service.client import TeacherClient
 from teacher_service.namespace import RecordFormat
@@ -171,7 +171,7 @@ class BenchTeacher(BaseModel):
     latency_items: int = Field(16, ge=1, description="items per request of the latency run")
     lookups: int = Field(200, ge=1, description="lookup requests of 256 cached labels")
     workers: int = Field(
-        max(1, min(8, (os.cpu_count() or 2) - 1)),
+        max(1, min(8, usable_cpus() - 1)),
         ge=1,
         description="augmentation workers of precompute and of the service's engine",
     )
@@ -215,7 +215,7 @@ def main():
             "model": args.model,
             "input_size": args.input_size,
             "batch_size": args.batch_size,
-            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{usable_cpus()}",
             "workers": args.workers,
             "augment_workers": args.augment_workers or args.workers,
             "raw_images_per_s": round(raw, 1),

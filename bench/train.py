@@ -14,7 +14,6 @@ state (after the first batch of each run).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-from distill_core import parse_script_args
+from distill_core import parse_script_args, usable_cpus
 from student_trainer import TrainConfig
 from student_trainer.train import train
 from teacher_service import RecordFormat, Teacher, TeacherClient, TeacherSettings, open_store
@@ -39,7 +38,7 @@ class BenchTrain(BaseModel):
     input_size: int = Field(224, ge=8, description="crop size")
     batch_size: int = Field(128, ge=2, description="batch size")
     steps: int = Field(30, ge=1, description="training steps per mode")
-    workers: int = Field(max(1, min(12, (os.cpu_count() or 2) - 2)), ge=0, description="data-loader workers")
+    workers: int = Field(max(1, min(12, usable_cpus() - 2)), ge=0, description="data-loader workers")
     redis_url: str = Field("redis://127.0.0.1:6379/14", description="Redis for the store_redis mode")
     modes: str = Field("none,store_file,store_redis,service,online", description="comma-separated modes to run")
     model_steps: int = Field(20, ge=0, description="steps of the model-bound measurement (0: skip)")
@@ -217,7 +216,7 @@ def main():
         "batch_size": args.batch_size,
         "steps": args.steps,
         "workers": args.workers,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{usable_cpus()}",
         **{f"{k}_images_per_s": round(v, 1) for k, v in results.items()},
     }
     if cached and "none" in results:

@@ -1,4 +1,5 @@
-"""What the three packages share: command configuration, the command dispatcher, checkpoint I/O.
+"""What the three packages share: command configuration, the command dispatcher, checkpoint I/O,
+the cores a process may use.
 
 It sits below `shards`, `teacher_service` and `student_trainer` and imports none of them.
 """
@@ -6,6 +7,7 @@ It sits below `shards`, `teacher_service` and `student_trainer` and imports none
 from .checkpoint import atomic_save, clean_state_dict, load_training_checkpoint, read_weights, save_weights
 from .cli import App, Command, parse_script_args
 from .config import ConfigError, Nested, NotAFlag, Positional, add_arguments, from_arguments, read_secret
+from .system import usable_cpus
 
 __all__ = [
     "App",
@@ -24,6 +26,7 @@ __all__ = [
     "read_secret",
     "read_weights",
     "save_weights",
+    "usable_cpus",
 ]
 
 

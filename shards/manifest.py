@@ -37,10 +37,11 @@ class Manifest:
         return sum(s.samples for s in self.shards(split))
 
     def policy(self, **overrides):
-        """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides."""
+        """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides. An override
+        of None is a value, not "unset": `{"auto_augment": null}` turns RandAugment off."""
         from .augment import AugmentPolicy
 
-        return AugmentPolicy.from_dict({**self.policy_hint, **{k: v for k, v in overrides.items() if v is not None}})
+        return AugmentPolicy.from_dict({**self.policy_hint, **overrides})
 
     def to_dict(self) -> dict:
         return {

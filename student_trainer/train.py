@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -32,7 +31,7 @@ import torch.distributed as dist
 from timm.utils import unwrap_model
 from tqdm import tqdm
 
-from distill_core import atomic_save, load_training_checkpoint, save_weights
+from distill_core import atomic_save, load_training_checkpoint, save_weights, usable_cpus
 from shards import Manifest, ShardStream, make_loader, seeds_for_run
 from teacher_service.teacher import Teacher
 
@@ -194,7 +193,7 @@ def setup(cfg: TrainConfig) -> Run:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(cfg.threads or max(1, usable_cpus() // world))
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     manifest = Manifest.load(cfg.shards)
     policy = manifest.policy(**cfg.policy)
@@ -433,12 +432,14 @@ def train(cfg: TrainConfig) -> dict:
             last_eval = evaluate(run.net, run.val_loader, run.device, run.amp, cfg.distillation_type != "none")
             record.update(last_eval)
         if run.main:
+            # checkpoint first: an epoch's metrics line then never exists without its checkpoint, so a
+            # run killed in between resumes without writing that epoch's line twice
+            if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch):
+                save_checkpoint(run, epoch, step)
             with open(run.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if cfg.progress:
                 tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-            if cfg.checkpoint_every and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch):
-                save_checkpoint(run, epoch, step)
         if dist.is_initialized():
             dist.barrier()
         if done:

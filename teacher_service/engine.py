@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from distill_core import usable_cpus
 from shards import AugmentPolicy, augment, decode_image
 from shards.members import Member, OpenFiles
 
@@ -99,7 +100,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.buffers < 2:
             raise ValueError("max_batch_size and max_queue_size must be >= 1 and buffers >= 2")
-        self.workers = self.workers or max(1, min(8, os.cpu_count() or 1))
+        self.workers = self.workers or max(1, min(8, usable_cpus()))
 
 
 class _Request:
@@ -206,7 +207,7 @@ class LabelEngine:
             self._pin_buffers()
         else:  # the workers have cores of their own; oversubscribing them slows both sides
             self._threads_before = torch.get_num_threads()
-            torch.set_num_threads(self.config.teacher_threads or max(1, (os.cpu_count() or 1) - self.config.workers))
+            torch.set_num_threads(self.config.teacher_threads or max(1, usable_cpus() - self.config.workers))
         policy_json = self.policy.to_json()
         for i in range(self.config.workers):
             p = self._ctx.Process(

@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,15 +12,134 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
+# -- wall-clock budgets ------------------------------------------------------------------------------
+# Every wait in these tests has a budget: the seconds the step took on the 2-core development machine
+# when it was quiet (`measured_s`, written beside each wait), times TIME_FACTOR, and never under
+# MIN_BUDGET_S. The factor covers a machine twice as slow with other work beside it: the whole suite
+# pinned to one core (taskset -c 0), or two CPU hogs beside it, ran its steps up to 3x slower.
+# A budget that runs out names the step, how long it ran and what it was measured at; the summary at
+# the end of a run lists the steps that used the largest share of their budget, and
+# DISTILL_TEST_STEP_TIMES=FILE writes every step's time as JSON.
+TIME_FACTOR = float(os.environ.get("DISTILL_TEST_TIME_FACTOR", "8"))
+MIN_BUDGET_S = 30.0
+STEP_TIMES: list[tuple[str, float, float]] = []  # (step, measured_s, took_s) of this session
 
-def run_cli(*args, check=True, env=None, timeout=600, **kw):
-    """Run `python -m ...` as a real subprocess; returns CompletedProcess with text output."""
+
+class StepTimeout(AssertionError):
+    """A step of a test ran out of its wall-clock budget."""
+
+
+def budget_s(measured_s: float) -> float:
+    """Seconds allowed for a step that took `measured_s` on the development machine."""
+    return max(MIN_BUDGET_S, measured_s * TIME_FACTOR)
+
+
+class Budget:
+    """The clock of one step: started on creation, `fail()` raises StepTimeout with the figures."""
+
+    def __init__(self, step: str, measured_s: float):
+        self.step, self.measured_s, self.seconds = step, measured_s, budget_s(measured_s)
+        self.t0 = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    @property
+    def left(self) -> float:
+        return max(0.0, self.seconds - self.elapsed)
+
+    def expired(self) -> bool:
+        return self.elapsed > self.seconds
+
+    def done(self) -> float:
+        took = self.elapsed
+        STEP_TIMES.append((self.step, self.measured_s, took))
+        return took
+
+    def fail(self, detail: str = ""):
+        raise StepTimeout(
+            f"{self.step}: not done after {self.elapsed:.1f} s (budget {self.seconds:.0f} s = {TIME_FACTOR:g} x "
+            f"the {self.measured_s:g} s it took on the 2-core development machine; DISTILL_TEST_TIME_FACTOR "
+            f"raises it)" + (f"\n{detail}" if detail else "")
+        )
+
+
+def wait_until(step: str, measured_s: float, condition: Callable[[], bool], interval: float = 0.2,
+               detail: Callable[[], str] = lambda: "") -> float:  # fmt: skip
+    """Poll `condition` until it holds (returns the seconds it took) or the step's budget runs out."""
+    clock = Budget(step, measured_s)
+    while not condition():
+        if clock.expired():
+            clock.fail(detail())
+        time.sleep(interval)
+    return clock.done()
+
+
+def communicate(proc: subprocess.Popen, step: str, measured_s: float) -> tuple[str, str]:
+    """proc.communicate() within the step's budget; on time-out the process is killed and its output shown."""
+    clock = Budget(step, measured_s)
+    try:
+        out, err = proc.communicate(timeout=clock.seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        clock.fail(tail(out, err))
+    clock.done()
+    return out, err
+
+
+def wait_exit(proc: subprocess.Popen, step: str, measured_s: float) -> int:
+    """proc.wait() within the step's budget (the process is killed when it runs out)."""
+    clock = Budget(step, measured_s)
+    try:
+        rc = proc.wait(timeout=clock.seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        clock.fail()
+    clock.done()
+    return rc
+
+
+def tail(out, err, n: int = 3000) -> str:
+    text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else b or ""  # noqa: E731
+    return f"stdout:\n{text(out)[-n:]}\nstderr:\n{text(err)[-n:]}"
+
+
+def run_step(argv: list, step: str, measured_s: float, check: bool = True, env=None, **kw):
+    """subprocess.run(argv) with text output, within the step's budget; `check`: exit code 0."""
     e = dict(os.environ, PYTHONUNBUFFERED="1")
     e.update(env or {})
-    p = subprocess.run([PY, "-m", *map(str, args)], capture_output=True, text=True, env=e, timeout=timeout, **kw)
+    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=e, **kw)  # fmt: skip
+    out, err = communicate(proc, step, measured_s)
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and p.returncode != 0:
-        raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
+        raise AssertionError(f"{step}: exited {p.returncode}\n{tail(out, err)}")
     return p
+
+
+def run_cli(*args, check=True, env=None, measured_s: float = 30.0, step: str | None = None, **kw):
+    """Run `python -m ...` as a real subprocess within its budget; returns CompletedProcess (text)."""
+    step = step or " ".join(map(str, args[:2]))
+    return run_step([PY, "-m", *args], step, measured_s, check=check, env=env, **kw)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not STEP_TIMES:
+        return
+    if path := os.environ.get("DISTILL_TEST_STEP_TIMES"):  # every step's time, to re-measure the budgets' base
+        import json
+
+        Path(path).write_text(
+            json.dumps([{"step": s, "measured_s": m, "took_s": round(t, 2)} for s, m, t in STEP_TIMES])
+        )
+    worst = sorted(STEP_TIMES, key=lambda s: s[2] / budget_s(s[1]), reverse=True)[:5]
+    terminalreporter.write_line(
+        f"wall-clock budgets (x{TIME_FACTOR:g} the development machine's times): {len(STEP_TIMES)} steps, most used: "
+        + "; ".join(f"{s} {took:.1f}/{budget_s(m):.0f} s" for s, m, took in worst)
+    )
 
 
 def precompute_argv(shards, seeds: str, store, teacher, *extra) -> list[str]:
@@ -95,14 +215,14 @@ class RedisServer:
         )
         import redis
 
-        deadline = time.time() + 10
-        while time.time() < deadline:
+        def answers() -> bool:
             try:
-                redis.Redis(port=self.port, password=self.password).ping()
-                return self
-            except Exception:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+                return redis.Redis(port=self.port, password=self.password).ping()
+            except redis.RedisError:
+                return False
+
+        wait_until(f"redis-server on port {self.port} answers", 0.1, answers, interval=0.05)
+        return self
 
     def kill(self):
         if self.proc:
@@ -190,11 +310,19 @@ def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | No
             env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
         )
     url = f"http://127.0.0.1:{port}"
+    client = TeacherClient(url)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode}\n{Path(log_path).read_text()[-3000:]}")
+        return client.ready()
+
     try:
-        TeacherClient(url).wait_ready(180)
-    except ServiceError:
+        wait_until("serve: launch to /readyz", 9.0, ready, interval=0.25,
+                   detail=lambda: Path(log_path).read_text()[-3000:])  # fmt: skip
+    except (ServiceError, AssertionError):
         proc.kill()
-        raise AssertionError(Path(log_path).read_text()[-3000:]) from None
+        raise
     return proc, url
 
 
@@ -212,8 +340,8 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def still_running(pids: list[int], grace: float = 10.0) -> list[int]:
-    """Those of `pids` still running (zombies count as gone) after up to `grace` seconds."""
+def still_running(pids: list[int], step: str = "processes exit", measured_s: float = 2.0) -> list[int]:
+    """Those of `pids` still running (zombies count as gone) once the step's budget has passed."""
 
     def running(pid: int) -> bool:
         try:
@@ -222,7 +350,9 @@ def still_running(pids: list[int], grace: float = 10.0) -> list[int]:
         except (OSError, StopIteration):
             return False
 
-    deadline = time.time() + grace
-    while (alive := [p for p in pids if running(p)]) and time.time() < deadline:
+    clock = Budget(step, measured_s)
+    while (alive := [p for p in pids if running(p)]) and not clock.expired():
         time.sleep(0.2)
+    if not alive:
+        clock.done()
     return alive

@@ -1,6 +1,6 @@
-"""docker-compose.yml is checked statically, then its services are run here as local processes
-(no Docker engine on CI): the same commands and environment, with the hostnames and the /data
-volume mapped to a real redis-server of our own and a temporary directory."""
+"""docker-compose.yml is checked statically, then its services are run here as local processes:
+the same commands and environment, with the hostnames and the /data volume mapped to a real
+redis-server of our own and a temporary directory. (test_docker.py runs them in containers.)"""
 
 import json
 import os
@@ -9,7 +9,17 @@ from pathlib import Path
 from unittest import mock
 
 import yaml
-from conftest import PY, ROOT, RedisServer, free_port, last_json, require_redis_server
+from conftest import (
+    PY,
+    ROOT,
+    RedisServer,
+    free_port,
+    last_json,
+    require_redis_server,
+    run_step,
+    wait_exit,
+    wait_until,
+)
 
 from teacher_service.app.config import Settings
 from teacher_service.client import TeacherClient
@@ -104,11 +114,13 @@ def localize(cmd: list[str], data: Path, redis_url: str, teacher_url: str) -> li
     return out
 
 
+# seconds each job took here on the 2-core development machine (the budgets' base)
+JOB_SECONDS = {"shards": 4, "teacher-train": 12, "precompute": 8, "train": 15}
+
+
 def run_job(name: str, data, redis_url, teacher_url, *extra: str) -> dict:
     cmd = localize(SERVICES[name]["command"], data, redis_url, teacher_url) + list(extra)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert p.returncode == 0, f"{name}: {p.stderr[-3000:]}"
-    return last_json(p.stdout)
+    return last_json(run_step(cmd, f"compose job {name}", JOB_SECONDS[name]).stdout)
 
 
 def test_cluster_end_to_end_as_local_processes(tmp_path):
@@ -132,9 +144,18 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
         serve = localize(SERVICES["teacher"]["command"], data, redis.url, teacher_url)
         serve[serve.index("0.0.0.0")] = "127.0.0.1"
         serve[serve.index("--port") + 1] = str(port)
-        proc = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = tmp_path / "teacher.log"  # a file, not a pipe: nobody reads a pipe while the jobs run, and a full
+        with open(log, "w") as f:  # pipe would block the service's logging, and so the service
+            proc = subprocess.Popen(serve, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
         client = TeacherClient(teacher_url)
-        client.wait_ready(120)
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"the teacher service exited {proc.returncode}: {log.read_text()[-3000:]}"
+            return client.ready()
+
+        wait_until(
+            "compose teacher: launch to /readyz", 9, ready, interval=0.25, detail=lambda: log.read_text()[-3000:]
+        )
         pre = run_job("precompute", data, redis.url, teacher_url, "--seeds", "0:1", "--no-progress")
         assert pre["labels_computed"] == 1437 and pre["namespace"] == client.info()["namespace"]
         # epoch 0 from redis; epoch 1's labels are not precomputed: the service computes them on miss
@@ -162,7 +183,7 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
     finally:
         if proc:
             proc.terminate()
-            proc.wait(30)
+            wait_exit(proc, "teacher service stops on SIGTERM", 2)
         redis.kill()
 
 

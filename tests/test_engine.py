@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import descendants, start_service, still_running
+from conftest import Budget, descendants, start_service, still_running, wait_exit, wait_until
 
 from shards import Manifest, augment, decode_image
 from shards.members import scan_shard
@@ -43,10 +43,13 @@ def make_engine(teacher, demo_shards, tmp_path, fmt=RecordFormat(), **config):
     return LabelEngine(teacher, policy, fmt, cfg, store, ns, Metrics()), store, ns, policy
 
 
-def wait_result(engine, jobs, timeout=60) -> Result:
+def wait_result(engine, jobs, measured_s: float = 2.0) -> Result:
     got, done = [], threading.Event()
     engine.submit(jobs, lambda r: (got.append(r), done.set()))
-    assert done.wait(timeout), "no answer from the engine"
+    clock = Budget(f"engine: answer to {len(jobs)} jobs", measured_s)
+    if not done.wait(clock.seconds):
+        clock.fail()
+    clock.done()
     if isinstance(got[0], BaseException):
         raise got[0]
     return got[0]
@@ -101,7 +104,7 @@ def test_engine_worker_death_fails_waiting_work_clearly(teacher, members, demo_s
         outcome, done = [], threading.Event()
         engine.submit([Job(members[0][1], members[0][0], (0,))], lambda r: (outcome.append(r), done.set()))
         os.kill(engine._workers[0].pid, signal.SIGKILL)  # the batch waits 10 s for more items: still open
-        assert done.wait(30)
+        wait_until("engine: fail the waiting work after a worker's death", 1.0, done.is_set, interval=0.05)
         assert isinstance(outcome[0], EngineError) and "died" in str(outcome[0])
         with pytest.raises(EngineError):
             engine.submit([Job(members[0][1], members[0][0], (1,))], lambda r: None)
@@ -157,7 +160,7 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
     finally:
         proc.kill()
         proc.wait()
-    alive = still_running(family, grace=20)
+    alive = still_running(family, "every process of serve exits after its kill -9", 3.0)
     assert not alive, f"processes left behind after kill -9 of the service: {alive}"
     left = set(glob.glob(pattern)) - before  # the engines remove what their killed supervisor cannot
     assert not left, f"private directory left behind: {left}"
@@ -173,9 +176,9 @@ def test_serve_exits_1_when_its_engine_dies(demo_shards, tiny_teacher, tmp_path)
         engines = [p for p in family if descendants(p)]  # the engine is the child with children (its worker)
         assert len(engines) == 1
         os.kill(engines[0], signal.SIGKILL)
-        assert proc.wait(timeout=60) == 1
+        assert wait_exit(proc, "serve exits after its engine's death", 2.0) == 1
     finally:
         if proc.poll() is None:
             proc.kill()
     assert "label engine died" in (tmp_path / "serve.log").read_text()
-    assert not still_running(family)
+    assert not still_running(family, "serve's processes exit after its engine's death")

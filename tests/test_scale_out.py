@@ -9,7 +9,17 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PY, ROOT, free_port, last_json, precompute_argv, require_redis_server, run_precompute
+from conftest import (
+    PY,
+    ROOT,
+    communicate,
+    free_port,
+    last_json,
+    precompute_argv,
+    require_redis_server,
+    run_precompute,
+    run_step,
+)
 
 from shards import Manifest, SkipCounter, iter_shard
 from teacher_service.store import StoreUnavailable, open_existing
@@ -30,12 +40,12 @@ def redis_cluster(tmp_path):
     cluster.kill()
 
 
-def run_together(argvs: list[list[str]], timeout: float = 600) -> list[str]:
+def run_together(argvs: list[list[str]], step: str, measured_s: float) -> list[str]:
     """Start every command at once (the machines of one job), wait for all: their stdouts."""
     procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in argvs]
     outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
+    for i, p in enumerate(procs):
+        out, err = communicate(p, f"{step} (node {i})", measured_s)
         assert p.returncode == 0, err[-3000:]
         outs.append(out)
     return outs
@@ -82,7 +92,7 @@ def test_precompute_split_over_two_nodes_at_once(redis_server, demo_shards, tiny
         )  # fmt: skip
         for rank in range(2)
     ]
-    summaries = [last_json(out) for out in run_together(argv)]
+    summaries = [last_json(out) for out in run_together(argv, "precompute on two nodes at once", 12)]
     assert sum(s["labels_computed"] for s in summaries) == 1437 * 2  # no overlap, nothing missed
     assert all(s["labels_present"] == 0 for s in summaries)
     one = tmp_path / "one.db"
@@ -105,8 +115,7 @@ def test_training_as_two_nodes_matches_one_node(redis_server, demo_shards, tiny_
               "--workers", "1", "--threads", "1", "--warmup-epochs", "0", "--lr", "4e-3", "--mixup", "0",
               "--cutmix", "0", "--eval-every", "3", "--no-progress", "--no-export"]  # fmt: skip
     single = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common]
-    one = subprocess.run([*single, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    one = run_step([*single, "--out", tmp_path / "one"], "torchrun: one node, 2 processes, 3 epochs", 12)
     endpoint = f"127.0.0.1:{free_port()}"
     rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
             "--rdzv-id", "two-nodes"]  # fmt: skip
@@ -114,7 +123,7 @@ def test_training_as_two_nodes_matches_one_node(redis_server, demo_shards, tiny_
         [PY, "-m", "torch.distributed.run", *rdzv, "--node-rank", str(rank), *common, "--out", str(tmp_path / "two")]
         for rank in range(2)
     ]
-    outs = run_together(argv)
+    outs = run_together(argv, "torchrun: two nodes, 1 process each, 3 epochs", 15)
     a, b = last_json(one.stdout), last_json("\n".join(outs))
     assert b["world_size"] == 2 and b["steps"] == a["steps"] == 3 * 12
     assert b["labels_cached"] == a["labels_cached"] == 3 * 1437 and b["labels_missing"] == 0

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import PY, last_json, run_cli
+from conftest import PY, communicate, last_json, run_cli, wait_exit
 
 from teacher_service.namespace import Namespace, NamespaceMismatch, RecordFormat, parse_seeds
 from teacher_service.store import StoreUnavailable, open_existing, open_store
@@ -154,9 +154,9 @@ def test_concurrent_writer_and_readers(store_url):
         for i in range(2)
     ]
     for r in readers:
-        out, err = r.communicate(timeout=120)
+        out, err = communicate(r, "store reader: 300 batches beside a writer", 4)
         assert r.returncode == 0, err[-2000:]
-    assert writer.wait(timeout=120) == 0
+    assert wait_exit(writer, "store writer: 40 batches", 4) == 0
     with open_store(store_url, NS) as st:
         assert st.num_keys() == 40 * 20
 

@@ -7,7 +7,17 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import descendants, free_port, last_json, precompute_argv, run_precompute, start_service, still_running
+from conftest import (
+    descendants,
+    free_port,
+    last_json,
+    precompute_argv,
+    run_precompute,
+    start_service,
+    still_running,
+    wait_exit,
+    wait_until,
+)
 
 from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
 from teacher_service.client import ServiceError, TeacherClient
@@ -46,7 +56,7 @@ def service(demo_shards, tiny_teacher, tmp_path_factory):
     yield {"url": url, "client": client, "store": str(d / "labels.db"), "proc": proc}
     family = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert wait_exit(proc, "serve drains and stops on SIGTERM", 3) == -signal.SIGTERM
     assert "label engine stopped" not in (d / "service.log").read_text()  # drained, nothing refused
     assert not still_running(family), "processes left after SIGTERM"
 
@@ -240,18 +250,20 @@ def test_precompute_sigkill_and_resume(demo_shards, tiny_teacher, tmp_path):
     store = tmp_path / "labels.db"
     argv = precompute_argv(demo_shards, "0:6", store, tiny_teacher, "--batch-size", "64")
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until some, not all, labels are stored
-        if store.exists():
-            try:
-                with open_existing(str(store)) as st:
-                    if st.num_keys() > 300:
-                        break
-            except Exception:
-                pass
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+
+    def some_stored() -> bool:  # some, not all, labels
+        assert p.poll() is None, "precompute ended before it was killed"
+        try:
+            with open_existing(str(store)) as st:
+                return st.num_keys() > 300
+        except Exception:  # not created yet, or its namespace not yet written
+            return False
+
+    try:
+        wait_until("precompute: 300 images stored", 8, some_stored, interval=0.05)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     with open_existing(str(store)) as st:
         before = sum(int(st.codec.present_mask(r).sum()) for rows in st.iter_rows() for _, r in rows)
     assert 0 < before < 1437 * 6

@@ -2,12 +2,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PY, last_json, run_cli, run_precompute
+from conftest import PY, last_json, run_cli, run_precompute, wait_until
 
 from distill_core import load_training_checkpoint
 from shards import Manifest, SkipCounter, iter_shard
@@ -142,7 +141,8 @@ def put_labels(store_url, shards, fn, seeds, fmt=RecordFormat()):
     return ns
 
 
-def torchrun(*args, check=True, timeout=600):
+def torchrun(*args, check=True, measured_s: float = 30.0):
+    """`torchrun --standalone --nproc_per_node=2 -m student_trainer train ARGS` within its budget."""
     return run_cli(
         "torch.distributed.run",
         "--standalone",
@@ -152,7 +152,8 @@ def torchrun(*args, check=True, timeout=600):
         "train",
         *args,
         check=check,
-        timeout=timeout,
+        measured_s=measured_s,
+        step="torchrun student_trainer train",
     )
 
 
@@ -185,8 +186,17 @@ def student_args(shards, out, *extra):
     ]
 
 
+# The learning test's student: one token per 16 px patch learns the 32 px digits in 15 epochs to
+# 66-76% (seeds 0-4) where TINY's patch 8 stalls near 50%, and it is the cheaper of the two.
+LEARNER = {"patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
 def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_path):
-    """Store labels = a fixed permutation of the true classes: the dist head learns them, the class head does not."""
+    """Store labels = a fixed permutation of the true classes: the distillation head learns them, the
+    class head the true ones. The bounds are what the mechanism guarantees, far from what training
+    reaches: on seeds 0-4 and under the CPU kernel sets AVX-512, AVX2 and SSE4 (ATEN_CPU_CAPABILITY),
+    1 or 2 threads per rank and flushed denormals, each head agreed with its own target on 66-76% of
+    the validation digits and with the other head's on at most 4% (chance: 10%)."""
     store = str(tmp_path / "perm.db")
     perm = lambda c: (c + 3) % 10  # noqa: E731
     put_labels(store, demo_shards, perm, range(0, 15))
@@ -194,6 +204,8 @@ def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_pat
         *student_args(
             demo_shards,
             tmp_path / "run",
+            "--model-kwargs",
+            json.dumps(LEARNER),
             "--labels",
             "store",
             "--store",
@@ -211,22 +223,22 @@ def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_pat
             "--batch-size",
             "32",
             "--lr",
-            "8e-3",
+            "2e-2",
             "--eval-every",
             "15",
-        )
+        ),
+        measured_s=22,
     )
     s = last_json(r.stdout)
     assert s["world_size"] == 2 and s["labels_missing"] == 0
     assert s["labels_cached"] == 1437 * 15
     # evaluate both heads against true and permuted labels
     import timm
+    from safetensors.torch import load_file
 
     from shards import ShardStream
 
-    model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, **TINY)
-    from safetensors.torch import load_file
-
+    model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, **LEARNER)
     model.load_state_dict(load_file(str(tmp_path / "run" / "model.safetensors")))
     model.eval()
     m = Manifest.load(demo_shards)
@@ -235,11 +247,16 @@ def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_pat
         f = model.forward_features(b["image"])
         cls, dst = model.head(f[:, 0]).argmax(1), model.head_dist(f[:, 1]).argmax(1)
     y = b["label"]
-    yp = (y + 3) % 10
-    assert (dst == yp).float().mean() > 0.5, "distillation head did not learn the cached labels"
-    assert (cls == y).float().mean() > 0.5, "class head did not learn the true labels"
-    assert (cls == yp).float().mean() < 0.2 and (dst == y).float().mean() < 0.2
-    assert abs(s["val_top1_cls"] - 100 * (cls == y).float().mean().item()) < 0.5  # trainer's eval agrees
+    agree = {
+        "dist_cached": (dst == (y + 3) % 10).float().mean().item(),
+        "dist_true": (dst == y).float().mean().item(),
+        "cls_true": (cls == y).float().mean().item(),
+        "cls_cached": (cls == (y + 3) % 10).float().mean().item(),
+    }
+    assert agree["dist_cached"] > 0.4, f"distillation head did not learn the cached labels: {agree}"
+    assert agree["cls_true"] > 0.4, f"class head did not learn the true labels: {agree}"
+    assert agree["dist_true"] < 0.2 and agree["cls_cached"] < 0.2, f"a head learned the other's target: {agree}"
+    assert abs(s["val_top1_cls"] - 100 * agree["cls_true"]) < 0.5  # the trainer's evaluation agrees
 
 
 def test_on_missing_policies(demo_shards, tmp_path):
@@ -353,13 +370,16 @@ def test_resume_after_kill_continues_from_checkpoint(demo_shards, tmp_path):
         *map(str, student_args(demo_shards, out, "--labels", "none", "--epochs", "4", "--eval-every", "0")),
     ]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    metrics = out / "metrics.jsonl"  # written after the epoch's checkpoint
+    try:
+        wait_until(
+            "trainer: 2 epochs in metrics.jsonl",
+            10,
+            lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
+        )
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
     ckpt = load_training_checkpoint(out / "last.pt")  # plain values only: weights_only=True
     done_epoch = ckpt["epoch"]
     assert 1 <= done_epoch < 3 and ckpt["step"] == (done_epoch + 1) * 12
@@ -414,7 +434,7 @@ def test_demo_end_to_end_writes_table_and_picture(tmp_path, demo_shards):
         "1",
         "--student-kwargs",
         json.dumps(TINY),
-        timeout=900,
+        measured_s=69,
     )
     s = last_json(r.stdout)
     rows = {row["mode"]: row for row in s["results"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from distill_core import usable_cpus
 from shards import AugmentPolicy
 
 from ..engine import EngineConfig
@@ -51,11 +52,10 @@ def policy_and_classes(settings: Settings) -> tuple[AugmentPolicy, list[str] | N
 
 def engine_pool(settings: Settings) -> EnginePool:
     """One engine process per device, with this service's teacher, policy, store and batching."""
-    import os
 
     policy, classes = policy_and_classes(settings)
     devices = engine_devices(settings.devices)
-    workers = settings.augment_workers or max(1, min(8, (os.cpu_count() or 1) // len(devices)))
+    workers = settings.augment_workers or max(1, min(8, usable_cpus() // len(devices)))
     config = EngineConfig(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_ms=settings.max_queue_delay_ms,
