@@ -81,7 +81,7 @@ class TrainConfig(BaseModel):
     amp: Literal["auto", "bf16", "fp16", "none"] = Field("auto", description="auto (bf16 on CUDA, none on CPU)")
     compile: bool = Field(False, description="torch.compile the student (and the online teacher)")
     workers: int = Field(2, ge=0, description="data-loader worker processes per rank")
-    threads: int = Field(0, ge=0, description="torch CPU threads per rank (0: cores / ranks)")
+    threads: int = Field(0, ge=0, description="torch CPU threads per rank (0: the cores of the CPU affinity / ranks)")
     seed: int = Field(0, ge=0, description="seed of weights, data order and mixup")
     eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: never)")
     log_every: int = Field(

@@ -221,7 +221,7 @@ class RedisServer:
             except redis.RedisError:
                 return False
 
-        wait_until(f"redis-server on port {self.port} answers", 0.1, answers, interval=0.05)
+        wait_until("redis-server answers PING", 0.1, answers, interval=0.05)
         return self
 
     def kill(self):
@@ -318,7 +318,7 @@ def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | No
         return client.ready()
 
     try:
-        wait_until("serve: launch to /readyz", 9.0, ready, interval=0.25,
+        wait_until("serve: launch to /readyz", 10.0, ready, interval=0.25,
                    detail=lambda: Path(log_path).read_text()[-3000:])  # fmt: skip
     except (ServiceError, AssertionError):
         proc.kill()

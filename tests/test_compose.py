@@ -115,7 +115,7 @@ def localize(cmd: list[str], data: Path, redis_url: str, teacher_url: str) -> li
 
 
 # seconds each job took here on the 2-core development machine (the budgets' base)
-JOB_SECONDS = {"shards": 4, "teacher-train": 12, "precompute": 8, "train": 15}
+JOB_SECONDS = {"shards": 4, "teacher-train": 16, "precompute": 10, "train": 10}
 
 
 def run_job(name: str, data, redis_url, teacher_url, *extra: str) -> dict:
@@ -154,7 +154,7 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
             return client.ready()
 
         wait_until(
-            "compose teacher: launch to /readyz", 9, ready, interval=0.25, detail=lambda: log.read_text()[-3000:]
+            "compose teacher: launch to /readyz", 10, ready, interval=0.25, detail=lambda: log.read_text()[-3000:]
         )
         pre = run_job("precompute", data, redis.url, teacher_url, "--seeds", "0:1", "--no-progress")
         assert pre["labels_computed"] == 1437 and pre["namespace"] == client.info()["namespace"]
@@ -183,7 +183,7 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
     finally:
         if proc:
             proc.terminate()
-            wait_exit(proc, "teacher service stops on SIGTERM", 2)
+            wait_exit(proc, "teacher service stops on SIGTERM", 3)
         redis.kill()
 
 

@@ -81,7 +81,7 @@ def test_redis_password_never_in_answers_or_logs(demo_shards, tiny_teacher, tmp_
             assert password not in r.text and "***@127.0.0.1" in r.text, r.text
     finally:
         proc.terminate()
-        wait_exit(proc, "serve stops on SIGTERM", 2)
+        wait_exit(proc, "serve stops on SIGTERM", 3)
     assert password not in log.read_text()
     # the CLIs' summaries and errors name the store without its password too
     r = run_cli("teacher_service", "labels", "stats", url, check=False)
@@ -176,7 +176,7 @@ def test_training_continues_through_a_teacher_service_restart(demo_shards, tiny_
     try:
         wait_for_epochs(out, 1, train)
         proc.send_signal(signal.SIGTERM)
-        wait_exit(proc, "serve stops on SIGTERM", 2)
+        wait_exit(proc, "serve stops on SIGTERM", 3)
         proc, _ = start_service(tiny_teacher, demo_shards, store, log, port=port)
         stdout, stderr = communicate(train, "trainer: the rest of 3 epochs through a service restart", 25)
         assert train.returncode == 0, stderr[-3000:]
@@ -185,7 +185,7 @@ def test_training_continues_through_a_teacher_service_restart(demo_shards, tiny_
     finally:
         train.kill()
         proc.terminate()
-        wait_exit(proc, "serve stops on SIGTERM", 2)
+        wait_exit(proc, "serve stops on SIGTERM", 3)
 
 
 @pytest.mark.slow
@@ -228,7 +228,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(demo_shards,
         assert httpx.get(url + "/healthz").status_code == 200
     finally:
         proc.terminate()
-        wait_exit(proc, "serve stops on SIGTERM", 2)
+        wait_exit(proc, "serve stops on SIGTERM", 3)
 
 
 @pytest.mark.slow

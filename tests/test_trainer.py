@@ -187,16 +187,18 @@ def student_args(shards, out, *extra):
 
 
 # The learning test's student: one token per 16 px patch learns the 32 px digits in 15 epochs to
-# 66-76% (seeds 0-4) where TINY's patch 8 stalls near 50%, and it is the cheaper of the two.
+# 66-76% (seeds 0-4) where TINY's patch 8 stalls near 50% (48-52% under three kernel sets, the
+# test's old bound of 50% inside that range), and it is the cheaper of the two.
 LEARNER = {"patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
 def test_cached_labels_are_learned_by_the_distillation_head(demo_shards, tmp_path):
     """Store labels = a fixed permutation of the true classes: the distillation head learns them, the
     class head the true ones. The bounds are what the mechanism guarantees, far from what training
-    reaches: on seeds 0-4 and under the CPU kernel sets AVX-512, AVX2 and SSE4 (ATEN_CPU_CAPABILITY),
-    1 or 2 threads per rank and flushed denormals, each head agreed with its own target on 66-76% of
-    the validation digits and with the other head's on at most 4% (chance: 10%)."""
+    reaches: on seeds 0-4, and for seed 0 under the kernel sets AVX-512, AVX2 and scalar
+    (ATEN_CPU_CAPABILITY), 1 or 2 threads per rank and flushed denormals, each head agreed with its
+    own target on 66-76% of the validation digits and with the other head's on at most 4.2%
+    (chance: 10%)."""
     store = str(tmp_path / "perm.db")
     perm = lambda c: (c + 3) % 10  # noqa: E731
     put_labels(store, demo_shards, perm, range(0, 15))
@@ -434,7 +436,7 @@ def test_demo_end_to_end_writes_table_and_picture(tmp_path, demo_shards):
         "1",
         "--student-kwargs",
         json.dumps(TINY),
-        measured_s=69,
+        measured_s=46,
     )
     s = last_json(r.stdout)
     rows = {row["mode"]: row for row in s["results"]}
