@@ -9,7 +9,8 @@ Threads of the engine's process and the processes it owns:
                                                                                    v
     done(result) <── writer: one bulk store put per batch <── inference: teacher on full batches
 
-- **Dynamic batching, Triton's rules:** a batch holds at most `max_batch_size` crops; it is closed
+- **Dynamic batching, Triton's rules** (`batcher.py`, a state machine the engine drives under its
+  lock, each rule unit-tested): a batch holds at most `max_batch_size` crops; it is closed
   when full, or when its oldest item has waited `max_queue_delay_ms` and no closed batch is
   waiting for the teacher (while the teacher is busy, filling the batch further costs nothing).
   The queue is bounded: `submit` refuses work that does not fit (`QueueFull`, the service's 503)
@@ -39,7 +40,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from distill_core import usable_cpus
 from shards import AugmentPolicy, augment, decode_image
 from shards.members import Member, OpenFiles
 
+from .batcher import Batch, Batcher, Pending
 from .metrics import Metrics
 from .namespace import Namespace, RecordFormat
 from .store import open_store
@@ -127,34 +129,6 @@ class _Request:
             log.exception("label engine: result callback failed")
 
 
-@dataclass
-class _Segment:
-    """Seeds of one job not yet given a batch slot; `first` is the request item of seeds[0]."""
-
-    req: _Request
-    job: Job
-    first: int
-    seeds: tuple[int, ...]
-
-
-@dataclass
-class _Batch:
-    bid: int  # which shared buffer
-    slots: list[tuple[_Request, int]] = field(default_factory=list)  # (request, item) per slot
-    keys: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    errors: dict[int, str] = field(default_factory=dict)
-    outstanding: int = 0  # augmentation tasks not yet done
-    sealed: bool = False
-    deadline: float = math.inf
-    opened: float = field(default_factory=time.perf_counter)
-    augmented: float = 0.0
-
-    @property
-    def n(self) -> int:
-        return len(self.slots)
-
-
 class LabelEngine:
     """Owns the teacher, the augmentation workers and the batch buffers; see the module docstring."""
 
@@ -179,12 +153,10 @@ class LabelEngine:
         shape = (config.max_batch_size, 3, policy.input_size, policy.input_size)
         self._buffers = [torch.empty(shape, dtype=torch.float32).share_memory_() for _ in range(config.buffers)]
         self._pinned: list[int] = []
-        self._cond = threading.Condition()
-        self._pending: collections.deque[_Segment] = collections.deque()
-        self._free = collections.deque(range(config.buffers))
-        self._owner: dict[int, _Batch] = {}  # buffer id -> the batch using it
-        self._open: _Batch | None = None
-        self._sealed: collections.deque[_Batch] = collections.deque()
+        self._cond = threading.Condition()  # guards the batcher and every field below
+        self._batcher = Batcher(
+            config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.buffers, config.workers
+        )
         self._live: set[_Request] = set()
         self._depth = 0
         self._rate = 0.0  # labels/s, smoothed: for Retry-After
@@ -337,7 +309,7 @@ class LabelEngine:
             self._live.add(req)
             first = 0
             for job in jobs:
-                self._pending.append(_Segment(req, job, first, tuple(job.seeds)))
+                self._batcher.add(Pending(req, first, req.accepted, job.source, job.key, tuple(job.seeds)))
                 first += len(job.seeds)
             self._cond.notify_all()
 
@@ -352,68 +324,19 @@ class LabelEngine:
                 self._tasks.put(task)
 
     def _next_tasks(self):
-        """Under the lock: wait until there is something to do; return the tasks to send."""
+        """Under the lock: wait until the batcher has tasks to send, closing batches as it says."""
         while True:
             if self._failed is not None:
                 return None
-            b = self._open
-            if b is None and self._pending and self._free:
-                b = self._open = _Batch(self._free.popleft())
-                self._owner[b.bid] = b
-            if b is not None and self._pending and b.n < self.config.max_batch_size:
-                return self._assign(b)
-            if (
-                b is not None
-                and b.n
-                and (b.n == self.config.max_batch_size or (time.perf_counter() >= b.deadline and not self._sealed))
-            ):
-                b.sealed = True
-                self._open = None
-                self._sealed.append(b)
-                self._cond.notify_all()
+            now = time.perf_counter()
+            tasks = self._batcher.fill(now)
+            if tasks:
+                return tasks
+            if self._batcher.close_due(now) is not None:
+                self._cond.notify_all()  # the inference thread waits for closed batches
                 continue
-            wait = None
-            if b is not None and b.n and not self._sealed:
-                wait = max(0.0, b.deadline - time.perf_counter())
-            self._cond.wait(wait)
-
-    def _assign(self, b: _Batch) -> list:
-        """Move pending seeds into b's free slots; one task per worker, split at image boundaries."""
-        room = self.config.max_batch_size - b.n
-        entries = []  # (source, key, [(seed, slot)])
-        while room and self._pending:
-            seg = self._pending[0]
-            take = seg.seeds[:room]
-            if len(take) == len(seg.seeds):
-                self._pending.popleft()
-            else:
-                self._pending[0] = _Segment(seg.req, seg.job, seg.first + len(take), seg.seeds[len(take) :])
-            if not b.slots:
-                b.deadline = seg.req.accepted + self.config.max_queue_delay_ms / 1000.0
-            pairs = []
-            for i, seed in enumerate(take):
-                pairs.append((seed, b.n))
-                b.slots.append((seg.req, seg.first + i))
-                b.keys.append(seg.job.key)
-                b.seeds.append(seed)
-            entries.append((seg.job.source, seg.job.key, pairs))
-            room -= len(take)
-        # Spread the new slots over the workers in about equal tasks; an image's seeds stay in one
-        # task (one decode) unless they alone are more than a task's share.
-        per_task = math.ceil(sum(len(e[2]) for e in entries) / self.config.workers)
-        tasks, current, size = [], [], 0
-        for source, key, pairs in entries:
-            for start in range(0, len(pairs), per_task):
-                piece = pairs[start : start + per_task]
-                current.append((source, key, piece))
-                size += len(piece)
-                if size >= per_task:
-                    tasks.append((b.bid, current))
-                    current, size = [], 0
-        if current:
-            tasks.append((b.bid, current))
-        b.outstanding += len(tasks)
-        return tasks
+            wake = self._batcher.wake_at()
+            self._cond.wait(None if wake is None else max(0.0, wake - time.perf_counter()))
 
     # -- collector: workers' done messages ------------------------------------------------
     def _collect(self) -> None:
@@ -425,7 +348,7 @@ class LabelEngine:
             with self._cond:
                 if self._failed is not None:
                     return
-                b = self._owner.get(bid)
+                b = self._batcher.owner.get(bid)
                 if b is None:  # cannot happen while the engine is healthy
                     log.error("label engine: a worker reported on buffer %d, which no batch owns", bid)
                     continue
@@ -436,18 +359,17 @@ class LabelEngine:
                     self._cond.notify_all()
 
     # -- inference: one batch in the teacher while the next one's copy is issued ----------
-    def _next_ready(self, block: bool) -> _Batch | None:
+    def _next_ready(self, block: bool) -> Batch | None:
         with self._cond:
-            while not (self._sealed and self._sealed[0].outstanding == 0):
+            while (b := self._batcher.take_ready()) is None:
                 if self._failed is not None or not block:
                     return None
                 self._cond.wait()
-            b = self._sealed.popleft()
             self._cond.notify_all()  # the scheduler may close the open batch now
             return b
 
     def _infer(self) -> None:
-        inflight: tuple[_Batch, PendingPrediction, float] | None = None
+        inflight: tuple[Batch, PendingPrediction, float] | None = None
         while True:
             b = self._next_ready(block=inflight is None)
             if b is None and inflight is None:
@@ -464,7 +386,7 @@ class LabelEngine:
                 self._finish(*inflight)
             inflight = launched
 
-    def _finish(self, b: _Batch, pending: PendingPrediction, t0: float) -> None:
+    def _finish(self, b: Batch, pending: PendingPrediction, t0: float) -> None:
         try:
             classes, probs = pending.result()
         except Exception as e:
@@ -486,8 +408,7 @@ class LabelEngine:
         self._last_finish = now
         with self._cond:
             self._writes.append((b, classes.numpy(), probs.numpy()))
-            self._owner.pop(b.bid, None)
-            self._free.append(b.bid)
+            self._batcher.release(b.bid)
             self._cond.notify_all()
 
     # -- writer: store, then answer ----------------------------------------------------
@@ -505,7 +426,7 @@ class LabelEngine:
             if store is not None:
                 store.close()
 
-    def _store_and_answer(self, store, b: _Batch, classes: np.ndarray, probs: np.ndarray) -> None:
+    def _store_and_answer(self, store, b: Batch, classes: np.ndarray, probs: np.ndarray) -> None:
         ok = [i for i in range(b.n) if i not in b.errors]
         stored = True
         if store is not None and ok:
@@ -560,7 +481,7 @@ class LabelEngine:
                 if not stopping:
                     log.error("label engine failed: %s", error)
             live, self._live = self._live, set()
-            self._pending.clear()
+            self._batcher.pending.clear()
             self._depth = 0
             self._cond.notify_all()
         with contextlib.suppress(ValueError):  # closed already: the collector is gone too
