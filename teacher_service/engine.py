@@ -171,6 +171,7 @@ class LabelEngine:
         self._tasks = self._ctx.Queue()
         self._done = self._ctx.Queue()
         self._depth_gauge = self.metrics.queue_size.labels(self.device)
+        self._depth_out: np.ndarray | None = None  # a shared int64 others read the depth from (publish_depth)
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self, timeout: float = 300.0) -> LabelEngine:
@@ -279,6 +280,20 @@ class LabelEngine:
         """Items accepted and not yet answered."""
         return self._depth
 
+    def publish_depth(self, out: np.ndarray) -> None:
+        """Keep out[0] equal to the depth: a shared-memory int64 that other processes read (the
+        HTTP workers' router sends work to the engine whose queue is shortest)."""
+        with self._cond:
+            self._depth_out = out
+            out[0] = self._depth
+
+    def _set_depth(self, depth: int) -> None:
+        """Under the lock: the depth, its gauge and its published copy."""
+        self._depth = depth
+        self._depth_gauge.set(depth)
+        if self._depth_out is not None:
+            self._depth_out[0] = depth
+
     def retry_after(self) -> float:
         """Seconds until the queue has likely drained at the recent rate (1 .. 60)."""
         rate = self._rate or 1.0
@@ -304,8 +319,7 @@ class LabelEngine:
                         f"queue holds {self._depth} of {self.config.max_queue_size} items", self.retry_after()
                     )
                 self._cond.wait()
-            self._depth += n
-            self._depth_gauge.set(self._depth)
+            self._set_depth(self._depth + n)
             self._live.add(req)
             first = 0
             for job in jobs:
@@ -452,8 +466,7 @@ class LabelEngine:
                 complete.append(req)
         with self._cond:
             if self._failed is None:  # after a failure the requests were answered with the error
-                self._depth -= b.n
-                self._depth_gauge.set(self._depth)
+                self._set_depth(self._depth - b.n)
             self._live.difference_update(complete)
             self._cond.notify_all()
         for req in complete:
@@ -482,7 +495,7 @@ class LabelEngine:
                     log.error("label engine failed: %s", error)
             live, self._live = self._live, set()
             self._batcher.pending.clear()
-            self._depth = 0
+            self._set_depth(0)
             self._cond.notify_all()
         with contextlib.suppress(ValueError):  # closed already: the collector is gone too
             self._done.put(None)  # wakes the collector

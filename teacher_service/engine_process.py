@@ -9,7 +9,12 @@ pickles: (key, tar member, seeds) work in, labels out; crops never cross this bo
     EnginePool.start()      the supervisor: one engine process per device, waits until all are ready
     RemoteEngine            an HTTP worker's connection to one engine: `await label(jobs)`
     LocalEngine             the same interface over an in-process LabelEngine (tests, embedding)
-    EngineRouter            several engines: the least loaded takes the work, the next if it is full
+    EngineRouter            several engines: the one with the shortest queue takes the work, the next
+                            if it is full
+
+Each engine publishes its queue depth (items accepted, not yet answered, from every HTTP worker) in
+a shared int64 beside its socket (`<socket>.depth`); the routers of all HTTP workers read it, so
+"least loaded" means the engine's whole queue, not what one HTTP worker sent it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Client, Connection, Listener
 
+import numpy as np
 import torch.multiprocessing as mp
 
 from .engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, Result
@@ -105,6 +111,7 @@ def _engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connecti
         # create the namespace (and extend its seed range) now: fail early when the store is unreachable
         open_store(spec.store_url, namespace, seed_limit=spec.seed_limit).close()
         engine = LabelEngine(teacher, policy, fmt, spec.config, spec.store_url, namespace, Metrics()).start()
+        engine.publish_depth(np.memmap(depth_path(address), dtype=np.int64, mode="w+", shape=(1,)))
         listener = Listener(address, family="AF_UNIX", authkey=authkey)
     except Exception as e:
         ready.send(("error", f"{type(e).__name__}: {e}"))
@@ -121,6 +128,11 @@ def _engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connecti
             os._exit(1)
     engine.close(drain=True, timeout=10)
     listener.close()
+
+
+def depth_path(address: str) -> str:
+    """Where the engine at `address` publishes its queue depth."""
+    return address + ".depth"
 
 
 def _accept(listener: Listener, engine: LabelEngine, info: dict) -> None:
@@ -209,7 +221,7 @@ class RemoteEngine:
         kind, _, self.info = self.conn.recv()
         if kind != "hello":
             raise EngineError(f"engine at {address} answered {kind!r} instead of hello")
-        self.load = 0  # items this worker has in flight here
+        self._depth = np.memmap(depth_path(address), dtype=np.int64, mode="r", shape=(1,))  # written before hello
         self.alive = True
         self._answers = _AsyncAnswers()
         self._send_lock = threading.Lock()
@@ -218,20 +230,19 @@ class RemoteEngine:
     async def label(self, jobs: list[Job]) -> Result:
         if not self.alive:
             raise EngineError(f"engine on {self.info['device']} is gone")
-        n = sum(len(j.seeds) for j in jobs)
         rid, fut = self._answers.new()
-        self.load += n
         try:
             with self._send_lock:
                 self.conn.send(("label", rid, jobs))
         except OSError as e:
             self._answers.discard(rid)
-            self.load -= n
             raise EngineError(f"engine on {self.info['device']} is gone: {e}") from e
-        try:
-            return await fut
-        finally:
-            self.load -= n
+        return await fut
+
+    @property
+    def queue_depth(self) -> int:
+        """The engine's queue: items accepted from every HTTP worker and not yet answered."""
+        return int(self._depth[0])
 
     def _read(self) -> None:
         while True:
@@ -259,8 +270,11 @@ class LocalEngine:
     def __init__(self, engine: LabelEngine, classes: list[str]):
         self.engine = engine
         self.info = _info(engine, classes)
-        self.load = 0
         self._answers = _AsyncAnswers()
+
+    @property
+    def queue_depth(self) -> int:
+        return self.engine.depth
 
     @property
     def alive(self) -> bool:
@@ -287,8 +301,9 @@ class LocalEngine:
 
 
 class EngineRouter:
-    """Several engines (devices) behind one `label`: the least loaded first; on a full queue the
-    next; QueueFull only when all are full."""
+    """Several engines (devices) behind one `label`: the one with the shortest queue first (its depth
+    as the engine publishes it, counting every HTTP worker's work); on a full queue the next;
+    QueueFull only when all are full."""
 
     def __init__(self, engines: list):
         if not engines:
@@ -302,7 +317,7 @@ class EngineRouter:
 
     async def label(self, jobs: list[Job]) -> Result:
         full: QueueFull | None = None
-        for engine in sorted((e for e in self.engines if e.alive), key=lambda e: e.load):
+        for engine in sorted((e for e in self.engines if e.alive), key=lambda e: e.queue_depth):
             try:
                 return await engine.label(jobs)
             except QueueFull as e:

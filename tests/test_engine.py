@@ -3,9 +3,9 @@
 import asyncio
 import os
 import signal
-import tempfile
 import threading
 
+import numpy as np
 import pytest
 import torch
 from conftest import Budget, descendants, start_service, still_running, wait_exit, wait_until
@@ -16,7 +16,7 @@ from teacher_service.app.images import ShardIndex
 from teacher_service.app.labeling import LabelService
 from teacher_service.client import TeacherClient
 from teacher_service.engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, Result
-from teacher_service.engine_process import LocalEngine
+from teacher_service.engine_process import EngineRouter, LocalEngine
 from teacher_service.metrics import Metrics
 from teacher_service.namespace import RecordFormat
 from teacher_service.store import open_store
@@ -87,6 +87,36 @@ def test_engine_refuses_a_full_queue_before_any_work(teacher, members, demo_shar
         assert res.errors == [None] * 10
 
 
+def test_engine_publishes_its_queue_depth_and_the_router_picks_the_shortest(teacher, members, demo_shards, tmp_path):
+    """The depth every HTTP worker's router reads is the engine's whole queue (shared memory)."""
+    engine, _, _, _ = make_engine(teacher, demo_shards, tmp_path, max_queue_delay_ms=10_000, max_batch_size=64)
+    out = np.zeros(1, dtype=np.int64)
+    with engine:
+        engine.publish_depth(out)
+        done = threading.Event()
+        engine.submit([Job(m, k, (0, 1)) for k, m in members[:3]], lambda r: done.set())  # 6 of 64: the batch waits
+        assert out[0] == 6 == engine.depth
+    assert done.is_set() and out[0] == 0  # drained at close
+
+    class Fake:
+        alive, info = True, {}
+
+        def __init__(self, name, depth, full=False):
+            self.name, self.queue_depth, self.full = name, depth, full
+
+        async def label(self, jobs):
+            if self.full:
+                raise QueueFull(f"{self.name} full", retry_after=2.0 if self.name == "a" else 1.0)
+            return self.name
+
+    route = lambda *engines: asyncio.run(EngineRouter(list(engines)).label([]))  # noqa: E731
+    assert route(Fake("a", 50), Fake("b", 3)) == "b"
+    assert route(Fake("a", 50), Fake("b", 3, full=True)) == "a"  # the shortest is full: the next
+    with pytest.raises(QueueFull) as e:
+        route(Fake("a", 0, full=True), Fake("b", 0, full=True))
+    assert e.value.retry_after == 1.0  # the sooner of the two
+
+
 def test_engine_per_item_errors_are_not_stored(teacher, members, demo_shards, tmp_path):
     engine, store, ns, _ = make_engine(teacher, demo_shards, tmp_path)
     (key, member) = members[0]
@@ -133,10 +163,6 @@ def test_label_service_in_process(teacher, demo_shards, tmp_path):
 
 @pytest.mark.slow
 def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shards, tiny_teacher, tmp_path):
-    import glob
-
-    pattern = os.path.join(tempfile.gettempdir(), "distill-engines-*")
-    before = set(glob.glob(pattern))
     proc, url = start_service(
         tiny_teacher,
         demo_shards,
@@ -157,13 +183,27 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
         assert batch.present.all() and errors == [None] * 40
         family = descendants(proc.pid)
         assert len(family) >= 2 + 2 + 2  # 2 engines with a worker each, 2 HTTP workers (+ helpers)
+        private = engines_directory(family)  # this service's, not another one's on the same machine
+        assert os.path.isdir(private)
     finally:
         proc.kill()
         proc.wait()
     alive = still_running(family, "every process of serve exits after its kill -9", 3.0)
     assert not alive, f"processes left behind after kill -9 of the service: {alive}"
-    left = set(glob.glob(pattern)) - before  # the engines remove what their killed supervisor cannot
-    assert not left, f"private directory left behind: {left}"
+    # the engines remove what their killed supervisor cannot
+    assert not os.path.exists(private), f"private directory left behind: {os.listdir(private)}"
+
+
+def engines_directory(pids: list[int]) -> str:
+    """The private directory of a service's engines, from its HTTP workers' environment."""
+    from teacher_service.engine_process import ADDRESSES_ENV
+
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        if sockets := env.get(ADDRESSES_ENV.encode()):
+            return os.path.dirname(sockets.decode().split(",")[0])
+    raise AssertionError("no process of the service names its engines' sockets")
 
 
 @pytest.mark.slow
