@@ -16,7 +16,7 @@ from teacher_service.app.images import ShardIndex
 from teacher_service.app.labeling import LabelService
 from teacher_service.client import TeacherClient
 from teacher_service.engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, Result
-from teacher_service.engine_process import EngineRouter, LocalEngine
+from teacher_service.engine_client import EngineRouter, LocalEngine
 from teacher_service.metrics import Metrics
 from teacher_service.namespace import RecordFormat
 from teacher_service.store import open_store
@@ -196,7 +196,7 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
 
 def engines_directory(pids: list[int]) -> str:
     """The private directory of a service's engines, from its HTTP workers' environment."""
-    from teacher_service.engine_process import ADDRESSES_ENV
+    from teacher_service.engine_pool import ADDRESSES_ENV
 
     for pid in pids:
         with open(f"/proc/{pid}/environ", "rb") as f:

@@ -9,7 +9,9 @@ from distill_core import usable_cpus
 from shards import AugmentPolicy
 
 from ..engine import EngineConfig
-from ..engine_process import EnginePool, EngineRouter, EngineSpec, engine_devices, engines_from_env
+from ..engine_client import EngineRouter
+from ..engine_pool import EnginePool, engine_devices, engines_from_env
+from ..engine_server import EngineSpec
 from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
 from ..store import LabelStore, open_store
