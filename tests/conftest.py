@@ -15,8 +15,9 @@ PY = sys.executable
 # -- wall-clock budgets ------------------------------------------------------------------------------
 # Every wait in these tests has a budget: the seconds the step took on the 2-core development machine
 # when it was quiet (`measured_s`, written beside each wait), times TIME_FACTOR, and never under
-# MIN_BUDGET_S. The factor covers a machine twice as slow with other work beside it: the whole suite
-# pinned to one core (taskset -c 0), or two CPU hogs beside it, ran its steps up to 3x slower.
+# MIN_BUDGET_S. The factor covers a machine twice as slow with other work beside it: with the whole
+# suite pinned to one core (taskset -c 0) no step took more than 2.2x its quiet time, and the
+# compose test beside two CPU hogs took 3x.
 # A budget that runs out names the step, how long it ran and what it was measured at; the summary at
 # the end of a run lists the steps that used the largest share of their budget, and
 # DISTILL_TEST_STEP_TIMES=FILE writes every step's time as JSON.
@@ -44,10 +45,6 @@ class Budget:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
-
-    @property
-    def left(self) -> float:
-        return max(0.0, self.seconds - self.elapsed)
 
     def expired(self) -> bool:
         return self.elapsed > self.seconds
@@ -103,7 +100,11 @@ def wait_exit(proc: subprocess.Popen, step: str, measured_s: float) -> int:
 
 
 def tail(out, err, n: int = 3000) -> str:
-    text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else b or ""  # noqa: E731
+    """The last n characters of a process's stdout and stderr (text or bytes), for a failure message."""
+
+    def text(b) -> str:
+        return b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+
     return f"stdout:\n{text(out)[-n:]}\nstderr:\n{text(err)[-n:]}"
 
 
@@ -121,7 +122,8 @@ def run_step(argv: list, step: str, measured_s: float, check: bool = True, env=N
 
 
 def run_cli(*args, check=True, env=None, measured_s: float = 30.0, step: str | None = None, **kw):
-    """Run `python -m ...` as a real subprocess within its budget; returns CompletedProcess (text)."""
+    """Run `python -m ...` as a real subprocess within its budget (by default 30 s measured: the short
+    commands here take under 10 s; training runs give their own); returns CompletedProcess (text)."""
     step = step or " ".join(map(str, args[:2]))
     return run_step([PY, "-m", *args], step, measured_s, check=check, env=env, **kw)
 
