@@ -47,7 +47,6 @@ class Batch:
     seeds: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
     outstanding: int = 0  # augmentation tasks not yet done
-    closed: bool = False
     deadline: float = math.inf  # when its oldest item has waited max_queue_delay_s
     opened: float = 0.0
     augmented: float = 0.0
@@ -117,7 +116,6 @@ class Batcher:
             return None
         if b.n < self.max_batch_size and (now < b.deadline or self.closed):
             return None
-        b.closed = True
         self.open = None
         self.closed.append(b)
         return b
