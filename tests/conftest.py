@@ -299,8 +299,6 @@ def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
 def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | None = None, port: int | None = None):
     """A real `serve` (supervisor, label engines, uvicorn) on a free port (or `port`): (process, url)
     once ready. `store` None: the environment names it (DISTILL_STORE, for a URL with a password)."""
-    from teacher_service.client import ServiceError, TeacherClient
-
     port = port or free_port()
     with open(log_path, "a") as log:
         cmd = [PY, "-m", "teacher_service", "serve", "--checkpoint", teacher, "--shards", shards]
@@ -312,20 +310,26 @@ def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | No
             env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
         )
     url = f"http://127.0.0.1:{port}"
+    wait_service_ready(proc, url, Path(log_path), "serve: launch to /readyz")
+    return proc, url
+
+
+def wait_service_ready(proc: subprocess.Popen, url: str, log_path: Path, step: str, measured_s: float = 10.0):
+    """Until a launched `serve` answers /readyz 200 within the step's budget; the log's tail when it
+    exits or runs out of time (then it is killed)."""
+    from teacher_service.client import TeacherClient
+
     client = TeacherClient(url)
 
     def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited {proc.returncode}\n{Path(log_path).read_text()[-3000:]}")
+        assert proc.poll() is None, f"serve exited {proc.returncode}\n{log_path.read_text()[-3000:]}"
         return client.ready()
 
     try:
-        wait_until("serve: launch to /readyz", 10.0, ready, interval=0.25,
-                   detail=lambda: Path(log_path).read_text()[-3000:])  # fmt: skip
-    except (ServiceError, AssertionError):
+        wait_until(step, measured_s, ready, interval=0.25, detail=lambda: log_path.read_text()[-3000:])
+    except AssertionError:  # StepTimeout too
         proc.kill()
         raise
-    return proc, url
 
 
 def descendants(pid: int) -> list[int]:

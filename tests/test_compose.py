@@ -18,7 +18,7 @@ from conftest import (
     require_redis_server,
     run_step,
     wait_exit,
-    wait_until,
+    wait_service_ready,
 )
 
 from teacher_service.app.config import Settings
@@ -147,15 +147,8 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
         log = tmp_path / "teacher.log"  # a file, not a pipe: nobody reads a pipe while the jobs run, and a full
         with open(log, "w") as f:  # pipe would block the service's logging, and so the service
             proc = subprocess.Popen(serve, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        wait_service_ready(proc, teacher_url, log, "compose teacher: launch to /readyz")
         client = TeacherClient(teacher_url)
-
-        def ready() -> bool:
-            assert proc.poll() is None, f"the teacher service exited {proc.returncode}: {log.read_text()[-3000:]}"
-            return client.ready()
-
-        wait_until(
-            "compose teacher: launch to /readyz", 10, ready, interval=0.25, detail=lambda: log.read_text()[-3000:]
-        )
         pre = run_job("precompute", data, redis.url, teacher_url, "--seeds", "0:1", "--no-progress")
         assert pre["labels_computed"] == 1437 and pre["namespace"] == client.info()["namespace"]
         # epoch 0 from redis; epoch 1's labels are not precomputed: the service computes them on miss
