@@ -1,10 +1,15 @@
 """Seeded augmentation: the training crop is a pure function of (policy, image key, seed).
 
 The teacher labels a crop once and every student run asks for the same crop again, so the
-transform must give bit-identical tensors in any process. We reuse timm's DeiT training transform
-(RandomResizedCrop, flip, RandAugment, color jitter, random erasing) unchanged and make it
-deterministic by running it under a per-sample seed derived with a stable hash, saving and
-restoring the caller's random state around it.
+transform must give bit-identical tensors in any process. Two renderers implement DeiT's training
+transform (RandomResizedCrop, flip, RandAugment, random erasing):
+
+- `pil` (the default): timm's transform unchanged, made deterministic by running it under a
+  per-sample seed derived with a stable hash, saving and restoring the caller's random state;
+- `torch` (`render.py`): the same random choices drawn per sample on the CPU, the pixels rendered
+  batched on any torch device, so a GPU node's CPUs do not set its pace.
+
+The renderer is part of the policy and of its id: each has its own label namespace.
 """
 
 from __future__ import annotations
@@ -25,8 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .render import draw_params, render_batch, to_uint8_chw
+
 # Bump when this module changes in a way that changes the produced tensors.
 AUGMENT_CODE_VERSION = 2
+# The same for the torch renderer (render.py); part of the id of torch policies only.
+RENDER_CODE_VERSION = 1
+RENDERERS = ("pil", "torch")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,6 +67,8 @@ class AugmentPolicy:
     std: tuple[float, float, float] = IMAGENET_STD
     # Eval transform: resize to input_size / crop_pct, then center crop.
     eval_crop_pct: float = 0.875
+    # "pil": timm's transform on the CPU; "torch": parameters on the CPU, pixels on any device
+    renderer: str = "pil"
     _transform_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def to_dict(self) -> dict:
@@ -73,6 +85,14 @@ class AugmentPolicy:
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**kw)
 
+    def __post_init__(self):
+        if self.renderer not in RENDERERS:
+            raise ValueError(f"renderer must be one of {RENDERERS}, not {self.renderer!r}")
+        if self.renderer == "torch":
+            from .render import check_policy
+
+            check_policy(self)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
@@ -85,8 +105,12 @@ class AugmentPolicy:
         """Digest of the parameters and of the code versions that implement them."""
         if "id" in self._transform_cache:
             return self._transform_cache["id"]
+        params = self.to_dict()
+        if params.pop("renderer") != "pil":  # ids of pil policies stay what they were before renderers
+            params["renderer"] = self.renderer
+            params["render_code"] = RENDER_CODE_VERSION
         payload = {
-            "params": self.to_dict(),
+            "params": params,
             "augment_code": AUGMENT_CODE_VERSION,
             "timm": _version("timm"),
             "torchvision": _version("torchvision"),
@@ -215,11 +239,25 @@ def decode_image(data: bytes) -> Image.Image:
 
 def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, restore_rng: bool = True) -> torch.Tensor:
     """The training crop for (policy, key, seed): a float tensor (3, H, W), bit-identical anywhere.
-    The caller's random state is left as it was unless `restore_rng=False` (see `seeded_rng`)."""
+    The caller's random state is left as it was unless `restore_rng=False` (see `seeded_rng`).
+    A torch policy renders the crop here, on the CPU, as a batch of one: the same tensor as in any
+    batch (`render.py`'s contract), and no global random state is touched."""
+    if policy.renderer == "torch":
+        return render_batch(*zip(prepare(image, key, seed, policy)), policy, "cpu")[0]
     transform = policy.train_transform()
     with seeded_rng(sample_seed(policy.policy_id, key, seed), restore_rng):
         out = transform(image)
     return out.contiguous()
+
+
+def prepare(image: Image.Image | torch.Tensor, key: str, seed: int, policy: AugmentPolicy) -> tuple:
+    """The CPU half of a torch-renderer crop: (the uint8 (3, h, w) content of the crop box, its
+    CropParams), for `render.render_batch` wherever the model runs. `image` is a PIL image or a
+    (3, H, W) uint8 tensor (on any device)."""
+    chw = image if isinstance(image, torch.Tensor) else to_uint8_chw(image)
+    params = draw_params(policy, sample_seed(policy.policy_id, key, seed), chw.shape[-1], chw.shape[-2])
+    top, left, h, w = params.box
+    return chw[:, top : top + h, left : left + w], params
 
 
 def eval_view(image: Image.Image, policy: AugmentPolicy) -> torch.Tensor:
