@@ -1,11 +1,14 @@
 """Webdataset shards, manifest, streaming reader with DDP splitting, and seeded augmentation."""
 
-from .augment import AugmentPolicy, augment, decode_image, eval_view, sample_seed
+from .augment import AugmentPolicy, augment, decode_image, eval_view, prepare, sample_seed
+from .flags import RendererFlag
 from .manifest import Manifest, verify
 from .stream import ShardStream, SkipCounter, iter_shard, make_loader, seeds_for_run, train_seed
 
 __all__ = [
     "AugmentPolicy",
+    "RendererFlag",
+    "prepare",
     "augment",
     "decode_image",
     "eval_view",

@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from distill_core import App, Command, Positional
 
+from .flags import RendererFlag
+
 
 class BuildConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -42,6 +44,7 @@ class ShowConfig(BaseModel):
     policy: dict = Field(
         default_factory=dict, description='JSON of augmentation policy overrides, e.g. {"input_size": 64}'
     )
+    renderer: RendererFlag = None
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -89,7 +92,7 @@ def show(cfg: ShowConfig) -> dict:
     from .stream import SkipCounter, iter_shard
 
     m = Manifest.load(cfg.dir)
-    policy = m.policy(**cfg.policy)
+    policy = m.policy(cfg.renderer, **cfg.policy)
     skips = SkipCounter()
     all_shards = [s for shards in m.splits.values() for s in shards]
     for shard in tqdm(all_shards, desc="searching", unit="shard", disable=len(all_shards) < 20):
@@ -104,6 +107,7 @@ def show(cfg: ShowConfig) -> dict:
                     "class": m.classes[raw.label],
                     "shard": shard.name,
                     "policy_id": policy.policy_id,
+                    "renderer": policy.renderer,
                     "out": str(cfg.out),
                 }
     raise KeyError(f"key {cfg.key!r} not found in {cfg.dir}")

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .render import draw_params, render_batch, to_uint8_chw
+from .flags import RENDERERS
+from .render import draw_params, image_size, render_batch, to_uint8_chw
 
 # Bump when this module changes in a way that changes the produced tensors.
 AUGMENT_CODE_VERSION = 2
 # The same for the torch renderer (render.py); part of the id of torch policies only.
 RENDER_CODE_VERSION = 1
-RENDERERS = ("pil", "torch")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -258,6 +258,12 @@ def prepare(image: Image.Image | torch.Tensor, key: str, seed: int, policy: Augm
     params = draw_params(policy, sample_seed(policy.policy_id, key, seed), chw.shape[-1], chw.shape[-2])
     top, left, h, w = params.box
     return chw[:, top : top + h, left : left + w], params
+
+
+def prepare_encoded(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> tuple:
+    """`prepare` for an image decoded later, on the device: reads only the header here."""
+    width, height = image_size(data)
+    return data, draw_params(policy, sample_seed(policy.policy_id, key, seed), width, height)
 
 
 def eval_view(image: Image.Image, policy: AugmentPolicy) -> torch.Tensor:

@@ -36,11 +36,14 @@ class Manifest:
     def num_samples(self, split: str) -> int:
         return sum(s.samples for s in self.shards(split))
 
-    def policy(self, **overrides):
-        """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides. An override
-        of None is a value, not "unset": `{"auto_augment": null}` turns RandAugment off."""
+    def policy(self, renderer: str | None = None, **overrides):
+        """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides, then
+        `renderer` (a command's --renderer flag) if given. An override of None is a value, not
+        "unset": `{"auto_augment": null}` turns RandAugment off."""
         from .augment import AugmentPolicy
 
+        if renderer is not None:
+            overrides = {**overrides, "renderer": renderer}
         return AugmentPolicy.from_dict({**self.policy_hint, **overrides})
 
     def to_dict(self) -> dict:

@@ -231,6 +231,23 @@ def decode_on_device(datas: list[bytes], device: torch.device) -> list[torch.Ten
     return decode_jpeg(tensors, mode="RGB", device=device)
 
 
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def render_prepared(items: list[tuple], policy, device) -> torch.Tensor:
+    """`render_batch` of prepared items: (uint8 region, params) or (JPEG bytes, params); the JPEGs
+    are decoded on `device` in one batched call, then cut to their boxes."""
+    device = torch.device(device)
+    regions = [source for source, _ in items]
+    encoded = [i for i, source in enumerate(regions) if isinstance(source, bytes | bytearray)]
+    if encoded:
+        for i, image in zip(encoded, decode_on_device([regions[i] for i in encoded], device), strict=True):
+            top, left, h, w = items[i][1].box
+            regions[i] = image[:, top : top + h, left : left + w]
+    return render_batch(regions, [params for _, params in items], policy, device)
+
+
 # -- rendering ----------------------------------------------------------------------------
 
 

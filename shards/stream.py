@@ -31,8 +31,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .augment import AugmentPolicy, augment, decode_image, eval_view
+from .augment import AugmentPolicy, augment, decode_image, eval_view, prepare
 from .manifest import Manifest
+from .render import render_batch
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +177,12 @@ class ShardStream(IterableDataset):
         shuffle: bool | None = None,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        render_on_device: bool = False,
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be train or eval, not {mode!r}")
+        if render_on_device and policy.renderer != "torch":
+            raise ValueError("render_on_device needs the torch renderer (renderer='torch')")
         self.directory = Path(directory)
         self.manifest = Manifest.load(directory)
         self.shards = self.manifest.shards(split)
@@ -192,6 +196,9 @@ class ShardStream(IterableDataset):
         self.shuffle = (mode == "train") if shuffle is None else shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        # a torch policy's train batches carry the crops' boxes and parameters ("regions",
+        # "params"), and `rendered(batch, policy, device)` draws the pixels where the model runs
+        self.render_on_device = render_on_device and mode == "train"
         # shared with the data loader's persistent workers, which keep the copy made at their start
         self._epoch = multiprocessing.RawValue("q", 0)
 
@@ -279,7 +286,9 @@ class ShardStream(IterableDataset):
                 skips(ValueError(f"{raw.key} in {raw.shard}: {e}"))
                 continue
             # Augmentation errors are bugs, not bad data: let them raise.
-            if self.mode == "train":
+            if self.render_on_device:
+                yield prepare(image, raw.key, seed, self.policy), raw.label, raw.key, seed
+            elif self.mode == "train":
                 yield augment(image, raw.key, seed, self.policy), raw.label, raw.key, seed
             else:
                 yield eval_view(image, self.policy), raw.label, raw.key, -1
@@ -287,13 +296,26 @@ class ShardStream(IterableDataset):
 
 def collate(items: list, skipped: int = 0) -> dict:
     xs, labels, keys, seeds = zip(*items)
+    if isinstance(xs[0], tuple):  # (region, params) to render on the device: `rendered`
+        regions, params = zip(*xs)
+        pixels = {"regions": list(regions), "params": list(params)}
+    else:
+        pixels = {"image": torch.stack(xs)}
     return {
-        "image": torch.stack(xs),
+        **pixels,
         "label": torch.tensor(labels, dtype=torch.long),
         "key": list(keys),
         "seed": torch.tensor(seeds, dtype=torch.long),
         "skipped": skipped,
     }
+
+
+def rendered(batch: dict, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
+    """The batch's crops on `device`: copied there, or rendered there from the regions and
+    parameters a `render_on_device` stream sends (the same tensors the workers would render)."""
+    if "image" in batch:
+        return batch["image"].to(device, non_blocking=True)
+    return render_batch(batch["regions"], batch["params"], policy, device)
 
 
 def make_loader(stream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 4):

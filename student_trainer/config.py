@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill_core import Nested, NotAFlag, read_secret
+from shards.flags import RendererFlag
 from teacher_service.teacher import TeacherSettings
 
 LabelSource = Literal["none", "store", "service", "online"]
@@ -31,6 +32,7 @@ class TrainConfig(BaseModel):
     policy: dict = Field(
         default_factory=dict, description="JSON augmentation policy overrides (must match the labels' policy)"
     )
+    renderer: RendererFlag = None
     # teacher labels
     labels: LabelSource = Field(
         "none", description="teacher labels: none | store | service | online (DeiT's in-process teacher)"

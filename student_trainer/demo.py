@@ -25,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill_core import Command
+from shards.flags import RendererFlag
 
 from .plot import group_runs, mean_std, plot_runs, read_metrics, throughput
 
@@ -52,6 +53,7 @@ class DemoConfig(BaseModel):
     mixup: float = Field(0.0, ge=0, description="mixup alpha (DeiT: 0.8; off for 1,437 images)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (DeiT: 1.0)")
     nproc: int = Field(2, ge=1, description="DDP processes per run (torchrun --nproc_per_node)")
+    renderer: RendererFlag = None
 
     @field_validator("modes")
     @classmethod
@@ -111,6 +113,7 @@ def student_cmd(cfg: DemoConfig, shards: Path, out: Path, mode: str, seed: int, 
         workers=1,
         threads=1,
         seed=seed,
+        **({"renderer": cfg.renderer} if cfg.renderer else {}),
         eval_every=max(1, cfg.student_epochs // 15),  # curves for results.png, at little cost
         progress=False,
         **extra,
@@ -155,6 +158,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         pre = _run(
             [sys.executable, "-m", "teacher_service", "precompute"]
             + _flags(shards=shards, seeds=f"0:{cfg.student_epochs}", store=store, checkpoint=checkpoint, workers=1)
+            + (["--renderer", cfg.renderer] if cfg.renderer else [])
             + ["--no-progress"],
             logs / "precompute.log",
         )

@@ -32,7 +32,8 @@ from timm.utils import unwrap_model
 from tqdm import tqdm
 
 from distill_core import atomic_save, load_training_checkpoint, save_weights, usable_cpus
-from shards import Manifest, ShardStream, make_loader, seeds_for_run
+from shards import AugmentPolicy, Manifest, ShardStream, make_loader, seeds_for_run
+from shards.stream import rendered
 from teacher_service.teacher import Teacher
 
 from .config import TrainConfig
@@ -166,6 +167,7 @@ class Run:
     amp: str
     out: Path
     manifest: Manifest
+    policy: AugmentPolicy
     model: torch.nn.Module  # the model itself: checkpoints and export
     net: torch.nn.Module  # what runs the step: DDP- and/or compile-wrapped model
     optimizer: torch.optim.Optimizer
@@ -196,7 +198,7 @@ def setup(cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.threads or max(1, usable_cpus() // world))
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     manifest = Manifest.load(cfg.shards)
-    policy = manifest.policy(**cfg.policy)
+    policy = manifest.policy(cfg.renderer, **cfg.policy)
     num_classes = len(manifest.classes)
 
     seed_epoch(cfg.seed, 0, 0)  # the same initial weights on every rank (DDP also broadcasts them)
@@ -204,8 +206,19 @@ def setup(cfg: TrainConfig) -> Run:
     model.to(device)
 
     # data: every rank the same number of batches; labels fetched in the loader workers
+    # a torch policy on an accelerator: the loader workers decode and draw, the device renders
+    on_device = policy.renderer == "torch" and device.type != "cpu"
     train_stream = ShardStream(
-        cfg.shards, "train", policy, cfg.batch_size, "train", rank, world, cfg.repeated_aug, seed=cfg.seed
+        cfg.shards,
+        "train",
+        policy,
+        cfg.batch_size,
+        "train",
+        rank,
+        world,
+        cfg.repeated_aug,
+        seed=cfg.seed,
+        render_on_device=on_device,
     )
     dataset, namespace = with_teacher_labels(train_stream, cfg, policy, num_classes)
     pin = device.type == "cuda"
@@ -240,6 +253,7 @@ def setup(cfg: TrainConfig) -> Run:
         amp=amp,
         out=out,
         manifest=manifest,
+        policy=policy,
         model=model,
         net=net,
         optimizer=optimizer,
@@ -320,7 +334,7 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
         leave=False,
     )
     for batch in bar:
-        x = batch["image"].to(device, non_blocking=True)
+        x = rendered(batch, run.policy, device)
         y = batch["label"].to(device, non_blocking=True)
         run.counts["skipped_samples"] += batch["skipped"]
         for k, v in batch.get("label_stats", {}).items():
@@ -456,7 +470,7 @@ def train(cfg: TrainConfig) -> dict:
         "world_size": run.world,
         "global_batch": cfg.batch_size * run.world,
         "namespace": run.namespace,
-        "policy_id": run.manifest.policy(**cfg.policy).policy_id,
+        "policy_id": run.policy.policy_id,
         "seeds_needed": f"0:{seeds_for_run(cfg.epochs, cfg.repeated_aug).stop}",
         "epochs_done": max(epoch + 1, start_epoch),
         "steps": step,

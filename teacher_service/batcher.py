@@ -46,6 +46,7 @@ class Batch:
     keys: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
+    prepared: dict[int, tuple] = field(default_factory=dict)  # slot -> (region or JPEG, params): device rendering
     outstanding: int = 0  # augmentation tasks not yet done
     deadline: float = math.inf  # when its oldest item has waited max_queue_delay_s
     opened: float = 0.0

@@ -47,8 +47,10 @@ import torch
 import torch.multiprocessing as mp
 
 from distill_core import usable_cpus
-from shards import AugmentPolicy, augment, decode_image
+from shards import AugmentPolicy, augment, decode_image, prepare
+from shards.augment import prepare_encoded
 from shards.members import Member, OpenFiles
+from shards.render import is_jpeg, render_prepared, to_uint8_chw
 
 from .batcher import Batch, Batcher, Pending
 from .metrics import Metrics
@@ -98,10 +100,16 @@ class EngineConfig:
     workers: int = 0  # augmentation processes; 0: one per CPU core, at most 8
     buffers: int = 4  # shared batch buffers: one in the teacher, one waiting, the rest filling
     teacher_threads: int = 0  # CPU teacher's intra-op threads; 0: the cores the workers leave (>= 1)
+    # where a torch-renderer policy's pixels are drawn: "device" (the teacher's; the workers only
+    # decode, or on CUDA only read JPEG headers, and draw parameters), "workers" (each crop in a
+    # worker, on its CPU), "auto" (device when the teacher is not on the CPU). Same crops either way.
+    render: str = "auto"
 
     def __post_init__(self):
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.buffers < 2:
             raise ValueError("max_batch_size and max_queue_size must be >= 1 and buffers >= 2")
+        if self.render not in ("auto", "device", "workers"):
+            raise ValueError(f"render must be auto, device or workers, not {self.render!r}")
         self.workers = self.workers or max(1, min(8, usable_cpus()))
 
 
@@ -150,6 +158,8 @@ class LabelEngine:
         self.namespace = namespace
         self.metrics = metrics or Metrics()
         self.device = str(teacher.device)
+        on_device = config.render == "device" or (config.render == "auto" and teacher.device.type != "cpu")
+        self.render_on_device = on_device and policy.renderer == "torch"
         shape = (config.max_batch_size, 3, policy.input_size, policy.input_size)
         self._buffers = [torch.empty(shape, dtype=torch.float32).share_memory_() for _ in range(config.buffers)]
         self._pinned: list[int] = []
@@ -187,7 +197,7 @@ class LabelEngine:
                 target=_worker_main,
                 name=f"augment-{i}",
                 daemon=True,
-                args=(self._buffers, policy_json, self._tasks, self._done),
+                args=(self._buffers, policy_json, self._tasks, self._done, self._worker_mode()),
             )
             p.start()
             self._workers.append(p)
@@ -214,6 +224,13 @@ class LabelEngine:
             self.config.buffers,
         )
         return self
+
+    def _worker_mode(self) -> str:
+        """What a worker does with an image: "augment" it, "prepare" it for the device (decode and
+        draw), or "headers" (a JPEG stays encoded for the GPU's decoder; other formats decode)."""
+        if not self.render_on_device:
+            return "augment"
+        return "headers" if self.teacher.device.type == "cuda" else "prepare"
 
     def _get_done(self, deadline: float):
         import queue
@@ -358,7 +375,7 @@ class LabelEngine:
             msg = self._done.get()
             if msg is None:
                 return
-            bid, errors = msg
+            bid, errors, prepared = msg
             with self._cond:
                 if self._failed is not None:
                     return
@@ -367,6 +384,7 @@ class LabelEngine:
                     log.error("label engine: a worker reported on buffer %d, which no batch owns", bid)
                     continue
                 b.errors.update(errors)
+                b.prepared.update(prepared)
                 b.outstanding -= 1
                 if b.outstanding == 0:
                     b.augmented = time.perf_counter()
@@ -392,13 +410,26 @@ class LabelEngine:
             if b is not None:
                 t0 = time.perf_counter()
                 try:
-                    launched = (b, self.teacher.launch(self._buffers[b.bid][: b.n], self.fmt.topk), t0)
+                    launched = (b, self.teacher.launch(self._pixels(b), self.fmt.topk), t0)
                 except Exception as e:
                     self._fail(EngineError(f"teacher failed on a batch of {b.n}: {e!r}"))
                     return
             if inflight is not None:
                 self._finish(*inflight)
             inflight = launched
+
+    def _pixels(self, b: Batch) -> torch.Tensor:
+        """The batch's crops: the workers' shared buffer, or rendered on the device here. A slot
+        whose image failed gets a copy of another crop; its label is never used."""
+        if not self.render_on_device:
+            return self._buffers[b.bid][: b.n]
+        items = [b.prepared.get(i) for i in range(b.n)]
+        stand_in = next((item for item in items if item is not None), None)
+        if stand_in is None:  # every image of the batch failed
+            return self._buffers[b.bid][: b.n]
+        x = render_prepared([item or stand_in for item in items], self.policy, self.teacher.device)
+        b.prepared.clear()  # the regions' shared memory goes back now, not when the batch object goes
+        return x
 
     def _finish(self, b: Batch, pending: PendingPrediction, t0: float) -> None:
         try:
@@ -527,9 +558,11 @@ def exit_with_parent(cleanup: Callable[[], None] | None = None) -> None:
     threading.Thread(target=run, name="parent-watch", daemon=True).start()
 
 
-def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done) -> None:
+def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done, mode: str) -> None:
     """An augmentation process: decode each image of a task once, write each seed's crop into its
-    slot of the shared buffer, report (buffer, {slot: error})."""
+    slot of the shared buffer, report (buffer, {slot: error}, {}). For device rendering (`mode`
+    "prepare" or "headers", see LabelEngine._worker_mode) it reports (buffer, errors, {slot:
+    (region or JPEG bytes, params)}) instead and writes nothing."""
     torch.set_num_threads(1)
     exit_with_parent()
     policy = AugmentPolicy.from_json(policy_json)
@@ -540,16 +573,26 @@ def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done) -> 
         bid, entries = task
         buf = buffers[bid]
         errors: dict[int, str] = {}
+        prepared: dict[int, tuple] = {}
         for source, key, pairs in entries:
             try:
-                image = decode_image(source.read(files) if isinstance(source, Member) else source)
+                data = source.read(files) if isinstance(source, Member) else source
+                if mode == "headers" and is_jpeg(data):
+                    for seed, slot in pairs:
+                        prepared[slot] = prepare_encoded(data, key, seed, policy)
+                    continue
+                image = decode_image(data)
             except (ValueError, OSError) as e:
                 errors.update((slot, f"{key}: {e}") for _, slot in pairs)
                 continue
+            chw = to_uint8_chw(image) if mode != "augment" else None
             for seed, slot in pairs:
                 try:
-                    buf[slot].copy_(augment(image, key, seed, policy, restore_rng=False))  # our own RNGs
+                    if chw is None:
+                        buf[slot].copy_(augment(image, key, seed, policy, restore_rng=False))  # our own RNGs
+                    else:
+                        prepared[slot] = prepare(chw, key, seed, policy)
                 except Exception as e:  # an augmentation bug: this crop fails, not the engine
                     errors[slot] = f"{key} seed {seed}: augmentation failed: {e!r}"
-        done.put((bid, errors))
+        done.put((bid, errors, prepared))
     files.close()

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from distill_core import Command, Nested
 from shards import Manifest
+from shards.flags import RendererFlag
 from shards.manifest import verify_shard
 from shards.members import scan_shard
 
@@ -208,6 +209,7 @@ class PrecomputeConfig(BaseModel):
     store: str = Field("runs/labels.db", description="label store URL (a file path, file://, redis://, rediss://)")
     format: str = Field("top1", description="record format: top1 (hard labels) or topKp, e.g. top5p")
     policy: dict = Field(default_factory=dict, description="JSON of augmentation policy overrides (as the trainer's)")
+    renderer: RendererFlag = None
     batch_size: int = Field(256, ge=1, description="crops per teacher batch")
     workers: int = Field(2, ge=1, description="decode/augment worker processes")
     node_rank: int = Field(0, ge=0, description="this machine's index when N machines split the shards")
@@ -229,7 +231,7 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
         Teacher(cfg.teacher, device=cfg.device),
         split=cfg.split,
         fmt=RecordFormat.parse(cfg.format),
-        policy_overrides=cfg.policy,
+        policy_overrides={**cfg.policy, **({"renderer": cfg.renderer} if cfg.renderer else {})},
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         node_rank=cfg.node_rank,

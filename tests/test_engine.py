@@ -34,8 +34,8 @@ def members(demo_shards):
     return [km for s in m.shards("train")[:2] for km in scan_shard(demo_shards / s.name)]
 
 
-def make_engine(teacher, demo_shards, tmp_path, fmt=RecordFormat(), **config):
-    policy = Manifest.load(demo_shards).policy()
+def make_engine(teacher, demo_shards, tmp_path, fmt=RecordFormat(), renderer=None, **config):
+    policy = Manifest.load(demo_shards).policy(renderer)
     ns = teacher.namespace(policy.policy_id, fmt, Manifest.load(demo_shards).classes)
     store = str(tmp_path / "labels.db")
     open_store(store, ns).close()
@@ -73,6 +73,25 @@ def test_engine_matches_the_teacher_and_stores_before_answering(teacher, members
         assert engine.depth == 0
         fills = engine.metrics.batch_size.labels("cpu")._sum.get()
         assert fills == 15
+
+
+@pytest.mark.parametrize("render", ["workers", "device"])
+def test_torch_renderer_crops_are_the_same_rendered_in_workers_or_on_the_device(
+    teacher, members, demo_shards, tmp_path, render
+):
+    """ "device" is the CUDA layout (workers decode and draw, the teacher's device renders the
+    batch), run here on the CPU: the labels are the teacher's on the crops `augment` gives."""
+    engine, _, _, policy = make_engine(
+        teacher, demo_shards, tmp_path, renderer="torch", render=render, max_batch_size=16
+    )
+    assert policy.renderer == "torch" and engine.render_on_device == (render == "device")
+    jobs = [Job(member, key, (0, 1, 2, 3)) for key, member in members[:4]] + [Job(b"not an image", "bad", (0,))]
+    with engine:
+        res = wait_result(engine, jobs)
+    assert res.errors[:16] == [None] * 16 and "bad" in res.errors[16]
+    x = torch.stack([augment(decode_image(m.read()), k, s, policy) for k, m in members[:4] for s in range(4)])
+    c = teacher.logits(x).argmax(-1)
+    assert (torch.from_numpy(res.classes[:16, 0]) == c).all()
 
 
 def test_engine_refuses_a_full_queue_before_any_work(teacher, members, demo_shards, tmp_path):

@@ -9,7 +9,8 @@ import torch
 from conftest import PY, last_json, run_cli
 
 from shards import AugmentPolicy, Manifest, ShardStream, augment, decode_image, iter_shard
-from shards.stream import SkipCounter, batch_sizes, plan_epoch
+from shards.augment import to_pil
+from shards.stream import SkipCounter, batch_sizes, plan_epoch, rendered
 
 POLICY = AugmentPolicy(input_size=32, scale=(0.35, 1.0), hflip=0.5)
 
@@ -121,6 +122,23 @@ def test_stream_two_ranks_two_workers_each_sample_once(demo_shards):
     assert len(keys) == m.num_samples("train") == len(set(keys))
 
 
+def test_a_stream_rendering_on_the_device_gives_the_workers_crops(demo_shards):
+    """The trainer's CUDA layout (workers decode and draw; `rendered` draws the pixels where the
+    model runs), run on the CPU: the same batches, bit for bit, as crops rendered in the workers."""
+    policy = AugmentPolicy(input_size=32, scale=(0.35, 1.0), renderer="torch")
+    streams = [ShardStream(demo_shards, "train", policy, 48, render_on_device=d) for d in (False, True)]
+    loaders = [torch.utils.data.DataLoader(s, batch_size=None, num_workers=1) for s in streams]
+    n = 0
+    for in_workers, to_render in zip(*loaders, strict=True):
+        assert "image" not in to_render and len(to_render["regions"]) == len(to_render["params"])
+        assert to_render["key"] == in_workers["key"] and torch.equal(to_render["seed"], in_workers["seed"])
+        assert torch.equal(rendered(to_render, policy, torch.device("cpu")), in_workers["image"])
+        n += 1
+    assert n == len(streams[0])
+    with pytest.raises(ValueError, match="torch renderer"):
+        ShardStream(demo_shards, "train", POLICY, 48, render_on_device=True)
+
+
 def test_persistent_loader_workers_follow_set_epoch(demo_shards):
     """make_loader keeps its workers across epochs; each epoch they must read the new epoch (its
     seeds and order), not the epoch they started with."""
@@ -203,6 +221,14 @@ def test_show_writes_same_png_for_same_seed(demo_shards, tmp_path):
     from PIL import Image
 
     assert Image.open(io.BytesIO(outs[0])).size == (32, 32)
+    torch_png = tmp_path / "torch.png"
+    r = run_cli("shards", "show", demo_shards, raw.key, "--seed", 4, "--out", torch_png, "--renderer", "torch")
+    assert last_json(r.stdout)["renderer"] == "torch"
+    policy = Manifest.load(demo_shards).policy("torch")
+    crop = augment(decode_image(raw.data), raw.key, 4, policy)
+    expected = io.BytesIO()
+    to_pil(crop, policy).save(expected, format="PNG")
+    assert torch_png.read_bytes() == expected.getvalue() != outs[0]
     missing = run_cli(
         "shards", "show", demo_shards, "no/such/key", "--seed", "1", "--out", tmp_path / "x.png", check=False
     )

@@ -14,6 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from distill_core import Nested, NotAFlag, read_secret
+from shards.flags import RendererFlag
 
 from ..namespace import MAX_SEED
 from ..teacher import TeacherSettings
@@ -55,6 +56,7 @@ class Settings(BaseSettings):
         "own, set by precompute; 1024 for a namespace the service creates). A larger N extends it",
     )
     policy: dict = Field(default_factory=dict, description="JSON of augmentation policy overrides (as the trainer's)")
+    renderer: RendererFlag = None
     # label engines: one process per device, Triton-style batching
     devices: str = Field(
         "auto",

@@ -48,8 +48,9 @@ def policy_and_classes(settings: Settings) -> tuple[AugmentPolicy, list[str] | N
 
     if settings.shards:
         manifest = Manifest.load(settings.shards)
-        return manifest.policy(**settings.policy), manifest.classes
-    return AugmentPolicy.from_dict(settings.policy), None
+        return manifest.policy(settings.renderer, **settings.policy), manifest.classes
+    renderer = {"renderer": settings.renderer} if settings.renderer else {}
+    return AugmentPolicy.from_dict({**settings.policy, **renderer}), None
 
 
 def engine_pool(settings: Settings) -> EnginePool:
