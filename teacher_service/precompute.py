@@ -11,6 +11,7 @@ the work that was queued or in flight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from shards.manifest import verify_shard
 from shards.members import scan_shard
 
 from .engine import EngineConfig, Job, LabelEngine, Result
+from .engine_pool import engine_devices
 from .namespace import RecordFormat, parse_seeds
 from .store import StoreError, open_store, redact
 from .teacher import Teacher, TeacherSettings
@@ -86,7 +88,7 @@ def precompute(
     shards: str,
     seeds: range,
     store_url: str,
-    teacher: Teacher,
+    teacher: Teacher | list[Teacher],
     split: str = "train",
     fmt: RecordFormat = RecordFormat(),
     policy_overrides: dict | None = None,
@@ -99,7 +101,12 @@ def precompute(
 ) -> dict:
     """Label every (image, seed) of this node's shards; returns the summary, whose `ok` is False
     when any label could not be made (a shard that does not match its manifest entry, a shard cut
-    short, an unreadable image): those labels are counted in `labels_skipped`, never as done."""
+    short, an unreadable image): those labels are counted in `labels_skipped`, never as done.
+    Several teachers (one per device, the same weights): one engine each, fed by queue depth."""
+    teachers = teacher if isinstance(teacher, list) else [teacher]
+    teacher = teachers[0]
+    if len({t.teacher_id for t in teachers}) != 1:
+        raise ValueError("every device must run the same teacher")
     directory = Path(shards)
     manifest = Manifest.load(directory)
     policy = manifest.policy(**(policy_overrides or {}))
@@ -129,7 +136,11 @@ def precompute(
         smoothing=0.05,
     ) as bar:
         tally = _Tally(bar)
-        with LabelEngine(teacher, policy, fmt, config, store_url=store_url, namespace=ns) as engine:
+        with contextlib.ExitStack() as stack:
+            engines = [
+                stack.enter_context(LabelEngine(t, policy, fmt, config, store_url=store_url, namespace=ns))
+                for t in teachers
+            ]
 
             def feed(group: list) -> None:
                 keys = [k for k, _ in group for _ in seed_list]
@@ -142,8 +153,8 @@ def precompute(
                     for (key, member), row in zip(group, have)
                     if not row.all()
                 ]
-                if jobs:
-                    engine.submit(jobs, tally, block=True)
+                if jobs:  # to the engine with the shortest queue; it blocks while that one is full
+                    min(engines, key=lambda e: e.depth).submit(jobs, tally, block=True)
                 tally.check()
 
             for name in mine:
@@ -193,6 +204,8 @@ def precompute(
         "images": totals["images"],
         "labels_present": totals["present"],
         "labels_computed": tally.computed,
+        "devices": [str(t.device) for t in teachers],
+        "labels_per_device": [int(e.metrics.inference_count.labels(e.device)._value.get()) for e in engines],
         "labels_skipped": totals["skipped"] + tally.skipped,
         "seconds": round(dt, 3),
         "labels_per_s": round(tally.computed / dt, 1) if dt else None,
@@ -215,6 +228,11 @@ class PrecomputeConfig(BaseModel):
     node_rank: int = Field(0, ge=0, description="this machine's index when N machines split the shards")
     num_nodes: int = Field(1, ge=1, description="machines splitting the shards (each takes every N-th shard)")
     device: str = Field("auto", description="teacher device: auto | cpu | cuda | cuda:N")
+    devices: str | None = Field(
+        None,
+        description="one label engine per device, in one job, fed by queue depth: a comma list "
+        "(cuda:0,cuda:1) or auto (every visible GPU); replaces --device; --workers is per device",
+    )
     verify: bool = Field(True, description="check each shard's size and sha256 against the manifest before labeling it")
     progress: bool = Field(True, description="progress bar")
     teacher: Annotated[TeacherSettings, Nested(title="teacher")] = Field(
@@ -228,7 +246,7 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
         cfg.shards,
         parse_seeds(cfg.seeds),
         cfg.store,
-        Teacher(cfg.teacher, device=cfg.device),
+        [Teacher(cfg.teacher, device=d) for d in (engine_devices(cfg.devices) if cfg.devices else [cfg.device])],
         split=cfg.split,
         fmt=RecordFormat.parse(cfg.format),
         policy_overrides={**cfg.policy, **({"renderer": cfg.renderer} if cfg.renderer else {})},

@@ -282,6 +282,23 @@ def test_precompute_sigkill_and_resume(demo_shards, tiny_teacher, tmp_path):
             assert (ga.top1 == gb.top1).all()
 
 
+def test_precompute_on_two_devices_labels_what_one_device_does(demo_shards, tiny_teacher, tmp_path):
+    """--devices: one engine per device in one job (two CPU engines here), with the torch renderer:
+    both engines take work, and the labels are the one-engine job's, in the torch namespace."""
+    two, one = tmp_path / "two.db", tmp_path / "one.db"
+    flags = ("--renderer", "torch", "--workers", "1", "--batch-size", "64")
+    s2 = last_json(run_precompute(demo_shards, "0:1", two, tiny_teacher, *flags, "--devices", "cpu,cpu").stdout)
+    s1 = last_json(run_precompute(demo_shards, "0:1", one, tiny_teacher, *flags).stdout)
+    assert s2["devices"] == ["cpu", "cpu"] and s1["devices"] == ["cpu"]
+    assert sum(s2["labels_per_device"]) == s2["labels_computed"] == 1437 and min(s2["labels_per_device"]) > 0
+    assert s2["policy_id"] == s1["policy_id"] == Manifest.load(demo_shards).policy("torch").policy_id
+    m = Manifest.load(demo_shards)
+    keys = [r.key for s in m.shards("train") for r in iter_shard(demo_shards / s.name, SkipCounter())]
+    with open_existing(str(two)) as a, open_existing(str(one)) as b:
+        ga, gb = a.get(keys, [0] * len(keys)), b.get(keys, [0] * len(keys))
+    assert ga.present.all() and (ga.top1 == gb.top1).mean() > 0.99  # batch composition may flip a tie
+
+
 def test_precompute_splits_nodes_without_overlap(demo_shards, tiny_teacher, tmp_path):
     store = str(tmp_path / "labels.db")
     totals = []
