@@ -13,6 +13,36 @@ from shards import Manifest, SkipCounter, iter_shard
 from shards.build import build
 
 
+def imagenet_like_jpegs(n: int, seed: int = 0, size=(500, 375), quality: int = 95) -> list[bytes]:
+    """`n` ImageNet-shaped JPEGs (500x375 or 375x500, JPEG quality 95) cut from the two
+    photographs scikit-learn ships by random crops, rescales, flips and colour shifts, so that
+    decoding and resizing cost what real photographs cost (noise or flat images would not)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        photo = photos[rng.randrange(len(photos))]
+        w, h = size if rng.random() < 0.75 else size[::-1]  # most of ImageNet is landscape
+        scale = rng.uniform(0.5, 1.0)
+        cw, ch = int(photo.width * scale), int(photo.height * scale)
+        left, top = rng.randrange(photo.width - cw + 1), rng.randrange(photo.height - ch + 1)
+        im = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BICUBIC)
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        gains = np.array([rng.uniform(0.8, 1.2) for _ in range(3)], dtype=np.float32)
+        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) * gains, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -251,27 +251,34 @@ def render_prepared(items: list[tuple], policy, device) -> torch.Tensor:
 # -- rendering ----------------------------------------------------------------------------
 
 
-def render_batch(regions: list[torch.Tensor], params: list[CropParams], policy, device=None) -> torch.Tensor:
+def render_batch(
+    regions: list[torch.Tensor], params: list[CropParams], policy, device=None, timings: dict | None = None
+) -> torch.Tensor:
     """The normalised crops (B, 3, S, S) float32 of `regions` (each the uint8 (3, h, w) content of
-    its params' box, on any device) under `params`; rendered on `device` (default: the regions')."""
+    its params' box, on any device) under `params`; rendered on `device` (default: the regions').
+    `timings`, for benchmarks: seconds per stage are added to it (with a device sync per stage)."""
     if not regions:
         raise ValueError("render_batch needs at least one region")
     device = torch.device(device) if device is not None else regions[0].device
+    stage = _StageClock(timings, device)
     size = policy.input_size
-    antialias = True
-    mode = policy.interpolation
-    # crop + resize, one sample at a time: its result cannot depend on its neighbours
+    # crop + antialiased resize, one sample at a time: its result cannot depend on its neighbours.
+    # On the CPU in uint8 (fixed-point weights, as PIL; several times faster than float there),
+    # elsewhere in float32 (CUDA has no uint8 kernel), rounded: the two differ by a level at most.
     x = torch.empty((len(regions), 3, size, size), dtype=torch.float32, device=device)
     for i, region in enumerate(regions):
-        r = region.to(device, non_blocking=True).unsqueeze(0).float()
+        r = region.to(device, non_blocking=True).unsqueeze(0)
+        if device.type != "cpu":
+            r = r.float()
         if r.shape[-2:] != (size, size):
-            r = F.interpolate(r, size=(size, size), mode=mode, align_corners=False, antialias=antialias)
+            r = F.interpolate(r, size=(size, size), mode=policy.interpolation, align_corners=False, antialias=True)
         x[i] = r[0]
     x = x.round_().clamp_(0, 255)
     flip = [i for i, p in enumerate(params) if p.flip]
     if flip:
         idx = torch.tensor(flip, device=device)
         x[idx] = x[idx].flip(-1)
+    stage("crop_resize_flip")
     fill = torch.tensor([min(255, round(255 * m)) for m in policy.mean], device=device).view(1, 3, 1, 1)
     depth = max((len(p.ops) for p in params), default=0)
     for layer in range(depth):
@@ -285,16 +292,40 @@ def render_batch(regions: list[torch.Tensor], params: list[CropParams], policy, 
         for name, (rows, args) in groups.items():
             idx = torch.tensor(rows, device=device)
             x[idx] = _apply_op(name, x[idx], args, fill)
+    stage("randaugment")
     mean = torch.tensor(policy.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(policy.std, device=device).view(1, 3, 1, 1)
     x = x.div_(255.0).sub_(mean).div_(std)
+    stage("normalize")
     for i, p in enumerate(params):
         for top, left, h, w in p.erase:
             if policy.re_mode == "pixel":
                 x[i, :, top : top + h, left : left + w] = hash_normal(p.noise_key, (3, h, w), device)
             else:
                 x[i, :, top : top + h, left : left + w] = 0.0
+    stage("erase")
     return x
+
+
+class _StageClock:
+    """Adds each stage's seconds to a dict (with a device sync); does nothing without one."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device = timings, device
+        self.last = self._now() if timings is not None else 0.0
+
+    def _now(self) -> float:
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.timings is not None:
+            now = self._now()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+            self.last = now
 
 
 def _per_sample(values: list[float], like: torch.Tensor) -> torch.Tensor:
