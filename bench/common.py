@@ -43,6 +43,23 @@ def imagenet_like_jpegs(n: int, seed: int = 0, size=(500, 375), quality: int = 9
     return out
 
 
+def jpeg_shards(directory: Path, n: int, classes: int = 10, shard_size: int = 256) -> tuple[Manifest, list]:
+    """Shards of `n` ImageNet-shaped JPEGs (`imagenet_like_jpegs`) in `classes` class folders."""
+    src = Path(directory).with_name(Path(directory).name + "-src")
+    for i, data in enumerate(imagenet_like_jpegs(n)):
+        folder = src / f"class{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:07d}.jpg").write_bytes(data)
+    build(directory, src=src, shard_size=shard_size)
+    m = Manifest.load(directory)
+    return m, [r for s in m.shards("train") for r in iter_shard(Path(directory) / s.name, SkipCounter())]
+
+
+def bench_shards(data: str, directory: Path, n: int = 2048) -> tuple[Manifest, list]:
+    """The benchmarks' data: `digits` (the demo, 32 px PNGs) or `jpeg` (`n` ImageNet-shaped JPEGs)."""
+    return demo_shards(directory, shard_size=64) if data == "digits" else jpeg_shards(directory, n)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from teacher_service.namespace import RecordFormat
 from teacher_service.precompute import precompute
 from teacher_service.teacher import Teacher, TeacherSettings
 
-from common import demo_shards, free_port
+from common import bench_shards, free_port
 
 
 def raw_throughput(teacher: Teacher, x: torch.Tensor, seconds: float) -> float:
@@ -73,7 +74,7 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
         "--max-queue-size",
         "100000",
         "--policy",
-        json.dumps({"input_size": args.input_size}),
+        json.dumps(policy_overrides(args)),
         "--log-level",
         "warning",
         "--augment-workers",
@@ -122,7 +123,8 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
             return done[0] / (time.perf_counter() - t0), lat
 
         warm = TeacherClient(url, timeout=300)
-        warm.label(keys[:256], [seed0 - 1] * 256)  # warm-up, and 256 cached labels for the lookups
+        few = keys[:256]  # a batch of cached labels for the lookups
+        warm.label(few, [seed0 - 1] * len(few))  # warm-up, and 256 cached labels for the lookups
         rate, _ = load(args.clients, args.items_per_request, args.seconds)
         out = {"rate": rate}
         if max_batch > 1:
@@ -131,7 +133,7 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
             lat = []
             for _ in range(args.lookups):  # lookups of cached labels: 256 per request
                 t1 = time.perf_counter()
-                got = warm.lookup(keys[:256], [seed0 - 1] * 256)
+                got = warm.lookup(few, [seed0 - 1] * len(few))
                 lat.append((time.perf_counter() - t1) * 1000)
             assert got.present.all()
             out["lookup_lat"] = lat
@@ -176,14 +178,22 @@ class BenchTeacher(BaseModel):
         description="augmentation workers of precompute and of the service's engine",
     )
     augment_workers: int = Field(0, ge=0, description="the service's, when not --workers")
+    renderer: Literal["pil", "torch"] = Field("pil", description="augmentation renderer")
+    data: Literal["digits", "jpeg"] = Field("digits", description="demo digits, or ImageNet-shaped JPEGs")
+    images: int = Field(2048, ge=64, description="JPEGs to make for --data jpeg")
+    naive: bool = Field(True, description="also measure the service with batches of one")
+
+
+def policy_overrides(args) -> dict:
+    return {"input_size": args.input_size, "renderer": args.renderer}
 
 
 def main():
     args = parse_script_args(BenchTeacher, __doc__)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        m, samples = demo_shards(d / "shards", shard_size=64)
-        policy = m.policy(input_size=args.input_size)
+        m, samples = bench_shards(args.data, d / "shards", args.images)
+        policy = m.policy(**policy_overrides(args))
         teacher = Teacher(TeacherSettings(model=args.model, random_init=True, num_classes=10))
         raws = samples[:128]
         x = torch.stack([augment(decode_image(r.data), r.key, 0, policy) for r in raws[: args.batch_size]])
@@ -197,7 +207,7 @@ def main():
                 str(d / "pre.db"),
                 teacher,
                 fmt=RecordFormat(),
-                policy_overrides={"input_size": args.input_size},
+                policy_overrides=policy_overrides(args),
                 batch_size=args.batch_size,
                 workers=args.workers,
                 progress=False,
@@ -208,7 +218,7 @@ def main():
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         keys = [r.key for r in samples]
         svc = service_run(args, d / "shards", str(d / "svc.db"), keys, args.batch_size, 1)
-        naive = service_run(args, d / "shards", str(d / "naive.db"), keys, 1, 1)["rate"]
+        naive = service_run(args, d / "shards", str(d / "naive.db"), keys, 1, 1)["rate"] if args.naive else None
         pre_rate = float(np.mean([p["steady_labels_per_s"] for p in pre]))
         pct = lambda xs, q: round(float(np.percentile(xs, q)), 2)  # noqa: E731
         out = {
@@ -222,11 +232,13 @@ def main():
             "precompute_labels_per_s": round(pre_rate, 1),
             "precompute_labels_per_s_with_startup": round(float(np.mean([p["labels_per_s"] for p in pre])), 1),
             "service_labels_per_s": round(svc["rate"], 1),
-            "naive_service_labels_per_s": round(naive, 1),
+            "renderer": args.renderer,
+            "data": args.data,
+            "naive_service_labels_per_s": round(naive, 1) if naive else None,
             "service_vs_precompute": round(svc["rate"] / pre_rate, 3),
             "precompute_efficiency": round(pre_rate / raw, 3),
             "service_efficiency": round(svc["rate"] / raw, 3),
-            "naive_service_efficiency": round(naive / raw, 3),
+            "naive_service_efficiency": round(naive / raw, 3) if naive else None,
             f"miss{args.latency_items}_p50_ms": pct(svc["miss_lat"], 50),
             f"miss{args.latency_items}_p99_ms": pct(svc["miss_lat"], 99),
             "lookup_p50_ms": pct(svc["lookup_lat"], 50),

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from student_trainer import TrainConfig
 from student_trainer.train import train
 from teacher_service import RecordFormat, Teacher, TeacherClient, TeacherSettings, open_store
 
-from common import demo_shards, free_port
+from common import bench_shards, free_port
 
 
 class BenchTrain(BaseModel):
@@ -43,6 +44,9 @@ class BenchTrain(BaseModel):
     modes: str = Field("none,store_file,store_redis,service,online", description="comma-separated modes to run")
     model_steps: int = Field(20, ge=0, description="steps of the model-bound measurement (0: skip)")
     compile: bool = Field(False, description="torch.compile: end-to-end runs compiled, model-bound measured both ways")
+    renderer: Literal["pil", "torch"] = Field("pil", description="augmentation renderer")
+    data: Literal["digits", "jpeg"] = Field("digits", description="demo digits, or ImageNet-shaped JPEGs")
+    images: int = Field(2048, ge=64, description="JPEGs to make for --data jpeg")
 
 
 def step(net, opt, teacher, x, y, amp: str) -> None:
@@ -113,8 +117,8 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         shards = d / "shards"
-        m, samples = demo_shards(shards)
-        policy_over = {"input_size": args.input_size}
+        m, samples = bench_shards(args.data, shards, args.images)
+        policy_over = {"input_size": args.input_size, "renderer": args.renderer}
         policy = m.policy(**policy_over)
         random_teacher = TeacherSettings(model=args.teacher, random_init=True, num_classes=len(m.classes))
         teacher = Teacher(random_teacher, device="cpu")
@@ -216,6 +220,8 @@ def main():
         "batch_size": args.batch_size,
         "steps": args.steps,
         "workers": args.workers,
+        "renderer": args.renderer,
+        "data": args.data,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{usable_cpus()}",
         **{f"{k}_images_per_s": round(v, 1) for k, v in results.items()},
     }

@@ -36,7 +36,7 @@ class Manifest:
     def num_samples(self, split: str) -> int:
         return sum(s.samples for s in self.shards(split))
 
-    def policy(self, renderer: str | None = None, **overrides):
+    def policy(self, renderer: str | None = None, /, **overrides):
         """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides, then
         `renderer` (a command's --renderer flag) if given. An override of None is a value, not
         "unset": `{"auto_augment": null}` turns RandAugment off."""

@@ -1,0 +1,184 @@
+"""Everything a GPU node is measured on, in one run (under 8 minutes on one GPU); one JSON line.
+
+python bench/gpu.py [--workers 4] [--images 2048]
+
+On ImageNet-shaped JPEGs (made from scikit-learn's photographs, `bench/common.py`), RegNetY-16GF
+teacher and DeiT-Ti student at 224 px, random weights (speed does not depend on them):
+
+- `teacher_pil`, `teacher_torch` (bench/teacher.py per renderer): raw teacher forward, precompute
+  and service labels/s, with at most --workers CPU workers;
+- `train_torch` (bench/train.py): student images/s without labels, from cached labels and with the
+  online teacher, end to end and model-bound (input already on the device), eager and compiled;
+  `train_pil`: the cached run with the pil renderer, for the renderers' end-to-end ratio;
+- `render`: the torch renderer on CUDA against the CPU on the same prepared crops (largest
+  difference in grey levels) and the teacher's labels of both (agreement), plus nvJPEG decode
+  against the CPU decode;
+- `targets`: the issue's figures: precompute >= 0.9 of the raw forward, end-to-end cached training
+  >= 0.9 of model-bound, cached vs online >= 3.
+
+Each part runs as its own process with its own time limit; a part that fails or times out is
+reported in `failures` and the others still run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from distill_core import parse_script_args  # noqa: E402
+
+
+class BenchGPU(BaseModel):
+    workers: int = Field(4, ge=1, description="CPU workers per GPU (augmentation / data loading)")
+    images: int = Field(2048, ge=64, description="ImageNet-shaped JPEGs to make")
+    teacher: str = Field("regnety_160", description="timm teacher (random weights)")
+    student: str = Field("deit_tiny_distilled_patch16_224", description="timm student")
+    batch_size: int = Field(128, ge=1, description="teacher and student batch size")
+    seconds: float = Field(8.0, gt=0, description="per service throughput measurement")
+    crops: int = Field(512, ge=16, description="crops of the CUDA vs CPU renderer check")
+
+
+def run_part(name: str, cmd: list[str], timeout: float, failures: dict) -> dict | None:
+    print(f"+ {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        failures[name] = f"timed out after {timeout:.0f} s"
+        return None
+    sys.stderr.write(p.stderr[-3000:])
+    if p.returncode != 0:
+        failures[name] = f"exit {p.returncode}: {p.stderr[-500:]}"
+        return None
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    result["part_seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def render_check(args) -> dict:
+    """The torch renderer on CUDA vs the CPU, on the same prepared crops, and the teacher's labels."""
+    import numpy as np
+
+    from shards import AugmentPolicy, decode_image, prepare
+    from shards.render import decode_on_device, render_batch
+    from teacher_service import Teacher, TeacherSettings
+
+    from common import imagenet_like_jpegs
+
+    policy = AugmentPolicy(renderer="torch")
+    jpegs = imagenet_like_jpegs(args.crops, seed=1)
+    prepared = [prepare(decode_image(j), f"k{i}", 0, policy) for i, j in enumerate(jpegs)]
+    regions, params = [list(v) for v in zip(*prepared)]
+    std = torch.tensor(policy.std).view(1, 3, 1, 1)
+    teacher = Teacher(TeacherSettings(model=args.teacher, random_init=True, num_classes=1000), device="cuda")
+    agree, worst, repeat_equal = 0, 0.0, True
+    for b in range(0, len(regions), args.batch_size):
+        sl = slice(b, b + args.batch_size)
+        cpu = render_batch(regions[sl], params[sl], policy, "cpu")
+        gpu = render_batch(regions[sl], params[sl], policy, "cuda")
+        repeat_equal &= bool(torch.equal(gpu, render_batch(regions[sl], params[sl], policy, "cuda")))
+        worst = max(worst, float(((gpu.cpu() - cpu).abs() * std * 255).amax()))
+        agree += int((teacher.logits(cpu.cuda()).argmax(1) == teacher.logits(gpu).argmax(1)).sum())
+    decoded = decode_on_device(jpegs[:64], torch.device("cuda"))
+    on_cpu = [torch.from_numpy(np.array(decode_image(j))).permute(2, 0, 1) for j in jpegs[:64]]
+    decode_levels = max(float((d.cpu().float() - c.float()).abs().amax()) for d, c in zip(decoded, on_cpu))
+    return {
+        "crops": len(regions),
+        "cuda_repeat_bit_identical": repeat_equal,
+        "cuda_vs_cpu_max_levels": round(worst, 2),
+        "teacher_label_agreement": round(agree / len(regions), 4),
+        "nvjpeg_vs_cpu_decode_max_levels": decode_levels,
+        "note": "random-init teacher: near-tied logits make label agreement a lower bound",
+    }
+
+
+def main():
+    args = parse_script_args(BenchGPU, __doc__)
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs a CUDA device")
+    py = sys.executable
+    failures: dict[str, str] = {}
+    out: dict = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "workers_per_gpu": args.workers,
+        "images": args.images,
+    }
+    t0 = time.perf_counter()
+    common = [
+        "--data",
+        "jpeg",
+        "--images",
+        str(args.images),
+        "--input-size",
+        "224",
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    for renderer in ("pil", "torch"):
+        out[f"teacher_{renderer}"] = run_part(
+            f"teacher_{renderer}",
+            [py, str(HERE / "teacher.py"), *common, "--model", args.teacher, "--renderer", renderer]
+            + ["--workers", str(args.workers), "--seconds", str(args.seconds), "--seeds", "2", "--precompute-runs", "2"]
+            + ["--no-naive", "--lookups", "50", "--clients", "8", "--items-per-request", "64"],
+            110,
+            failures,
+        )
+    out["train_torch"] = run_part(
+        "train_torch",
+        [
+            py,
+            str(HERE / "train.py"),
+            *common,
+            "--renderer",
+            "torch",
+            "--student",
+            args.student,
+            "--teacher",
+            args.teacher,
+        ]
+        + ["--workers", str(args.workers), "--steps", "40", "--modes", "none,store_file,online", "--compile"],
+        170,
+        failures,
+    )
+    out["train_pil"] = run_part(
+        "train_pil",
+        [py, str(HERE / "train.py"), *common, "--renderer", "pil", "--student", args.student, "--teacher", args.teacher]
+        + ["--workers", str(args.workers), "--steps", "40", "--modes", "store_file", "--model-steps", "0"],
+        60,
+        failures,
+    )
+    try:
+        out["render"] = render_check(args)
+    except Exception as e:  # reported, not fatal: the throughput figures above stand on their own
+        failures["render"] = repr(e)
+    targets = {}
+    for renderer in ("pil", "torch"):
+        t = out.get(f"teacher_{renderer}") or {}
+        if t:
+            targets[f"precompute_vs_raw_{renderer}"] = t.get("precompute_efficiency")
+    tr = out.get("train_torch") or {}
+    if tr.get("store_file_images_per_s") and tr.get("model_bound_cached_images_per_s"):
+        targets["e2e_cached_vs_model_bound"] = round(
+            tr["store_file_images_per_s"] / tr["model_bound_cached_images_per_s"], 3
+        )
+    targets["cached_vs_online_e2e"] = tr.get("cached_vs_online")
+    targets["cached_vs_online_model_bound"] = tr.get("model_bound_cached_vs_online")
+    out["targets"] = targets
+    out["failures"] = failures
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
