@@ -20,6 +20,9 @@ Threads of the engine's process and the processes it owns:
 - **No copies through the engine's interpreter:** workers write crops straight into one of a ring
   of shared-memory batch buffers; the teacher reads the buffer in place (CPU) or copies it to the
   device from page-locked memory on a side stream, overlapping the previous batch's forward.
+- **A torch-renderer policy renders where the teacher runs** (`EngineConfig.render`): on an
+  accelerator the workers only decode (on CUDA, not even JPEGs: nvJPEG decodes the batch) and
+  draw each crop's parameters, and the inference thread renders the batch on the device.
 - **Labels are stored before they are answered:** the writer thread does one bulk put per batch,
   then completes the requests whose items are all labeled. A failed put is reported in the result
   (`stored=False`), never hidden.
