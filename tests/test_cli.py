@@ -63,6 +63,24 @@ def test_teacher_settings_nest_under_each_command():
     assert train.teacher.checkpoint == "t.safetensors" and train.distillation_type == "hard"
 
 
+def test_every_augmenting_command_takes_the_renderer(demo_shards):
+    """--renderer reaches the policy of serve (flag and DISTILL_RENDERER), precompute, the trainer
+    and the demo; an unknown renderer is refused by argparse."""
+    from teacher_service.app.state import policy_and_classes
+
+    _, s = teacher_cli.APP.parse(["serve", "--shards", str(demo_shards), "--renderer", "torch"])
+    assert policy_and_classes(s)[0].renderer == "torch"
+    with mock.patch.dict(os.environ, {"DISTILL_RENDERER": "torch"}):
+        _, s = teacher_cli.APP.parse(["serve", "--shards", str(demo_shards)])
+    assert policy_and_classes(s)[0].renderer == "torch"
+    _, pre = teacher_cli.APP.parse(["precompute", "--shards", "s", "--seeds", "0:1", "--renderer", "torch"])
+    _, train = trainer_cli.APP.parse(["train", "--shards", "s", "--out", "o", "--renderer", "torch"])
+    _, demo = trainer_cli.APP.parse(["demo", "--renderer", "torch"])
+    assert pre.renderer == train.renderer == demo.renderer == "torch"
+    with pytest.raises(SystemExit):
+        trainer_cli.APP.parse(["train", "--shards", "s", "--out", "o", "--renderer", "cv2"])
+
+
 def test_refused_values_name_their_flag():
     with pytest.raises(ConfigError, match="--shard-size"):
         shards_cli.APP.parse(["build", "--demo", "digits", "--out", "x", "--shard-size", "0"])

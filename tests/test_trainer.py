@@ -305,6 +305,10 @@ def test_wrong_policy_is_refused(demo_shards, tmp_path):
         check=False,
     )
     assert r.returncode == 2 and "augmentation policy" in r.stderr
+    # labels of the pil renderer do not serve a torch-renderer run: another namespace
+    args = student_args(demo_shards, tmp_path / "y", "--labels", "store", "--store", store, "--epochs", "1")
+    r = run_cli("student_trainer", "train", *args, "--renderer", "torch", check=False)
+    assert r.returncode == 2 and "augmentation policy" in r.stderr
 
 
 def test_online_teacher_and_soft_from_topk(demo_shards, tiny_teacher, tmp_path):
