@@ -261,8 +261,11 @@ def prepare(image: Image.Image | torch.Tensor, key: str, seed: int, policy: Augm
 
 
 def prepare_encoded(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> tuple:
-    """`prepare` for an image decoded later, on the device: reads only the header here."""
+    """`prepare` for an image decoded later, on the device: reads only the header here (and
+    refuses what `decode_image` would refuse for its size)."""
     width, height = image_size(data)
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"image too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels")
     return data, draw_params(policy, sample_seed(policy.policy_id, key, seed), width, height)
 
 

@@ -203,9 +203,11 @@ def _op_argument(name: str, m: float, rng: random.Random) -> float:
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone."""
-    with Image.open(io.BytesIO(data)) as im:
-        return im.size
+    """(width, height) from the header alone (the caller decides what size is too large)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
 
 
 def to_uint8_chw(image: Image.Image) -> torch.Tensor:
@@ -242,10 +244,22 @@ def render_prepared(items: list[tuple], policy, device) -> torch.Tensor:
     regions = [source for source, _ in items]
     encoded = [i for i, source in enumerate(regions) if isinstance(source, bytes | bytearray)]
     if encoded:
-        for i, image in zip(encoded, decode_on_device([regions[i] for i in encoded], device), strict=True):
+        try:
+            images = decode_on_device([regions[i] for i in encoded], device)
+        except Exception:  # e.g. a CMYK JPEG nvJPEG refuses: one at a time, on the CPU if need be
+            images = [_decode_one(regions[i], device) for i in encoded]
+        for i, image in zip(encoded, images, strict=True):
             top, left, h, w = items[i][1].box
             regions[i] = image[:, top : top + h, left : left + w]
     return render_batch(regions, [params for _, params in items], policy, device)
+
+
+def _decode_one(data: bytes, device: torch.device) -> torch.Tensor:
+    try:
+        return decode_on_device([data], device)[0]
+    except Exception:
+        with Image.open(io.BytesIO(data)) as im:
+            return to_uint8_chw(im).to(device)
 
 
 # -- rendering ----------------------------------------------------------------------------

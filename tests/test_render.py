@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import subprocess
 import sys
@@ -178,3 +179,26 @@ def test_cuda_agrees_with_the_cpu(photos):
     std = torch.tensor(TORCH.std).view(1, 3, 1, 1)
     levels = ((gpu - cpu).abs() * std * 255).amax()
     assert levels <= 2.0, levels  # the resize and warp round differently; a level or two at most
+
+
+def test_jpegs_left_encoded_for_the_device_decode_to_the_same_crops(photos):
+    """The label engine's CUDA layout (workers read only JPEG headers; the batch is decoded where
+    it renders), here on the CPU, whose batched decoder is libjpeg like PIL's: the same crops."""
+    from shards.augment import prepare_encoded
+    from shards.render import render_prepared
+
+    jpegs = []
+    for i in range(6):
+        buf = io.BytesIO()
+        photos[i % 2].rotate(7 * i).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    items = [prepare_encoded(j, f"k{i}", i, TORCH) for i, j in enumerate(jpegs)]
+    assert all(isinstance(data, bytes) for data, _ in items)
+    expected = torch.stack(
+        [augment(Image.open(io.BytesIO(j)).convert("RGB"), f"k{i}", i, TORCH) for i, j in enumerate(jpegs)]
+    )
+    assert torch.equal(render_prepared(items, TORCH, "cpu"), expected)
+    huge = io.BytesIO()
+    Image.new("RGB", (9000, 8000)).save(huge, format="JPEG", quality=10)
+    with pytest.raises(ValueError, match="too large"):
+        prepare_encoded(huge.getvalue(), "huge", 0, TORCH)
