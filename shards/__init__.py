@@ -3,7 +3,8 @@
 from .augment import AugmentPolicy, augment, decode_image, eval_view, prepare, sample_seed
 from .flags import RendererFlag
 from .manifest import Manifest, verify
-from .stream import ShardStream, SkipCounter, iter_shard, make_loader, seeds_for_run, train_seed
+from .schedule import RepeatSchedule
+from .stream import ShardStream, SkipCounter, iter_shard, make_loader
 
 __all__ = [
     "AugmentPolicy",
@@ -19,6 +20,5 @@ __all__ = [
     "SkipCounter",
     "iter_shard",
     "make_loader",
-    "seeds_for_run",
-    "train_seed",
+    "RepeatSchedule",
 ]

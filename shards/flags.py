@@ -16,3 +16,12 @@ RendererFlag = Annotated[
         "choices on the CPU, pixels batched on the model's device); each has its own label namespace"
     ),
 ]
+
+# The --repeat-mode flag of the trainer and precompute (see schedule.py)
+RepeatModeFlag = Annotated[
+    Literal["deit", "all"],
+    Field(
+        description="repeated augmentation: deit (DeiT's RASampler: each epoch about N samples, ceil(N/R) "
+        "images R times each, seeds numbered per image) or all (every image R times every epoch, seeds e*R+r)"
+    ),
+]

@@ -2,18 +2,23 @@
 
 Why not `split_by_node` + `split_by_worker` on shard lists alone: with uneven shards, ranks get
 different numbers of batches and DDP hangs at the first collective the short rank never joins.
-Here every epoch is an explicit plan computed identically on every rank from the manifest:
+Here every epoch is an explicit plan computed identically on every rank from the manifest and
+the seed schedule (`schedule.py`, which says which images an epoch trains on and their seeds):
 
-- the epoch's sample order is the shard order shuffled by (seed, epoch), each image repeated
-  `repeats` times (repeated augmentation), i.e. a list of positions 0 .. N*repeats-1;
-- rank r takes a contiguous slice of that list, sized so that every rank has the same number of
-  batches (`batches_per_rank`); the batch sizes of a rank are fixed in advance;
+- `deit` schedule (the default, `plan_dealt`): the epoch's (image, repeat) positions are its
+  selected images in the schedule's order, each R times in a row; rank r takes positions
+  r, r + W, ... (DeiT's dealing), so an image's R crops land on different ranks;
+- `all` schedule (`plan_epoch`): the epoch's order is the shard order shuffled by (seed, epoch),
+  each image repeated R times, and rank r takes a contiguous slice of it;
+- either way every rank has the same number of batches (`batches_per_rank`), with batch sizes
+  fixed in advance;
 - the rank's batches are cut into contiguous blocks, one per data-loader worker, so a worker opens
   only the shards its block touches (webdataset's node/worker split, at position granularity);
 - within a worker, samples pass a seeded shuffle buffer (webdataset's `shuffle`).
 
-So every sample is seen exactly once per epoch (per repeat), and the batch count is equal on all
-ranks by construction. A corrupt or undecodable sample is skipped, counted and logged; its slot in
+So every (image, repeat) the epoch selects is seen exactly once, and the batch count is equal on
+all ranks by construction. With `deit`, every rank reads the selected images' shards and keeps the
+images of its own positions (about N/R images read, N/W decoded per rank and epoch). A corrupt or undecodable sample is skipped, counted and logged; its slot in
 the batch is filled with another sample of the same worker so the batch count never changes.
 """
 
@@ -34,20 +39,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .augment import AugmentPolicy, augment, decode_image, eval_view, prepare
 from .manifest import Manifest
 from .render import render_batch
+from .schedule import RepeatSchedule
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-
-
-def train_seed(epoch: int, repeat: int, repeats: int) -> int:
-    """The seed schedule: image i in epoch e, repeat r is augmented with seed e * repeats + r."""
-    return epoch * repeats + repeat
-
-
-def seeds_for_run(epochs: int, repeats: int, start_epoch: int = 0) -> range:
-    """All seeds a run of `epochs` epochs asks for: exactly what precompute must cover."""
-    return range(train_seed(start_epoch, 0, repeats), train_seed(epochs, 0, repeats))
 
 
 @dataclass
@@ -145,6 +141,48 @@ def plan_epoch(
     return EpochPlan(order=order, offsets=offsets, start=start, sizes=sizes[b0:b1])
 
 
+@dataclass(frozen=True)
+class DealtPlan:
+    """A (rank, worker)'s share of a `deit`-schedule epoch. The epoch is a list of positions
+    p = 0 .. T-1, p = R * j + q for the j-th selected image and its repeat q; rank r takes
+    positions r, r + W, r + 2W, ... (DeiT's dealing: an image's R crops on consecutive ranks),
+    and a worker takes the rank's positions t = first .. first + sum(sizes) - 1 (p = r + W t)."""
+
+    pieces: list[tuple[int, int]]  # (shard index, images taken from its start; -1: all) in order
+    offsets: list[int]  # image offset of each piece in the epoch's order
+    rank: int
+    world_size: int
+    first: int
+    sizes: list[int]
+
+    def position_range(self) -> tuple[int, int]:
+        """The worker's first and last position (inclusive)."""
+        n = sum(self.sizes)
+        return self.rank + self.world_size * self.first, self.rank + self.world_size * (self.first + n - 1)
+
+
+def plan_dealt(
+    schedule: RepeatSchedule,
+    batch_size: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    worker: int = 0,
+    num_workers: int = 1,
+) -> DealtPlan:
+    total = schedule.samples_per_epoch
+    nb = batches_per_rank(total, batch_size, world_size)
+    mine = len(range(rank, total, world_size))  # ranks differ by one position at most
+    sizes = batch_sizes(mine, nb, batch_size)
+    b0 = nb * worker // num_workers
+    b1 = nb * (worker + 1) // num_workers
+    pieces = schedule.selection(epoch).pieces()
+    offsets = [0]
+    for s, take in pieces[:-1]:
+        offsets.append(offsets[-1] + (schedule.shard_samples[s] if take < 0 else take))
+    return DealtPlan(pieces, offsets, rank, world_size, sum(sizes[:b0]), sizes[b0:b1])
+
+
 def batches_per_rank(num_samples: int, batch_size: int, world_size: int, repeats: int = 1) -> int:
     """The same on every rank: ceil(largest rank slice / batch size)."""
     total = num_samples * repeats
@@ -178,6 +216,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         render_on_device: bool = False,
+        repeat_mode: str = "deit",
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be train or eval, not {mode!r}")
@@ -193,6 +232,10 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.repeats = repeats if mode == "train" else 1
+        # train: DeiT's repeated augmentation ("deit") or every image R times ("all"); schedule.py
+        self.schedule = RepeatSchedule(
+            tuple(s.samples for s in self.shards), self.repeats, repeat_mode if mode == "train" else "all"
+        )
         self.shuffle = (mode == "train") if shuffle is None else shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -211,9 +254,18 @@ class ShardStream(IterableDataset):
         self._epoch.value = epoch
 
     def __len__(self) -> int:
-        return batches_per_rank(sum(s.samples for s in self.shards), self.batch_size, self.world_size, self.repeats)
+        return batches_per_rank(self.schedule.samples_per_epoch, self.batch_size, self.world_size)
 
-    def plan(self, worker: int, num_workers: int) -> EpochPlan:
+    @property
+    def dealt(self) -> bool:
+        """Whether epochs follow DeiT's repeated augmentation (`plan_dealt`), else `plan_epoch`."""
+        return self.schedule.mode == "deit"
+
+    def plan(self, worker: int, num_workers: int) -> EpochPlan | DealtPlan:
+        if self.dealt:
+            return plan_dealt(
+                self.schedule, self.batch_size, self.epoch, self.rank, self.world_size, worker, num_workers
+            )
         return plan_epoch(
             [s.samples for s in self.shards],
             self.batch_size,
@@ -241,7 +293,7 @@ class ShardStream(IterableDataset):
                 for r in range(self.repeats):
                     pos = base + i * self.repeats + r
                     if plan.start <= pos < plan.stop:
-                        yield raw, train_seed(self.epoch, r, self.repeats)
+                        yield raw, self.schedule.seed(plan.order[j], i, self.epoch, r)
                 if base + (i + 1) * self.repeats >= plan.stop:
                     break
             else:  # read to its end: a damaged tar header ends tarfile's iteration early, quietly
@@ -250,6 +302,37 @@ class ShardStream(IterableDataset):
                     short = ValueError(f"{shard.name}: {read} images readable, the manifest says {shard.samples}")
                     skips(short, samples=lost)
 
+    def _dealt_positions(self, plan: DealtPlan, skips: SkipCounter) -> Iterator[tuple[RawSample, int]]:
+        """(raw sample, seed) for every position of a `deit` plan, in the epoch's order."""
+        repeats, world, rank = self.repeats, plan.world_size, plan.rank
+        p_lo, p_hi = plan.position_range()
+
+        def mine(lo: int, hi: int) -> int:  # this worker's positions in [lo, hi)
+            lo, hi = max(lo, p_lo), min(hi, p_hi + 1)
+            return len(range(lo + (rank - lo) % world, hi, world)) if hi > lo else 0
+
+        for (s, take), base in zip(plan.pieces, plan.offsets, strict=True):
+            count = self.shards[s].samples if take < 0 else take
+            if (base + count) * repeats <= p_lo or not mine(base * repeats, (base + count) * repeats):
+                continue
+            if base * repeats > p_hi:
+                break
+            read = 0
+            for i, raw in enumerate(iter_shard(self.directory / self.shards[s].name, skips)):
+                if i >= count:
+                    break
+                read = i + 1
+                for q in range(repeats):
+                    p = (base + i) * repeats + q
+                    if p_lo <= p <= p_hi and (p - rank) % world == 0:
+                        yield raw, self.schedule.seed(s, i, self.epoch, q)
+                if (base + i + 1) * repeats > p_hi:
+                    break
+            lost = mine((base + read) * repeats, (base + count) * repeats) if read < count else 0
+            if lost and (base + read) * repeats <= p_hi:  # the shard ended before the plan did
+                short = ValueError(f"{self.shards[s].name}: {read} images readable, the manifest says {count}+")
+                skips(short, samples=lost)
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -257,7 +340,7 @@ class ShardStream(IterableDataset):
         if not plan.sizes:
             return
         skips = SkipCounter()
-        stream = self._positions(plan, skips)
+        stream = self._dealt_positions(plan, skips) if self.dealt else self._positions(plan, skips)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")
             stream = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)

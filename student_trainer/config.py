@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill_core import Nested, NotAFlag, read_secret
-from shards.flags import RendererFlag
+from shards.flags import RendererFlag, RepeatModeFlag
 from teacher_service.teacher import TeacherSettings
 
 LabelSource = Literal["none", "store", "service", "online"]
@@ -74,9 +74,8 @@ class TrainConfig(BaseModel):
     cutmix: float = Field(1.0, ge=0, description="cutmix alpha (0: off)")
     mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
     mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix instead of mixup")
-    repeated_aug: int = Field(
-        3, ge=1, description="repeated augmentation: each image R times per epoch with seeds e*R+r (DeiT: 3)"
-    )
+    repeated_aug: int = Field(3, ge=1, description="repeated augmentation: R crops of each image it selects (DeiT: 3)")
+    repeat_mode: RepeatModeFlag = "deit"
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate")
     clip_grad: float | None = Field(None, gt=0, description="gradient norm clipping (default off)")
     # execution

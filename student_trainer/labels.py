@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 from torch.utils.data import IterableDataset
 
-from shards import AugmentPolicy, ShardStream, seeds_for_run
+from shards import AugmentPolicy, ShardStream
 from teacher_service.client import TeacherClient
 from teacher_service.store import LabelBatch, StoreUnavailable, open_existing, redact
 
@@ -196,12 +196,13 @@ def with_teacher_labels(stream: ShardStream, cfg: TrainConfig, policy: AugmentPo
     meta = source.meta()
     where = redact(cfg.store or cfg.service_url)
     check_compatible(meta, policy, num_classes, where)
-    needed = seeds_for_run(cfg.epochs, cfg.repeated_aug).stop
+    needed = stream.schedule.seed_limit_for_run(cfg.epochs)
     tolerated = cfg.labels == "store" and cfg.on_missing in ("online", "skip")  # beyond the range: missing
     if needed > meta["seed_limit"] and not tolerated:
         raise ValueError(
             f"{where}: the run needs seeds 0:{needed} but namespace {meta['id']} serves 0:{meta['seed_limit']}; "
-            f"precompute with --seeds 0:{needed}, or pass --on-missing online|skip"
+            f"precompute with --epochs {cfg.epochs} --repeated-aug {cfg.repeated_aug} --repeat-mode {cfg.repeat_mode} "
+            f"(or --seeds 0:{needed}), or pass --on-missing online|skip"
         )
     if cfg.distillation_type == "soft" and "p" not in meta["format"]:
         raise ValueError(f"soft distillation from cached labels needs a topKp format, the store has {meta['format']}")

@@ -32,7 +32,8 @@ from timm.utils import unwrap_model
 from tqdm import tqdm
 
 from distill_core import atomic_save, load_training_checkpoint, save_weights, usable_cpus
-from shards import AugmentPolicy, Manifest, ShardStream, make_loader, seeds_for_run
+from shards import AugmentPolicy, Manifest, ShardStream, make_loader
+from shards.schedule import RepeatSchedule
 from shards.stream import rendered
 from teacher_service.teacher import Teacher
 
@@ -177,6 +178,7 @@ class Run:
     mixup: MixupWithLambda | None
     targets: TeacherTargetBuilder
     dataset: ShardStream | LabeledStream
+    schedule: RepeatSchedule  # which (image, seed) pairs each epoch trains on
     loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader | None
     steps_per_epoch: int
@@ -219,6 +221,7 @@ def setup(cfg: TrainConfig) -> Run:
         cfg.repeated_aug,
         seed=cfg.seed,
         render_on_device=on_device,
+        repeat_mode=cfg.repeat_mode,
     )
     dataset, namespace = with_teacher_labels(train_stream, cfg, policy, num_classes)
     pin = device.type == "cuda"
@@ -263,6 +266,7 @@ def setup(cfg: TrainConfig) -> Run:
         mixup=mixup,
         targets=TeacherTargetBuilder(cfg.labels, cfg.on_missing, cfg.distillation_type, num_classes, teacher),
         dataset=dataset,
+        schedule=train_stream.schedule,
         loader=loader,
         val_loader=val_loader,
         steps_per_epoch=steps_per_epoch,
@@ -471,7 +475,9 @@ def train(cfg: TrainConfig) -> dict:
         "global_batch": cfg.batch_size * run.world,
         "namespace": run.namespace,
         "policy_id": run.policy.policy_id,
-        "seeds_needed": f"0:{seeds_for_run(cfg.epochs, cfg.repeated_aug).stop}",
+        "repeat_mode": cfg.repeat_mode,
+        "seeds_needed": f"0:{run.schedule.seed_limit_for_run(cfg.epochs)}",
+        "labels_needed": run.schedule.labels_for_run(cfg.epochs),
         "epochs_done": max(epoch + 1, start_epoch),
         "steps": step,
         "images_per_s": round(total_images / total_seconds, 2) if total_seconds else None,

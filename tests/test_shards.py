@@ -139,12 +139,44 @@ def test_a_stream_rendering_on_the_device_gives_the_workers_crops(demo_shards):
         ShardStream(demo_shards, "train", POLICY, 48, render_on_device=True)
 
 
+def test_deit_repeated_augmentation_streams_its_schedule(demo_shards):
+    """--repeated-aug 3, DeiT's schedule, 2 ranks x 2 workers: an epoch is about N samples of about
+    N/3 images, each 3 times, each (key, seed) once, the seeds the schedule gives; the selection
+    is the same under another run seed."""
+    m = Manifest.load(demo_shards)
+    n = m.num_samples("train")
+    runs = {}
+    for run_seed in (0, 7):
+        pairs, batches = [], []
+        for rank in range(2):
+            stream = ShardStream(demo_shards, "train", POLICY, 64, rank=rank, world_size=2, repeats=3, seed=run_seed)
+            stream.set_epoch(2)
+            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+            got = list(loader)
+            batches.append(len(got))
+            pairs += [(k, int(s)) for b in got for k, s in zip(b["key"], b["seed"])]
+        assert batches[0] == batches[1] == len(stream)
+        assert len(pairs) == len(set(pairs)) == stream.schedule.samples_per_epoch and n <= len(pairs) < n + 3
+        assert len({k for k, _ in pairs}) == -(-n // 3)
+        runs[run_seed] = sorted(pairs)
+    assert runs[0] == runs[7]
+    index = {
+        r.key: (si, i)
+        for si, s in enumerate(m.shards("train"))
+        for i, r in enumerate(iter_shard(demo_shards / s.name, SkipCounter()))
+    }
+    schedule = stream.schedule
+    for key, seed in runs[0]:
+        s, i = index[key]
+        assert seed // 3 == schedule.times_selected(s, i, 2)  # the image's selection count before epoch 2
+
+
 def test_persistent_loader_workers_follow_set_epoch(demo_shards):
     """make_loader keeps its workers across epochs; each epoch they must read the new epoch (its
     seeds and order), not the epoch they started with."""
     from shards import make_loader
 
-    stream = ShardStream(demo_shards, "train", POLICY, batch_size=128, repeats=2, shuffle_buffer=50)
+    stream = ShardStream(demo_shards, "train", POLICY, batch_size=128, repeats=2, shuffle_buffer=50, repeat_mode="all")
     loader = make_loader(stream, num_workers=2)
     assert loader.persistent_workers
     seen = {}
