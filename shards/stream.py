@@ -18,8 +18,10 @@ the seed schedule (`schedule.py`, which says which images an epoch trains on and
 
 So every (image, repeat) the epoch selects is seen exactly once, and the batch count is equal on
 all ranks by construction. With `deit`, every rank reads the selected images' shards and keeps the
-images of its own positions (about N/R images read, N/W decoded per rank and epoch). A corrupt or undecodable sample is skipped, counted and logged; its slot in
-the batch is filled with another sample of the same worker so the batch count never changes.
+images of its own positions (about N/R images read, N/W decoded per rank and epoch).
+
+A corrupt or undecodable sample is skipped, counted and logged; its slot in the batch is filled
+with another sample of the same worker so the batch count never changes.
 """
 
 from __future__ import annotations

@@ -120,7 +120,14 @@ class ServiceSource:
 class LabeledStream(IterableDataset):
     """A ShardStream whose batches carry the teacher's labels: t_classes, t_probs, t_present."""
 
-    def __init__(self, stream: ShardStream, source, on_missing: str = "error", fallback: ServiceSource | None = None):
+    def __init__(
+        self,
+        stream: ShardStream,
+        source,
+        on_missing: str = "error",
+        fallback: ServiceSource | None = None,
+        precompute_hint: str = "--seeds A:B",
+    ):
         if on_missing not in ON_MISSING:
             raise ValueError(f"--on-missing must be one of {ON_MISSING}")
         if on_missing == "service" and fallback is None:
@@ -129,6 +136,7 @@ class LabeledStream(IterableDataset):
         self.source = source
         self.on_missing = on_missing
         self.fallback = fallback
+        self.precompute_hint = precompute_hint  # the precompute flags of this run's schedule
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
@@ -150,7 +158,8 @@ class LabeledStream(IterableDataset):
                 if self.on_missing == "error":
                     raise MissingLabels(
                         f"{len(miss)} of {len(keys)} labels missing, e.g. ({keys[miss[0]]}, seed {seeds[miss[0]]}); "
-                        "precompute them (python -m teacher_service precompute --seeds A:B) or pass --on-missing"
+                        f"precompute them (python -m teacher_service precompute {self.precompute_hint}) "
+                        "or pass --on-missing service|online|skip"
                     )
                 if self.on_missing == "service":
                     got = self.fallback.fetch([keys[i] for i in miss], [seeds[i] for i in miss])
@@ -207,7 +216,8 @@ def with_teacher_labels(stream: ShardStream, cfg: TrainConfig, policy: AugmentPo
     if cfg.distillation_type == "soft" and "p" not in meta["format"]:
         raise ValueError(f"soft distillation from cached labels needs a topKp format, the store has {meta['format']}")
     fallback = ServiceSource(cfg.service_url, cfg.service_token) if cfg.service_url else None
-    return LabeledStream(stream, source, cfg.on_missing, fallback), meta["id"]
+    hint = f"--epochs {cfg.epochs} --repeated-aug {cfg.repeated_aug} --repeat-mode {cfg.repeat_mode}"
+    return LabeledStream(stream, source, cfg.on_missing, fallback, hint), meta["id"]
 
 
 class TeacherTargetBuilder:

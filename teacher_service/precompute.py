@@ -18,14 +18,15 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from distill_core import Command, Nested
 from shards import Manifest
-from shards.flags import RendererFlag
+from shards.flags import RendererFlag, RepeatModeFlag
 from shards.manifest import verify_shard
 from shards.members import scan_shard
+from shards.schedule import RepeatSchedule
 
 from .engine import EngineConfig, Job, LabelEngine, Result
 from .engine_pool import engine_devices
@@ -86,7 +87,7 @@ class _Tally:
 
 def precompute(
     shards: str,
-    seeds: range,
+    seeds: range | RepeatSchedule,
     store_url: str,
     teacher: Teacher | list[Teacher],
     split: str = "train",
@@ -98,11 +99,14 @@ def precompute(
     num_nodes: int = 1,
     progress: bool = True,
     verify: bool = True,
+    epochs: int | None = None,
 ) -> dict:
     """Label every (image, seed) of this node's shards; returns the summary, whose `ok` is False
     when any label could not be made (a shard that does not match its manifest entry, a shard cut
     short, an unreadable image): those labels are counted in `labels_skipped`, never as done.
-    Several teachers (one per device, the same weights): one engine each, fed by queue depth."""
+    Several teachers (one per device, the same weights): one engine each, fed by queue depth.
+    `seeds`: one range for every image, or a RepeatSchedule with `epochs`: each image's seeds
+    for a run of that many epochs (about epochs x N labels with DeiT's schedule)."""
     teachers = teacher if isinstance(teacher, list) else [teacher]
     teacher = teachers[0]
     if len({t.teacher_id for t in teachers}) != 1:
@@ -111,25 +115,44 @@ def precompute(
     manifest = Manifest.load(directory)
     policy = manifest.policy(**(policy_overrides or {}))
     ns = teacher.namespace(policy.policy_id, fmt, manifest.classes)
+    split_shards = manifest.shards(split)
+    if isinstance(seeds, RepeatSchedule):
+        if epochs is None or tuple(s.samples for s in split_shards) != seeds.shard_samples:
+            raise ValueError("a schedule needs its epochs and must be made for this split's shards")
+        schedule, seed_limit = seeds, seeds.seed_limit_for_run(epochs)
+
+        def seeds_of(shard: int, index: int) -> range:
+            return schedule.seeds_for_run(shard, index, epochs)
+
+        def labels_in(shard: int) -> int:
+            return schedule.labels_in_shard(shard, epochs)
+    else:
+        seed_limit = seeds.stop
+
+        def seeds_of(shard: int, index: int) -> range:
+            return seeds
+
+        def labels_in(shard: int) -> int:
+            return split_shards[shard].samples * len(seeds)
+
     # creates the namespace (serving at least these seeds) before the engine's writer opens it
-    store = open_store(store_url, ns, seed_limit=seeds.stop)
-    mine = node_shards([s.name for s in manifest.shards(split)], node_rank, num_nodes)
-    info = {s.name: s for s in manifest.shards(split)}
-    images = sum(info[name].samples for name in mine)
-    seed_list = list(seeds)
+    store = open_store(store_url, ns, seed_limit=seed_limit)
+    mine = node_shards([s.name for s in split_shards], node_rank, num_nodes)
+    index_of = {s.name: i for i, s in enumerate(split_shards)}
+    info = {s.name: s for s in split_shards}
     # Room for two groups of images: the feeder looks up and submits the next group while the
     # engine works through the last one, so neither the workers nor the teacher wait for it.
     config = EngineConfig(
         max_batch_size=batch_size,
         max_queue_delay_ms=50.0,
-        max_queue_size=max(4 * batch_size, 2 * GROUP * len(seed_list)),
+        max_queue_size=max(4 * batch_size, 2 * GROUP * max((len(seeds_of(index_of[n], 0)) for n in mine), default=1)),
         workers=workers,
     )
     totals = {"images": 0, "present": 0, "skipped": 0}
     damaged: list[str] = []
     t0 = time.perf_counter()
     with tqdm(
-        total=images * len(seed_list),
+        total=sum(labels_in(index_of[name]) for name in mine),
         desc=f"precompute node {node_rank}/{num_nodes}",
         unit="label",
         disable=not progress,
@@ -143,33 +166,34 @@ def precompute(
             ]
 
             def feed(group: list) -> None:
-                keys = [k for k, _ in group for _ in seed_list]
-                have = store.get(keys, seed_list * len(group)).present.reshape(len(group), len(seed_list))
+                """group: (key, member, seeds) per image; one store lookup for all their pairs."""
+                keys = [k for k, _, seeds in group for _ in seeds]
+                have = store.get(keys, [s for _, _, seeds in group for s in seeds]).present
                 present = int(have.sum())
                 totals["present"] += present
                 bar.update(present)
-                jobs = [
-                    Job(member, key, tuple(s for s, h in zip(seed_list, row) if not h))
-                    for (key, member), row in zip(group, have)
-                    if not row.all()
-                ]
+                jobs, at = [], 0
+                for key, member, seeds in group:
+                    row, at = have[at : at + len(seeds)], at + len(seeds)
+                    if not row.all():
+                        jobs.append(Job(member, key, tuple(s for s, h in zip(seeds, row) if not h)))
                 if jobs:  # to the engine with the shortest queue; it blocks while that one is full
                     min(engines, key=lambda e: e.depth).submit(jobs, tally, block=True)
                 tally.check()
 
             for name in mine:
-                shard = info[name]
+                shard, s = info[name], index_of[name]
                 totals["images"] += shard.samples
                 problem = verify_shard(directory, shard) if verify else None
                 if problem:  # its images may not be the ones the keys name: label none of them
                     log.error("%s; its %d images are not labeled", problem, shard.samples)
                     damaged.append(name)
-                    totals["skipped"] += shard.samples * len(seed_list)
-                    bar.update(shard.samples * len(seed_list))
+                    totals["skipped"] += labels_in(s)
+                    bar.update(labels_in(s))
                     continue
                 group, count = [], 0
-                for item in scan_shard(directory / name):
-                    group.append(item)
+                for key, member in scan_shard(directory / name):
+                    group.append((key, member, seeds_of(s, count)))
                     count += 1
                     if len(group) == GROUP:
                         feed(group)
@@ -179,8 +203,9 @@ def precompute(
                 if count != shard.samples:  # a damaged tar header ends tarfile's iteration quietly
                     log.error("shard %s: %d images readable, the manifest says %d", name, count, shard.samples)
                     damaged.append(name)
-                    totals["skipped"] += (shard.samples - count) * len(seed_list)
-                    bar.update((shard.samples - count) * len(seed_list))
+                    lost = sum(len(seeds_of(s, i)) for i in range(count, shard.samples))
+                    totals["skipped"] += lost
+                    bar.update(lost)
         tally.check()  # every label is stored before the summary says so
     end = time.perf_counter()
     dt = end - t0
@@ -195,7 +220,11 @@ def precompute(
         "policy_id": policy.policy_id,
         "format": fmt.name,
         "split": split,
-        "seeds": f"{seeds.start}:{seeds.stop}",
+        **(
+            {"seeds": f"0:{seed_limit}", "epochs": epochs, **seeds.describe()}
+            if isinstance(seeds, RepeatSchedule)
+            else {"seeds": f"{seeds.start}:{seeds.stop}"}
+        ),
         "node_rank": node_rank,
         "num_nodes": num_nodes,
         "shards": len(mine),
@@ -216,8 +245,21 @@ def precompute(
 class PrecomputeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="after")
+    def _one_seed_source(self) -> PrecomputeConfig:
+        if (self.seeds is None) == (self.epochs is None):
+            raise ValueError("give exactly one of --seeds A:B and --epochs E (with --repeated-aug, --repeat-mode)")
+        return self
+
     shards: str = Field(description="shard directory (with manifest.json)")
-    seeds: str = Field(description="seed range A:B (a run of E epochs x R repeats needs 0:E*R)")
+    seeds: str | None = Field(
+        None, description="a seed range A:B for every image; or give the run's schedule: --epochs (and --repeated-aug)"
+    )
+    epochs: int | None = Field(
+        None, ge=1, description="label exactly what a run of this many epochs asks for (its schedule, below)"
+    )
+    repeated_aug: int = Field(3, ge=1, description="the run's repeated augmentation (with --epochs)")
+    repeat_mode: RepeatModeFlag = "deit"
     split: str = Field("train", description="split of --shards to label")
     store: str = Field("runs/labels.db", description="label store URL (a file path, file://, redis://, rediss://)")
     format: str = Field("top1", description="record format: top1 (hard labels) or topKp, e.g. top5p")
@@ -242,9 +284,14 @@ class PrecomputeConfig(BaseModel):
 
 def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
     """The summary, and exit code 1 when it is not ok (labels missing: see the errors logged)."""
+    if cfg.epochs is not None:
+        split = Manifest.load(cfg.shards).shards(cfg.split)
+        seeds = RepeatSchedule(tuple(s.samples for s in split), cfg.repeated_aug, cfg.repeat_mode)
+    else:
+        seeds = parse_seeds(cfg.seeds)
     summary = precompute(
         cfg.shards,
-        parse_seeds(cfg.seeds),
+        seeds,
         cfg.store,
         [Teacher(cfg.teacher, device=d) for d in (engine_devices(cfg.devices) if cfg.devices else [cfg.device])],
         split=cfg.split,
@@ -256,6 +303,7 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
         num_nodes=cfg.num_nodes,
         progress=cfg.progress,
         verify=cfg.verify,
+        epochs=cfg.epochs,
     )
     return summary, 0 if summary["ok"] else 1
 

@@ -144,9 +144,11 @@ def pytest_terminal_summary(terminalreporter):
     )
 
 
-def precompute_argv(shards, seeds: str, store, teacher, *extra) -> list[str]:
-    """`python -m teacher_service precompute --no-progress` over `shards` with a teacher checkpoint."""
-    flags = ["--shards", shards, "--seeds", seeds, "--store", store, "--checkpoint", teacher, "--no-progress"]
+def precompute_argv(shards, seeds: str | None, store, teacher, *extra) -> list[str]:
+    """`python -m teacher_service precompute --no-progress` over `shards` with a teacher checkpoint
+    (`seeds` None: the schedule flags in `extra` say what to label)."""
+    flags = ["--shards", shards, "--store", store, "--checkpoint", teacher, "--no-progress"]
+    flags += ["--seeds", seeds] if seeds is not None else []
     return [PY, "-m", "teacher_service", "precompute", *map(str, flags), *map(str, extra)]
 
 

@@ -311,6 +311,32 @@ def test_wrong_policy_is_refused(demo_shards, tmp_path):
     assert r.returncode == 2 and "augmentation policy" in r.stderr
 
 
+def test_precompute_labels_exactly_what_a_deit_schedule_run_asks_for(demo_shards, tiny_teacher, tmp_path):
+    """precompute --epochs 2 --repeated-aug 3 labels about E x N pairs (not E x R x N), and a run
+    with that schedule finds every label it asks for; the old schedule over the same epochs does
+    not, and is stopped with what to precompute."""
+    from shards import RepeatSchedule
+
+    store = str(tmp_path / "ra.db")
+    flags = ("--epochs", "2", "--repeated-aug", "3", "--batch-size", "64", "--workers", "1")
+    s = last_json(run_precompute(demo_shards, None, store, tiny_teacher, *flags).stdout)
+    m = Manifest.load(demo_shards)
+    schedule = RepeatSchedule(tuple(sh.samples for sh in m.shards("train")), 3)
+    assert s["labels_computed"] == schedule.labels_for_run(2) == 2 * 1437 and s["ok"]
+    assert s["repeat_mode"] == "deit" and s["repeats"] == 3 and s["epochs"] == 2
+    run = ("--labels", "store", "--store", store, "--epochs", "2", "--eval-every", "0", "--repeated-aug", "3")
+    t = last_json(run_cli("student_trainer", "train", *student_args(demo_shards, tmp_path / "ra", *run)).stdout)
+    assert t["repeat_mode"] == "deit" and t["labels_missing"] == 0
+    assert t["labels_cached"] == t["labels_needed"] == 2 * 1437
+    old = run_cli(
+        "student_trainer",
+        "train",
+        *student_args(demo_shards, tmp_path / "all", *run, "--repeat-mode", "all"),
+        check=False,
+    )
+    assert old.returncode != 0 and "--repeat-mode all" in old.stderr
+
+
 def test_online_teacher_and_soft_from_topk(demo_shards, tiny_teacher, tmp_path):
     s = last_json(
         run_cli(
