@@ -75,11 +75,14 @@ def test_compose_file_is_consistent():
 
 
 def assert_seeds_match(services: dict) -> None:
-    pre = services["precompute"]["command"]
-    train = services["train"]["command"]
-    seeds = pre[pre.index("--seeds") + 1]
-    epochs = int(train[train.index("--epochs") + 1]) * int(train[train.index("--repeated-aug") + 1])
-    assert seeds == f"0:{epochs}"
+    """precompute labels the schedule the trainer runs: the same epochs, repeats and repeat mode."""
+
+    def schedule(command: list[str]) -> tuple:
+        flag = {"--repeated-aug": "3", "--repeat-mode": "deit"}  # both commands' defaults
+        return tuple(command[command.index(f) + 1] if f in command else flag.get(f) for f in ("--epochs", *flag))
+
+    assert "--seeds" not in services["precompute"]["command"]
+    assert schedule(services["precompute"]["command"]) == schedule(services["train"]["command"])
 
 
 def test_gpu_override_is_consistent():
