@@ -2,8 +2,11 @@
 
 python bench/store.py [--redis-url redis://127.0.0.1:6379/15] [--images 2000] [--seeds 300]
 python bench/store.py --backends redis,redis_cluster      # one Redis vs a local 3-master cluster
+python bench/store.py --epochs 300 --repeats 3            # the pairs DeiT's 300-epoch schedule asks for
 
-The store is shaped like a 300-epoch run: every image has a label for every seed. Labels follow
+The store is shaped like a 300-epoch run: every image has a label for every seed (`--seeds`), or,
+with `--epochs`, exactly the seeds that run's schedule asks each image for (`shards/schedule.py`:
+about E/R selections of R seeds each, on shards of `--shard-size` images). Labels follow
 what a teacher produces: per image one dominant class (85% of crops), the rest spread over 1000
 classes. Gets and puts are batches of 256 random (key, seed) pairs from one client on loopback.
 """
@@ -22,6 +25,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args
+from shards import RepeatSchedule
 from teacher_service.namespace import Namespace, RecordFormat
 from teacher_service.store import open_store
 
@@ -34,20 +38,28 @@ def teacher_like_labels(rng, images: int, seeds: int, classes: int = 1000) -> np
     return np.where(rng.random((images, seeds)) < 0.85, dominant, other)
 
 
-def fill(store, keys, labels, chunk_images: int = 20):
-    seeds = labels.shape[1]
+def fill(store, keys, labels, counts, chunk_images: int = 20):
+    """Image i gets labels for seeds 0 .. counts[i]-1."""
     for i in range(0, len(keys), chunk_images):
-        ks = [k for k in keys[i : i + chunk_images] for _ in range(seeds)]
-        ss = [s for _ in keys[i : i + chunk_images] for s in range(seeds)]
-        store.put(ks, ss, labels[i : i + chunk_images].reshape(-1))
+        rows = range(i, min(i + chunk_images, len(keys)))
+        ks = [keys[r] for r in rows for _ in range(counts[r])]
+        ss = [s for r in rows for s in range(counts[r])]
+        if ks:
+            store.put(ks, ss, np.concatenate([labels[r, : counts[r]] for r in rows]))
 
 
-def measure(store, keys, labels, batch: int, seconds: float, rng) -> dict:
+def random_pairs(counts: np.ndarray, batch: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """`batch` random stored (image, seed) pairs."""
+    stored = np.flatnonzero(counts)
+    ki = stored[rng.integers(0, len(stored), batch)]
+    return ki, (rng.random(batch) * counts[ki]).astype(np.int64)
+
+
+def measure(store, keys, labels, counts, batch: int, seconds: float, rng) -> dict:
     n = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        ki = rng.integers(0, len(keys), batch)
-        si = rng.integers(0, labels.shape[1], batch)
+        ki, si = random_pairs(counts, batch, rng)
         got = store.get([keys[i] for i in ki], si)
         n += batch
     get_rate = n / (time.perf_counter() - t0)
@@ -55,8 +67,7 @@ def measure(store, keys, labels, batch: int, seconds: float, rng) -> dict:
     n = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        ki = rng.integers(0, len(keys), batch)
-        si = rng.integers(0, labels.shape[1], batch)
+        ki, si = random_pairs(counts, batch, rng)
         store.put([keys[i] for i in ki], si, labels[ki, si])  # rewrites: same bytes, idempotent
         n += batch
     return {"get_labels_per_s": round(get_rate), "put_labels_per_s": round(n / (time.perf_counter() - t0))}
@@ -65,7 +76,11 @@ def measure(store, keys, labels, batch: int, seconds: float, rng) -> dict:
 class BenchStore(BaseModel):
     redis_url: str = Field("redis://127.0.0.1:6379/15", description="Redis to measure (a scratch db)")
     images: int = Field(2000, ge=1, description="images in the store")
-    seeds: int = Field(300, ge=1, description="seeds per image (a 300-epoch run)")
+    seeds: int = Field(300, ge=1, description="seeds per image (a 300-epoch run), when no --epochs")
+    epochs: int = Field(0, ge=0, description="shape the store like this many epochs of a run's schedule (0: --seeds)")
+    repeats: int = Field(3, ge=1, description="the schedule's repeated augmentation (with --epochs)")
+    repeat_mode: str = Field("deit", description="the schedule's repeat mode: deit or all (with --epochs)")
+    shard_size: int = Field(100, ge=1, description="images per shard of the schedule (with --epochs)")
     batch: int = Field(256, ge=1, description="(key, seed) pairs per get or put")
     seconds: float = Field(3.0, gt=0, description="per measurement")
     backends: str = Field("redis,file", description="comma-separated backends to measure: redis, redis_cluster, file")
@@ -79,8 +94,17 @@ def main():
     rng = np.random.default_rng(0)
     ns = Namespace(f"bench@{uuid.uuid4().hex[:8]}", "bench", RecordFormat(), num_classes=1000)
     keys = [f"n{i // 1300:08d}/n{i // 1300:08d}_{i:06d}" for i in range(args.images)]  # ImageNet-like keys
-    labels = teacher_like_labels(rng, args.images, args.seeds)
-    total = labels.size
+    if args.epochs:
+        sizes = [args.shard_size] * (args.images // args.shard_size)
+        sizes += [args.images % args.shard_size] if args.images % args.shard_size else []
+        schedule = RepeatSchedule(tuple(sizes), args.repeats, args.repeat_mode)
+        counts = np.array(
+            [len(schedule.seeds_for_run(s, i, args.epochs)) for s, n in enumerate(sizes) for i in range(n)]
+        )
+    else:
+        counts = np.full(args.images, args.seeds)
+    labels = teacher_like_labels(rng, args.images, int(counts.max()))
+    total = int(counts.sum())
     for backend in args.backends.split(","):
         with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
             servers = []  # redis-py clients of every server holding the rows: memory is their sum
@@ -94,9 +118,9 @@ def main():
             else:
                 url = f"{d}/labels.db"
             before = sum(r.info("memory")["used_memory"] for r in servers)
-            store = open_store(url, ns, seed_limit=args.seeds)
+            store = open_store(url, ns, seed_limit=int(counts.max()))
             t0 = time.perf_counter()
-            fill(store, keys, labels)
+            fill(store, keys, labels, counts)
             fill_rate = total / (time.perf_counter() - t0)
             if servers:
                 size = sum(r.info("memory")["used_memory"] for r in servers) - before
@@ -105,10 +129,16 @@ def main():
             out = {
                 "backend": backend,
                 "images": args.images,
-                "seeds": args.seeds,
+                **(
+                    {"epochs": args.epochs, "repeats": args.repeats, "repeat_mode": args.repeat_mode}
+                    if args.epochs
+                    else {"seeds": args.seeds}
+                ),
+                "labels": total,
+                "labels_per_image": round(total / args.images, 1),
                 "batch": args.batch,
                 "fill_labels_per_s": round(fill_rate),
-                **measure(store, keys, labels, args.batch, args.seconds, rng),
+                **measure(store, keys, labels, counts, args.batch, args.seconds, rng),
                 "bytes_per_label": round(size / total, 3),
             }
             store.drop()
