@@ -13,6 +13,7 @@ online teacher, or nothing; and every `--on-missing` policy. Two halves:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 from torch.utils.data import IterableDataset
 
-from shards import AugmentPolicy, ShardStream
+from shards import AugmentPolicy, RepeatSchedule, ShardStream
+from shards.schedule import same_pairs
 from teacher_service.client import TeacherClient
 from teacher_service.store import LabelBatch, StoreUnavailable, open_existing, redact
 
@@ -67,7 +69,7 @@ class StoreSource:
 
     def meta(self) -> dict:
         store = self.open()
-        return {**store.namespace.meta(), "seed_limit": store.refresh_seed_limit()}
+        return {**store.namespace.meta(), "seed_limit": store.refresh_seed_limit(), "coverage": store.coverage()}
 
     def fetch(self, keys, seeds) -> LabelBatch:
         retrying = Retrying(
@@ -213,11 +215,42 @@ def with_teacher_labels(stream: ShardStream, cfg: TrainConfig, policy: AugmentPo
             f"precompute with --epochs {cfg.epochs} --repeated-aug {cfg.repeated_aug} --repeat-mode {cfg.repeat_mode} "
             f"(or --seeds 0:{needed}), or pass --on-missing online|skip"
         )
+    covered = covering_records(meta.get("coverage", []), stream.schedule, cfg.epochs)
+    if meta.get("coverage") and not covered and not tolerated:
+        made = "; ".join(json.dumps(r, sort_keys=True) for r in meta["coverage"])
+        raise ValueError(
+            f"{where}: namespace {meta['id']} holds labels precomputed for {made}, not for this run's "
+            f"schedule; precompute with --epochs {cfg.epochs} --repeated-aug {cfg.repeated_aug} "
+            f"--repeat-mode {cfg.repeat_mode}, or pass --on-missing online|skip"
+        )
     if cfg.distillation_type == "soft" and "p" not in meta["format"]:
         raise ValueError(f"soft distillation from cached labels needs a topKp format, the store has {meta['format']}")
     fallback = ServiceSource(cfg.service_url, cfg.service_token) if cfg.service_url else None
     hint = f"--epochs {cfg.epochs} --repeated-aug {cfg.repeated_aug} --repeat-mode {cfg.repeat_mode}"
     return LabeledStream(stream, source, cfg.on_missing, fallback, hint), meta["id"]
+
+
+def covering_records(records: list[dict], schedule: RepeatSchedule, epochs: int) -> list[dict]:
+    """The precompute records (`LabelStore.coverage`) that, with all their nodes done, hold every
+    label a run of `epochs` epochs under `schedule` asks for."""
+    done: dict[str, set[int]] = {}
+    for r in records:
+        what = {k: v for k, v in r.items() if k not in ("node_rank", "num_nodes")}
+        done.setdefault(json.dumps({**what, "num_nodes": r.get("num_nodes", 1)}, sort_keys=True), set()).add(
+            r.get("node_rank", 0)
+        )
+    out = []
+    for text, ranks in done.items():
+        r = json.loads(text)
+        if ranks != set(range(r["num_nodes"])):
+            continue  # some node of it has not finished
+        if "seeds" in r:
+            ok = r["seeds"] >= schedule.seed_limit_for_run(epochs)
+        else:
+            ok = same_pairs(r, schedule.describe()) and r["epochs"] >= epochs
+        if ok:
+            out.append(r)
+    return out
 
 
 class TeacherTargetBuilder:

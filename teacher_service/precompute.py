@@ -207,6 +207,13 @@ def precompute(
                     totals["skipped"] += lost
                     bar.update(lost)
         tally.check()  # every label is stored before the summary says so
+    ok = not damaged and totals["skipped"] + tally.skipped == 0
+    if ok:  # what the trainer checks a run's schedule against (this node's part of it)
+        what = {**seeds.describe(), "epochs": epochs} if isinstance(seeds, RepeatSchedule) else None
+        if what is None and seeds.start == 0:
+            what = {"seeds": seeds.stop}
+        if what is not None:
+            store.record_coverage({**what, "node_rank": node_rank, "num_nodes": num_nodes})
     end = time.perf_counter()
     dt = end - t0
     first = tally.first
@@ -228,7 +235,7 @@ def precompute(
         "node_rank": node_rank,
         "num_nodes": num_nodes,
         "shards": len(mine),
-        "ok": not damaged and totals["skipped"] + tally.skipped == 0,
+        "ok": ok,
         "shards_damaged": damaged,
         "images": totals["images"],
         "labels_present": totals["present"],

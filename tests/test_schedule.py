@@ -116,3 +116,19 @@ def test_one_repeat_asks_the_same_pairs_in_both_modes():
     assert all(a.seed(s, 0, e, 0) == b.seed(s, 0, e, 0) == e for s in range(3) for e in range(6))
     assert same_pairs(a.describe(), b.describe())
     assert not same_pairs(RepeatSchedule((9,), 3).describe(), RepeatSchedule((9,), 3, "all").describe())
+
+
+def test_a_run_is_covered_only_by_finished_records_of_its_pairs():
+    from student_trainer.labels import covering_records
+
+    deit3 = RepeatSchedule((40, 40, 40), 3)
+    rec = {"repeat_mode": "deit", "repeats": 3, "epochs": 10}
+    assert covering_records([{**rec, "node_rank": 0, "num_nodes": 1}], deit3, 10)
+    assert not covering_records([{**rec, "node_rank": 0, "num_nodes": 1}], deit3, 11)  # too few epochs
+    assert not covering_records([{**rec, "node_rank": 0, "num_nodes": 2}], deit3, 5)  # node 1 not done
+    assert covering_records([{**rec, "node_rank": r, "num_nodes": 2} for r in (1, 0)], deit3, 5)
+    assert not covering_records([{**rec, "repeat_mode": "all", "node_rank": 0, "num_nodes": 1}], deit3, 5)
+    assert covering_records([{"seeds": 30, "node_rank": 0, "num_nodes": 1}], RepeatSchedule((40,), 3, "all"), 10)
+    assert not covering_records([{"seeds": 29, "node_rank": 0, "num_nodes": 1}], RepeatSchedule((40,), 3, "all"), 10)
+    one = {"repeat_mode": "all", "repeats": 1, "epochs": 8, "node_rank": 0, "num_nodes": 1}
+    assert covering_records([one], RepeatSchedule((40,), 1, "deit"), 8)  # one repeat: the same pairs

@@ -85,6 +85,24 @@ def test_drop_deletes_one_namespace_only(store_url):
         open_store(store_url, NS, create=False)
 
 
+def test_coverage_records_persist_per_namespace_and_go_with_it(store_url):
+    """What precompute finished (a schedule, a seed range) is recorded with the namespace, read
+    back by another opener, kept once however often it is recorded, and dropped with it."""
+    deit = {"repeat_mode": "deit", "repeats": 3, "epochs": 300, "node_rank": 0, "num_nodes": 1}
+    with open_store(store_url, NS) as st:
+        assert st.coverage() == []
+        st.record_coverage(deit)
+        st.record_coverage({"seeds": 40, "node_rank": 1, "num_nodes": 2})
+        st.record_coverage(deit)
+    with open_existing(store_url, NS.id) as st:
+        assert sorted(st.coverage(), key=len) == [{"seeds": 40, "node_rank": 1, "num_nodes": 2}, deit]
+        assert st.namespace == NS  # the records do not change the namespace's identity
+        st.drop()
+    with open_store(store_url, NS) as st:
+        assert st.coverage() == []
+        st.drop()
+
+
 def test_bad_inputs_rejected(store_url):
     with open_store(store_url, NS) as st:
         with pytest.raises(ValueError):

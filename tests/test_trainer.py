@@ -313,8 +313,8 @@ def test_wrong_policy_is_refused(demo_shards, tmp_path):
 
 def test_precompute_labels_exactly_what_a_deit_schedule_run_asks_for(demo_shards, tiny_teacher, tmp_path):
     """precompute --epochs 2 --repeated-aug 3 labels about E x N pairs (not E x R x N), and a run
-    with that schedule finds every label it asks for; the old schedule over the same epochs does
-    not, and is stopped with what to precompute."""
+    with that schedule finds every label it asks for; the old schedule over the same epochs is
+    refused before it trains, with what to precompute."""
     from shards import RepeatSchedule
 
     store = str(tmp_path / "ra.db")
@@ -334,7 +334,7 @@ def test_precompute_labels_exactly_what_a_deit_schedule_run_asks_for(demo_shards
         *student_args(demo_shards, tmp_path / "all", *run, "--repeat-mode", "all"),
         check=False,
     )
-    assert old.returncode != 0 and "--repeat-mode all" in old.stderr
+    assert old.returncode == 2 and "precompute with --epochs 2 --repeated-aug 3 --repeat-mode all" in old.stderr
 
 
 def test_online_teacher_and_soft_from_topk(demo_shards, tiny_teacher, tmp_path):

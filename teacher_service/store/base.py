@@ -9,6 +9,7 @@ the format has them. A hard label is 2 bytes; a 300-epoch row is 600 bytes under
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -185,6 +186,22 @@ class LabelStore(abc.ABC):
         if stored is not None:
             self.seed_limit = stored
         return self.seed_limit
+
+    # -- what precompute has covered: the schedules (or seed ranges) its finished runs labeled ----
+    def record_coverage(self, record: dict) -> None:
+        """Remember that every label of `record` (a schedule: {"repeat_mode", "repeats", "epochs"},
+        or {"seeds": B}: seeds 0..B-1 of every image) is stored; the trainer checks against these."""
+        self._add_coverage(json.dumps(record, sort_keys=True))
+
+    def coverage(self) -> list[dict]:
+        """What `record_coverage` remembered; empty for a namespace no precompute finished."""
+        return [json.loads(r) for r in self._read_coverage()]
+
+    @abc.abstractmethod
+    def _add_coverage(self, record: str) -> None: ...
+
+    @abc.abstractmethod
+    def _read_coverage(self) -> list[str]: ...
 
     def check_seeds(self, seeds: Sequence[int]) -> None:
         """SeedOutOfRange unless every seed is inside the namespace's range (re-read once if not)."""

@@ -97,18 +97,36 @@ class FileStore(LabelStore):
         return json.loads(row[0]).get("seed_limit") if row else None
 
     def _extend_seed_limit(self, limit: int) -> int:
+        def extend(meta: dict) -> None:
+            meta["seed_limit"] = max(int(meta.get("seed_limit") or 0), limit)
+
+        return self._update_meta(extend)["seed_limit"]
+
+    def _add_coverage(self, record: str) -> None:
+        def add(meta: dict) -> None:
+            meta["coverage"] = sorted(set(meta.get("coverage", [])) | {record})
+
+        self._update_meta(add)
+
+    def _read_coverage(self) -> list[str]:
+        with self.conn.lock:
+            row = self.conn.get().execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()
+        return json.loads(row[0]).get("coverage", []) if row else []
+
+    def _update_meta(self, change) -> dict:
+        """Read-modify-write of the namespace's metadata, one writer at a time."""
         with self.conn.lock:
             db = self.conn.get()
-            db.execute("BEGIN IMMEDIATE")  # read-modify-write of the metadata, one writer at a time
+            db.execute("BEGIN IMMEDIATE")
             try:
                 meta = json.loads(db.execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()[0])
-                meta["seed_limit"] = max(int(meta.get("seed_limit") or 0), limit)
+                change(meta)
                 db.execute("UPDATE namespaces SET meta = ? WHERE nsid = ?", (json.dumps(meta), self.nsid))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        return meta["seed_limit"]
+        return meta
 
     def _select(self, db, keys: list[str]) -> dict[str, bytes]:
         out = {}

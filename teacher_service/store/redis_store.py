@@ -69,6 +69,7 @@ class RedisStore(LabelStore):
         self.prefix = f"dl:{namespace.id}:r:"
         self.meta_key = f"dl:{{{namespace.id}}}:meta"
         self.seeds_key = f"dl:{{{namespace.id}}}:seeds"  # same hash slot as meta_key
+        self.coverage_key = f"dl:{{{namespace.id}}}:coverage"  # a set of JSON records
         self.meta_json = json.dumps(namespace.meta())
         try:
             stored = self.client.get(self.meta_key)
@@ -89,6 +90,12 @@ class RedisStore(LabelStore):
 
     def _extend_seed_limit(self, limit: int) -> int:
         return int(self._call(self.client.eval, _EXTEND, 1, self.seeds_key, limit))
+
+    def _add_coverage(self, record: str) -> None:
+        self._call(self.client.sadd, self.coverage_key, record)
+
+    def _read_coverage(self) -> list[str]:
+        return sorted(r.decode() for r in self._call(self.client.smembers, self.coverage_key))
 
     def _call(self, fn, *args):
         try:
@@ -143,6 +150,7 @@ class RedisStore(LabelStore):
             deleted += sum(self._call(pipe.execute))
         self._call(self.client.delete, self.meta_key)
         self._call(self.client.delete, self.seeds_key)
+        self._call(self.client.delete, self.coverage_key)
         return deleted
 
     def bytes_used(self) -> int:
