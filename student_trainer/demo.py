@@ -154,10 +154,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     teacher = json.loads((logs / "teacher.json").read_text())
     checkpoint = str(teacher_dir / "model.safetensors")
     pre = {"labels_computed": 0}
-    if "cached" in cfg.modes:  # the seeds a run of E epochs with 1 repeat asks for: 0..E-1
+    if "cached" in cfg.modes:  # exactly what the students' schedule asks for (1 repeat: seeds 0..E-1)
+        schedule = {"epochs": cfg.student_epochs, "repeated_aug": 1}
         pre = _run(
             [sys.executable, "-m", "teacher_service", "precompute"]
-            + _flags(shards=shards, seeds=f"0:{cfg.student_epochs}", store=store, checkpoint=checkpoint, workers=1)
+            + _flags(shards=shards, **schedule, store=store, checkpoint=checkpoint, workers=1)
             + (["--renderer", cfg.renderer] if cfg.renderer else [])
             + ["--no-progress"],
             logs / "precompute.log",
