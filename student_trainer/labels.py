@@ -216,12 +216,13 @@ def with_teacher_labels(stream: ShardStream, cfg: TrainConfig, policy: AugmentPo
             f"(or --seeds 0:{needed}), or pass --on-missing online|skip"
         )
     covered = covering_records(meta.get("coverage", []), stream.schedule, cfg.epochs)
-    if meta.get("coverage") and not covered and not tolerated:
+    # a run that fills gaps itself (--on-missing service|online|skip) may start on partial labels
+    if meta.get("coverage") and not covered and cfg.on_missing == "error":
         made = "; ".join(json.dumps(r, sort_keys=True) for r in meta["coverage"])
         raise ValueError(
             f"{where}: namespace {meta['id']} holds labels precomputed for {made}, not for this run's "
             f"schedule; precompute with --epochs {cfg.epochs} --repeated-aug {cfg.repeated_aug} "
-            f"--repeat-mode {cfg.repeat_mode}, or pass --on-missing online|skip"
+            f"--repeat-mode {cfg.repeat_mode}, or pass --on-missing service|online|skip"
         )
     if cfg.distillation_type == "soft" and "p" not in meta["format"]:
         raise ValueError(f"soft distillation from cached labels needs a topKp format, the store has {meta['format']}")

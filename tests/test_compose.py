@@ -152,7 +152,7 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
             proc = subprocess.Popen(serve, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
         wait_service_ready(proc, teacher_url, log, "compose teacher: launch to /readyz")
         client = TeacherClient(teacher_url)
-        pre = run_job("precompute", data, redis.url, teacher_url, "--seeds", "0:1", "--no-progress")
+        pre = run_job("precompute", data, redis.url, teacher_url, "--epochs", "1", "--no-progress")  # epoch 0
         assert pre["labels_computed"] == 1437 and pre["namespace"] == client.info()["namespace"]
         # epoch 0 from redis; epoch 1's labels are not precomputed: the service computes them on miss
         s = run_job(

@@ -226,7 +226,7 @@ def compose(tmp_path_factory):
                 **{s: {"build": build} for s in ("teacher", "shards", "teacher-train", "precompute", "train")},
                 "teacher": {"build": build, "ports": [f"127.0.0.1:{port}:8000"]},
                 "teacher-train": {"build": build, "command": short("teacher-train", "--epochs", "2")},
-                "precompute": {"build": build, "command": short("precompute", "--seeds", "0:2")},
+                "precompute": {"build": build, "command": short("precompute", "--epochs", "2")},
                 "train": {"build": build, "command": short("train", "--epochs", "2")},
             }
         }
