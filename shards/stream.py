@@ -112,6 +112,11 @@ class EpochPlan:
         return self.start + sum(self.sizes)
 
 
+def worker_block(num_batches: int, worker: int, num_workers: int) -> tuple[int, int]:
+    """The contiguous block [b0, b1) of a rank's batches that one data-loader worker makes."""
+    return num_batches * worker // num_workers, num_batches * (worker + 1) // num_workers
+
+
 def plan_epoch(
     shard_samples: list[int],
     batch_size: int,
@@ -136,9 +141,7 @@ def plan_epoch(
     lo = total * rank // world_size
     hi = total * (rank + 1) // world_size
     sizes = batch_sizes(hi - lo, nb, batch_size)
-    # Contiguous blocks of batches per worker.
-    b0 = nb * worker // num_workers
-    b1 = nb * (worker + 1) // num_workers
+    b0, b1 = worker_block(nb, worker, num_workers)
     start = lo + sum(sizes[:b0])
     return EpochPlan(order=order, offsets=offsets, start=start, sizes=sizes[b0:b1])
 
@@ -176,8 +179,7 @@ def plan_dealt(
     nb = batches_per_rank(total, batch_size, world_size)
     mine = len(range(rank, total, world_size))  # ranks differ by one position at most
     sizes = batch_sizes(mine, nb, batch_size)
-    b0 = nb * worker // num_workers
-    b1 = nb * (worker + 1) // num_workers
+    b0, b1 = worker_block(nb, worker, num_workers)
     pieces = schedule.selection(epoch).pieces()
     offsets = [0]
     for s, take in pieces[:-1]:
