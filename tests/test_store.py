@@ -103,6 +103,28 @@ def test_coverage_records_persist_per_namespace_and_go_with_it(store_url):
         st.drop()
 
 
+def test_a_full_file_store_says_so_and_keeps_what_it_had(tmp_path):
+    """Reliability case 8: on a full disk SQLite rolls back by itself; the store must report the
+    full disk (not the ROLLBACK that follows) and keep every earlier commit. The disk is made
+    "full" with SQLite's own page limit, which raises the same SQLITE_FULL."""
+    from teacher_service.store import StoreError
+
+    with open_store(str(tmp_path / "full.db"), NS, seed_limit=5000) as st:
+        st.put(["keep/0"], [0], [7])
+        db = st.conn.get()
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages + 2}")
+        rng = np.random.default_rng(0)
+        with pytest.raises(StoreError, match="full") as info:
+            for i in range(200):  # rows of incompressible labels until the limit
+                st.put([f"big/{i}"] * 4000, list(range(4000)), rng.integers(0, 10, 4000))
+        assert "rollback" not in str(info.value).lower()
+        assert st.get(["keep/0"], [0]).top1.tolist() == [7]
+        db.execute("PRAGMA max_page_count = 1073741823")
+        st.put(["after/0"], [0], [3])  # and it writes again once there is room
+        assert st.get(["after/0"], [0]).top1.tolist() == [3]
+
+
 def test_bad_inputs_rejected(store_url):
     with open_store(store_url, NS) as st:
         with pytest.raises(ValueError):

@@ -9,6 +9,7 @@ file below 2 bytes per hard label.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -115,18 +116,28 @@ class FileStore(LabelStore):
 
     def _update_meta(self, change) -> dict:
         """Read-modify-write of the namespace's metadata, one writer at a time."""
-        with self.conn.lock:
-            db = self.conn.get()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                meta = json.loads(db.execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()[0])
-                change(meta)
-                db.execute("UPDATE namespaces SET meta = ? WHERE nsid = ?", (json.dumps(meta), self.nsid))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.conn.lock, self._transaction() as db:
+            meta = json.loads(db.execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()[0])
+            change(meta)
+            db.execute("UPDATE namespaces SET meta = ? WHERE nsid = ?", (json.dumps(meta), self.nsid))
         return meta
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """BEGIN IMMEDIATE (one writer at a time; readers keep reading the last commit) .. COMMIT.
+        On an error, ROLLBACK unless SQLite already rolled back (it does on a full disk), so the
+        error that is raised is the cause; a full disk or size limit is named as such."""
+        db = self.conn.get()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+                raise StoreError(f"file store {self.path}: the disk (or the database's size limit) is full: {e}") from e
+            raise
 
     def _select(self, db, keys: list[str]) -> dict[str, bytes]:
         out = {}
@@ -148,9 +159,7 @@ class FileStore(LabelStore):
             self._write(runs)
 
     def _write(self, runs: dict[str, list[tuple[int, bytes]]]) -> None:
-        db = self.conn.get()
-        db.execute("BEGIN IMMEDIATE")  # one writer at a time; readers keep reading the last commit
-        try:
+        with self._transaction() as db:
             old = self._select(db, list(runs))
             rows = []
             for key, parts in runs.items():
@@ -161,10 +170,6 @@ class FileStore(LabelStore):
                     row[off : off + len(data)] = data
                 rows.append((self.nsid, key, zlib.compress(bytes(row), 6)))
             db.executemany("INSERT OR REPLACE INTO labels (nsid, key, row) VALUES (?, ?, ?)", rows)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def iter_rows(self, batch: int = 1000) -> Iterator[list[tuple[str, bytes]]]:
         db = self.conn.get()
@@ -182,16 +187,9 @@ class FileStore(LabelStore):
         return self.conn.get().execute("SELECT COUNT(*) FROM labels WHERE nsid = ?", (self.nsid,)).fetchone()[0]
 
     def drop(self) -> int:
-        with self.conn.lock:
-            db = self.conn.get()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                deleted = db.execute("DELETE FROM labels WHERE nsid = ?", (self.nsid,)).rowcount
-                db.execute("DELETE FROM namespaces WHERE nsid = ?", (self.nsid,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.conn.lock, self._transaction() as db:
+            deleted = db.execute("DELETE FROM labels WHERE nsid = ?", (self.nsid,)).rowcount
+            db.execute("DELETE FROM namespaces WHERE nsid = ?", (self.nsid,))
         return deleted
 
     def bytes_used(self) -> int:
