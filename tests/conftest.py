@@ -364,3 +364,20 @@ def still_running(pids: list[int], step: str = "processes exit", measured_s: flo
     if not alive:
         clock.done()
     return alive
+
+
+def engines_directory(pids: list[int]) -> str:
+    """The private directory of a service's engines: from its HTTP workers' environment, or from
+    the queue-depth files its processes map (an HTTP worker in the supervisor's own process)."""
+    from teacher_service.engine_pool import ADDRESSES_ENV
+
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        if sockets := env.get(ADDRESSES_ENV.encode()):
+            return os.path.dirname(sockets.decode().split(",")[0])
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if line.rstrip().endswith(".sock.depth"):
+                    return os.path.dirname(line.split()[-1])
+    raise AssertionError("no process of the service names its engines' sockets")

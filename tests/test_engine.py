@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import Budget, descendants, start_service, still_running, wait_exit, wait_until
+from conftest import Budget, descendants, engines_directory, start_service, still_running, wait_exit, wait_until
 
 from shards import Manifest, augment, decode_image
 from shards.members import scan_shard
@@ -211,18 +211,6 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
     assert not alive, f"processes left behind after kill -9 of the service: {alive}"
     # the engines remove what their killed supervisor cannot
     assert not os.path.exists(private), f"private directory left behind: {os.listdir(private)}"
-
-
-def engines_directory(pids: list[int]) -> str:
-    """The private directory of a service's engines, from its HTTP workers' environment."""
-    from teacher_service.engine_pool import ADDRESSES_ENV
-
-    for pid in pids:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-        if sockets := env.get(ADDRESSES_ENV.encode()):
-            return os.path.dirname(sockets.decode().split(",")[0])
-    raise AssertionError("no process of the service names its engines' sockets")
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import (
     descendants,
+    engines_directory,
     free_port,
     last_json,
     precompute_argv,
@@ -55,10 +56,12 @@ def service(demo_shards, tiny_teacher, tmp_path_factory):
     client = TeacherClient(url, token=TOKEN, retry_for=3)
     yield {"url": url, "client": client, "store": str(d / "labels.db"), "proc": proc}
     family = descendants(proc.pid)
+    private = engines_directory([proc.pid, *family])
     proc.send_signal(signal.SIGTERM)
     assert wait_exit(proc, "serve drains and stops on SIGTERM", 3) == -signal.SIGTERM
     assert "label engine stopped" not in (d / "service.log").read_text()  # drained, nothing refused
     assert not still_running(family), "processes left after SIGTERM"
+    assert not os.path.exists(private), f"private directory left after SIGTERM: {os.listdir(private)}"
 
 
 def test_service_matches_direct_teacher(service, demo_shards, tiny_teacher):
