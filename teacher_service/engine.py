@@ -40,6 +40,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -70,6 +71,11 @@ class QueueFull(RuntimeError):
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RequestTooLarge(ValueError):
+    """The work is more than the engine's whole queue holds: it could never be accepted, so it is
+    refused as such (the service's 413), not as a full queue to retry (503)."""
 
 
 class EngineError(RuntimeError):
@@ -315,14 +321,23 @@ class LabelEngine:
             self._depth_out[0] = depth
 
     def retry_after(self) -> float:
-        """Seconds until the queue has likely drained at the recent rate (1 .. 60)."""
-        rate = self._rate or 1.0
-        return float(min(60, max(1, math.ceil(self._depth / rate))))
+        """Seconds until the queue has likely drained (1 .. 60), with up to 50% random jitter so
+        that refused clients do not all come back at once. The drain rate is the recent one; before
+        the first batch is done, a batch of `max_batch_size` per second (a guess on the slow side
+        for any teacher this engine batches, but not the 1 label/s that told a first burst 60 s)."""
+        rate = self._rate or self.config.max_batch_size / 1.0
+        wait = self._depth / rate * random.uniform(1.0, 1.5)
+        return float(min(60, max(1, math.ceil(wait))))
 
     def submit(self, jobs: list[Job], done: Callable[[Result | BaseException], None], block: bool = False) -> None:
         """Accept all of `jobs` or none. `done` is called once, from an engine thread, with the
         Result or the exception that ended the work. Full queue: QueueFull, or wait (`block`)."""
         n = sum(len(j.seeds) for j in jobs)
+        if n > self.config.max_queue_size and not block:
+            raise RequestTooLarge(
+                f"{n} labels to compute exceed the teacher's queue of {self.config.max_queue_size} items; "
+                f"send at most {self.config.max_queue_size} misses per request"
+            )
         req = _Request(n, self.fmt.topk, done)
         if n == 0:
             req.finish(self._result(req))

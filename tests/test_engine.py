@@ -15,7 +15,7 @@ from shards.members import scan_shard
 from teacher_service.app.images import ShardIndex
 from teacher_service.app.labeling import LabelService
 from teacher_service.client import TeacherClient
-from teacher_service.engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, Result
+from teacher_service.engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, RequestTooLarge, Result
 from teacher_service.engine_client import EngineRouter, LocalEngine
 from teacher_service.metrics import Metrics
 from teacher_service.namespace import RecordFormat
@@ -95,15 +95,25 @@ def test_torch_renderer_crops_are_the_same_rendered_in_workers_or_on_the_device(
 
 
 def test_engine_refuses_a_full_queue_before_any_work(teacher, members, demo_shards, tmp_path):
-    engine, store, ns, _ = make_engine(teacher, demo_shards, tmp_path, max_queue_size=10)
+    """A full queue refuses work before any of it starts, with a short Retry-After right after
+    start (reliability case 5: no rate measured yet); work larger than the whole queue is refused
+    as such (case 4: it could never fit, so no Retry-After would help)."""
+    engine, store, ns, _ = make_engine(
+        teacher, demo_shards, tmp_path, max_queue_size=10, max_batch_size=64, max_queue_delay_ms=1500
+    )
     with engine:
-        with pytest.raises(QueueFull) as e:
+        with pytest.raises(RequestTooLarge, match="queue of 10 items"):
             engine.submit([Job(m, k, tuple(range(11))) for k, m in members[:1]], lambda r: None)
-        assert e.value.retry_after >= 1 and engine.depth == 0
+        assert engine.depth == 0
+        done = threading.Event()
+        engine.submit([Job(m, k, (0,)) for k, m in members[:6]], lambda r: done.set())  # the batch waits 1.5 s
+        with pytest.raises(QueueFull) as e:
+            engine.submit([Job(m, k, (1,)) for k, m in members[:5]], lambda r: None)
+        assert e.value.retry_after == 1 and engine.depth == 6  # 6 queued items drain in well under 1 s
         assert engine.metrics.inference_count.labels("cpu")._value.get() == 0
-        assert engine.metrics.queue_rejected.labels("cpu")._value.get() == 11
-        res = wait_result(engine, [Job(m, k, (0,)) for k, m in members[:10]])  # 10 fit
-        assert res.errors == [None] * 10
+        assert engine.metrics.queue_rejected.labels("cpu")._value.get() == 5
+        res = wait_result(engine, [Job(m, k, (2,)) for k, m in members[:4]], measured_s=2.0)  # 4 more fit
+        assert res.errors == [None] * 4 and done.is_set()
 
 
 def test_engine_publishes_its_queue_depth_and_the_router_picks_the_shortest(teacher, members, demo_shards, tmp_path):

@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(64, ge=1, description="crops per teacher batch")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits for more crops")
-    max_queue_size: int = Field(4096, ge=1, description="items an engine holds; beyond: 503 + Retry-After")
+    max_queue_size: int = Field(
+        4096, ge=1, description="items an engine holds; a full queue: 503 + Retry-After; more misses than this: 413"
+    )
     augment_workers: int = Field(
         0, ge=0, description="augmentation processes per engine (0: the CPU cores divided among the engines, at most 8)"
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
-from ..engine import Job
+from ..engine import Job, RequestTooLarge
 from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
 from ..store import LabelStore
@@ -63,7 +63,15 @@ class LabelService:
         return np.flatnonzero(~got.present).tolist()
 
     async def _compute(self, jobs: list[Job], items: list[list[int]], out: LabelsOut) -> None:
-        """Label `jobs` in an engine; `items[j]` are the answer's indexes of job j's seeds."""
+        """Label `jobs` in an engine; `items[j]` are the answer's indexes of job j's seeds.
+        RequestTooLarge for more misses than an engine's whole queue: they could never fit."""
+        limit = self.engines.info["max_queue_size"]
+        n = sum(len(j.seeds) for j in jobs)
+        if n > limit:
+            raise RequestTooLarge(
+                f"{n} labels to compute exceed the teacher's queue of {limit} items; send at most {limit} misses "
+                "per request (or precompute them)"
+            )
         result = await self.engines.label(jobs)
         flat = [i for idx in items for i in idx]
         for r, i in enumerate(flat):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Uplo
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..engine import EngineError, QueueFull
+from ..engine import EngineError, QueueFull, RequestTooLarge
 from ..namespace import MAX_SEED
 from ..store import SeedOutOfRange, StoreError
 from .schemas import Items, LabelsNotFound, LabelsOut, Ready, error
@@ -41,7 +41,7 @@ v1 = APIRouter(
     dependencies=[Depends(require_token)],
     responses={
         **error(401, "missing or wrong bearer token"),
-        **error(413, "too many items, or a body or upload over the limit"),
+        **error(413, "too many items, more misses than the teacher's queue holds, or a body or upload over the limit"),
         **error(422, "invalid request: bad JSON, wrong types, a seed out of range, unknown fields"),
         **error(503, "label store or engine unavailable, or the teacher's queue full", retry_after=True),
     },
@@ -55,6 +55,8 @@ def service_errors():
         yield
     except SeedOutOfRange as e:
         raise HTTPException(422, str(e)) from e
+    except RequestTooLarge as e:  # can never fit: not a 503 to retry
+        raise HTTPException(413, str(e)) from e
     except StoreError as e:
         raise HTTPException(503, f"label store unavailable: {e}", headers={"Retry-After": "1"}) from e
     except QueueFull as e:
