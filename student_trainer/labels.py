@@ -154,6 +154,7 @@ class LabeledStream(IterableDataset):
                 "labels_cached": int(labels.present.sum()),
                 "labels_missing": int((~labels.present).sum()),
                 "labels_from_service": 0,
+                "labels_unstored": labels.unstored,  # the service computed them; its store refused them
             }
             if not labels.present.all():
                 miss = np.flatnonzero(~labels.present)
@@ -170,6 +171,7 @@ class LabeledStream(IterableDataset):
                         labels.probs[miss] = got.probs[:, : labels.probs.shape[1]]
                     labels.present[miss] = got.present
                     stats["labels_from_service"] = int(got.present.sum())
+                    stats["labels_unstored"] += got.unstored
             batch["t_classes"] = torch.from_numpy(labels.classes)
             batch["t_probs"] = None if labels.probs is None else torch.from_numpy(labels.probs)
             batch["t_present"] = torch.from_numpy(labels.present)

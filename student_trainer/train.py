@@ -43,7 +43,7 @@ from .loss import DistillationLoss
 
 log = logging.getLogger("student_trainer")
 
-LABEL_COUNTS = ("labels_cached", "labels_missing", "labels_from_service")
+LABEL_COUNTS = ("labels_cached", "labels_missing", "labels_from_service", "labels_unstored")
 
 
 # -- set-up ------------------------------------------------------------------------------------

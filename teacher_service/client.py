@@ -126,7 +126,8 @@ class TeacherClient:
         else:
             classes = np.array([-1 if x is None else x for x in labels], dtype=np.int64).reshape(-1, 1)
             probs = None
-        return LabelBatch(classes=classes, present=present, probs=probs), body.get("errors") or [None] * len(labels)
+        batch = LabelBatch(classes=classes, present=present, probs=probs, unstored=int(body.get("unstored", 0)))
+        return batch, body.get("errors") or [None] * len(labels)
 
     def lookup(self, keys: Sequence[str], seeds: Sequence[int]) -> LabelBatch:
         """Store-only labels (missing where not precomputed): one request per batch."""

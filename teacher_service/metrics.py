@@ -29,6 +29,9 @@ class Metrics:
         )
         self.cache_hits = Counter("distill_cache_hits", "Labels served from the store", registry=r)
         self.cache_misses = Counter("distill_cache_misses", "Labels computed by the teacher", registry=r)
+        self.labels_unstored = Counter(
+            "distill_labels_unstored", "Labels computed by the teacher that the store refused to keep", registry=r
+        )
         # label engine, per device
         dev = ["device"]
         self.queue_size = Gauge(

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import redis as redispy
 from conftest import (
     PY,
     RedisServer,
@@ -27,6 +28,8 @@ from conftest import (
 )
 
 from shards import Manifest
+from teacher_service.app.images import ShardIndex
+from teacher_service.client import TeacherClient
 
 TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
@@ -111,6 +114,36 @@ def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, ti
 
 
 @pytest.mark.slow
+def test_a_store_that_refuses_writes_is_said_so(demo_shards, tiny_teacher, tmp_path):
+    """Reliability case 1: a Redis at its memory limit under noeviction. The service answers the
+    labels it computed, says how many were not stored (`unstored`), counts them in a metric and
+    turns /readyz 503 until writes are taken again; the client carries the count."""
+    require_redis_server()
+    srv = RedisServer(tmp_path).start()
+    proc, base = start_service(tiny_teacher, demo_shards, srv.url, tmp_path / "serve.log")
+    try:
+        client = TeacherClient(base)
+        keys = list(ShardIndex.build(demo_shards, ["train"]).members)[:20]
+        cli = redispy.Redis(port=srv.port)
+        cli.config_set("maxmemory-policy", "noeviction")
+        cli.config_set("maxmemory", str(cli.info("memory")["used_memory"]))  # full from now on
+        batch, errors = client.label(keys, [3] * 20)
+        assert batch.present.all() and errors == [None] * 20 and batch.unstored == 20
+        assert client.lookup(keys, [3] * 20).present.sum() == 0  # indeed not kept
+        ready = httpx.get(base + "/readyz", timeout=30)
+        assert ready.status_code == 503 and "refuses writes" in ready.json()["error"]
+        assert "distill_labels_unstored_total 20.0" in httpx.get(base + "/metrics", timeout=30).text
+        cli.config_set("maxmemory", "0")  # room again
+        assert httpx.get(base + "/readyz", timeout=30).status_code == 200
+        batch, _ = client.label(keys, [3] * 20)
+        assert batch.present.all() and batch.unstored == 0
+        assert client.lookup(keys, [3] * 20).present.all()
+    finally:
+        proc.terminate()
+        wait_exit(proc, "serve stops on SIGTERM", 3)
+        srv.kill()
+
+
 def test_the_trainer_rides_out_a_short_redis_outage(demo_shards, tiny_teacher, tmp_path):
     """Redis killed after the first epoch and back 3 s later (AOF): every label trained on is the
     stored one, none missing."""

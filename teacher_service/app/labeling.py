@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from ..engine import Job, RequestTooLarge
 from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
-from ..store import LabelStore
+from ..store import LabelStore, StoreError
 from .images import ShardIndex
 from .schemas import LabelsOut
 
@@ -34,6 +34,18 @@ class LabelService:
     namespace: Namespace
     fmt: RecordFormat
     metrics: Metrics
+    refused_writes: bool = False  # the latest engine answer here was not stored: /readyz says so
+
+    def store_takes_writes(self) -> bool:
+        """False while the store refuses writes: after an answer that was not stored, until a
+        probe write (or a later stored answer) succeeds."""
+        if self.refused_writes:
+            try:
+                self.store.probe_write()
+                self.refused_writes = False
+            except StoreError as e:
+                log.warning("label store still refuses writes: %s", e)
+        return not self.refused_writes
 
     def _empty(self, n: int) -> LabelsOut:
         rich = self.fmt.topk > 1 or self.fmt.probs
@@ -74,15 +86,20 @@ class LabelService:
             )
         result = await self.engines.label(jobs)
         flat = [i for idx in items for i in idx]
+        computed = 0
         for r, i in enumerate(flat):
             if result.errors[r] is None:
                 self._fill(out, i, result.classes[r], result.probs[r])
-                out.computed += 1
+                computed += 1
             else:
                 out.errors[i] = result.errors[r]
-        if not result.stored:
-            log.warning("labels computed but not stored (store unavailable)")
-        self.metrics.cache_misses.inc(out.computed)
+        out.computed += computed
+        self.refused_writes = not result.stored
+        if not result.stored:  # answered (the labels are right), and said: they will be computed again
+            out.unstored += computed
+            self.metrics.labels_unstored.inc(computed)
+            log.warning("%d labels computed but not stored: the label store refuses writes", computed)
+        self.metrics.cache_misses.inc(computed)
 
     async def _check_seeds(self, seeds: list[int]) -> None:
         """SeedOutOfRange for a seed past the namespace's range; the store is asked (the range may

@@ -80,6 +80,9 @@ def readyz(svc: ServiceState = Depends(state)):
         return JSONResponse({"status": "unavailable", "error": str(e)}, status_code=503)
     if not svc.engines.alive:
         return JSONResponse({"status": "unavailable", "error": "a label engine is gone"}, status_code=503)
+    if not svc.labels.store_takes_writes():
+        error = "the label store refuses writes: labels are computed but not kept (see `unstored`)"
+        return JSONResponse({"status": "unavailable", "error": error}, status_code=503)
     return Ready(status="ready", teacher=svc.info["teacher_id"], engines=len(svc.engines.engines))
 
 

@@ -34,6 +34,11 @@ class LabelsOut(BaseModel):
     errors: list[str | None] | None = None
     cached: int = 0
     computed: int = 0
+    unstored: int = Field(
+        0,
+        description="labels of this answer the teacher computed but the store refused to keep (a full Redis, "
+        "a full disk): correct, but computed again next time; /readyz is 503 while the store refuses writes",
+    )
 
 
 class FieldError(BaseModel):

@@ -53,6 +53,7 @@ class LabelBatch:
     classes: np.ndarray  # int64 [n, topk], -1 where missing
     present: np.ndarray  # bool [n]
     probs: np.ndarray | None = None  # float32 [n, topk] or None
+    unstored: int = 0  # from the service: labels computed for this batch that its store refused to keep
 
     @property
     def top1(self) -> np.ndarray:
@@ -196,6 +197,11 @@ class LabelStore(abc.ABC):
     def coverage(self) -> list[dict]:
         """What `record_coverage` remembered; empty for a namespace no precompute finished."""
         return [json.loads(r) for r in self._read_coverage()]
+
+    @abc.abstractmethod
+    def probe_write(self) -> None:
+        """One small write that fails (StoreError) when the store refuses writes: a Redis at its
+        memory limit under noeviction, a full disk."""
 
     @abc.abstractmethod
     def _add_coverage(self, record: str) -> None: ...

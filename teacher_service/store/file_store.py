@@ -103,6 +103,9 @@ class FileStore(LabelStore):
 
         return self._update_meta(extend)["seed_limit"]
 
+    def probe_write(self) -> None:
+        self._update_meta(lambda meta: None)  # a rewrite of the metadata row: fails on a full disk
+
     def _add_coverage(self, record: str) -> None:
         def add(meta: dict) -> None:
             meta["coverage"] = sorted(set(meta.get("coverage", [])) | {record})

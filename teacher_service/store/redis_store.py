@@ -91,6 +91,9 @@ class RedisStore(LabelStore):
     def _extend_seed_limit(self, limit: int) -> int:
         return int(self._call(self.client.eval, _EXTEND, 1, self.seeds_key, limit))
 
+    def probe_write(self) -> None:
+        self._call(self.client.set, f"dl:{{{self.namespace.id}}}:probe", b"1", 60)
+
     def _add_coverage(self, record: str) -> None:
         self._call(self.client.sadd, self.coverage_key, record)
 
