@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from .flags import RENDERERS
-from .render import draw_params, image_size, render_batch, to_uint8_chw
+from .render import draw_params, render_batch, to_uint8_chw
 
 # Bump when this module changes in a way that changes the produced tensors.
 AUGMENT_CODE_VERSION = 2
@@ -217,22 +217,68 @@ def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
                 torch.set_rng_state(torch_state)
 
 
+# The most pixels a real image of a format can hold per byte of file: a flat 8000x8000 JPEG has 64
+# a byte (each 8x8 block takes some bits), zlib compresses at most 1032:1, so a PNG of 1 bit a
+# pixel has at most 8,256 a byte (24-bit RGB: 344). A header that claims more is a truncated or
+# forged file whose decode would allocate the whole canvas for nothing.
+MAX_PIXELS_PER_BYTE = {"JPEG": 2000, "PNG": 10000}
+
+
+class ImpossibleHeader(ValueError):
+    """An image header that claims more pixels than the file's bytes can hold."""
+
+
+def check_header(im: Image.Image, size: int) -> None:
+    """Refuse, from the header alone, what `decode_image` must not decode: more pixels than
+    Image.MAX_IMAGE_PIXELS, or (JPEG, PNG) far fewer bytes than any image of that size takes."""
+    pixels = im.width * im.height
+    if pixels > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f"{im.width}x{im.height}")
+    density = MAX_PIXELS_PER_BYTE.get(im.format or "")
+    if density and pixels > density * size:
+        raise ImpossibleHeader(
+            f"{im.format} of {size} bytes cannot hold the {im.width}x{im.height} pixels its header claims "
+            "(truncated or forged)"
+        )
+
+
+def image_header(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone; ValueError for what `decode_image` would refuse
+    before decoding (unidentifiable, too many pixels, more pixels than the bytes can hold)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                check_header(im, len(data))
+                return im.size
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels") from e
+    except Image.UnidentifiedImageError as e:
+        raise ValueError("cannot identify the image format") from e
+    except ImpossibleHeader:
+        raise
+    except Exception as e:  # PIL raises several types for a bad header
+        raise ValueError(f"cannot read the image header: {type(e).__name__}: {e}") from e
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to RGB; raises ValueError for anything undecodable or larger than
-    Image.MAX_IMAGE_PIXELS (Pillow only warns between 1x and 2x its limit: here that is an error)."""
+    """Decode encoded image bytes to RGB; raises ValueError for anything undecodable, larger than
+    Image.MAX_IMAGE_PIXELS (Pillow only warns between 1x and 2x its limit: here that is an error),
+    or whose header claims far more pixels than its bytes can hold (`check_header`)."""
     try:
         with warnings.catch_warnings():  # Pillow warns of a bomb it would still decode; we refuse it below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))  # reads the header only
         with im:
-            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"{im.width}x{im.height}")
+            check_header(im, len(data))
             im.load()
             return im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ValueError(f"image too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels") from e
     except Image.UnidentifiedImageError as e:
         raise ValueError("cannot identify the image format") from e  # Pillow's text names a heap address
+    except ImpossibleHeader:
+        raise
     except Exception as e:  # PIL raises several types for bad data
         raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
 
@@ -262,10 +308,8 @@ def prepare(image: Image.Image | torch.Tensor, key: str, seed: int, policy: Augm
 
 def prepare_encoded(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> tuple:
     """`prepare` for an image decoded later, on the device: reads only the header here (and
-    refuses what `decode_image` would refuse for its size)."""
-    width, height = image_size(data)
-    if width * height > Image.MAX_IMAGE_PIXELS:
-        raise ValueError(f"image too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels")
+    refuses what `decode_image` would refuse from its header)."""
+    width, height = image_header(data)
     return data, draw_params(policy, sample_seed(policy.policy_id, key, seed), width, height)
 
 

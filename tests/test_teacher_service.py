@@ -48,6 +48,7 @@ def service(demo_shards, tiny_teacher, tmp_path_factory):
         DISTILL_MAX_QUEUE_SIZE="64",
         DISTILL_MAX_ITEMS="300",
         DISTILL_MAX_UPLOAD_BYTES="200000",
+        DISTILL_MAX_UPLOAD_WORK="100000",  # pixels x seeds: 16x16 x 300 fits, 400x400 x 1 does not
         DISTILL_AUGMENT_WORKERS="2",
     )
     proc, url = start_service(
@@ -178,6 +179,16 @@ def test_uploads(service):
     Image.new("1", (10000, 10000)).save(buf, format="PNG")
     r = httpx.post(url, headers=h, files={"image": ("bomb.png", buf.getvalue())}, data={"seeds": "0"})
     assert r.status_code == 400 and "too large" in r.json()["error"]
+    # reliability case 3: a 631-byte JPEG whose header claims 8000x8000 is refused from its header
+    # (it used to cost a 192 MB canvas and 4 s); an upload's pixels x seeds are bounded
+    buf = io.BytesIO()
+    Image.new("RGB", (8000, 8000)).save(buf, format="JPEG", quality=10)
+    forged = buf.getvalue()[:631]
+    r = httpx.post(url, headers=h, files={"image": ("f.jpg", forged)}, data={"seeds": "0"})
+    assert r.status_code == 400 and "cannot hold the 8000x8000 pixels" in r.json()["error"]
+    costly = _png((400, 400))
+    r = httpx.post(url, headers=h, files={"image": ("c.png", costly)}, data={"seeds": "0"})
+    assert r.status_code == 413 and "max_upload_work" in r.json()["error"]
     garbage = httpx.post(url, headers=h, files={"image": ("g.png", b"garbage bytes")}, data={"seeds": "0"})
     assert "0x" not in garbage.json()["error"]  # no heap address from Pillow's message
     assert httpx.get(service["url"] + "/healthz").status_code == 200
@@ -214,7 +225,7 @@ def test_more_misses_than_the_queue_holds_is_413_not_a_retry(service, demo_shard
     assert r.status_code == 413 and "queue of 64 items" in r.json()["error"] and "retry-after" not in r.headers
     with pytest.raises(ServiceError, match="413"):
         service["client"].label(keys, [77] * 100)
-    files = {"image": ("x.png", _png(), "image/png")}
+    files = {"image": ("x.png", _png((17, 17)), "image/png")}  # an image no other test labeled
     seeds = ",".join(str(s) for s in range(65))
     r = httpx.post(service["url"] + "/v1/labels/upload", files=files, data={"seeds": seeds}, headers=auth)
     assert r.status_code == 413 and "queue of 64 items" in r.json()["error"]

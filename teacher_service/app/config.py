@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     # request limits and security
     max_items: int = Field(4096, ge=1, description="(key, seed) items per request")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest uploaded image (413 beyond)")
+    max_upload_work: int = Field(
+        2**28,
+        ge=1,
+        description="an upload's pixels x seeds to compute (its augmentation cost; 413 beyond): 268M is a 12 MP "
+        "photo x 22 seeds or a 500x375 one x 1,431",
+    )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body (413 beyond)")
     token: Annotated[str | None, NotAFlag()] = Field(
         None, description="bearer token required on /v1 when set: DISTILL_TOKEN (never a flag: ps shows flags)"

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
+from shards.augment import image_header
+
 from ..engine import Job, RequestTooLarge
 from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
@@ -24,6 +26,14 @@ from .images import ShardIndex
 from .schemas import LabelsOut
 
 log = logging.getLogger(__name__)
+
+
+class InvalidUpload(ValueError):
+    """An upload refused from its header: not an image, too many pixels, or a forged size."""
+
+
+class UploadTooCostly(ValueError):
+    """An upload whose pixels x seeds to compute exceed the per-request budget."""
 
 
 @dataclass
@@ -35,6 +45,7 @@ class LabelService:
     fmt: RecordFormat
     metrics: Metrics
     refused_writes: bool = False  # the latest engine answer here was not stored: /readyz says so
+    max_upload_work: int | None = None  # an upload's pixels x seeds to compute (its augmentation cost)
 
     def store_takes_writes(self) -> bool:
         """False while the store refuses writes: after an answer that was not stored, until a
@@ -135,9 +146,19 @@ class LabelService:
     async def upload(self, data: bytes, seeds: list[int]) -> tuple[str, LabelsOut]:
         """Label an uploaded image under `seeds`; its key is upload/<sha256 of the bytes>."""
         await self._check_seeds(seeds)
+        try:
+            width, height = image_header(data)  # before anything is decoded or queued
+        except ValueError as e:
+            raise InvalidUpload(str(e)) from e
         key = "upload/" + hashlib.sha256(data).hexdigest()[:32]
         out = self._empty(len(seeds))
         misses = await self._from_store([key] * len(seeds), seeds, out)
+        work = width * height * len(misses)
+        if self.max_upload_work is not None and work > self.max_upload_work:
+            raise UploadTooCostly(
+                f"{width}x{height} pixels x {len(misses)} seeds to compute = {work:,} > max_upload_work "
+                f"{self.max_upload_work:,}; send fewer seeds per request or a smaller image"
+            )
         if misses:
             await self._compute([Job(data, key, tuple(seeds[i] for i in misses))], [misses], out)
         return key, out

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..engine import EngineError, QueueFull, RequestTooLarge
 from ..namespace import MAX_SEED
 from ..store import SeedOutOfRange, StoreError
+from .labeling import InvalidUpload, UploadTooCostly
 from .schemas import Items, LabelsNotFound, LabelsOut, Ready, error
 from .state import ServiceState
 
@@ -55,8 +56,10 @@ def service_errors():
         yield
     except SeedOutOfRange as e:
         raise HTTPException(422, str(e)) from e
-    except RequestTooLarge as e:  # can never fit: not a 503 to retry
+    except (RequestTooLarge, UploadTooCostly) as e:  # can never fit: not a 503 to retry
         raise HTTPException(413, str(e)) from e
+    except InvalidUpload as e:
+        raise HTTPException(400, str(e)) from e
     except StoreError as e:
         raise HTTPException(503, f"label store unavailable: {e}", headers={"Retry-After": "1"}) from e
     except QueueFull as e:
@@ -152,7 +155,11 @@ async def labels(items: Items, svc: ServiceState = Depends(state)):
     "/labels/upload",
     response_model=LabelsOut,
     response_model_exclude_none=True,
-    responses=error(400, "empty or undecodable image, or more pixels than the decompression-bomb limit"),
+    responses=error(
+        400,
+        "empty or undecodable image, more pixels than the decompression-bomb limit, or a header that "
+        "claims more pixels than the file holds",
+    ),
 )
 async def labels_upload(
     image: UploadFile = File(..., description="encoded image (JPEG, PNG, ...)"),
