@@ -82,7 +82,9 @@ class Settings(BaseSettings):
         description="an upload's pixels x seeds to compute (its augmentation cost; 413 beyond): 268M is a 12 MP "
         "photo x 22 seeds or a 500x375 one x 1,431",
     )
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body (413 beyond)")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1, description="largest request body, an upload's (413 beyond, before it is read)"
+    )
     token: Annotated[str | None, NotAFlag()] = Field(
         None, description="bearer token required on /v1 when set: DISTILL_TOKEN (never a flag: ps shows flags)"
     )
@@ -96,6 +98,12 @@ class Settings(BaseSettings):
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):
         return init_settings, env_settings, _TeacherEnv(settings_cls), dotenv_settings, file_secret_settings
+
+    @property
+    def json_body_limit(self) -> int:
+        """The largest JSON body: `max_items` items of the longest key (512 characters, JSON-quoted)
+        and a seed, plus room; 2.3 MB at 4,096 items. A larger one is refused before parsing."""
+        return self.max_items * 560 + 65536
 
     def bearer_token(self) -> str | None:
         """The token from DISTILL_TOKEN, else from --token-file (read once, at start-up)."""

@@ -26,20 +26,26 @@ FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
 class BodyLimit:
-    """Pure ASGI middleware: 413 for bodies over `limit` bytes, declared (Content-Length) or
-    streamed (chunked: the app is cut off at the limit and its answer replaced by the 413)."""
+    """Pure ASGI middleware: 413 for bodies over the limit, declared (Content-Length) or streamed
+    (chunked: the app is cut off at the limit and its answer replaced by the 413), before any of
+    it is parsed. Uploads (multipart) may reach `limit` bytes; every other body (JSON, parsed on
+    the event loop) only `json_limit`, what `max_items` items can take."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, json_limit: int):
         self.app = app
         self.limit = limit
+        self.json_limit = json_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = {"error": f"request body larger than {self.limit} bytes"}
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                return await _json(send, 413, too_large)
+        headers = dict(scope.get("headers", []))
+        multipart = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        limit = self.limit if multipart else self.json_limit
+        too_large = {"error": f"request body larger than {limit} bytes"}
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await _json(send, 413, too_large)
         seen, over = 0, False
 
         async def limited():
@@ -47,7 +53,7 @@ class BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     over = True
                     return {"type": "http.disconnect"}  # the app stops reading here
             return msg
@@ -134,5 +140,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             timed(getattr(route, "path", "unmatched"), svc, start, response.status_code)
         return response
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, json_limit=settings.json_body_limit)
     return app
