@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import time
@@ -114,6 +115,39 @@ def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, ti
 
 
 @pytest.mark.slow
+def test_connections_that_send_nothing_or_too_much_are_closed(demo_shards, tiny_teacher, tmp_path):
+    """Reliability case 6: a connection that sends nothing, or part of its headers, is closed after
+    the header timeout (they were kept forever: 20,000 of them exhausted the descriptors); a 100 KB
+    header or 100,000 headers get a 400; connections past the per-worker bound get a 503."""
+    env = {"DISTILL_HTTP_HEADER_TIMEOUT": "1", "DISTILL_HTTP_MAX_CONNECTIONS": "8"}
+    proc, base = start_service(tiny_teacher, demo_shards, tmp_path / "l.db", tmp_path / "serve.log", env=env)
+    port = int(base.rsplit(":", 1)[1])
+
+    def connect(send: bytes = b"") -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(send)
+        return s
+
+    try:
+        for start in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):
+            t0 = time.monotonic()
+            assert connect(start).recv(100) == b""  # closed by the service
+            assert time.monotonic() - t0 < 5
+        big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+        many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 100_000 + b"\r\n"
+        for request in (big, many):
+            assert connect(request).recv(100).startswith(b"HTTP/1.1 400")
+        idle = [connect() for _ in range(8)]
+        assert connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").recv(100).startswith(b"HTTP/1.1 503")
+        for s in idle:
+            s.close()
+        ok = httpx.get(base + "/healthz", timeout=30)
+        assert ok.status_code == 200
+    finally:
+        proc.terminate()
+        wait_exit(proc, "serve stops on SIGTERM", 3)
+
+
 def test_a_store_that_refuses_writes_is_said_so(demo_shards, tiny_teacher, tmp_path):
     """Reliability case 1: a Redis at its memory limit under noeviction. The service answers the
     labels it computed, says how many were not stored (`unstored`), counts them in a metric and

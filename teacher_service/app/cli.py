@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    from .connections import GuardedH11Protocol
     from .images import INDEX_ENV
     from .state import build_index, engine_pool
 
@@ -44,7 +45,11 @@ def serve(settings: Settings) -> int:
         workers=settings.http_workers,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        http=GuardedH11Protocol,  # connections.py: header deadline and size limits
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+        limit_concurrency=settings.http_max_connections,
     )
+    config.header_timeout = settings.http_header_timeout  # read by GuardedH11Protocol, in every worker
     if config.workers > 1:
         from uvicorn.supervisors import Multiprocess
 

@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     )
     engine_buffers: int = Field(4, ge=2, description="shared batch buffers per engine")
     http_workers: int = Field(1, ge=1, description="uvicorn worker processes (HTTP, lookups and waiting)")
+    http_header_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection has to send its request headers; then it is closed"
+    )
+    http_max_header_bytes: int = Field(
+        64 * 1024, ge=4096, description="largest request line + headers (400 beyond; bounds the header count too)"
+    )
+    http_max_connections: int = Field(
+        2048, ge=1, description="connections (and requests in progress) per HTTP worker; 503 beyond"
+    )
     # request limits and security
     max_items: int = Field(4096, ge=1, description="(key, seed) items per request")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest uploaded image (413 beyond)")
