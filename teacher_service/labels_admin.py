@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import numpy as np
@@ -11,6 +12,8 @@ from tqdm import tqdm
 from distill_core import Command, Positional
 
 from .store import LabelStore, list_namespaces, open_existing, open_store, redact
+
+log = logging.getLogger(__name__)
 
 
 def coverage_runs(per_seed: np.ndarray) -> list[list[int]]:
@@ -58,7 +61,22 @@ def stats(url: str, namespace_id: str | None = None, progress: bool = True) -> d
     for m in metas:
         with open_existing(url, m["id"]) as store:
             out.append(namespace_stats(store, progress))
-    return {"url": redact(url), "namespaces": out}
+    summary = {"url": redact(url), "namespaces": out}
+    if url.startswith(("redis://", "rediss://")):
+        from .store.redis_store import orphaned_rows
+
+        orphans = orphaned_rows(url)
+        if orphans:  # rows whose namespace record was evicted: restored by the next write to them
+            summary["orphaned_rows"] = orphans
+            for nsid, n in orphans.items():
+                log.warning(
+                    "%d label rows of namespace %s have no namespace record (evicted?); run precompute or serve "
+                    "with the same teacher, policy and format once to restore it (any write does), and give "
+                    "Redis maxmemory-policy noeviction",
+                    n,
+                    nsid,
+                )
+    return summary
 
 
 def copy(src_url: str, dst_url: str, namespace_id: str | None = None, batch: int = 1000, progress: bool = True) -> dict:

@@ -308,6 +308,35 @@ def test_a_long_row_does_not_inflate_a_batch(store_url):
         assert peak < 16 * 2**20, peak  # padded, it was 256 x 2 MB = 512 MB
 
 
+def test_an_evicted_namespace_record_is_restored_never_smaller(redis_server, caplog):
+    """Reliability case 2: Redis evicted the namespace's records (allkeys-lru). The store warns that
+    a label store needs noeviction; a small precompute that recreates the namespace does not
+    shrink its seed range below a service's 1024; every write restores at least the writer's range."""
+    import logging
+
+    import redis as redis_py
+
+    r = redis_py.Redis(port=redis_server.port)
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    with caplog.at_level(logging.WARNING), open_store(redis_server.url, NS) as service:
+        assert service.seed_limit == 1024
+        service.put(["a"], [1023], [1])
+    assert "needs noeviction" in caplog.text
+    r.delete(f"dl:{{{NS.id}}}:meta", f"dl:{{{NS.id}}}:seeds")  # what eviction did
+    from teacher_service.labels_admin import stats
+
+    lost = stats(redis_server.url, progress=False)
+    assert lost["namespaces"] == [] and lost["orphaned_rows"] == {NS.id: 1}  # found, with how to restore it
+    with open_store(redis_server.url, NS, seed_limit=4) as precompute:  # precompute --seeds 0:4
+        assert precompute.seed_limit == 1024
+    r.delete(f"dl:{{{NS.id}}}:seeds")
+    with open_store(redis_server.url, NS, seed_limit=2000) as wide:
+        r.set(f"dl:{{{NS.id}}}:seeds", 10)  # evicted and recreated small by someone else meanwhile
+        wide.put(["b"], [5], [2])  # the write restores the writer's range
+    with open_store(redis_server.url, NS, create=False) as again:
+        assert again.seed_limit == 2000 and again.get(["a"], [1023]).top1[0] == 1
+
+
 def test_redis_that_lost_its_data_gets_the_namespace_back(redis_server):
     """A Redis restarted without persistence keeps no metadata; the next write restores it, so the
     rows written after are never rows that no namespace describes."""

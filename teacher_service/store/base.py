@@ -171,12 +171,15 @@ class LabelStore(abc.ABC):
         """Raise the stored limit to at least `limit` (never lower it), atomically; return it."""
 
     def _init_seed_limit(self, create: bool, seed_limit: int | None) -> None:
+        """A namespace is created serving at least DEFAULT_SEED_LIMIT seeds, what a service would
+        give it: one whose range was evicted and is recreated by a small precompute does not
+        shrink below that (and every writer restores at least its own range)."""
         stored = self._read_seed_limit()
         if stored is None:
             if not create:
                 stored = MAX_SEED + 1  # an older store: no bound known, rows were bounded by MAX_SEED
             else:
-                stored = self._extend_seed_limit(seed_limit or DEFAULT_SEED_LIMIT)
+                stored = self._extend_seed_limit(max(seed_limit or 0, DEFAULT_SEED_LIMIT))
         if seed_limit is not None and seed_limit > stored:
             stored = self._extend_seed_limit(seed_limit)
         self.seed_limit = stored

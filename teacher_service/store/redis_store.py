@@ -13,6 +13,7 @@ surfaces as StoreUnavailable, never as labels that look present.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
@@ -31,6 +32,9 @@ RETRIES = 3
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ClusterError, RedisClusterException, OSError)
 
 
+log = logging.getLogger(__name__)
+
+
 def connect(url: str, socket_timeout: float = 5.0):
     """redis:// or rediss:// (password, db, TLS in the URL); `?cluster=1` for Redis Cluster."""
     parsed = urlparse(url)
@@ -46,6 +50,29 @@ def connect(url: str, socket_timeout: float = 5.0):
     if cluster:
         return redis.RedisCluster.from_url(clean, **kw), True
     return redis.Redis.from_url(clean, health_check_interval=30, **kw), False
+
+
+_warned: set[str] = set()
+
+
+def warn_if_evicting(client, url: str) -> None:
+    """Log once per process and URL when Redis may evict keys: a label store needs
+    `maxmemory-policy noeviction` (an evicted row is work lost; an evicted namespace key hides the
+    namespace). Managed Redis that disables CONFIG is not checked."""
+    if url in _warned:
+        return
+    _warned.add(url)
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "")
+    except (RedisError, RedisClusterException, AttributeError):
+        return
+    if policy and policy != "noeviction":
+        log.warning(
+            "redis store %s: maxmemory-policy is %s; a label store needs noeviction (evicted labels are "
+            "computed again, an evicted namespace record hides its labels until a write restores it)",
+            redact(url),
+            policy,
+        )
 
 
 def _unavailable(url: str, e: Exception) -> StoreUnavailable:
@@ -81,6 +108,7 @@ class RedisStore(LabelStore):
                 stored = self.client.get(self.meta_key)
             namespace.check_against(json.loads(stored))
             self._init_seed_limit(create, seed_limit)
+            warn_if_evicting(self.client, url)
         except UNAVAILABLE as e:
             raise _unavailable(url, e) from e
 
@@ -120,7 +148,7 @@ class RedisStore(LabelStore):
             # A Redis that lost its data (restarted without persistence) gets the namespace's
             # metadata back with the first write, instead of rows no namespace describes.
             pipe.set(self.meta_key, self.meta_json, nx=True)
-            pipe.set(self.seeds_key, self.seed_limit, nx=True)
+            pipe.eval(_EXTEND, 1, self.seeds_key, self.seed_limit)  # restored, never lowered
             for key, parts in runs.items():
                 for off, data in parts:
                     pipe.setrange(self.prefix + key, off, data)
@@ -174,6 +202,22 @@ class RedisStore(LabelStore):
             self.client.close()
         except Exception:
             pass
+
+
+def orphaned_rows(url: str) -> dict[str, int]:
+    """Label rows per namespace id whose namespace record is gone (evicted, deleted): rows that
+    `labels stats` would otherwise not see."""
+    client, _ = connect(url)
+    try:
+        described = {json.loads(client.get(k))["id"] for k in client.scan_iter(match="dl:{*}:meta", count=1000)}
+        rows: dict[str, int] = {}
+        for name in client.scan_iter(match="dl:*:r:*", count=1000):
+            nsid = name.decode().split(":", 2)[1]
+            if nsid not in described:
+                rows[nsid] = rows.get(nsid, 0) + 1
+        return rows
+    except UNAVAILABLE as e:
+        raise _unavailable(url, e) from e
 
 
 def list_namespaces(url: str) -> list[dict]:
