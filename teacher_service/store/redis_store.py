@@ -148,11 +148,12 @@ class RedisStore(LabelStore):
             # A Redis that lost its data (restarted without persistence) gets the namespace's
             # metadata back with the first write, instead of rows no namespace describes.
             pipe.set(self.meta_key, self.meta_json, nx=True)
-            pipe.eval(_EXTEND, 1, self.seeds_key, self.seed_limit)  # restored, never lowered
             for key, parts in runs.items():
                 for off, data in parts:
                     pipe.setrange(self.prefix + key, off, data)
             pipe.execute()
+            # the seed range restored too, never lowered (a script: a cluster pipeline cannot carry it)
+            self.client.eval(_EXTEND, 1, self.seeds_key, self.seed_limit)
 
         self._call(write)
 
