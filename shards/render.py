@@ -202,14 +202,6 @@ def _op_argument(name: str, m: float, rng: random.Random) -> float:
 # -- decoding -----------------------------------------------------------------------------
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone (the caller decides what size is too large)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-
-
 def to_uint8_chw(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image as a (3, H, W) uint8 tensor (no copy of the pixels beyond PIL's)."""
     import numpy as np
