@@ -242,45 +242,42 @@ def check_header(im: Image.Image, size: int) -> None:
         )
 
 
-def image_header(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone; ValueError for what `decode_image` would refuse
-    before decoding (unidentifiable, too many pixels, more pixels than the bytes can hold)."""
+@contextlib.contextmanager
+def _checked_image(data: bytes, failing: str) -> Iterator[Image.Image]:
+    """The opened image, its header read and checked (`check_header`); Pillow's many error types,
+    raised here or in the caller's block, become ValueErrors with our message (`failing` names
+    what failed otherwise). Pillow's own texts can name heap addresses: never passed on."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # Pillow warns of a bomb it would still decode; we refuse it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                check_header(im, len(data))
-                return im.size
+            im = Image.open(io.BytesIO(data))  # reads the header only
+        with im:
+            check_header(im, len(data))
+            yield im
     except Image.DecompressionBombError as e:
         raise ValueError(f"image too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels") from e
     except Image.UnidentifiedImageError as e:
         raise ValueError("cannot identify the image format") from e
     except ImpossibleHeader:
         raise
-    except Exception as e:  # PIL raises several types for a bad header
-        raise ValueError(f"cannot read the image header: {type(e).__name__}: {e}") from e
+    except Exception as e:  # PIL raises several types for bad data
+        raise ValueError(f"{failing}: {type(e).__name__}: {e}") from e
+
+
+def image_header(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone; ValueError for what `decode_image` would refuse
+    before decoding (unidentifiable, too many pixels, more pixels than the bytes can hold)."""
+    with _checked_image(data, "cannot read the image header") as im:
+        return im.size
 
 
 def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes to RGB; raises ValueError for anything undecodable, larger than
     Image.MAX_IMAGE_PIXELS (Pillow only warns between 1x and 2x its limit: here that is an error),
     or whose header claims far more pixels than its bytes can hold (`check_header`)."""
-    try:
-        with warnings.catch_warnings():  # Pillow warns of a bomb it would still decode; we refuse it below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))  # reads the header only
-        with im:
-            check_header(im, len(data))
-            im.load()
-            return im.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels") from e
-    except Image.UnidentifiedImageError as e:
-        raise ValueError("cannot identify the image format") from e  # Pillow's text names a heap address
-    except ImpossibleHeader:
-        raise
-    except Exception as e:  # PIL raises several types for bad data
-        raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
+    with _checked_image(data, "cannot decode image") as im:
+        im.load()
+        return im.convert("RGB")
 
 
 def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, restore_rng: bool = True) -> torch.Tensor:
