@@ -78,6 +78,15 @@ class RequestTooLarge(ValueError):
     refused as such (the service's 413), not as a full queue to retry (503)."""
 
 
+def check_fits(n: int, max_queue_size: int) -> None:
+    """RequestTooLarge when `n` labels to compute are more than the whole queue holds."""
+    if n > max_queue_size:
+        raise RequestTooLarge(
+            f"{n} labels to compute exceed the teacher's queue of {max_queue_size} items; "
+            f"send at most {max_queue_size} misses per request (or precompute them)"
+        )
+
+
 class EngineError(RuntimeError):
     """The engine failed or stopped; the work was not labeled."""
 
@@ -333,11 +342,8 @@ class LabelEngine:
         """Accept all of `jobs` or none. `done` is called once, from an engine thread, with the
         Result or the exception that ended the work. Full queue: QueueFull, or wait (`block`)."""
         n = sum(len(j.seeds) for j in jobs)
-        if n > self.config.max_queue_size and not block:
-            raise RequestTooLarge(
-                f"{n} labels to compute exceed the teacher's queue of {self.config.max_queue_size} items; "
-                f"send at most {self.config.max_queue_size} misses per request"
-            )
+        if not block:  # a blocking feeder (precompute) is let in alone when the queue is empty
+            check_fits(n, self.config.max_queue_size)
         req = _Request(n, self.fmt.topk, done)
         if n == 0:
             req.finish(self._result(req))

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from shards.augment import image_header
 
-from ..engine import Job, RequestTooLarge
+from ..engine import Job, check_fits
 from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
 from ..store import LabelStore, StoreError
@@ -88,13 +88,7 @@ class LabelService:
     async def _compute(self, jobs: list[Job], items: list[list[int]], out: LabelsOut) -> None:
         """Label `jobs` in an engine; `items[j]` are the answer's indexes of job j's seeds.
         RequestTooLarge for more misses than an engine's whole queue: they could never fit."""
-        limit = self.engines.info["max_queue_size"]
-        n = sum(len(j.seeds) for j in jobs)
-        if n > limit:
-            raise RequestTooLarge(
-                f"{n} labels to compute exceed the teacher's queue of {limit} items; send at most {limit} misses "
-                "per request (or precompute them)"
-            )
+        check_fits(sum(len(j.seeds) for j in jobs), self.engines.info["max_queue_size"])  # before the socket
         result = await self.engines.label(jobs)
         flat = [i for idx in items for i in idx]
         computed = 0
