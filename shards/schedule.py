@@ -39,13 +39,6 @@ class Selection:
     partial: int | None
     partial_count: int
 
-    def pieces(self) -> list[tuple[int, int]]:
-        """(shard, images taken from its start) in epoch order."""
-        out = [(s, -1) for s in self.full]
-        if self.partial is not None:
-            out.append((self.partial, self.partial_count))
-        return out
-
 
 @dataclass(frozen=True)
 class RepeatSchedule:
@@ -80,6 +73,12 @@ class RepeatSchedule:
         order = list(range(len(self.shard_samples)))
         random.Random(f"repeated-aug:{epoch}").shuffle(order)
         return order
+
+    def pieces(self, epoch: int) -> list[tuple[int, int]]:
+        """Epoch `epoch`'s images in order: (shard, images taken from its start), each R times."""
+        sel = self.selection(epoch)
+        out = [(s, self.shard_samples[s]) for s in sel.full]
+        return out + ([(sel.partial, sel.partial_count)] if sel.partial is not None else [])
 
     def selection(self, epoch: int) -> Selection:
         """The images epoch `epoch` trains on (`deit` mode), in order."""

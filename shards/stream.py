@@ -153,7 +153,7 @@ class DealtPlan:
     positions r, r + W, r + 2W, ... (DeiT's dealing: an image's R crops on consecutive ranks),
     and a worker takes the rank's positions t = first .. first + sum(sizes) - 1 (p = r + W t)."""
 
-    pieces: list[tuple[int, int]]  # (shard index, images taken from its start; -1: all) in order
+    pieces: list[tuple[int, int]]  # (shard index, images taken from its start) in order
     offsets: list[int]  # image offset of each piece in the epoch's order
     rank: int
     world_size: int
@@ -180,10 +180,10 @@ def plan_dealt(
     mine = len(range(rank, total, world_size))  # ranks differ by one position at most
     sizes = batch_sizes(mine, nb, batch_size)
     b0, b1 = worker_block(nb, worker, num_workers)
-    pieces = schedule.selection(epoch).pieces()
+    pieces = schedule.pieces(epoch)
     offsets = [0]
-    for s, take in pieces[:-1]:
-        offsets.append(offsets[-1] + (schedule.shard_samples[s] if take < 0 else take))
+    for _, count in pieces[:-1]:
+        offsets.append(offsets[-1] + count)
     return DealtPlan(pieces, offsets, rank, world_size, sum(sizes[:b0]), sizes[b0:b1])
 
 
@@ -315,8 +315,7 @@ class ShardStream(IterableDataset):
             lo, hi = max(lo, p_lo), min(hi, p_hi + 1)
             return len(range(lo + (rank - lo) % world, hi, world)) if hi > lo else 0
 
-        for (s, take), base in zip(plan.pieces, plan.offsets, strict=True):
-            count = self.shards[s].samples if take < 0 else take
+        for (s, count), base in zip(plan.pieces, plan.offsets, strict=True):
             if (base + count) * repeats <= p_lo or not mine(base * repeats, (base + count) * repeats):
                 continue
             if base * repeats > p_hi:

@@ -37,7 +37,7 @@ def dealt_pairs(schedule: RepeatSchedule, batch: int, epoch: int, world: int, wo
             batches[rank] += len(plan.sizes)
             if not plan.sizes:
                 continue
-            images = [(s, i) for s, take in plan.pieces for i in range(schedule.shard_samples[s] if take < 0 else take)]
+            images = [(s, i) for s, count in plan.pieces for i in range(count)]
             lo, hi = plan.position_range()
             for p in range(lo, hi + 1, world):
                 s, i = images[p // schedule.repeats]
