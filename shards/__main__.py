@@ -1,4 +1,4 @@
-"""python -m shards {build,inspect,show}"""
+"""python -m shards {build,inspect,index,show}"""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from distill_core import App, Command, Positional
 
@@ -32,6 +31,13 @@ class InspectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dir: Annotated[Path, Positional()] = Field(description="shard directory (with manifest.json)")
+
+
+class IndexConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Annotated[Path, Positional()] = Field(description="shard directory (with manifest.json)")
+    verify: bool = Field(True, description="check every shard's sha256 against the manifest before indexing it")
 
 
 class ShowConfig(BaseModel):
@@ -86,30 +92,37 @@ def inspect(cfg: InspectConfig) -> int:
     return 0 if not problems else 1
 
 
+def index(cfg: IndexConfig) -> dict:
+    from .index import index_all
+
+    return index_all(cfg.dir, verify=cfg.verify)
+
+
 def show(cfg: ShowConfig) -> dict:
     from .augment import augment, decode_image, to_pil
+    from .index import SplitIndex
     from .manifest import Manifest
-    from .stream import SkipCounter, iter_shard
 
     m = Manifest.load(cfg.dir)
     policy = m.policy(cfg.renderer, **cfg.policy)
-    skips = SkipCounter()
-    all_shards = [s for shards in m.splits.values() for s in shards]
-    for shard in tqdm(all_shards, desc="searching", unit="shard", disable=len(all_shards) < 20):
-        for raw in iter_shard(Path(cfg.dir) / shard.name, skips):
-            if raw.key == cfg.key:
-                crop = augment(decode_image(raw.data), raw.key, cfg.seed, policy)
-                to_pil(crop, policy).save(cfg.out, format="PNG")
-                return {
-                    "key": raw.key,
-                    "seed": cfg.seed,
-                    "label": raw.label,
-                    "class": m.classes[raw.label],
-                    "shard": shard.name,
-                    "policy_id": policy.policy_id,
-                    "renderer": policy.renderer,
-                    "out": str(cfg.out),
-                }
+    for split in m.splits:
+        index = SplitIndex.load(cfg.dir, split, m)
+        row = index.find(cfg.key)
+        if row is None:
+            continue
+        crop = augment(decode_image(index.member(row).read()), cfg.key, cfg.seed, policy)
+        to_pil(crop, policy).save(cfg.out, format="PNG")
+        label = int(index.label[row])
+        return {
+            "key": cfg.key,
+            "seed": cfg.seed,
+            "label": label,
+            "class": m.classes[label],
+            "shard": index.shards[index.shard_of(row)],
+            "policy_id": policy.policy_id,
+            "renderer": policy.renderer,
+            "out": str(cfg.out),
+        }
     raise KeyError(f"key {cfg.key!r} not found in {cfg.dir}")
 
 
@@ -126,11 +139,19 @@ COMMANDS = [
         config=InspectConfig,
         run=inspect,
     ),
+    Command(
+        "index",
+        help="write the member index of shards built without one (start-up that does not read tar headers)",
+        config=IndexConfig,
+        run=index,
+    ),
     Command("show", help="write the augmented crop that (KEY, seed) produces as a PNG", config=ShowConfig, run=show),
 ]
 
 
-APP = App("python -m shards", "Webdataset shards with seeded augmentation.", COMMANDS, user_errors=(KeyError,))
+APP = App(
+    "python -m shards", "Webdataset shards with seeded augmentation.", COMMANDS, user_errors=(KeyError, ValueError)
+)
 
 if __name__ == "__main__":
     sys.exit(APP.main())

@@ -1,4 +1,4 @@
-"""Build webdataset shards (+ manifest) from an image folder or from the bundled demo data set."""
+"""Build webdataset shards (+ member indexes, manifest) from an image folder or the bundled demo data set."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from .index import write_index
 from .manifest import Manifest, ShardInfo, sha256_file
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,8 @@ def build(
                     splits[split] = write_split(folder_samples(src, chosen, keys, stats), out, split, shard_size, bar)
     splits = {k: v for k, v in splits.items() if v}
     manifest = Manifest(classes=classes, splits=splits, source=source, policy_hint=hint)
+    for split in splits:  # where each image is, so readers never walk the tar headers (index.py)
+        manifest.indexes[split] = write_index(out, split, manifest)
     manifest.save(out)
     dt = time.perf_counter() - t0
     written = sum(manifest.num_samples(k) for k in splits)

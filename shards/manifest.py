@@ -26,6 +26,7 @@ class Manifest:
     splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
     source: str = ""
     policy_hint: dict = field(default_factory=dict)  # suggested augmentation policy fields
+    indexes: dict[str, ShardInfo] = field(default_factory=dict)  # split -> its member index file (index.py)
     version: int = MANIFEST_VERSION
 
     def shards(self, split: str) -> list[ShardInfo]:
@@ -53,6 +54,7 @@ class Manifest:
             "classes": self.classes,
             "policy_hint": self.policy_hint,
             "splits": {k: [asdict(s) for s in v] for k, v in self.splits.items()},
+            "indexes": {k: asdict(v) for k, v in self.indexes.items()},
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -75,6 +77,7 @@ class Manifest:
             splits={k: [ShardInfo(**s) for s in v] for k, v in d["splits"].items()},
             source=d.get("source", ""),
             policy_hint=d.get("policy_hint", {}),
+            indexes={k: ShardInfo(**v) for k, v in d.get("indexes", {}).items()},
         )
 
 
@@ -101,11 +104,12 @@ def verify_shard(directory: str | os.PathLike, shard: ShardInfo) -> str | None:
 
 
 def verify(directory: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
-    """Problems found (missing, resized or modified shards); empty when everything matches."""
+    """Problems found (missing, resized or modified shards and member indexes); empty when
+    everything matches."""
     manifest = manifest or Manifest.load(directory)
     problems = []
     for split, shards in manifest.splits.items():
-        for s in shards:
+        for s in [*shards, *([manifest.indexes[split]] if split in manifest.indexes else [])]:
             problem = verify_shard(directory, s)
             if problem:
                 problems.append(f"{split}: {problem}")

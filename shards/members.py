@@ -1,20 +1,14 @@
-"""Random access to the images of a shard: (key, tar member) from the tar headers alone.
+"""Random access to the images of a shard: a member is (tar file, byte offset, size).
 
-The label engine's workers read one image with one seek, so neither the service nor precompute
-streams whole shards through a pipe. Keys are split exactly as webdataset splits them when
-streaming (`base_plus_ext`), so a key here is the key a trainer asks for.
+The label engine's workers and the trainer's loader read one image with one seek (the member
+index, index.py, says where), so nothing streams whole shards through a pipe to use a few images.
 """
 
 from __future__ import annotations
 
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from webdataset.tariterators import base_plus_ext
-
-from .stream import IMAGE_KEYS
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")  # sample fields that are images
 
 
 @dataclass(frozen=True)
@@ -61,15 +55,3 @@ class OpenFiles:
         for f in self.files.values():
             f.close()
         self.files.clear()
-
-
-def scan_shard(path: str | Path) -> Iterator[tuple[str, Member]]:
-    """(key, image member) of one shard in stored order, reading tar headers only.
-
-    Python's tarfile ends iteration quietly at a damaged header after the first; callers that
-    know the expected count (the manifest) compare against it."""
-    with tarfile.open(path, "r:") as tf:
-        for ti in tf:
-            key, ext = base_plus_ext(ti.name) if ti.isreg() else (None, None)
-            if key is not None and ext in IMAGE_KEYS:
-                yield key, Member(str(path), ti.offset_data, ti.size)

@@ -17,8 +17,9 @@ the seed schedule (`schedule.py`, which says which images an epoch trains on and
 - within a worker, samples pass a seeded shuffle buffer (webdataset's `shuffle`).
 
 So every (image, repeat) the epoch selects is seen exactly once, and the batch count is equal on
-all ranks by construction. With `deit`, every rank reads the selected images' shards and keeps the
-images of its own positions (about N/R images read, N/W decoded per rank and epoch).
+all ranks by construction. A worker reads only the images of its own positions, each with one
+seek, through the split's member index (`index.py`); shards built without one are streamed whole
+(with `deit`, every rank then reads the selected images' shards and keeps its own positions).
 
 A corrupt or undecodable sample is skipped, counted and logged; its slot in the batch is filled
 with another sample of the same worker so the batch count never changes.
@@ -39,13 +40,13 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .augment import AugmentPolicy, augment, decode_image, eval_view, prepare
+from .index import SplitIndex
 from .manifest import Manifest
+from .members import IMAGE_KEYS, OpenFiles
 from .render import render_batch
 from .schedule import RepeatSchedule
 
 log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 
 
 @dataclass
@@ -230,6 +231,12 @@ class ShardStream(IterableDataset):
         self.manifest = Manifest.load(directory)
         self.shards = self.manifest.shards(split)
         self.split = split
+        # where each image is (checked here, once per process tree): workers read the images
+        # their positions need with a seek each; shards without an index are streamed whole
+        self.index = SplitIndex.open(directory, split, self.manifest) if split in self.manifest.indexes else None
+        if self.index is None:
+            log.warning("split %s of %s has no member index: streaming whole shards (`python -m shards index %s`)",
+                        split, directory, directory)  # fmt: skip
         self.policy = policy
         self.batch_size = batch_size
         self.mode = mode
@@ -283,58 +290,84 @@ class ShardStream(IterableDataset):
             self.seed,
         )
 
-    def _positions(self, plan: EpochPlan, skips: SkipCounter) -> Iterator[tuple[RawSample, int]]:
-        """(raw sample, seed) for every position in [plan.start, plan.stop)."""
+    def _positions(self, plan: EpochPlan, read) -> Iterator[tuple[RawSample, int]]:
+        """(raw sample, seed) for every position in [plan.start, plan.stop) of an `all` plan."""
+        repeats = self.repeats
         first = bisect.bisect_right(plan.offsets, plan.start) - 1
         for j in range(first, len(plan.order)):
             base = plan.offsets[j]
             if base >= plan.stop:
                 break
-            shard = self.shards[plan.order[j]]
-            read = 0
-            for i, raw in enumerate(iter_shard(self.directory / shard.name, skips)):
-                read = i + 1
-                for r in range(self.repeats):
-                    pos = base + i * self.repeats + r
-                    if plan.start <= pos < plan.stop:
-                        yield raw, self.schedule.seed(plan.order[j], i, self.epoch, r)
-                if base + (i + 1) * self.repeats >= plan.stop:
-                    break
-            else:  # read to its end: a damaged tar header ends tarfile's iteration early, quietly
-                lost = min(plan.stop, base + shard.samples * self.repeats) - max(plan.start, base + read * self.repeats)
-                if lost > 0:  # positions of this plan the shard should have filled: counted as skipped
-                    short = ValueError(f"{shard.name}: {read} images readable, the manifest says {shard.samples}")
-                    skips(short, samples=lost)
+            s, wanted = plan.order[j], {}
+            lo, hi = max(plan.start - base, 0), min(plan.stop - base, self.shards[s].samples * repeats)
+            for p in range(lo, hi):
+                wanted.setdefault(p // repeats, []).append(p % repeats)
+            yield from read(s, wanted)
 
-    def _dealt_positions(self, plan: DealtPlan, skips: SkipCounter) -> Iterator[tuple[RawSample, int]]:
+    def _dealt_positions(self, plan: DealtPlan, read) -> Iterator[tuple[RawSample, int]]:
         """(raw sample, seed) for every position of a `deit` plan, in the epoch's order."""
         repeats, world, rank = self.repeats, plan.world_size, plan.rank
         p_lo, p_hi = plan.position_range()
-
-        def mine(lo: int, hi: int) -> int:  # this worker's positions in [lo, hi)
-            lo, hi = max(lo, p_lo), min(hi, p_hi + 1)
-            return len(range(lo + (rank - lo) % world, hi, world)) if hi > lo else 0
-
         for (s, count), base in zip(plan.pieces, plan.offsets, strict=True):
-            if (base + count) * repeats <= p_lo or not mine(base * repeats, (base + count) * repeats):
+            lo, hi = max(base * repeats, p_lo), min((base + count) * repeats, p_hi + 1)
+            if hi <= lo:
+                if base * repeats > p_hi:
+                    break
                 continue
-            if base * repeats > p_hi:
-                break
-            read = 0
-            for i, raw in enumerate(iter_shard(self.directory / self.shards[s].name, skips)):
-                if i >= count:
-                    break
-                read = i + 1
-                for q in range(repeats):
-                    p = (base + i) * repeats + q
-                    if p_lo <= p <= p_hi and (p - rank) % world == 0:
-                        yield raw, self.schedule.seed(s, i, self.epoch, q)
-                if (base + i + 1) * repeats > p_hi:
-                    break
-            lost = mine((base + read) * repeats, (base + count) * repeats) if read < count else 0
-            if lost and (base + read) * repeats <= p_hi:  # the shard ended before the plan did
-                short = ValueError(f"{self.shards[s].name}: {read} images readable, the manifest says {count}+")
-                skips(short, samples=lost)
+            wanted = {}
+            for p in range(lo + (rank - lo) % world, hi, world):  # this worker's positions in the piece
+                wanted.setdefault(p // repeats - base, []).append(p % repeats)
+            yield from read(s, wanted)
+
+    def _reader(self, skips: SkipCounter, files: OpenFiles):
+        """read(shard, {image: [repeat, ...]}) -> (raw sample, seed) of each wanted image and repeat.
+        An image that cannot be read (a shard cut short, a member past a truncated file) costs its
+        positions, counted as skipped with the first reason."""
+
+        def read(s: int, wanted: dict[int, list[int]]) -> Iterator[tuple[RawSample, int]]:
+            lost, reason = 0, None
+            for i, raw in self._images(s, sorted(wanted), skips, files):
+                if isinstance(raw, Exception):
+                    lost, reason = lost + len(wanted[i]), reason or raw
+                    continue
+                for q in wanted[i]:
+                    yield raw, self.schedule.seed(s, i, self.epoch, q)
+            if lost:
+                skips(reason, samples=lost)
+
+        return read
+
+    def _images(self, s: int, wanted: list[int], skips: SkipCounter, files: OpenFiles):
+        """(i, raw sample or the exception that lost it) for the images `wanted` of shard `s`, in
+        order: by a seek each through the member index, else by streaming the shard."""
+        shard = self.shards[s]
+        if self.index is not None:
+            rows = self.index.shard_rows(s)
+            for i in wanted:
+                r = rows.start + i
+                try:
+                    if self.index.label[r] < 0:
+                        raise ValueError(f"sample {self.index.key(r)} in {shard.name} has no class")
+                    data = self.index.member(r).read(files)
+                except (OSError, ValueError) as e:
+                    yield i, e
+                    continue
+                yield i, RawSample(self.index.key(r), int(self.index.label[r]), data, shard.name)
+            return
+        if not wanted:
+            return
+        at = read = 0
+        for n, raw in enumerate(iter_shard(self.directory / shard.name, skips)):
+            read = n + 1
+            if n == wanted[at]:
+                yield n, raw
+                at += 1
+                if at == len(wanted):
+                    return
+        # read to its end: a damaged tar header ends tarfile's iteration early, quietly
+        short = ValueError(f"{shard.name}: {read} images readable, the manifest says {shard.samples}")
+        for i in wanted[at:]:
+            yield i, short
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -342,8 +375,9 @@ class ShardStream(IterableDataset):
         plan = self.plan(worker, num_workers)
         if not plan.sizes:
             return
-        skips = SkipCounter()
-        stream = self._dealt_positions(plan, skips) if self.dealt else self._positions(plan, skips)
+        skips, files = SkipCounter(), OpenFiles()
+        read = self._reader(skips, files)
+        stream = self._dealt_positions(plan, read) if self.dealt else self._positions(plan, read)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")
             stream = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
@@ -363,6 +397,7 @@ class ShardStream(IterableDataset):
             while len(batch) < size:  # skipped samples: keep the batch count, reuse a good sample
                 batch.append(last)
             yield collate(batch, skipped=skips.count - reported)
+        files.close()
 
     def _decoded(self, stream, skips: SkipCounter):
         for raw, seed in stream:

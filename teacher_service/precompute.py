@@ -1,7 +1,8 @@
 """Batch precompute: label every (image, seed) of a shard set into a store, resumably.
 
-The precompute feeder of the label engine (engine.py): the main thread walks the node's shards by
-their tar headers, asks the store which seeds of each group of images are missing (one bulk get
+The precompute feeder of the label engine (engine.py): the main thread walks the node's shards
+through their member index (or their tar headers, without one), asks the store which seeds of
+each group of images are missing (one bulk get
 per group) and submits the missing (image, seeds) work, blocking while the engine's queue is
 full. The engine's workers decode each image once per batch and augment into shared batch
 buffers, the teacher runs full batches and the engine's writer stores each batch's labels in one
@@ -24,8 +25,8 @@ from tqdm import tqdm
 from distill_core import Command, Nested
 from shards import Manifest
 from shards.flags import RendererFlag, RepeatModeFlag
+from shards.index import SplitIndex, scanned_members
 from shards.manifest import verify_shard
-from shards.members import scan_shard
 from shards.schedule import RepeatSchedule
 
 from .engine import EngineConfig, Job, LabelEngine, Result
@@ -121,15 +122,15 @@ def precompute(
             raise ValueError("a schedule needs its epochs and must be made for this split's shards")
         schedule, seed_limit = seeds, seeds.seed_limit_for_run(epochs)
 
-        def seeds_of(shard: int, index: int) -> range:
-            return schedule.seeds_for_run(shard, index, epochs)
+        def seeds_of(shard: int, image: int) -> range:
+            return schedule.seeds_for_run(shard, image, epochs)
 
         def labels_in(shard: int) -> int:
             return schedule.labels_in_shard(shard, epochs)
     else:
         seed_limit = seeds.stop
 
-        def seeds_of(shard: int, index: int) -> range:
+        def seeds_of(shard: int, image: int) -> range:
             return seeds
 
         def labels_in(shard: int) -> int:
@@ -137,6 +138,10 @@ def precompute(
 
     # creates the namespace (serving at least these seeds) before the engine's writer opens it
     store = open_store(store_url, ns, seed_limit=seed_limit)
+    # where each image is; shards without an index are walked by their tar headers, one by one
+    index = SplitIndex.open(directory, split, manifest) if split in manifest.indexes else None
+    if index is None:
+        log.warning("split %s has no member index: reading tar headers (`python -m shards index %s`)", split, directory)
     mine = node_shards([s.name for s in split_shards], node_rank, num_nodes)
     index_of = {s.name: i for i, s in enumerate(split_shards)}
     info = {s.name: s for s in split_shards}
@@ -192,7 +197,8 @@ def precompute(
                     bar.update(labels_in(s))
                     continue
                 group, count = [], 0
-                for key, member in scan_shard(directory / name):
+                members = index.members(s) if index is not None else scanned_members(directory / name)
+                for key, member in members:
                     group.append((key, member, seeds_of(s, count)))
                     count += 1
                     if len(group) == GROUP:
@@ -200,7 +206,7 @@ def precompute(
                         group = []
                 if group:
                     feed(group)
-                if count != shard.samples:  # a damaged tar header ends tarfile's iteration quietly
+                if count != shard.samples:  # without an index: a damaged tar header ends tarfile's iteration quietly
                     log.error("shard %s: %d images readable, the manifest says %d", name, count, shard.samples)
                     damaged.append(name)
                     lost = sum(len(seeds_of(s, i)) for i in range(count, shard.samples))

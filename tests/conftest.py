@@ -180,6 +180,38 @@ def demo_shards(tmp_path_factory) -> Path:
     return out
 
 
+def copy_shards(src: Path, dst: Path, index: bool = True) -> Path:
+    """A copy of a shard set to damage; index=False: as built before member indexes (the manifest
+    lists none, so readers walk the tar headers)."""
+    import json
+
+    shutil.copytree(src, dst)
+    if not index:
+        manifest = json.loads((dst / "manifest.json").read_text())
+        for split in manifest.pop("indexes", {}):
+            (dst / f"{split}.index").unlink()
+        (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def flip_tar_header_bit(shard: Path, member: int) -> None:
+    """Flip one bit of the checksum of the `member`-th tar header of `shard`: Python's tarfile
+    ends its iteration there, quietly (the members before it read fine)."""
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        header = [ti.offset for ti in tf][member]
+    data = bytearray(shard.read_bytes())
+    data[header + 148] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 class RedisServer:
     """A real redis-server of our own on a free port, that tests may kill and restart."""
 

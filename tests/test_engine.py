@@ -11,8 +11,7 @@ import torch
 from conftest import Budget, descendants, engines_directory, start_service, still_running, wait_exit, wait_until
 
 from shards import Manifest, augment, decode_image
-from shards.members import scan_shard
-from teacher_service.app.images import ShardIndex
+from shards.index import ShardIndex, SplitIndex
 from teacher_service.app.labeling import LabelService
 from teacher_service.client import TeacherClient
 from teacher_service.engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, RequestTooLarge, Result
@@ -30,8 +29,8 @@ def teacher(tiny_teacher):
 
 @pytest.fixture(scope="module")
 def members(demo_shards):
-    m = Manifest.load(demo_shards)
-    return [km for s in m.shards("train")[:2] for km in scan_shard(demo_shards / s.name)]
+    index = SplitIndex.load(demo_shards, "train")
+    return [km for s in range(2) for km in index.members(s)]
 
 
 def make_engine(teacher, demo_shards, tmp_path, fmt=RecordFormat(), renderer=None, **config):
@@ -172,8 +171,8 @@ def test_engine_worker_death_fails_waiting_work_clearly(teacher, members, demo_s
 def test_label_service_in_process(teacher, demo_shards, tmp_path):
     """The routes' logic without HTTP: hits from the store, misses through an engine, per-item errors."""
     engine, store, ns, _ = make_engine(teacher, demo_shards, tmp_path)
-    index = ShardIndex.build(demo_shards, ["train"])
-    keys = list(index.members)[:6]
+    index = ShardIndex.load(demo_shards, ["train"])
+    keys = list(index.keys())[:6]
 
     async def scenario(svc):
         first = await svc.label(keys + ["no/such/key"], [0] * 7)
@@ -207,7 +206,7 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
     try:
         c = TeacherClient(url)
         assert c.info()["devices"] == ["cpu", "cpu"]
-        keys = list(ShardIndex.build(demo_shards, ["train"]).members)[:40]
+        keys = list(ShardIndex.load(demo_shards, ["train"]).keys())[:40]
         batch, errors = c.label(keys, [5] * 40)
         assert batch.present.all() and errors == [None] * 40
         family = descendants(proc.pid)

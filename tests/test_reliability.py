@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import time
 
 import httpx
@@ -18,6 +17,9 @@ from conftest import (
     PY,
     RedisServer,
     communicate,
+    copy_shards,
+    flip_bit,
+    flip_tar_header_bit,
     last_json,
     require_redis_server,
     run_cli,
@@ -29,7 +31,7 @@ from conftest import (
 )
 
 from shards import Manifest
-from teacher_service.app.images import ShardIndex
+from shards.index import ShardIndex
 from teacher_service.client import TeacherClient
 
 TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
@@ -92,26 +94,30 @@ def test_redis_password_never_in_answers_or_logs(demo_shards, tiny_teacher, tmp_
     assert r.returncode == 2 and password not in r.stderr + r.stdout and "***@" in r.stderr
 
 
-def damage_a_header(shards):
-    m = Manifest.load(shards)
-    victim = shards / m.shards("train")[0].name
-    with tarfile.open(victim) as tf:
-        header = [ti.offset for ti in tf][20]
-    data = bytearray(victim.read_bytes())
-    data[header + 148] ^= 0x01  # one bit of a member header's checksum: tarfile stops there, quietly
-    victim.write_bytes(bytes(data))
-    return victim
-
-
 def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, tiny_teacher, tmp_path):
-    shards = tmp_path / "shards"
-    shutil.copytree(demo_shards, shards)
-    victim = damage_a_header(shards)
-    r = run_cli(
-        "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", shards, "--store", tmp_path / "l.db",
-        "--port", "1", check=False, measured_s=8,
-    )  # fmt: skip
-    assert r.returncode == 2 and "do not match their manifest" in r.stderr and victim.name in r.stderr
+    """A damaged member index, a shard of another size than its manifest says and, without an
+    index, a shard whose tar headers end early: serve names it and does not start."""
+
+    def serve(shards):
+        return run_cli(
+            "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", shards,
+            "--store", tmp_path / "l.db", "--port", "1", check=False, measured_s=8,
+        )  # fmt: skip
+
+    damaged_index = copy_shards(demo_shards, tmp_path / "index")
+    flip_bit(damaged_index / "train.index", 5000)
+    short = copy_shards(demo_shards, tmp_path / "short")
+    victim = short / Manifest.load(short).shards("train")[0].name
+    victim.write_bytes(victim.read_bytes()[:-1024])
+    legacy = copy_shards(demo_shards, tmp_path / "legacy", index=False)
+    flip_tar_header_bit(legacy / victim.name, 20)
+    for shards, named, why in (
+        (damaged_index, "train.index", "modified"),
+        (short, victim.name, "do not match their manifest"),
+        (legacy, victim.name, "images readable"),
+    ):
+        r = serve(shards)
+        assert r.returncode == 2 and why in r.stderr and named in r.stderr, r.stderr
 
 
 @pytest.mark.slow
@@ -157,7 +163,7 @@ def test_a_store_that_refuses_writes_is_said_so(demo_shards, tiny_teacher, tmp_p
     proc, base = start_service(tiny_teacher, demo_shards, srv.url, tmp_path / "serve.log")
     try:
         client = TeacherClient(base)
-        keys = list(ShardIndex.build(demo_shards, ["train"]).members)[:20]
+        keys = list(ShardIndex.load(demo_shards, ["train"]).keys())[:20]
         cli = redispy.Redis(port=srv.port)
         cli.config_set("maxmemory-policy", "noeviction")
         cli.config_set("maxmemory", str(cli.info("memory")["used_memory"]))  # full from now on

@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import PY, last_json, run_cli
+from conftest import PY, copy_shards, flip_tar_header_bit, last_json, run_cli
 
 from shards import AugmentPolicy, Manifest, ShardStream, augment, decode_image, iter_shard
 from shards.augment import to_pil
@@ -305,18 +305,11 @@ def test_cli_help():
 
 
 def test_a_shard_cut_short_is_counted_not_hidden(demo_shards, tmp_path):
-    """A damaged tar header ends tarfile's iteration quietly; the stream compares with the manifest."""
-    import shutil
-
-    d = tmp_path / "short"
-    shutil.copytree(demo_shards, d)
+    """Without a member index, a damaged tar header ends tarfile's iteration quietly; the stream
+    compares with the manifest."""
+    d = copy_shards(demo_shards, tmp_path / "short", index=False)
     m = Manifest.load(d)
-    victim = d / m.shards("train")[0].name
-    with tarfile.open(victim) as tf:
-        header = [ti.offset for ti in tf][40]  # member 40 of 2 per image: image 20 onwards is lost
-    data = bytearray(victim.read_bytes())
-    data[header + 148] ^= 0x01
-    victim.write_bytes(bytes(data))
+    flip_tar_header_bit(d / m.shards("train")[0].name, 40)  # member 40 of 2 per image: image 20 onwards is lost
     stream = ShardStream(d, "train", POLICY, batch_size=100, shuffle=False)
     batches = list(stream)
     assert len(batches) == len(stream)  # batch count kept for DDP

@@ -9,8 +9,10 @@ import httpx
 import pytest
 import torch
 from conftest import (
+    copy_shards,
     descendants,
     engines_directory,
+    flip_tar_header_bit,
     free_port,
     last_json,
     precompute_argv,
@@ -389,19 +391,13 @@ def test_trainer_with_labels_service_on_an_empty_store(service, demo_shards, tmp
 
 
 def test_precompute_reports_a_shard_cut_short_by_a_damaged_header(demo_shards, tiny_teacher, tmp_path):
-    """tarfile ends iteration quietly at a bad header; precompute compares with the manifest."""
-    import shutil
-    import tarfile
-
-    shards = tmp_path / "shards"
-    shutil.copytree(demo_shards, shards)
+    """A shard that does not match its checksum is refused whole; without an index (shards built
+    before them) tarfile ends iteration quietly at a bad header and precompute compares with the
+    manifest."""
+    shards = copy_shards(demo_shards, tmp_path / "shards", index=False)
     m = Manifest.load(shards)
     victim = shards / m.shards("train")[0].name
-    with tarfile.open(victim) as tf:
-        header = [ti.offset for ti in tf][20]  # a member header in the middle of the shard
-    data = bytearray(victim.read_bytes())
-    data[header + 148] ^= 0x01  # its checksum field
-    victim.write_bytes(bytes(data))
+    flip_tar_header_bit(victim, 20)  # a member header in the middle of the shard
     # checked against the manifest first: the shard is refused whole, the run says it is not complete
     r = run_precompute(shards, "0:2", tmp_path / "l.db", tiny_teacher, check=False)
     s = last_json(r.stdout)

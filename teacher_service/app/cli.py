@@ -24,19 +24,17 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .connections import GuardedH11Protocol
-    from .images import INDEX_ENV
-    from .state import build_index, engine_pool
+    from .state import INDEX_ENV, engine_pool, hand_index, load_index
 
     settings.bearer_token()  # a missing or empty --token-file fails here, before any engine starts
     if settings.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("binding %s: reachable from other machines", settings.host)
-    index = build_index(settings) if settings.shards else None  # a damaged shard stops us here
+    index = load_index(settings) if settings.shards else None  # a damaged index or shard stops us here
     pool = engine_pool(settings).start()
     os.environ.update(settings.to_env())
     os.environ.update(pool.env())
-    if index is not None:  # the HTTP workers load it instead of reading every tar header again
-        os.environ[INDEX_ENV] = os.path.join(pool.directory, "shard-index.pickle")
-        index.save(os.environ[INDEX_ENV])
+    if index is not None:  # the HTTP workers map the index files without checking them again
+        os.environ[INDEX_ENV] = hand_index(index, pool.directory)
     config = uvicorn.Config(
         "teacher_service.app.main:create_app",
         factory=True,

@@ -17,12 +17,12 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
 from shards.augment import image_header
+from shards.index import ShardIndex
 
 from ..engine import Job, check_fits
 from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
 from ..store import LabelStore, StoreError
-from .images import ShardIndex
 from .schemas import LabelsOut
 
 log = logging.getLogger(__name__)

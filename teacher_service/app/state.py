@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 from distill_core import usable_cpus
 from shards import AugmentPolicy
+from shards.index import ShardIndex
 
 from ..engine import EngineConfig
 from ..engine_client import EngineRouter
@@ -16,7 +19,6 @@ from ..metrics import Metrics
 from ..namespace import Namespace, RecordFormat
 from ..store import LabelStore, open_store
 from .config import Settings
-from .images import INDEX_ENV, ShardIndex
 from .labeling import LabelService
 
 
@@ -78,9 +80,21 @@ def engine_pool(settings: Settings) -> EnginePool:
     return EnginePool(spec, devices)
 
 
-def build_index(settings: Settings) -> ShardIndex:
-    """The shards' index, checked against their manifest (ValueError naming the damaged shards)."""
-    return ShardIndex.build(settings.shards, [s.strip() for s in settings.splits.split(",") if s.strip()])
+INDEX_ENV = "DISTILL_SHARD_INDEX"  # set by `serve` for its HTTP workers; not a user setting
+
+
+def load_index(settings: Settings) -> ShardIndex:
+    """The shards' member index, checked against their manifest (IndexMismatch, a ValueError,
+    naming a damaged index or shards of another size than the manifest says)."""
+    return ShardIndex.load(settings.shards, [s.strip() for s in settings.splits.split(",") if s.strip()])
+
+
+def hand_index(index: ShardIndex, directory: str) -> str:
+    """Hand the checked index to the HTTP workers: a small file (the index files' paths, which
+    they map again without checking them again) in the supervisor's private `directory`."""
+    path = os.path.join(directory, "shard-index.pickle")
+    Path(path).write_bytes(pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL))
+    return path
 
 
 def build_state(settings: Settings) -> ServiceState:
@@ -95,10 +109,10 @@ def build_state(settings: Settings) -> ServiceState:
     info = engines.info
     policy, _ = policy_and_classes(settings)
     index = None
-    if os.environ.get(INDEX_ENV):  # built and checked once by `serve`
-        index = ShardIndex.load(os.environ[INDEX_ENV])
+    if os.environ.get(INDEX_ENV):  # checked once by `serve`, in its private directory
+        index = pickle.loads(Path(os.environ[INDEX_ENV]).read_bytes())
     elif settings.shards:
-        index = build_index(settings)
+        index = load_index(settings)
     fmt = RecordFormat.parse(settings.format)
     namespace = Namespace.from_meta(info["namespace"])
     store = open_store(settings.store, namespace, seed_limit=settings.seed_limit)

@@ -1,0 +1,400 @@
+"""The member index: where each image of a split is, without reading a tar header.
+
+`shards build` (or `shards index DIR` for shards built before it) writes one file per split,
+`<split>.index`, next to the manifest, which records its size and sha256 like a shard's. It
+holds, per image in stored order (shard by shard): the key, the byte offset and size of the
+encoded image in its tar, and the class label; and a table of 64-bit key hashes, sorted, for
+lookups by key. Readers map the file (`mmap`), so opening it costs a checksum, not a walk over
+the data, and the processes of one machine share its pages.
+
+Layout: magic, a little-endian u64 header length, a JSON header (version, split, the shards it
+indexes with their counts, sizes and checksums, and each array's offset), then the arrays, each
+at an offset aligned to 8 bytes:
+
+    hash   u64 [n]  blake2b-64 of each key, ascending
+    order  u32 [n]  the row of each sorted hash
+    offset u64 [n]  byte offset of the image in its shard (rows in stored order)
+    size   u32 [n]  its size in bytes
+    label  i32 [n]  its class (-1 when the sample has none)
+    key_end u64 [n] end of each row's key in `keys`
+    keys   u8  [*]  the keys, UTF-8, back to back
+
+Shards without an index still work: `SplitIndex.scan` builds the same table in memory from the
+tar headers (one walk, what every start cost before), with a warning that says how to write it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import logging
+import mmap
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from webdataset.tariterators import base_plus_ext
+
+from .manifest import Manifest, ShardInfo, sha256_file
+from .members import IMAGE_KEYS, Member
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DLSHIDX\x01"
+INDEX_VERSION = 1
+_ARRAYS = (("hash", "<u8"), ("order", "<u4"), ("offset", "<u8"), ("size", "<u4"), ("label", "<i4"), ("key_end", "<u8"))
+
+
+class IndexMismatch(ValueError):
+    """An index that does not describe the shards the manifest lists (damaged, stale, foreign)."""
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _shard_record(s: ShardInfo) -> dict:
+    return {"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+
+
+def index_name(split: str) -> str:
+    return f"{split}.index"
+
+
+def key_hash(keys: Iterable[str]) -> np.ndarray:
+    """blake2b-64 of each key: the index's lookup table is these, sorted."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys), dtype=np.uint64
+    )
+
+
+def scan_members(path: str | Path) -> Iterator[tuple[str, int, int, int]]:
+    """(key, image offset, image size, label) of each sample of one shard in stored order, from
+    its tar headers and its small `cls` members. Keys are split as webdataset splits them when
+    streaming (`base_plus_ext`), so a key here is the key a trainer asks for. Python's tarfile
+    ends iteration quietly at a damaged header after the first; callers compare the count with
+    the manifest's."""
+    with tarfile.open(path, "r:") as tf:
+        current, image, label = None, None, -1
+        for ti in tf:
+            key, ext = base_plus_ext(ti.name) if ti.isreg() else (None, None)
+            if key is None:
+                continue
+            if key != current:
+                if image is not None:
+                    yield current, *image, label
+                current, image, label = key, None, -1
+            if ext in IMAGE_KEYS and image is None:
+                image = (ti.offset_data, ti.size)
+            elif ext == "cls":
+                try:
+                    label = int(tf.extractfile(ti).read())
+                except ValueError:
+                    label = -1
+        if image is not None:
+            yield current, *image, label
+
+
+class SplitIndex:
+    """The members of one split's shards, by row (stored order) or by key."""
+
+    def __init__(self, directory: str | Path, buffer, header: dict, source: str | None = None):
+        self.directory = Path(directory)
+        self.header = header
+        self.source = source  # the index file, or None for one scanned into memory
+        self._buffer = buffer
+        arrays, n = header["arrays"], header["samples"]
+        base = _aligned(len(MAGIC) + 8 + header["length"])
+        for name, dtype in _ARRAYS:
+            setattr(self, name, np.frombuffer(buffer, dtype=dtype, count=n, offset=base + arrays[name]))
+        self.keys = np.frombuffer(buffer, dtype=np.uint8, count=header["key_bytes"], offset=base + arrays["keys"])
+        self.shards = [s["name"] for s in header["shards"]]
+        self.starts = [0]
+        for s in header["shards"]:
+            self.starts.append(self.starts[-1] + s["samples"])
+        self._paths = [str(self.directory / name) for name in self.shards]
+
+    # -- building ------------------------------------------------------------------------
+    @staticmethod
+    def encode(split: str, shards: list[ShardInfo], rows: list[tuple[str, int, int, int]]) -> bytes:
+        """The index file's bytes for `rows` (key, offset, size, label), the samples of `shards`
+        in stored order."""
+        keys = [r[0] for r in rows]
+        if len(set(keys)) != len(keys):
+            seen: set[str] = set()
+            dup = next(k for k in keys if k in seen or seen.add(k))
+            raise IndexMismatch(f"split {split}: key {dup!r} names two samples; keys must be unique")
+        hashes = key_hash(keys)
+        order = np.argsort(hashes, kind="stable")
+        blob = b"".join(k.encode() for k in keys)
+        columns = {
+            "hash": hashes[order],
+            "order": order.astype("<u4"),
+            "offset": np.array([r[1] for r in rows], dtype="<u8"),
+            "size": np.array([r[2] for r in rows], dtype="<u4"),
+            "label": np.array([r[3] for r in rows], dtype="<i4"),
+            "key_end": np.cumsum([len(k.encode()) for k in keys], dtype=np.uint64).astype("<u8"),
+        }
+        arrays, at = {}, 0  # offsets from the end of the header, each aligned to 8 bytes
+        for name, _ in _ARRAYS:
+            arrays[name] = at
+            at = _aligned(at + columns[name].nbytes)
+        arrays["keys"] = at
+        header = {
+            "version": INDEX_VERSION,
+            "split": split,
+            "samples": len(rows),
+            "key_bytes": len(blob),
+            "shards": [_shard_record(s) for s in shards],
+            "arrays": arrays,
+        }
+        text = json.dumps(header).encode()
+        head = MAGIC + len(text).to_bytes(8, "little") + text
+        out = io.BytesIO()
+        out.write(head + b"\0" * (_aligned(len(head)) - len(head)))
+        base = out.tell()
+        for name, _ in _ARRAYS:
+            out.write(b"\0" * (base + arrays[name] - out.tell()))
+            out.write(columns[name].tobytes())
+        out.write(b"\0" * (base + arrays["keys"] - out.tell()))
+        out.write(blob)
+        return out.getvalue()
+
+    @classmethod
+    def scan_rows(cls, directory: str | Path, split: str, shards: list[ShardInfo]) -> list[tuple[str, int, int, int]]:
+        """Every sample of `shards` from their tar headers; IndexMismatch naming the shards whose
+        headers end before their manifest count (or that are missing or resized)."""
+        rows, problems = [], []
+        for shard in shards:
+            path = Path(directory) / shard.name
+            size = path.stat().st_size if path.exists() else None
+            if size != shard.bytes:
+                problems.append(f"{shard.name}: {size or 'no'} bytes, the manifest says {shard.bytes}")
+                continue
+            found = list(scan_members(path))
+            if len(found) != shard.samples:
+                problems.append(f"{shard.name}: {len(found)} images readable, the manifest says {shard.samples}")
+            rows.extend(found)
+        if problems:
+            raise IndexMismatch(
+                f"shards of split {split} in {directory} do not match their manifest ({'; '.join(problems)}); "
+                f"check them with `python -m shards inspect {directory}`"
+            )
+        return rows
+
+    @classmethod
+    def scan(cls, directory: str | Path, split: str, shards: list[ShardInfo]) -> SplitIndex:
+        """The index of shards that have none on disk, built in memory from their tar headers."""
+        data = cls.encode(split, shards, cls.scan_rows(directory, split, shards))
+        return cls.from_bytes(directory, data)
+
+    @classmethod
+    def from_bytes(cls, directory: str | Path, data, source: str | None = None) -> SplitIndex:
+        if bytes(data[: len(MAGIC)]) != MAGIC:
+            raise IndexMismatch(f"{source or 'index'}: not a shard index (bad magic)")
+        n = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 8], "little")
+        try:
+            header = json.loads(bytes(data[len(MAGIC) + 8 : len(MAGIC) + 8 + n]))
+            header["length"] = n
+        except ValueError as e:
+            raise IndexMismatch(f"{source or 'index'}: unreadable header ({e})") from None
+        if header.get("version") != INDEX_VERSION:
+            raise IndexMismatch(f"{source}: index version {header.get('version')} unsupported (want {INDEX_VERSION})")
+        try:
+            return cls(directory, data, header, source)
+        except (KeyError, TypeError, ValueError) as e:
+            raise IndexMismatch(f"{source or 'index'}: damaged ({e!r})") from None
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str | Path, split: str, manifest: Manifest, verify: bool = True) -> SplitIndex:
+        """The split's index file, checked against the manifest: its size and sha256 (skipped with
+        verify=False, for a process whose parent checked the same file), and the shards it was
+        made for. IndexMismatch when it does not match; FileNotFoundError when it is gone."""
+        info = manifest.indexes[split]
+        path = Path(directory) / info.name
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise IndexMismatch(f"{info.name}: {size} bytes, the manifest says {info.bytes} (damaged?)")
+        if verify and (digest := sha256_file(path)) != info.sha256:
+            raise IndexMismatch(f"{info.name}: sha256 {digest[:12]}.. != manifest {info.sha256[:12]}.. (modified)")
+        with open(path, "rb") as f:
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        index = cls.from_bytes(directory, buffer, str(path))
+        listed = [_shard_record(s) for s in manifest.shards(split)]
+        if index.header["shards"] != listed or index.header["samples"] != info.samples:
+            raise IndexMismatch(
+                f"{info.name} indexes other shards than the manifest lists: run `python -m shards index {directory}`"
+            )
+        return index
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, split: str, manifest: Manifest | None = None, verify: bool = True
+    ) -> SplitIndex:
+        """The split's index: its file when the manifest lists one, else scanned from the tar
+        headers (shards built by an older version), with a warning."""
+        manifest = manifest or Manifest.load(directory)
+        if split in manifest.indexes:
+            return cls.open(directory, split, manifest, verify)
+        shards = manifest.shards(split)
+        log.warning(
+            "split %s of %s has no member index: reading the tar headers of its %d shards (%d images); "
+            "`python -m shards index %s` writes one once",
+            split, directory, len(shards), sum(s.samples for s in shards), directory,
+        )  # fmt: skip
+        return cls.scan(directory, split, shards)
+
+    def __getstate__(self):  # to worker processes: the file's path (mapped again there) or the bytes
+        data = None if self.source else bytes(self._buffer)
+        return {"directory": str(self.directory), "source": self.source, "data": data}
+
+    def __setstate__(self, state):
+        if state["data"] is not None:
+            other = SplitIndex.from_bytes(state["directory"], state["data"])
+        else:  # checked by the process that opened it first
+            with open(state["source"], "rb") as f:
+                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            other = SplitIndex.from_bytes(state["directory"], buffer, state["source"])
+        self.__dict__.update(other.__dict__)
+
+    # -- reading -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.header["samples"]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._buffer)
+
+    def key(self, row: int) -> str:
+        start = int(self.key_end[row - 1]) if row else 0
+        return bytes(self.keys[start : int(self.key_end[row])]).decode()
+
+    def find(self, key: str) -> int | None:
+        """The row of `key`, or None."""
+        h = key_hash([key])
+        j = int(np.searchsorted(self.hash, h[0]))
+        while j < len(self.hash) and self.hash[j] == h[0]:
+            row = int(self.order[j])
+            if self.key(row) == key:
+                return row
+            j += 1
+        return None
+
+    def shard_of(self, row: int) -> int:
+        return bisect.bisect_right(self.starts, row) - 1
+
+    def member(self, row: int) -> Member:
+        return Member(self._paths[self.shard_of(row)], int(self.offset[row]), int(self.size[row]))
+
+    def get(self, key: str) -> Member | None:
+        row = self.find(key)
+        return None if row is None else self.member(row)
+
+    def shard_rows(self, shard: int) -> range:
+        """The rows of the split's `shard`-th shard (manifest order)."""
+        return range(self.starts[shard], self.starts[shard + 1])
+
+    def members(self, shard: int) -> Iterator[tuple[str, Member]]:
+        """(key, member) of the images of the split's `shard`-th shard, in stored order."""
+        for row in self.shard_rows(shard):
+            yield self.key(row), self.member(row)
+
+    def iter_keys(self) -> Iterator[str]:
+        blob = bytes(self.keys)
+        ends = self.key_end.tolist()
+        start = 0
+        for end in ends:
+            yield blob[start:end].decode()
+            start = end
+
+
+def scanned_members(path: str | Path) -> Iterator[tuple[str, Member]]:
+    """(key, member) of one shard from its tar headers: for shards without an index."""
+    for key, offset, size, _ in scan_members(path):
+        yield key, Member(str(path), offset, size)
+
+
+def write_index(directory: str | Path, split: str, manifest: Manifest, rows=None) -> ShardInfo:
+    """Write `<split>.index` (atomically) and return its manifest entry; `rows` from the caller
+    (the build, which just wrote them) or scanned from the tar headers."""
+    directory = Path(directory)
+    shards = manifest.shards(split)
+    if rows is None:
+        rows = SplitIndex.scan_rows(directory, split, shards)
+    data = SplitIndex.encode(split, shards, rows)
+    path = directory / index_name(split)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return ShardInfo(name=path.name, samples=len(rows), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def index_all(directory: str | Path, verify: bool = True, progress: bool = True) -> dict:
+    """`shards index DIR`: write the member index of every split (checking each shard's checksum
+    first unless verify=False) and record them in the manifest."""
+    from tqdm import tqdm
+
+    from .manifest import verify_shard
+
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    all_shards = [s for shards in manifest.splits.values() for s in shards]
+    if verify:
+        bar = tqdm(all_shards, desc="verify", unit="shard", disable=not progress)
+        problems = [p for s in bar if (p := verify_shard(directory, s))]
+        if problems:
+            raise IndexMismatch(f"not indexing damaged shards: {'; '.join(problems)}")
+    for split in manifest.splits:
+        manifest.indexes[split] = write_index(directory, split, manifest)
+    manifest.save(directory)
+    return {
+        "dir": str(directory),
+        "indexes": {k: {"file": v.name, "samples": v.samples, "bytes": v.bytes} for k, v in manifest.indexes.items()},
+        "verified": verify,
+    }
+
+
+class ShardIndex:
+    """Where the service finds an image by key, across the splits it serves."""
+
+    def __init__(self, directory: str | Path, splits: dict[str, SplitIndex]):
+        self.directory = Path(directory)
+        self.splits = splits
+
+    @classmethod
+    def load(cls, directory: str | Path, splits: list[str], verify: bool = True) -> ShardIndex:
+        """The index of `splits` (those the manifest has), checked against the manifest: a damaged
+        index, or shards of another size than the manifest says, raise IndexMismatch naming them."""
+        manifest = Manifest.load(directory)
+        found = {s: SplitIndex.load(directory, s, manifest, verify) for s in splits if s in manifest.splits}
+        problems = []
+        for split in found:
+            for shard in manifest.shards(split):
+                path = Path(directory) / shard.name
+                size = path.stat().st_size if path.exists() else None
+                if size != shard.bytes:
+                    problems.append(f"{shard.name}: {size or 'no'} bytes, the manifest says {shard.bytes}")
+        if problems:
+            raise IndexMismatch(
+                f"shards in {directory} do not match their manifest ({'; '.join(problems)}); "
+                f"check them with `python -m shards inspect {directory}`"
+            )
+        return cls(directory, found)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.splits.values())
+
+    def get(self, key: str) -> Member | None:
+        for index in self.splits.values():
+            if (member := index.get(key)) is not None:
+                return member
+        return None
+
+    def keys(self) -> Iterator[str]:
+        for index in self.splits.values():
+            yield from index.iter_keys()

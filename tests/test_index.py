@@ -1,0 +1,117 @@
+"""The member index (shards/index.py): what `shards build` writes so that no reader walks tar headers."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from conftest import copy_shards, flip_bit, last_json, run_cli
+
+from shards import AugmentPolicy, Manifest, ShardStream, SkipCounter, iter_shard
+from shards.index import IndexMismatch, ShardIndex, SplitIndex
+from shards.members import Member
+
+POLICY = AugmentPolicy(input_size=32, scale=(0.5, 1.0), hflip=0.0, auto_augment=None, re_prob=0.0)
+
+
+def test_the_index_says_where_every_sample_is(demo_shards):
+    m = Manifest.load(demo_shards)
+    for split in ("train", "val"):
+        index = SplitIndex.open(demo_shards, split, m)
+        raws = [r for s in m.shards(split) for r in iter_shard(demo_shards / s.name, SkipCounter())]
+        assert len(index) == len(raws) == m.num_samples(split)
+        assert list(index.iter_keys()) == [r.key for r in raws]  # stored order
+        for row, raw in enumerate(raws):
+            assert index.find(raw.key) == row and index.label[row] == raw.label
+            assert index.member(row).read() == raw.data
+            assert index.shards[index.shard_of(row)] == raw.shard
+    assert index.find("digits/3/no-such") is None and index.get("") is None
+    both = ShardIndex.load(demo_shards, ["train", "val", "test"])  # a split the set lacks is left out
+    assert len(both) == 1797 and both.get(raws[7].key) == index.member(7)
+
+
+def test_an_index_goes_to_worker_processes_by_path(demo_shards):
+    index = SplitIndex.open(demo_shards, "train", Manifest.load(demo_shards))
+    state = pickle.dumps(index)
+    assert len(state) < 1000  # the path, not the table: the worker maps the same file
+    again = pickle.loads(state)
+    assert list(again.iter_keys()) == list(index.iter_keys()) and again.member(100) == index.member(100)
+
+
+def test_shards_without_an_index_still_work_and_shards_index_writes_it(demo_shards, tmp_path, caplog):
+    legacy = copy_shards(demo_shards, tmp_path / "legacy", index=False)
+    assert not Manifest.load(legacy).indexes
+    with caplog.at_level("WARNING"):
+        scanned = SplitIndex.load(legacy, "train")
+    assert "no member index" in caplog.text and "shards index" in caplog.text
+    built = SplitIndex.open(demo_shards, "train", Manifest.load(demo_shards))
+    assert list(scanned.iter_keys()) == list(built.iter_keys())
+    assert [scanned.member(r).offset for r in range(len(built))] == [built.member(r).offset for r in range(len(built))]
+    s = last_json(run_cli("shards", "index", legacy).stdout)
+    assert s["indexes"]["train"]["samples"] == 1437 and s["verified"]
+    # the same bytes `shards build` wrote, and the manifest lists them as the build's did
+    assert (legacy / "train.index").read_bytes() == (demo_shards / "train.index").read_bytes()
+    assert Manifest.load(legacy).indexes == Manifest.load(demo_shards).indexes
+
+
+def test_a_damaged_or_stale_index_is_refused(demo_shards, tmp_path):
+    damaged = copy_shards(demo_shards, tmp_path / "damaged")
+    flip_bit(damaged / "train.index", 3000)
+    with pytest.raises(IndexMismatch, match=r"train.index: sha256 .* \(modified\)"):
+        SplitIndex.open(damaged, "train", Manifest.load(damaged))
+    with pytest.raises(IndexMismatch, match="modified"):
+        ShardStream(damaged, "train", POLICY, batch_size=64)
+    r = run_cli("shards", "inspect", damaged, check=False)
+    assert r.returncode == 1 and "train.index" in r.stderr
+
+    cut = copy_shards(demo_shards, tmp_path / "cut")
+    (cut / "val.index").write_bytes((cut / "val.index").read_bytes()[:-10])
+    with pytest.raises(IndexMismatch, match="val.index: .* bytes, the manifest says"):
+        ShardIndex.load(cut, ["train", "val"])
+
+    # an index made for other shards (a manifest rewritten around it) is not used either
+    stale = copy_shards(demo_shards, tmp_path / "stale")
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["splits"]["train"][0]["sha256"] = "0" * 64
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatch, match="other shards"):
+        SplitIndex.open(stale, "train", Manifest.load(stale))
+
+
+def test_keys_must_be_unique():
+    from shards.manifest import ShardInfo
+
+    shard = ShardInfo("train-000000.tar", 2, 0, "")
+    with pytest.raises(IndexMismatch, match="'a/b' names two samples"):
+        SplitIndex.encode("train", [shard], [("a/b", 512, 10, 0), ("a/b", 2048, 10, 1)])
+
+
+@pytest.mark.parametrize("repeat_mode", ["deit", "all"])
+def test_the_stream_reads_the_same_batches_with_or_without_the_index(demo_shards, tmp_path, monkeypatch, repeat_mode):
+    """Through the index a worker reads only its own positions' images, one seek each; the
+    batches are those of streaming whole shards, for every rank."""
+    legacy = copy_shards(demo_shards, tmp_path / "legacy", index=False)
+    reads = []
+    read = Member.read
+    monkeypatch.setattr(Member, "read", lambda self, files=None: reads.append(self) or read(self, files))
+
+    def batches(directory, rank):
+        stream = ShardStream(
+            directory, "train", POLICY, batch_size=50, rank=rank, world_size=2, repeats=3,
+            repeat_mode=repeat_mode, shuffle_buffer=64,
+        )  # fmt: skip
+        stream.set_epoch(2)
+        return [(b["key"], b["seed"].tolist(), b["label"].tolist(), b["image"]) for b in stream]
+
+    for rank in (0, 1):
+        reads.clear()
+        indexed = batches(demo_shards, rank)
+        read_images = len(reads)
+        assert not [r for r in reads if not r.path.startswith(str(demo_shards))]
+        streamed = batches(legacy, rank)
+        assert len(indexed) == len(streamed)
+        for a, b in zip(indexed, streamed, strict=True):
+            assert a[:3] == b[:3] and (a[3] == b[3]).all()
+        distinct = len({k for keys, *_ in indexed for k in keys})
+        assert read_images == distinct  # each image of this rank read once, no other image read
