@@ -92,10 +92,8 @@ def make_folder(src: Path, n: int, classes: int, quality: int) -> float:
 
 
 def build(src: Path, out: Path, shard_size: int) -> dict:
-    r = subprocess.run(
-        [sys.executable, "-m", "shards", "build", "--src", str(src), "--out", str(out), "--shard-size", str(shard_size)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    argv = ["shards", "build", "--src", str(src), "--out", str(out), "--shard-size", str(shard_size)]
+    r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, check=True)
     s = json.loads(r.stdout.strip().splitlines()[-1])
     return {"seconds": s["seconds"], "images_per_s_per_core": s["images_per_s"]}
 

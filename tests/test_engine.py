@@ -223,6 +223,26 @@ def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shar
 
 
 @pytest.mark.slow
+def test_serve_with_two_http_workers_stops_on_sigterm(demo_shards, tiny_teacher, tmp_path):
+    """uvicorn's Multiprocess handles SIGTERM itself; the supervisor's handler passes it on (it
+    replaced it: the service ignored SIGTERM until a kill -9)."""
+    proc, _ = start_service(
+        tiny_teacher, demo_shards, tmp_path / "labels.db", tmp_path / "serve.log", "--http-workers", "2",
+        "--augment-workers", "1",
+    )  # fmt: skip
+    family = descendants(proc.pid)
+    private = engines_directory(family)
+    try:
+        proc.terminate()
+        assert wait_exit(proc, "serve with 2 HTTP workers exits on SIGTERM", 3.0) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not still_running(family, "serve's processes exit after SIGTERM")
+    assert not os.path.exists(private)
+
+
+@pytest.mark.slow
 def test_serve_exits_1_when_its_engine_dies(demo_shards, tiny_teacher, tmp_path):
     proc, _ = start_service(
         tiny_teacher, demo_shards, tmp_path / "labels.db", tmp_path / "serve.log", "--augment-workers", "1"

@@ -69,10 +69,19 @@ def serve(settings: Settings) -> int:
     watcher = threading.Thread(target=watch, name="engine-watch", daemon=True)
     watcher.start()
     # uvicorn re-raises the signal that stopped it once it has shut down; land it here, stop the
-    # engines, then exit by that signal as a process manager expects
+    # engines, then exit by that signal as a process manager expects. Several HTTP workers: uvicorn's
+    # Multiprocess set its own handlers when it was made (they stop the workers); ours passes the
+    # signal on to them (replacing them left `serve --http-workers 2` deaf to SIGTERM)
     received: list[int] = []
+    chained = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if config.workers > 1 else {}
+
+    def on_signal(sig: int, frame) -> None:
+        received.append(sig)
+        if callable(chained.get(sig)):
+            chained[sig](sig, frame)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, _frame: received.append(s))
+        signal.signal(sig, on_signal)
     try:
         http.run()
     finally:
