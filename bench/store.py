@@ -3,12 +3,19 @@
 python bench/store.py [--redis-url redis://127.0.0.1:6379/15] [--images 2000] [--seeds 300]
 python bench/store.py --backends redis,redis_cluster      # one Redis vs a local 3-master cluster
 python bench/store.py --epochs 300 --repeats 3            # the pairs DeiT's 300-epoch schedule asks for
+python bench/store.py --backends slot_read                # whole-row MGET against server-side slot reads
 
 The store is shaped like a 300-epoch run: every image has a label for every seed (`--seeds`), or,
 with `--epochs`, exactly the seeds that run's schedule asks each image for (`shards/schedule.py`:
 about E/R selections of R seeds each, on shards of `--shard-size` images). Labels follow
 what a teacher produces: per image one dominant class (85% of crops), the rest spread over 1000
 classes. Gets and puts are batches of 256 random (key, seed) pairs from one client on loopback.
+
+`slot_read` compares, on one Redis with rows of 300 and 900 seeds, three ways to read a
+training-order batch (256 distinct keys at one seed): the store's whole-row MGET (slots cut out by
+the client), a Lua script that returns only the requested slot of each row (one round trip), and
+a pipeline of GETRANGE commands. Per way: labels/s from one client, the server's microseconds per
+label (INFO commandstats: what bounds one Redis across many clients) and bytes on the wire per label.
 """
 
 from __future__ import annotations
@@ -73,6 +80,71 @@ def measure(store, keys, labels, counts, batch: int, seconds: float, rng) -> dic
     return {"get_labels_per_s": round(get_rate), "put_labels_per_s": round(n / (time.perf_counter() - t0))}
 
 
+# the requested slot of each row, server-side: KEYS are the rows, ARGV[1] the slot width, then offsets
+SLOT_READ = """
+local w = tonumber(ARGV[1])
+local out = {}
+for i, k in ipairs(KEYS) do
+  local off = tonumber(ARGV[i + 1])
+  out[i] = redis.call('GETRANGE', k, off, off + w - 1)
+end
+return table.concat(out)
+"""
+
+
+def slot_read(url: str, images: int, seeds_list: list[int], seconds: float, rng) -> list[dict]:
+    """Whole-row MGET (the store's get) against server-side slot reads, training-order batches."""
+    server = redis.Redis.from_url(url)
+    script = server.script_load(SLOT_READ)
+    return [_compare_reads(server, script, url, images, seeds, seconds, rng) for seeds in seeds_list]
+
+
+def _compare_reads(server, script: str, url: str, images: int, seeds: int, seconds: float, rng) -> dict:
+    ns = Namespace(f"bench@{uuid.uuid4().hex[:8]}", "bench", RecordFormat(), num_classes=1000)
+    store = open_store(url, ns, seed_limit=seeds)
+    keys = [f"n{i // 1300:08d}/n{i // 1300:08d}_{i:06d}" for i in range(images)]
+    labels = teacher_like_labels(rng, images, seeds)
+    fill(store, keys, labels, np.full(images, seeds))
+    names = [store.prefix + k for k in keys]
+    width = store.codec.width
+
+    def slots(raw: bytes) -> np.ndarray:
+        return store.codec.decode(np.frombuffer(raw, np.uint8).reshape(-1, width)).top1
+
+    def mget(idx, seed):
+        return store.get([keys[i] for i in idx], [seed] * len(idx)).top1
+
+    def lua(idx, seed):
+        return slots(server.evalsha(script, len(idx), *[names[i] for i in idx], width, *([seed * width] * len(idx))))
+
+    def getrange(idx, seed):
+        pipe = server.pipeline(transaction=False)
+        for i in idx:
+            pipe.getrange(names[i], seed * width, seed * width + width - 1)
+        return slots(b"".join(pipe.execute()))
+
+    row = {"seeds": seeds, "images": images}
+    for name, fn, command in (("mget", mget, "mget"), ("lua", lua, "evalsha"), ("getrange", getrange, "getrange")):
+        order = rng.permutation(images)
+        server.config_resetstat()
+        n, b, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            idx = order[(b * 256) % images :][:256]
+            seed = int(rng.integers(seeds))
+            assert (fn(idx, seed) == labels[idx, seed]).all(), name
+            n, b = n + len(idx), b + 1
+        rate = n / (time.perf_counter() - t0)
+        stats = server.info("commandstats")[f"cmdstat_{command}"]
+        row[name] = {
+            "labels_per_s": round(rate),
+            "server_us_per_label": round(stats["usec"] / n, 3),
+            "wire_bytes_per_label": width * seeds if name == "mget" else width,
+        }
+    store.drop()
+    store.close()
+    return row
+
+
 class BenchStore(BaseModel):
     redis_url: str = Field("redis://127.0.0.1:6379/15", description="Redis to measure (a scratch db)")
     images: int = Field(2000, ge=1, description="images in the store")
@@ -83,7 +155,10 @@ class BenchStore(BaseModel):
     shard_size: int = Field(100, ge=1, description="images per shard of the schedule (with --epochs)")
     batch: int = Field(256, ge=1, description="(key, seed) pairs per get or put")
     seconds: float = Field(3.0, gt=0, description="per measurement")
-    backends: str = Field("redis,file", description="comma-separated backends to measure: redis, redis_cluster, file")
+    backends: str = Field(
+        "redis,file", description="comma-separated: redis, redis_cluster, file, slot_read (see above)"
+    )
+    slot_read_seeds: str = Field("300,900", description="row lengths (seeds) of the slot_read comparison")
     cluster_url: str | None = Field(
         None, description="Redis Cluster to measure (default: a local 3-master cluster of redis-server processes)"
     )
@@ -106,6 +181,11 @@ def main():
     labels = teacher_like_labels(rng, args.images, int(counts.max()))
     total = int(counts.sum())
     for backend in args.backends.split(","):
+        if backend == "slot_read":
+            seeds_list = [int(x) for x in args.slot_read_seeds.split(",")]
+            for row in slot_read(args.redis_url, args.images, seeds_list, args.seconds, rng):
+                print(json.dumps({"backend": backend, **row}), flush=True)
+            continue
         with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
             servers = []  # redis-py clients of every server holding the rows: memory is their sum
             if backend == "redis":
