@@ -127,13 +127,16 @@ class LabelService:
         out = self._empty(len(keys))
         misses = await self._from_store(keys, seeds, out)
         by_key: dict[str, list[int]] = {}
+        members = {}
         for i in misses:
-            if self.index is None or self.index.get(keys[i]) is None:
+            if keys[i] not in members:
+                members[keys[i]] = self.index.get(keys[i]) if self.index is not None else None
+            if members[keys[i]] is None:
                 out.errors[i] = f"unknown key {keys[i]!r}" + ("" if self.index else " (service has no --shards)")
             else:
                 by_key.setdefault(keys[i], []).append(i)
         if by_key:
-            jobs = [Job(self.index.get(k), k, tuple(seeds[i] for i in idx)) for k, idx in by_key.items()]
+            jobs = [Job(members[k], k, tuple(seeds[i] for i in idx)) for k, idx in by_key.items()]
             await self._compute(jobs, list(by_key.values()), out)
         return out
 

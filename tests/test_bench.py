@@ -1,0 +1,44 @@
+"""The scale and store benchmarks, bounded: they run, and what they measure holds together."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import PY, ROOT, last_json, run_step
+
+BENCH = ROOT / "bench"
+
+
+@pytest.mark.slow
+def test_bench_scale_measures_two_sizes_and_plans_from_them(redis_server, tmp_path):
+    """bench/scale.py at two small sizes: the index opens faster than the tar headers are walked,
+    serve becomes ready with and without it, every measured part reports, and the plan follows."""
+    argv = [
+        PY, BENCH / "scale.py", "--sizes", "300,600", "--shard-size", "100", "--precompute-images", "100",
+        "--loader-batches", "3", "--seconds", "0.3", "--workdir", tmp_path, "--redis-url", redis_server.url,
+    ]  # fmt: skip
+    s = last_json(run_step(argv, "bench/scale.py at 300 and 600 images", 110, cwd=BENCH).stdout)
+    small, large = s["sizes"]
+    assert (small["images"], large["images"]) == (300, 600)
+    for row in s["sizes"]:
+        assert row["index"]["open_s"] < row["index"]["tar_walk_s"]
+        assert 40 < row["index"]["bytes_per_image"] < 120
+        assert row["serve"]["ready_s"] > 0 and len(row["serve"]["http_workers"]) == 2
+        assert row["loader"]["images_per_s_per_core"] > 0 and row["store_900"]["bytes_per_label"] > 2
+    assert large["index"]["tar_walk_s"] > small["index"]["tar_walk_s"]  # grows with the data set
+    assert s["precompute"]["labels"] == 100 and s["cost_split"]["teacher_ms"] > 0
+    plan = s["plan"]
+    assert plan["labels_deit_schedule"] == 300 * 1_281_167
+    assert plan["serve_ready_s_with_index"] < plan["serve_ready_s_without_index"]
+
+
+def test_bench_store_slot_read_reads_the_same_labels_three_ways(redis_server):
+    """bench/store.py --backends slot_read: MGET, the Lua slot read and GETRANGE agree (the bench
+    asserts every label it reads) and the wire cost per label is what each way sends."""
+    argv = [PY, BENCH / "store.py", "--backends", "slot_read", "--images", "300", "--seconds", "0.2"]
+    argv += ["--redis-url", redis_server.url]
+    out = run_step(argv, "bench/store.py slot_read", 6, cwd=BENCH).stdout.strip().splitlines()
+    rows = [last_json(line) for line in out]
+    assert [r["seeds"] for r in rows] == [300, 900]
+    for r in rows:
+        assert r["mget"]["wire_bytes_per_label"] == 2 * r["seeds"] and r["lua"]["wire_bytes_per_label"] == 2
+        assert min(r[k]["labels_per_s"] for k in ("mget", "lua", "getrange")) > 0
