@@ -308,7 +308,8 @@ def plan(rows: list[dict], pre: dict) -> dict:
     shared by the machine's processes)."""
     last = rows[-1]
     more = IMAGENET - last["images"]
-    labels_deit, labels_all = 300 * IMAGENET, 900 * IMAGENET
+    labels_deit = 300 * -(-IMAGENET // 3) * 3  # DeiT's schedule: ceil(N / 3) images x 3 repeats an epoch
+    labels_all = 900 * IMAGENET
     index_mb = IMAGENET * last["index"]["bytes_per_image"] / 2**20
     return {
         "images": IMAGENET,
