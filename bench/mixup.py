@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args
 from shards import Manifest, ShardStream
-from student_trainer.labels import target_distribution
+from student_trainer.targets import target_distribution
 from student_trainer.train import MixupWithLambda, TrainConfig
 from teacher_service.teacher import Teacher, TeacherSettings
 

@@ -32,18 +32,18 @@ from timm.utils import unwrap_model
 from tqdm import tqdm
 
 from distill_core import atomic_save, load_training_checkpoint, save_weights, usable_cpus
-from shards import AugmentPolicy, Manifest, ShardStream, make_loader
-from shards.schedule import RepeatSchedule
+from shards import AugmentPolicy, Manifest
 from shards.stream import rendered
 from teacher_service.teacher import Teacher
 
 from .config import TrainConfig
-from .labels import LabeledStream, TeacherTargetBuilder, with_teacher_labels
+from .data import LabeledLoader, eval_loader, labeled_loader
 from .loss import DistillationLoss
+from .targets import MixupWithLambda, TeacherTargetBuilder
 
 log = logging.getLogger("student_trainer")
 
-LABEL_COUNTS = ("labels_cached", "labels_missing", "labels_from_service", "labels_unstored")
+LABEL_COUNTS = ("labels_cached", "labels_missing", "labels_from_service", "labels_service_failed", "labels_unstored")
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -118,31 +118,12 @@ def build_optimization(cfg: TrainConfig, model, steps_per_epoch: int, global_bat
     return optimizer, scheduler
 
 
-class MixupWithLambda:
-    """timm's Mixup/CutMix (batch mode), also returning lambda so cached teacher targets can be mixed
-    exactly like the images: lam * t + (1 - lam) * t.flip(0). (timm's public Mixup.__call__ returns
-    the mixed true targets but not lambda, hence its _mix_batch.)"""
-
-    def __init__(self, cfg: TrainConfig, num_classes: int):
-        from timm.data import Mixup
-
-        self.m = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            prob=cfg.mixup_prob,
-            switch_prob=cfg.mixup_switch_prob,
-            mode="batch",
-            label_smoothing=cfg.smoothing,
-            num_classes=num_classes,
-        )
-
-    def __call__(self, x, y):
-        from timm.data.mixup import mixup_target
-
-        if len(x) % 2:  # timm mixes a batch with its reverse; keep even sizes
-            x, y = x[:-1], y[:-1]
-        lam = self.m._mix_batch(x)  # in place, same draw as timm's Mixup.__call__
-        return x, mixup_target(y, self.m.num_classes, lam, self.m.label_smoothing), float(lam)
+def build_mixup(cfg: TrainConfig, num_classes: int) -> MixupWithLambda | None:
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return MixupWithLambda(
+        num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, label_smoothing=cfg.smoothing
+    )
 
 
 def build_criterion(cfg: TrainConfig, mixup: MixupWithLambda | None) -> DistillationLoss:
@@ -177,9 +158,7 @@ class Run:
     criterion: DistillationLoss
     mixup: MixupWithLambda | None
     targets: TeacherTargetBuilder
-    dataset: ShardStream | LabeledStream
-    schedule: RepeatSchedule  # which (image, seed) pairs each epoch trains on
-    loader: torch.utils.data.DataLoader
+    loader: LabeledLoader  # the train split's batches with their teacher labels (data.py)
     val_loader: torch.utils.data.DataLoader | None
     steps_per_epoch: int
     model_meta: dict
@@ -207,29 +186,24 @@ def setup(cfg: TrainConfig) -> Run:
     model, model_kwargs = build_model(cfg, num_classes, policy.input_size)
     model.to(device)
 
-    # data: every rank the same number of batches; labels fetched in the loader workers
-    # a torch policy on an accelerator: the loader workers decode and draw, the device renders
-    on_device = policy.renderer == "torch" and device.type != "cpu"
-    train_stream = ShardStream(
-        cfg.shards,
-        "train",
-        policy,
-        cfg.batch_size,
-        "train",
-        rank,
-        world,
-        cfg.repeated_aug,
-        seed=cfg.seed,
-        render_on_device=on_device,
-        repeat_mode=cfg.repeat_mode,
-    )
-    dataset, namespace = with_teacher_labels(train_stream, cfg, policy, num_classes)
+    # data: every rank the same number of batches; labels fetched in the loader workers (data.py).
+    # A torch policy on an accelerator: the loader workers decode and draw, the device renders
     pin = device.type == "cuda"
-    loader = make_loader(dataset, num_workers=cfg.workers, pin_memory=pin)
+    labels = {"store": cfg.store, "service": cfg.service_url}.get(cfg.labels)
+    loader = labeled_loader(
+        cfg.shards, labels, epochs=cfg.epochs, batch_size=cfg.batch_size, rank=rank, world_size=world,
+        workers=cfg.workers, repeats=cfg.repeated_aug, repeat_mode=cfg.repeat_mode, seed=cfg.seed,
+        on_missing=cfg.on_missing, fallback_url=cfg.service_url, token=cfg.service_token, namespace=cfg.namespace,
+        renderer=cfg.renderer, policy=cfg.policy, soft=cfg.distillation_type == "soft",
+        render_on_device=policy.renderer == "torch" and device.type != "cpu", pin_memory=pin,
+        retry_for=cfg.store_retry_for,
+    )  # fmt: skip
     val_loader = None
     if cfg.eval_every and "val" in manifest.splits:
-        val = ShardStream(cfg.shards, "val", policy, cfg.batch_size, "eval", rank, world)
-        val_loader = make_loader(val, num_workers=min(cfg.workers, 1), pin_memory=pin)
+        val_loader = eval_loader(
+            cfg.shards, "val", batch_size=cfg.batch_size, rank=rank, world_size=world, workers=min(cfg.workers, 1),
+            renderer=cfg.renderer, policy=cfg.policy, pin_memory=pin,
+        )  # fmt: skip
 
     teacher = None
     if cfg.needs_teacher:
@@ -240,9 +214,9 @@ def setup(cfg: TrainConfig) -> Run:
         if cfg.compile:
             teacher.compile()
 
-    steps_per_epoch = len(train_stream)
+    steps_per_epoch = len(loader)
     optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, cfg.batch_size * world, device)
-    mixup = MixupWithLambda(cfg, num_classes) if (cfg.mixup > 0 or cfg.cutmix > 0) else None
+    mixup = build_mixup(cfg, num_classes)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
@@ -265,8 +239,6 @@ def setup(cfg: TrainConfig) -> Run:
         criterion=build_criterion(cfg, mixup),
         mixup=mixup,
         targets=TeacherTargetBuilder(cfg.labels, cfg.on_missing, cfg.distillation_type, num_classes, teacher),
-        dataset=dataset,
-        schedule=train_stream.schedule,
         loader=loader,
         val_loader=val_loader,
         steps_per_epoch=steps_per_epoch,
@@ -276,7 +248,7 @@ def setup(cfg: TrainConfig) -> Run:
             "num_classes": num_classes,
             "classes": manifest.classes,
         },
-        namespace=namespace,
+        namespace=loader.namespace,
     )
 
 
@@ -438,7 +410,7 @@ def train(cfg: TrainConfig) -> dict:
     epoch, done = start_epoch - 1, False
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch, run.rank)
-        run.dataset.set_epoch(epoch)  # before iter(loader): persistent workers read it at the epoch's start
+        run.loader.set_epoch(epoch)  # before iter(loader): persistent workers read it at the epoch's start
         step, record = train_one_epoch(run, epoch, step, cfg.max_steps)
         done = bool(cfg.max_steps) and step >= cfg.max_steps
         total_images += record["images"]
@@ -476,8 +448,8 @@ def train(cfg: TrainConfig) -> dict:
         "namespace": run.namespace,
         "policy_id": run.policy.policy_id,
         "repeat_mode": cfg.repeat_mode,
-        "seeds_needed": f"0:{run.schedule.seed_limit_for_run(cfg.epochs)}",
-        "labels_needed": run.schedule.labels_for_run(cfg.epochs),
+        "seeds_needed": f"0:{run.loader.schedule.seed_limit_for_run(cfg.epochs)}",
+        "labels_needed": run.loader.schedule.labels_for_run(cfg.epochs),
         "epochs_done": max(epoch + 1, start_epoch),
         "steps": step,
         "images_per_s": round(total_images / total_seconds, 2) if total_seconds else None,

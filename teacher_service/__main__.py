@@ -1,4 +1,4 @@
-"""python -m teacher_service {precompute,serve,labels {stats,copy}}"""
+"""python -m teacher_service {precompute,serve,labels {stats,copy,export,import}}"""
 
 from __future__ import annotations
 

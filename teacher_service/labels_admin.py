@@ -1,8 +1,10 @@
-"""`labels stats` and `labels copy`: look inside a store, move a namespace between stores."""
+"""`labels stats`, `copy`, `export` and `import`: look inside a store, move a namespace between
+stores or through a file (`label_files.py`)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -121,6 +123,35 @@ class CopyConfig(BaseModel):
     progress: bool = Field(True, description="progress bar")
 
 
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, Positional()] = Field(description="store URL to export from")
+    out: Annotated[Path, Positional()] = Field(description="the .npz file to write")
+    namespace: str | None = Field(None, description="namespace id (or a prefix); required when URL holds several")
+    progress: bool = Field(True, description="progress bar")
+
+
+class ImportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: Annotated[Path, Positional()] = Field(description="a file `labels export` wrote")
+    url: Annotated[str, Positional()] = Field(description="store URL to merge its labels into")
+    progress: bool = Field(True, description="progress bar")
+
+
+def _export(c: ExportConfig) -> dict:
+    from .label_files import export_namespace
+
+    return export_namespace(c.url, c.out, c.namespace, progress=c.progress)
+
+
+def _import(c: ImportConfig) -> dict:
+    from .label_files import import_namespace
+
+    return import_namespace(c.file, c.url, progress=c.progress)
+
+
 COMMAND = Command(
     "labels",
     help="inspect and move label stores",
@@ -136,6 +167,18 @@ COMMAND = Command(
             help="merge one namespace's labels from SRC into DST (e.g. file store -> Redis)",
             config=CopyConfig,
             run=lambda c: copy(c.src, c.dst, c.namespace, progress=c.progress),
+        ),
+        Command(
+            "export",
+            help="write one namespace to a self-describing NumPy file (.npz): metadata, keys, seeds, labels",
+            config=ExportConfig,
+            run=_export,
+        ),
+        Command(
+            "import",
+            help="merge a file `labels export` wrote into a store (the namespace is created if new)",
+            config=ImportConfig,
+            run=_import,
         ),
     ],
 )

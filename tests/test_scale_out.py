@@ -63,7 +63,7 @@ def test_precompute_into_a_redis_cluster_and_read_back(redis_cluster, demo_shard
     run_precompute(demo_shards, "0:2", reference, tiny_teacher)
     keys = train_keys(demo_shards)
     pairs_k, pairs_s = [k for k in keys for _ in range(2)], [s for _ in keys for s in range(2)]
-    from student_trainer.labels import StoreSource  # the trainer's path: one bulk get per batch
+    from student_trainer.data import StoreSource  # the trainer's path: one bulk get per batch
 
     source = StoreSource(redis_cluster.url, retry_for=1)
     assert source.meta()["seed_limit"] >= 2

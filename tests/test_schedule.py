@@ -119,7 +119,7 @@ def test_one_repeat_asks_the_same_pairs_in_both_modes():
 
 
 def test_a_run_is_covered_only_by_finished_records_of_its_pairs():
-    from student_trainer.labels import covering_records
+    from student_trainer.data import covering_records
 
     deit3 = RepeatSchedule((40, 40, 40), 3)
     rec = {"repeat_mode": "deit", "repeats": 3, "epochs": 10}

@@ -10,8 +10,8 @@ from conftest import PY, last_json, run_cli, run_precompute, wait_until
 
 from distill_core import load_training_checkpoint
 from shards import Manifest, SkipCounter, iter_shard
-from student_trainer.labels import TeacherTargetBuilder, target_distribution
 from student_trainer.loss import DistillationLoss, TeacherTargets
+from student_trainer.targets import TeacherTargetBuilder, target_distribution
 from teacher_service.namespace import Namespace, RecordFormat, classes_digest
 from teacher_service.store import open_store
 
@@ -97,10 +97,9 @@ class FixedTeacher:
 def labeled_batch(classes, present):
     present = torch.tensor(present)
     return {
-        "t_classes": torch.tensor(classes).reshape(-1, 1),
-        "t_probs": None,
-        "t_present": present,
-        "t_missing": int((~present).sum()),
+        "teacher_classes": torch.tensor(classes).reshape(-1, 1),
+        "present": present,
+        "teacher_missing": int((~present).sum()),
     }
 
 
