@@ -10,7 +10,7 @@ from teacher_service.store import StoreError
 
 from .config import TrainConfig
 from .demo import COMMAND as DEMO
-from .labels import MissingLabels
+from .data import MissingLabels
 from .plot import COMMAND as PLOT
 
 
