@@ -6,31 +6,21 @@
     python examples/plain_loop.py --shards runs/demo/shards --labels runs/demo/labels.db --epochs 2
 """
 
-import argparse
 import json
 
-import timm
 import torch
 
 from shards import Manifest
 from student_trainer import DistillationLoss, labeled_loader, teacher_targets
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--shards", required=True, help="shard directory (python -m shards build)")
-p.add_argument("--labels", required=True, help="label store (file path, redis://) or teacher service (http://)")
-p.add_argument("--epochs", type=int, default=2, help="epochs (the labels must cover them)")
-p.add_argument("--batch-size", type=int, default=64)
-p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: every epoch)")
-p.add_argument("--workers", type=int, default=2, help="data-loader workers (they fetch the labels)")
-args = p.parse_args()
+from common import parse_args, small_deit
+
+args = parse_args(__doc__)
 
 torch.manual_seed(0)
 num_classes = len(Manifest.load(args.shards).classes)
 loader = labeled_loader(args.shards, args.labels, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers)
-model = timm.create_model(  # DeiT-Ti's layout, shrunk for 32 px digits
-    "deit_tiny_distilled_patch16_224", num_classes=num_classes, img_size=loader.policy.input_size,
-    patch_size=4, embed_dim=96, depth=4, num_heads=3,
-)  # fmt: skip
+model = small_deit(num_classes, loader.policy.input_size)
 model.set_distilled_training(True)  # forward returns (class head, distillation head) logits
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), "hard", alpha=0.5)

@@ -10,10 +10,8 @@ below; model, optimizer, scheduler, mixup and loss are timm's.
     python examples/timm_task.py --shards runs/demo/shards --labels runs/demo/labels.db --epochs 2
 """
 
-import argparse
 import json
 
-import timm
 import torch
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -23,6 +21,8 @@ from timm.utils import unwrap_model
 
 from shards import Manifest
 from student_trainer import DistillationLoss, MixupWithLambda, TeacherTargets, labeled_loader, teacher_targets
+
+from common import parse_args, small_deit
 
 
 class CachedTokenDistillationTask(TrainingTask):
@@ -40,22 +40,12 @@ class CachedTokenDistillationTask(TrainingTask):
         return {"loss": self.loss((main_logits, dist_logits), target, teacher), "output": main_logits}
 
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--shards", required=True, help="shard directory (python -m shards build)")
-p.add_argument("--labels", required=True, help="label store (file path, redis://) or teacher service (http://)")
-p.add_argument("--epochs", type=int, default=2, help="epochs (the labels must cover them)")
-p.add_argument("--batch-size", type=int, default=64)
-p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: every epoch)")
-p.add_argument("--workers", type=int, default=2, help="data-loader workers (they fetch the labels)")
-args = p.parse_args()
+args = parse_args(__doc__)
 
 torch.manual_seed(0)
 num_classes = len(Manifest.load(args.shards).classes)
 loader = labeled_loader(args.shards, args.labels, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers)
-model = timm.create_model(
-    "deit_tiny_distilled_patch16_224", num_classes=num_classes, img_size=loader.policy.input_size,
-    patch_size=4, embed_dim=96, depth=4, num_heads=3, drop_path_rate=0.1,
-)  # fmt: skip
+model = small_deit(num_classes, loader.policy.input_size, drop_path_rate=0.1)
 task = CachedTokenDistillationTask(model, SoftTargetCrossEntropy(), "hard", task_loss_weight=0.5)
 optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
 steps = args.epochs * len(loader)

@@ -113,19 +113,25 @@ class EpochPlan:
         return self.start + sum(self.sizes)
 
 
-def worker_block(num_batches: int, worker: int, num_workers: int) -> tuple[int, int]:
-    """The contiguous block [b0, b1) of a rank's batches that one data-loader worker makes."""
-    return num_batches * worker // num_workers, num_batches * (worker + 1) // num_workers
+@dataclass(frozen=True)
+class Share:
+    """Whose part of an epoch a plan is: a DDP rank's, and one of its data-loader workers'."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    def block(self, num_batches: int) -> tuple[int, int]:
+        """The contiguous block [b0, b1) of the rank's batches that this worker makes."""
+        return num_batches * self.worker // self.num_workers, num_batches * (self.worker + 1) // self.num_workers
 
 
 def plan_epoch(
     shard_samples: list[int],
     batch_size: int,
     epoch: int,
-    rank: int = 0,
-    world_size: int = 1,
-    worker: int = 0,
-    num_workers: int = 1,
+    share: Share = Share(),
     repeats: int = 1,
     shuffle: bool = True,
     seed: int = 0,
@@ -137,12 +143,12 @@ def plan_epoch(
     for i in order:
         offsets.append(offsets[-1] + shard_samples[i] * repeats)
     total = offsets[-1]
-    nb = batches_per_rank(sum(shard_samples), batch_size, world_size, repeats)
+    nb = batches_per_rank(sum(shard_samples), batch_size, share.world_size, repeats)
     # Contiguous, near-equal rank slices; each slice has at least nb samples, so nb batches.
-    lo = total * rank // world_size
-    hi = total * (rank + 1) // world_size
+    lo = total * share.rank // share.world_size
+    hi = total * (share.rank + 1) // share.world_size
     sizes = batch_sizes(hi - lo, nb, batch_size)
-    b0, b1 = worker_block(nb, worker, num_workers)
+    b0, b1 = share.block(nb)
     start = lo + sum(sizes[:b0])
     return EpochPlan(order=order, offsets=offsets, start=start, sizes=sizes[b0:b1])
 
@@ -167,25 +173,17 @@ class DealtPlan:
         return self.rank + self.world_size * self.first, self.rank + self.world_size * (self.first + n - 1)
 
 
-def plan_dealt(
-    schedule: RepeatSchedule,
-    batch_size: int,
-    epoch: int,
-    rank: int = 0,
-    world_size: int = 1,
-    worker: int = 0,
-    num_workers: int = 1,
-) -> DealtPlan:
+def plan_dealt(schedule: RepeatSchedule, batch_size: int, epoch: int, share: Share = Share()) -> DealtPlan:
     total = schedule.samples_per_epoch
-    nb = batches_per_rank(total, batch_size, world_size)
-    mine = len(range(rank, total, world_size))  # ranks differ by one position at most
+    nb = batches_per_rank(total, batch_size, share.world_size)
+    mine = len(range(share.rank, total, share.world_size))  # ranks differ by one position at most
     sizes = batch_sizes(mine, nb, batch_size)
-    b0, b1 = worker_block(nb, worker, num_workers)
+    b0, b1 = share.block(nb)
     pieces = schedule.pieces(epoch)
     offsets = [0]
     for _, count in pieces[:-1]:
         offsets.append(offsets[-1] + count)
-    return DealtPlan(pieces, offsets, rank, world_size, sum(sizes[:b0]), sizes[b0:b1])
+    return DealtPlan(pieces, offsets, share.rank, share.world_size, sum(sizes[:b0]), sizes[b0:b1])
 
 
 def batches_per_rank(num_samples: int, batch_size: int, world_size: int, repeats: int = 1) -> int:
@@ -273,22 +271,11 @@ class ShardStream(IterableDataset):
         return self.schedule.mode == "deit"
 
     def plan(self, worker: int, num_workers: int) -> EpochPlan | DealtPlan:
+        share = Share(self.rank, self.world_size, worker, num_workers)
         if self.dealt:
-            return plan_dealt(
-                self.schedule, self.batch_size, self.epoch, self.rank, self.world_size, worker, num_workers
-            )
-        return plan_epoch(
-            [s.samples for s in self.shards],
-            self.batch_size,
-            self.epoch,
-            self.rank,
-            self.world_size,
-            worker,
-            num_workers,
-            self.repeats,
-            self.shuffle,
-            self.seed,
-        )
+            return plan_dealt(self.schedule, self.batch_size, self.epoch, share)
+        shard_samples = [s.samples for s in self.shards]
+        return plan_epoch(shard_samples, self.batch_size, self.epoch, share, self.repeats, self.shuffle, self.seed)
 
     def _positions(self, plan: EpochPlan, read) -> Iterator[tuple[RawSample, int]]:
         """(raw sample, seed) for every position in [plan.start, plan.stop) of an `all` plan."""

@@ -9,8 +9,8 @@ from teacher_service.client import ServiceError
 from teacher_service.store import StoreError
 
 from .config import TrainConfig
-from .demo import COMMAND as DEMO
 from .data import MissingLabels
+from .demo import COMMAND as DEMO
 from .plot import COMMAND as PLOT
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from shards.schedule import RepeatSchedule, same_pairs
-from shards.stream import batches_per_rank, plan_dealt
+from shards.stream import Share, batches_per_rank, plan_dealt
 
 
 def shapes(count: int = 40):
@@ -33,7 +33,7 @@ def dealt_pairs(schedule: RepeatSchedule, batch: int, epoch: int, world: int, wo
     for rank in range(world):
         batches[rank] = 0
         for w in range(workers):
-            plan = plan_dealt(schedule, batch, epoch, rank, world, w, workers)
+            plan = plan_dealt(schedule, batch, epoch, Share(rank, world, w, workers))
             batches[rank] += len(plan.sizes)
             if not plan.sizes:
                 continue

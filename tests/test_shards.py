@@ -10,7 +10,7 @@ from conftest import PY, copy_shards, flip_tar_header_bit, last_json, run_cli
 
 from shards import AugmentPolicy, Manifest, ShardStream, augment, decode_image, iter_shard
 from shards.augment import to_pil
-from shards.stream import SkipCounter, batch_sizes, plan_epoch, rendered
+from shards.stream import Share, SkipCounter, batch_sizes, plan_epoch, rendered
 
 POLICY = AugmentPolicy(input_size=32, scale=(0.35, 1.0), hflip=0.5)
 
@@ -96,7 +96,7 @@ def test_plan_covers_every_position_once_with_equal_batches():
     for rank in range(3):
         counts = 0
         for w in range(2):
-            p = plan_epoch(shard_samples, 32, epoch=4, rank=rank, world_size=3, worker=w, num_workers=2, repeats=2)
+            p = plan_epoch(shard_samples, 32, epoch=4, share=Share(rank, 3, w, 2), repeats=2)
             seen.extend(range(p.start, p.stop))
             counts += len(p.sizes)
         assert counts == 30  # ceil(ceil(1437 * 2 / 3) / 32)
