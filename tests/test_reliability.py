@@ -200,6 +200,7 @@ def test_the_trainer_rides_out_a_short_redis_outage(demo_shards, tiny_teacher, t
         redis.start()
         stdout, stderr = communicate(proc, "trainer: the rest of 3 epochs after a Redis outage", 15)
         assert proc.returncode == 0, stderr[-3000:]
+        assert "label store unavailable, retrying" in stderr  # the loader waited the outage out
         s = last_json(stdout)
         assert s["labels_missing"] == 0 and s["labels_cached"] == 3 * 1437 and s["steps"] == 3 * 12
     finally:

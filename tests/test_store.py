@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import PY, communicate, last_json, run_cli, wait_exit
+from conftest import PY, RedisServer, communicate, last_json, require_redis_server, run_cli, wait_exit
 
 from teacher_service.namespace import Namespace, NamespaceMismatch, RecordFormat, parse_seeds
 from teacher_service.store import StoreUnavailable, open_existing, open_store
@@ -139,19 +139,22 @@ def test_bad_inputs_rejected(store_url):
 
 
 WRITER = textwrap.dedent("""
-    import sys, time
+    import glob, sys, time
     from teacher_service.namespace import Namespace, RecordFormat
     from teacher_service.store import open_store
     sys.path.insert(0, {tests!r})
     from test_store import expected
     ns = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
     st = open_store({url!r}, ns)
+    while len(glob.glob({ready!r} + "*")) < {readers}:  # every reader reading before the first write
+        time.sleep(0.01)
     for b in range({batches}):
         keys = [f"b{{b}}/{{i}}" for i in range(20) for s in range(100)]
         seeds = [s for i in range(20) for s in range(100)]
         st.put(keys, seeds, [expected(k, s) for k, s in zip(keys, seeds)])
         print(b, flush=True)
         time.sleep({pause})
+    st.put(["done"], [0], [1])
 """)
 
 READER = textwrap.dedent("""
@@ -163,9 +166,10 @@ READER = textwrap.dedent("""
     ns = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
     st = open_store({url!r}, ns)
     rng = random.Random({seed})
+    open({ready!r} + str({seed}), "w").close()
     seen = 0
-    for _ in range(300):
-        keys = [f"b{{rng.randrange(40)}}/{{rng.randrange(20)}}" for _ in range(64)]
+    while not st.get(["done"], [0]).present[0]:  # until the writer has finished
+        keys = [f"b{{rng.randrange({batches})}}/{{rng.randrange(20)}}" for _ in range(64)]
         seeds = [rng.randrange(100) for _ in keys]
         got = st.get(keys, seeds)
         for k, s, p, c in zip(keys, seeds, got.present, got.top1):
@@ -176,29 +180,35 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_concurrent_writer_and_readers(store_url):
-    tests = os.path.dirname(__file__)
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_concurrent_writer_and_readers(backend, tmp_path):
+    """Two reader processes read while a writer writes: they see labels appear (every one right)."""
+    store_url, srv = str(tmp_path / "labels.db"), None
+    if backend == "redis":
+        require_redis_server()
+        srv = RedisServer(tmp_path).start()
+        store_url = srv.url
+    tests, ready = os.path.dirname(__file__), str(tmp_path / "ready")
     open_store(store_url, NS).close()
-    writer = subprocess.Popen(
-        [PY, "-c", WRITER.format(tests=tests, url=store_url, batches=40, pause=0.005)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    kw = dict(tests=tests, url=store_url, batches=40, ready=ready)
+    writer = subprocess.Popen([PY, "-c", WRITER.format(**kw, pause=0.01, readers=2)], stdout=subprocess.PIPE, text=True)
     readers = [
         subprocess.Popen(
-            [PY, "-c", READER.format(tests=tests, url=store_url, seed=i)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            [PY, "-c", READER.format(**kw, seed=i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for i in range(2)
     ]
-    for r in readers:
-        out, err = communicate(r, "store reader: 300 batches beside a writer", 4)
-        assert r.returncode == 0, err[-2000:]
-    assert wait_exit(writer, "store writer: 40 batches", 4) == 0
-    with open_store(store_url, NS) as st:
-        assert st.num_keys() == 40 * 20
+    try:
+        for r in readers:
+            out, err = communicate(r, "store reader: reads until the writer is done", 6)
+            assert r.returncode == 0, err[-2000:]
+            assert int(out) > 0  # labels appeared while it read
+        assert wait_exit(writer, "store writer: 40 batches", 4) == 0
+        with open_store(store_url, NS) as st:
+            assert st.num_keys() == 40 * 20 + 1  # and "done"
+    finally:
+        if srv is not None:
+            srv.kill()
 
 
 def test_file_store_survives_sigkill_of_writer(tmp_path):

@@ -258,19 +258,26 @@ def test_concurrent_clients_are_batched(service, demo_shards):
 
     samples = some_samples(demo_shards, 48)
 
+    def batches() -> tuple[float, float]:
+        """(teacher batches, items in them) so far: the service is shared by this module's tests."""
+        counts = {
+            line.split("{")[0]: float(line.split()[-1])
+            for line in httpx.get(service["url"] + "/metrics").text.splitlines()
+            if line.startswith("distill_batch_size_")
+        }
+        return counts["distill_batch_size_count"], counts["distill_batch_size_sum"]
+
     def one(i):
         with TeacherClient(service["url"], token=TOKEN) as c:
             return c.label([samples[i].key], [200 + i])[0].present.all()
 
+    before = batches()
     with ThreadPoolExecutor(16) as ex:
         assert all(ex.map(one, range(48)))
-    metrics = httpx.get(service["url"] + "/metrics").text
-    counts = {
-        line.split("{")[0]: float(line.split()[-1])
-        for line in metrics.splitlines()
-        if line.startswith("distill_batch_size_")
-    }
-    assert counts["distill_batch_size_count"] < counts["distill_batch_size_sum"]  # some batches held > 1 item
+    after = batches()
+    n_batches, n_items = after[0] - before[0], after[1] - before[1]
+    assert n_items == 48  # this test's 48 one-item requests, and nothing else
+    assert n_batches < n_items  # so some batch held more than one request's item
 
 
 def test_client_retries_then_reports_unreachable():

@@ -414,6 +414,9 @@ def test_resume_after_kill_continues_from_checkpoint(demo_shards, tmp_path):
     ckpt = load_training_checkpoint(out / "last.pt")  # plain values only: weights_only=True
     done_epoch = ckpt["epoch"]
     assert 1 <= done_epoch < 3 and ckpt["step"] == (done_epoch + 1) * 12
+    # an epoch's metrics line is written after its checkpoint, so the kill never leaves a line
+    # whose checkpoint is missing (the resumed run would write that epoch's line twice)
+    assert len(metrics.read_text().splitlines()) <= done_epoch + 1
     r = torchrun(
         *student_args(demo_shards, out, "--labels", "none", "--epochs", "4", "--eval-every", "0", "--resume", "auto")
     )
