@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from distill_core import free_port  # noqa: F401 (the benchmarks' helper, re-exported)
 from shards import Manifest, SkipCounter, iter_shard
 from shards.build import build
 
@@ -58,12 +59,6 @@ def jpeg_shards(directory: Path, n: int, classes: int = 10, shard_size: int = 25
 def bench_shards(data: str, directory: Path, n: int = 2048) -> tuple[Manifest, list]:
     """The benchmarks' data: `digits` (the demo, 32 px PNGs) or `jpeg` (`n` ImageNet-shaped JPEGs)."""
     return demo_shards(directory, shard_size=64) if data == "digits" else jpeg_shards(directory, n)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_shards(directory: Path, shard_size: int = 128) -> tuple[Manifest, list]:

@@ -52,7 +52,7 @@ class BenchTrain(BaseModel):
 def step(net, opt, teacher, x, y, amp: str) -> None:
     """One distillation step; the target is the online teacher's argmax, or cached (labels that came
     with the batch)."""
-    from student_trainer.train import autocast
+    from distill_core import autocast
 
     t = teacher.logits(x).argmax(1) if teacher is not None else y
     with autocast(x.device, amp):

@@ -7,7 +7,7 @@ It sits below `shards`, `teacher_service` and `student_trainer` and imports none
 from .checkpoint import atomic_save, clean_state_dict, load_training_checkpoint, read_weights, save_weights
 from .cli import App, Command, parse_script_args
 from .config import ConfigError, Nested, NotAFlag, Positional, add_arguments, from_arguments, read_secret
-from .system import usable_cpus
+from .system import autocast, free_port, usable_cpus
 
 __all__ = [
     "App",
@@ -18,8 +18,10 @@ __all__ = [
     "Positional",
     "add_arguments",
     "atomic_save",
+    "autocast",
     "clean_state_dict",
     "load_training_checkpoint",
+    "free_port",
     "from_arguments",
     "lazy_exports",
     "parse_script_args",

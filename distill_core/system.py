@@ -1,4 +1,4 @@
-"""Facts about the machine a process may use."""
+"""Facts about the machine a process may use: its cores, a free loopback port, the autocast of its device."""
 
 from __future__ import annotations
 
@@ -14,3 +14,24 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def autocast(device, amp: str):
+    """The forward's autocast: on CUDA with `amp` bf16 or fp16 (the trainer's and the teacher's
+    `auto` resolve to bf16 before they get here), else none."""
+    import contextlib
+
+    import torch
+
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for tests, benchmarks and local clusters)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,7 @@
 """Webdataset shards, manifest, streaming reader with DDP splitting, and seeded augmentation."""
 
-from .augment import AugmentPolicy, augment, decode_image, eval_view, prepare, sample_seed
+from .augment import AugmentPolicy, augment, eval_view, prepare, sample_seed
+from .decode import decode_image
 from .flags import RendererFlag
 from .manifest import Manifest, verify
 from .schedule import RepeatSchedule

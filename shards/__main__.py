@@ -99,7 +99,8 @@ def index(cfg: IndexConfig) -> dict:
 
 
 def show(cfg: ShowConfig) -> dict:
-    from .augment import augment, decode_image, to_pil
+    from .augment import augment, to_pil
+    from .decode import decode_image
     from .index import SplitIndex
     from .manifest import Manifest
 

@@ -18,11 +18,9 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
-import io
 import json
 import random
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .decode import image_header
 from .flags import RENDERERS
 from .render import draw_params, render_batch, to_uint8_chw
 
@@ -40,9 +39,6 @@ RENDER_CODE_VERSION = 1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# The decompression-bomb guard stays on; 64 MP is larger than any real training image.
-Image.MAX_IMAGE_PIXELS = 64_000_000
 
 # Python's `random`, numpy's and torch's global generators are process-wide: two threads
 # augmenting at once would interleave draws. One lock keeps each augment call atomic.
@@ -215,69 +211,6 @@ def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
                 torch.set_rng_state(torch_state)
-
-
-# The most pixels a real image of a format can hold per byte of file: a flat 8000x8000 JPEG has 64
-# a byte (each 8x8 block takes some bits), zlib compresses at most 1032:1, so a PNG of 1 bit a
-# pixel has at most 8,256 a byte (24-bit RGB: 344). A header that claims more is a truncated or
-# forged file whose decode would allocate the whole canvas for nothing.
-MAX_PIXELS_PER_BYTE = {"JPEG": 2000, "PNG": 10000}
-
-
-class ImpossibleHeader(ValueError):
-    """An image header that claims more pixels than the file's bytes can hold."""
-
-
-def check_header(im: Image.Image, size: int) -> None:
-    """Refuse, from the header alone, what `decode_image` must not decode: more pixels than
-    Image.MAX_IMAGE_PIXELS, or (JPEG, PNG) far fewer bytes than any image of that size takes."""
-    pixels = im.width * im.height
-    if pixels > Image.MAX_IMAGE_PIXELS:
-        raise Image.DecompressionBombError(f"{im.width}x{im.height}")
-    density = MAX_PIXELS_PER_BYTE.get(im.format or "")
-    if density and pixels > density * size:
-        raise ImpossibleHeader(
-            f"{im.format} of {size} bytes cannot hold the {im.width}x{im.height} pixels its header claims "
-            "(truncated or forged)"
-        )
-
-
-@contextlib.contextmanager
-def _checked_image(data: bytes, failing: str) -> Iterator[Image.Image]:
-    """The opened image, its header read and checked (`check_header`); Pillow's many error types,
-    raised here or in the caller's block, become ValueErrors with our message (`failing` names
-    what failed otherwise). Pillow's own texts can name heap addresses: never passed on."""
-    try:
-        with warnings.catch_warnings():  # Pillow warns of a bomb it would still decode; we refuse it
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))  # reads the header only
-        with im:
-            check_header(im, len(data))
-            yield im
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image too large: more than {Image.MAX_IMAGE_PIXELS:,} pixels") from e
-    except Image.UnidentifiedImageError as e:
-        raise ValueError("cannot identify the image format") from e
-    except ImpossibleHeader:
-        raise
-    except Exception as e:  # PIL raises several types for bad data
-        raise ValueError(f"{failing}: {type(e).__name__}: {e}") from e
-
-
-def image_header(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone; ValueError for what `decode_image` would refuse
-    before decoding (unidentifiable, too many pixels, more pixels than the bytes can hold)."""
-    with _checked_image(data, "cannot read the image header") as im:
-        return im.size
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to RGB; raises ValueError for anything undecodable, larger than
-    Image.MAX_IMAGE_PIXELS (Pillow only warns between 1x and 2x its limit: here that is an error),
-    or whose header claims far more pixels than its bytes can hold (`check_header`)."""
-    with _checked_image(data, "cannot decode image") as im:
-        im.load()
-        return im.convert("RGB")
 
 
 def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, restore_rng: bool = True) -> torch.Tensor:

@@ -39,7 +39,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .augment import AugmentPolicy, augment, decode_image, eval_view, prepare
+from .augment import AugmentPolicy, augment, eval_view, prepare
+from .decode import decode_image
 from .index import SplitIndex
 from .manifest import Manifest
 from .members import IMAGE_KEYS, OpenFiles

@@ -12,8 +12,10 @@ from distill_core import Nested, NotAFlag, read_secret
 from shards.flags import RendererFlag, RepeatModeFlag
 from teacher_service.teacher import TeacherSettings
 
+from .data import OnMissing
+from .loss import DistillationType
+
 LabelSource = Literal["none", "store", "service", "online"]
-OnMissing = Literal["error", "service", "online", "skip"]
 
 
 class TrainConfig(BaseModel):
@@ -56,7 +58,7 @@ class TrainConfig(BaseModel):
         default_factory=TeacherSettings, description="the online teacher (--labels online, --on-missing online)"
     )
     # DeiT's loss
-    distillation_type: Literal["none", "soft", "hard"] | None = Field(
+    distillation_type: DistillationType | None = Field(
         None, description="none | soft | hard (default: hard with teacher labels, none without)"
     )
     distillation_alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (DeiT: 0.5)")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -51,7 +52,8 @@ from teacher_service.store import LabelBatch, StoreUnavailable, open_existing, r
 
 log = logging.getLogger(__name__)
 
-ON_MISSING = ("error", "service", "online", "skip")
+OnMissing = Literal["error", "service", "online", "skip"]  # what a label the store lacks does
+ON_MISSING = get_args(OnMissing)
 
 
 class MissingLabels(RuntimeError):

@@ -12,12 +12,14 @@ same mixup/cutmix lambda as the images when mixup is on).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DISTILLATION_TYPES = ("none", "soft", "hard")
+DistillationType = Literal["none", "soft", "hard"]
+DISTILLATION_TYPES = get_args(DistillationType)
 
 
 @dataclass

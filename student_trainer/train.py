@@ -21,7 +21,6 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from timm.utils import unwrap_model
 from tqdm import tqdm
 
-from distill_core import atomic_save, load_training_checkpoint, save_weights, usable_cpus
+from distill_core import atomic_save, autocast, load_training_checkpoint, save_weights, usable_cpus
 from shards import AugmentPolicy, Manifest
 from shards.stream import rendered
 from teacher_service.teacher import Teacher
@@ -68,12 +67,6 @@ def all_sum(values: list[float], device) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
-
-
-def autocast(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
 def is_distilled(model) -> bool:

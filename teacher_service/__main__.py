@@ -6,7 +6,7 @@ import sys
 
 from distill_core import App
 
-from .app.cli import COMMAND as SERVE
+from .app.supervisor import COMMAND as SERVE
 from .engine import EngineError
 from .labels_admin import COMMAND as LABELS
 from .precompute import COMMAND as PRECOMPUTE

@@ -51,6 +51,7 @@ import torch
 import torch.multiprocessing as mp
 
 from distill_core import usable_cpus
+from distill_core.process import exit_with_parent
 from shards import AugmentPolicy, augment, decode_image, prepare
 from shards.augment import prepare_encoded
 from shards.members import Member, OpenFiles
@@ -560,26 +561,6 @@ class LabelEngine:
     @property
     def failed(self) -> EngineError | None:
         return self._failed
-
-
-def exit_with_parent(cleanup: Callable[[], None] | None = None) -> None:
-    """Exit when the multiprocessing parent of this process is gone (no orphans after a kill -9),
-    after `cleanup` (what the parent can no longer remove). A process not started by
-    multiprocessing has no such parent: nothing to watch."""
-    from multiprocessing.connection import wait
-
-    parent = mp.parent_process()
-    if parent is None:
-        return
-
-    def run():
-        wait([parent.sentinel])
-        if cleanup is not None:
-            with contextlib.suppress(Exception):
-                cleanup()
-        os._exit(0)
-
-    threading.Thread(target=run, name="parent-watch", daemon=True).start()
 
 
 def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done, mode: str) -> None:

@@ -59,9 +59,9 @@ def engine_info(engine: LabelEngine, classes: list[str]) -> dict:
 def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connection) -> None:
     """An engine process: teacher + LabelEngine + a Unix-socket server; exits when its engine fails,
     on SIGTERM (after draining briefly) or when its parent is gone."""
+    from distill_core.process import exit_with_parent
     from shards import AugmentPolicy
 
-    from .engine import exit_with_parent
     from .namespace import RecordFormat
     from .store import open_store
     from .teacher import Teacher

@@ -103,19 +103,4 @@ def classes_digest(classes: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(classes)).encode()).hexdigest()[:16]
 
 
-def parse_seeds(spec: str) -> range:
-    """'A:B' -> range(A, B); 'N' -> range(N, N + 1)."""
-    try:
-        if ":" in spec:
-            a, b = spec.split(":", 1)
-            r = range(int(a), int(b))
-        else:
-            r = range(int(spec), int(spec) + 1)
-    except ValueError as e:
-        raise ValueError(f"seeds must be A:B or N, got {spec!r}") from e
-    if len(r) == 0 or r.start < 0 or r.stop - 1 > MAX_SEED:
-        raise ValueError(f"seeds {spec!r} must be a non-empty range within 0..{MAX_SEED}")
-    return r
-
-
-__all__ = ["Namespace", "NamespaceMismatch", "RecordFormat", "classes_digest", "parse_seeds", "asdict"]
+__all__ = ["Namespace", "NamespaceMismatch", "RecordFormat", "classes_digest", "asdict"]

@@ -31,13 +31,28 @@ from shards.schedule import RepeatSchedule
 
 from .engine import EngineConfig, Job, LabelEngine, Result
 from .engine_pool import engine_devices
-from .namespace import RecordFormat, parse_seeds
+from .namespace import MAX_SEED, RecordFormat
 from .store import StoreError, open_store, redact
 from .teacher import Teacher, TeacherSettings
 
 log = logging.getLogger(__name__)
 
 GROUP = 64  # images per store lookup
+
+
+def parse_seeds(spec: str) -> range:
+    """'A:B' -> range(A, B); 'N' -> range(N, N + 1)."""
+    try:
+        if ":" in spec:
+            a, b = spec.split(":", 1)
+            r = range(int(a), int(b))
+        else:
+            r = range(int(spec), int(spec) + 1)
+    except ValueError as e:
+        raise ValueError(f"seeds must be A:B or N, got {spec!r}") from e
+    if len(r) == 0 or r.start < 0 or r.stop - 1 > MAX_SEED:
+        raise ValueError(f"seeds {spec!r} must be a non-empty range within 0..{MAX_SEED}")
+    return r
 
 
 def node_shards(names: list[str], node_rank: int, num_nodes: int) -> list[str]:

@@ -8,7 +8,6 @@ a digest of the weights, so labels of different weights never share a namespace.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from distill_core import read_weights
+from distill_core import autocast, read_weights
 
 from .namespace import Namespace, RecordFormat, classes_digest
 
@@ -67,13 +66,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def autocast_for(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 class Teacher:
@@ -134,7 +126,7 @@ class Teacher:
         x = x.to(self.device, non_blocking=True)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(self.device, self.cfg.amp):
+        with autocast(self.device, self.cfg.amp):
             return self.model(x).float()
 
     @torch.inference_mode()

@@ -1,13 +1,15 @@
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
+
+from distill_core import free_port  # noqa: F401 (the tests' helper: one implementation)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -167,17 +169,30 @@ def last_json(text: str) -> dict:
     raise AssertionError(f"no JSON line in output:\n{text[-2000:]}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
+    """The demo digits as shards of 128, built in process (the CLI's build is tested on its own)."""
+    from shards.build import build
+
     out = tmp_path_factory.mktemp("shards")
-    run_cli("shards", "build", "--demo", "digits", "--out", out, "--shard-size", "128")
+    build(out, demo="digits", shard_size=128)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """A test marked `unit` that starts a process (subprocess, multiprocessing, a loader worker)
+    fails: the unit tier stays in process and under a minute."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} is marked unit but starts a process: mark it otherwise")
+
+    import multiprocessing.process
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 def copy_shards(src: Path, dst: Path, index: bool = True) -> Path:
@@ -290,7 +305,7 @@ def persistent_redis(tmp_path):
     srv.kill()
 
 
-@pytest.fixture(params=["file", "redis"])
+@pytest.fixture(params=[pytest.param("file", marks=pytest.mark.unit), "redis"])
 def store_url(request, tmp_path):
     """A fresh store URL of each backend (real redis-server of the test's own)."""
     if request.param == "file":
@@ -367,17 +382,11 @@ def wait_service_ready(proc: subprocess.Popen, url: str, log_path: Path, step: s
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from ps."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-    children: dict[int, list[int]] = {}
-    for p, pp in zip(out[::2], out[1::2]):
-        children.setdefault(int(pp), []).append(int(p))
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
+    """Every process below `pid`."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def still_running(pids: list[int], step: str = "processes exit", measured_s: float = 2.0) -> list[int]:
@@ -385,9 +394,8 @@ def still_running(pids: list[int], step: str = "processes exit", measured_s: flo
 
     def running(pid: int) -> bool:
         try:
-            with open(f"/proc/{pid}/status") as f:
-                return "zombie" not in next(line for line in f if line.startswith("State:")).lower()
-        except (OSError, StopIteration):
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
             return False
 
     clock = Budget(step, measured_s)

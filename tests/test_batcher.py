@@ -5,6 +5,8 @@ import pytest
 
 from teacher_service.batcher import Batcher, Pending, split_tasks
 
+pytestmark = pytest.mark.unit
+
 DELAY = 0.005  # max_queue_delay_s
 
 

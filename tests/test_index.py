@@ -15,6 +15,7 @@ from shards.members import Member
 POLICY = AugmentPolicy(input_size=32, scale=(0.5, 1.0), hflip=0.0, auto_augment=None, re_prob=0.0)
 
 
+@pytest.mark.unit
 def test_the_index_says_where_every_sample_is(demo_shards):
     m = Manifest.load(demo_shards)
     for split in ("train", "val"):
@@ -31,6 +32,7 @@ def test_the_index_says_where_every_sample_is(demo_shards):
     assert len(both) == 1797 and both.get(raws[7].key) == index.member(7)
 
 
+@pytest.mark.unit
 def test_an_index_goes_to_worker_processes_by_path(demo_shards):
     index = SplitIndex.open(demo_shards, "train", Manifest.load(demo_shards))
     state = pickle.dumps(index)
@@ -79,6 +81,7 @@ def test_a_damaged_or_stale_index_is_refused(demo_shards, tmp_path):
         SplitIndex.open(stale, "train", Manifest.load(stale))
 
 
+@pytest.mark.unit
 def test_keys_must_be_unique():
     from shards.manifest import ShardInfo
 
@@ -87,6 +90,7 @@ def test_keys_must_be_unique():
         SplitIndex.encode("train", [shard], [("a/b", 512, 10, 0), ("a/b", 2048, 10, 1)])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("repeat_mode", ["deit", "all"])
 def test_the_stream_reads_the_same_batches_with_or_without_the_index(demo_shards, tmp_path, monkeypatch, repeat_mode):
     """Through the index a worker reads only its own positions' images, one seek each; the

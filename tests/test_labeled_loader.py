@@ -58,6 +58,7 @@ def test_the_loader_refuses_labels_of_another_run_and_missing_ones(demo_shards, 
         next(iter(strict))
 
 
+@pytest.mark.unit
 def test_teacher_targets_mix_like_the_images():
     batch = {
         "teacher_classes": torch.tensor([[1], [2], [3], [0]]),

@@ -36,6 +36,7 @@ def photos() -> list[Image.Image]:
     return [Image.fromarray(a).resize((160, 120), Image.BICUBIC) for a in load_sample_images().images]
 
 
+@pytest.mark.unit
 def test_the_renderer_is_part_of_the_policy_id():
     assert AugmentPolicy(renderer="torch").policy_id != AugmentPolicy().policy_id
     assert AugmentPolicy.from_json(TORCH.to_json()) == TORCH
@@ -47,6 +48,7 @@ def test_the_renderer_is_part_of_the_policy_id():
         AugmentPolicy(renderer="torch", auto_augment="rand-m9-mstd0.5")
 
 
+@pytest.mark.unit
 def test_a_crop_does_not_depend_on_its_batch_position_or_threads(photos):
     items = [(photos[i % 2], f"img{i}", i % 5) for i in range(24)]
     alone = [augment(im, key, seed, TORCH) for im, key, seed in items]
@@ -80,6 +82,7 @@ def test_a_crop_is_the_same_in_another_process(photos, tmp_path):
     assert torch.equal(torch.load(tmp_path / "out.pt"), here)
 
 
+@pytest.mark.unit
 def test_the_crop_box_is_timms_for_the_same_random_stream():
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
@@ -90,6 +93,7 @@ def test_the_crop_box_is_timms_for_the_same_random_stream():
         assert _resized_crop_box(random.Random(s), 500, 375, (0.08, 1.0), (3 / 4, 4 / 3)) == tuple(theirs)
 
 
+@pytest.mark.unit
 def test_randaugment_draws_follow_timm_semantics():
     """rand-m9-mstd0.5-inc1: 2 ops from the 15, each applied with p=0.5, magnitude ~ N(9, 0.5)."""
     n = 4000
@@ -124,6 +128,7 @@ def _timm_op(name: str, arg: float):
     return lambda im: fn(im, int(arg) if name.startswith(("Posterize", "Solarize")) else arg)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "name,arg,tolerance",
     [
@@ -160,6 +165,7 @@ def test_each_op_renders_what_pil_renders(photos, name, arg, tolerance):
         assert (diff > 40).float().mean() < 0.02, name
 
 
+@pytest.mark.unit
 def test_erasing_noise_is_standard_normal_and_a_function_of_the_key():
     a = hash_normal(7, (3, 64, 64), "cpu")
     assert torch.equal(a, hash_normal(7, (3, 64, 64), "cpu"))
@@ -181,6 +187,7 @@ def test_cuda_agrees_with_the_cpu(photos):
     assert levels <= 2.0, levels  # the resize and warp round differently; a level or two at most
 
 
+@pytest.mark.unit
 def test_jpegs_left_encoded_for_the_device_decode_to_the_same_crops(photos):
     """The label engine's CUDA layout (workers read only JPEG headers; the batch is decoded where
     it renders), here on the CPU, whose batched decoder is libjpeg like PIL's: the same crops."""

@@ -11,6 +11,8 @@ import pytest
 from shards.schedule import RepeatSchedule, same_pairs
 from shards.stream import Share, batches_per_rank, plan_dealt
 
+pytestmark = pytest.mark.unit
+
 
 def shapes(count: int = 40):
     """Random split shapes: shard sizes, repeats, batch size, ranks, workers."""

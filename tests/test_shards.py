@@ -20,6 +20,7 @@ def first_sample(shards_dir):
     return next(iter_shard(shards_dir / m.shards("train")[0].name, SkipCounter()))
 
 
+@pytest.mark.unit
 def test_manifest_describes_the_demo(demo_shards):
     m = Manifest.load(demo_shards)
     assert m.classes == [str(i) for i in range(10)]
@@ -58,6 +59,7 @@ def test_same_key_seed_identical_in_two_processes(demo_shards):
     assert here == outs[0][0]
 
 
+@pytest.mark.unit
 def test_augment_leaves_caller_rng_untouched(demo_shards):
     raw = first_sample(demo_shards)
     random.seed(123)
@@ -71,6 +73,7 @@ def test_augment_leaves_caller_rng_untouched(demo_shards):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+@pytest.mark.unit
 def test_policy_id_changes_with_parameters():
     assert AugmentPolicy().policy_id == AugmentPolicy().policy_id
     assert AugmentPolicy().policy_id != AugmentPolicy(re_prob=0.0).policy_id
@@ -79,17 +82,20 @@ def test_policy_id_changes_with_parameters():
         AugmentPolicy.from_dict({"bogus": 1})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n,nb,b", [(20, 2, 10), (11, 2, 10), (10, 2, 10), (7, 1, 8), (100, 13, 8)])
 def test_batch_sizes_exact(n, nb, b):
     sizes = batch_sizes(n, nb, b)
     assert len(sizes) == nb and sum(sizes) == n and max(sizes) <= b and min(sizes) > 0
 
 
+@pytest.mark.unit
 def test_batch_sizes_rejects_impossible():
     with pytest.raises(ValueError):
         batch_sizes(21, 2, 10)
 
 
+@pytest.mark.unit
 def test_plan_covers_every_position_once_with_equal_batches():
     shard_samples = [128] * 11 + [29]
     seen = []
@@ -189,6 +195,7 @@ def test_persistent_loader_workers_follow_set_epoch(demo_shards):
     assert seen[0] != seen[1] != seen[2]
 
 
+@pytest.mark.unit
 def test_shuffle_differs_between_epochs_but_is_reproducible(demo_shards):
     def order(epoch):
         s = ShardStream(demo_shards, "train", POLICY, batch_size=200, shuffle_buffer=100)
@@ -214,6 +221,7 @@ def corrupt_copy(src, dst):
     return victim.name
 
 
+@pytest.mark.unit
 def test_corrupt_member_is_skipped_and_counted(demo_shards, tmp_path):
     d = tmp_path / "bad"
     victim = corrupt_copy(demo_shards, d)
@@ -304,6 +312,7 @@ def test_cli_help():
         assert "usage" in r.stdout
 
 
+@pytest.mark.unit
 def test_a_shard_cut_short_is_counted_not_hidden(demo_shards, tmp_path):
     """Without a member index, a damaged tar header ends tarfile's iteration quietly; the stream
     compares with the manifest."""

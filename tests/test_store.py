@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import PY, RedisServer, communicate, last_json, require_redis_server, run_cli, wait_exit
 
-from teacher_service.namespace import Namespace, NamespaceMismatch, RecordFormat, parse_seeds
+from teacher_service.namespace import Namespace, NamespaceMismatch, RecordFormat
+from teacher_service.precompute import parse_seeds
 from teacher_service.store import StoreUnavailable, open_existing, open_store
 
 NS = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
@@ -103,6 +104,7 @@ def test_coverage_records_persist_per_namespace_and_go_with_it(store_url):
         st.drop()
 
 
+@pytest.mark.unit
 def test_a_full_file_store_says_so_and_keeps_what_it_had(tmp_path):
     """Reliability case 8: on a full disk SQLite rolls back by itself; the store must report the
     full disk (not the ROLLBACK that follows) and keep every earlier commit. The disk is made

@@ -41,6 +41,7 @@ def official_deit_loss(outputs, labels, teacher_outputs, base, dtype, alpha, tau
     return base_loss * (1 - alpha) + distillation_loss * alpha
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "dtype,alpha,tau",
     [("none", 0.5, 1.0), ("hard", 0.5, 1.0), ("hard", 0.3, 1.0), ("soft", 0.5, 1.0), ("soft", 0.7, 3.0)],
@@ -70,6 +71,7 @@ def test_loss_matches_official_deit(dtype, alpha, tau):
         )
 
 
+@pytest.mark.unit
 def test_masked_targets_ignore_missing():
     cls, kd = torch.randn(4, 5), torch.randn(4, 5)
     labels = torch.tensor([0, 1, 2, 3])
@@ -103,6 +105,7 @@ def labeled_batch(classes, present):
     }
 
 
+@pytest.mark.unit
 def test_target_builder_on_missing_policies_and_mixup():
     x = torch.zeros(4, 3, 8, 8)
     batch = labeled_batch([1, 2, -1, 4], [True, True, False, True])

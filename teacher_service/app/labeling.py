@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
-from shards.augment import image_header
+from shards.decode import image_header
 from shards.index import ShardIndex
 
 from ..engine import Job, check_fits

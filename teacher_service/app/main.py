@@ -15,10 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import exit_with_parent
+from distill_core.process import exit_with_parent
+
 from .config import Settings
-from .routes import health, timed, v1
-from .state import build_state
+from .routes import health, v1
+from .state import ServiceState, build_state
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         route = request.scope.get("route")
         svc = getattr(request.app.state, "svc", None)
         if svc is not None:
-            timed(getattr(route, "path", "unmatched"), svc, start, response.status_code)
+            observe_request(getattr(route, "path", "unmatched"), svc, start, response.status_code)
         return response
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, json_limit=settings.json_body_limit)
     return app
+
+
+def observe_request(endpoint: str, svc: ServiceState, start: float, code: int) -> None:
+    """A request's latency, and its success or failure (by status code), in the metrics."""
+    svc.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
+    if code < 400:
+        svc.metrics.request_success.labels(endpoint).inc()
+    else:
+        svc.metrics.request_failure.labels(endpoint, str(code)).inc()

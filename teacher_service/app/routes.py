@@ -6,7 +6,6 @@ import contextlib
 import hmac
 import math
 import re
-import time
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -182,11 +181,3 @@ async def labels_upload(
     if failed:
         raise HTTPException(400, failed)
     return JSONResponse(out.model_dump(exclude_none=True) | {"key": key})
-
-
-def timed(endpoint: str, svc: ServiceState, start: float, code: int) -> None:
-    svc.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)
-    if code < 400:
-        svc.metrics.request_success.labels(endpoint).inc()
-    else:
-        svc.metrics.request_failure.labels(endpoint, str(code)).inc()
