@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args
 
-from common import demo_shards, free_port
+from common import demo_shards
 
 
 class BenchLoad(BaseModel):
@@ -126,24 +124,22 @@ def phase(url: str, keys: list[str], args: BenchLoad, misses: int, fresh: iterto
 def main():
     args = parse_script_args(BenchLoad, __doc__)
     from teacher_service import TeacherClient
+    from teacher_service.local import LocalService, serve_argv
+    from teacher_service.teacher import TeacherSettings
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         _, samples = demo_shards(d / "shards")
         keys = [r.key for r in samples]
-        port = free_port()
-        cmd = [
-            sys.executable, "-m", "teacher_service", "serve", "--model", "regnety_002", "--random-init",
-            "--num-classes", "10", "--shards", str(d / "shards"), "--store", str(d / "labels.db"),
-            "--port", str(port), "--max-queue-size", str(args.queue_size), "--max-batch-size",
-            str(args.max_batch_size), "--augment-workers", str(args.augment_workers), "--log-level", "warning",
-        ]  # fmt: skip
-        log = open(d / "service.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        url = f"http://127.0.0.1:{port}"
+        argv = serve_argv(
+            teacher=TeacherSettings(model="regnety_002", random_init=True, num_classes=10), shards=str(d / "shards"),
+            store=str(d / "labels.db"), max_queue_size=args.queue_size, max_batch_size=args.max_batch_size,
+            augment_workers=args.augment_workers, log_level="warning",
+        )  # fmt: skip
+        service = LocalService(argv, d / "service.log").start(timeout=300)
+        proc, url = service.proc, service.url
         try:
             client = TeacherClient(url, timeout=300)
-            client.wait_ready(300)
             for i in range(0, len(keys), 256):  # the hits: seed 0 of every image, computed once
                 client.label(keys[i : i + 256], [0] * len(keys[i : i + 256]))
             fresh = itertools.count()  # pair p: key p % images, seed 1 + p // images
@@ -153,9 +149,7 @@ def main():
             above = phase(url, keys, args, args.misses_above, fresh)
             rss["after_above_mb"] = tree_rss_mb(proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(60)
-            log.close()
+            service.stop(60)
     print(
         json.dumps(
             {

@@ -47,13 +47,13 @@ from distill_core import parse_script_args, usable_cpus
 from shards import Manifest, ShardStream, augment, decode_image, make_loader
 from shards.index import SplitIndex
 from shards.manifest import MANIFEST_NAME
-from teacher_service.client import TeacherClient
+from teacher_service.local import LocalService, serve_argv
 from teacher_service.namespace import Namespace, RecordFormat
 from teacher_service.precompute import precompute
 from teacher_service.store import open_store
 from teacher_service.teacher import Teacher, TeacherSettings
 
-from common import free_port, imagenet_like_jpegs
+from common import imagenet_like_jpegs
 
 IMAGENET = 1_281_167
 
@@ -149,24 +149,14 @@ def _listens(pid: int, inode: str) -> bool:
 
 def serve(shards: Path, model: str, workdir: Path) -> dict:
     """Seconds to /readyz and the memory of each of serve's processes."""
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "teacher_service", "serve", "--model", model, "--random-init", "--num-classes", "100",
-        "--shards", str(shards), "--store", str(workdir / f"serve-{port}.db"), "--port", str(port),
-        "--http-workers", "2", "--log-level", "warning",
-    ]  # fmt: skip
-    log = open(workdir / f"serve-{port}.log", "w")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    argv = serve_argv(
+        teacher=TeacherSettings(model=model, random_init=True, num_classes=100), shards=str(shards),
+        store=str(workdir / f"serve-{shards.name}.db"), http_workers=2, log_level="warning",
+    )  # fmt: skip
+    service = LocalService(argv, workdir / f"serve-{shards.name}.log").start(timeout=600)
+    proc, port = service.proc, service.port
     try:
-        client = TeacherClient(f"http://127.0.0.1:{port}", timeout=30)
-        while not client.ready():
-            if proc.poll() is not None or time.perf_counter() - t0 > 600:
-                raise RuntimeError(
-                    "serve did not become ready:\n" + (workdir / f"serve-{port}.log").read_text()[-3000:]
-                )
-            time.sleep(0.05)
-        ready = time.perf_counter() - t0
+        ready = service.ready_s
         time.sleep(1.0)  # every HTTP worker answered start-up
         listening = next(
             line.split()[9]
@@ -184,9 +174,7 @@ def serve(shards: Path, model: str, workdir: Path) -> dict:
             "engine_processes_pss_mb": round(sum(_proc_memory_mb(p)["pss_mb"] for p in engine_tree), 1),
         }
     finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
+        service.stop(60)
 
 
 def loader(shards: Path, batches: int) -> dict:

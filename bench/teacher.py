@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,11 +29,12 @@ from pydantic import BaseModel, Field
 from distill_core import parse_script_args, usable_cpus
 from shards import augment, decode_image
 from teacher_service.client import TeacherClient
+from teacher_service.local import LocalService, serve_argv
 from teacher_service.namespace import RecordFormat
 from teacher_service.precompute import precompute
 from teacher_service.teacher import Teacher, TeacherSettings
 
-from common import bench_shards, free_port
+from common import bench_shards
 
 
 def raw_throughput(teacher: Teacher, x: torch.Tensor, seconds: float) -> float:
@@ -51,47 +50,15 @@ def raw_throughput(teacher: Teacher, x: torch.Tensor, seconds: float) -> float:
 
 
 def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int, seed0: int) -> dict:
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "teacher_service",
-        "serve",
-        "--model",
-        args.model,
-        "--random-init",
-        "--shards",
-        str(shards),
-        "--store",
-        store,
-        "--port",
-        str(port),
-        "--max-batch-size",
-        str(max_batch),
-        "--max-queue-delay-ms",
-        "5",
-        "--max-queue-size",
-        "100000",
-        "--policy",
-        json.dumps(policy_overrides(args)),
-        "--log-level",
-        "warning",
-        "--augment-workers",
-        str(args.augment_workers or args.workers),
-        "--num-classes",
-        "10",
-    ]
-    log = open(f"{store}.service.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    argv = serve_argv(
+        teacher=TeacherSettings(model=args.model, random_init=True, num_classes=10), shards=str(shards), store=store,
+        max_batch_size=max_batch, max_queue_delay_ms=5.0, max_queue_size=100000, policy=policy_overrides(args),
+        log_level="warning", augment_workers=args.augment_workers or args.workers,
+    )  # fmt: skip
+    service = LocalService(argv, Path(f"{store}.service.log")).start(timeout=300)
+    url = service.url
     try:
         probe = TeacherClient(url)
-        deadline = time.time() + 300
-        while not probe.ready():
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("service did not start:\n" + open(f"{store}.service.log").read()[-4000:])
-            time.sleep(0.5)
         order = itertools.count()  # shared by all clients: every request asks for new (key, seed) pairs
 
         def load(clients: int, items: int, seconds: float) -> tuple[float, list[float]]:
@@ -156,8 +123,7 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
         )
         return out
     finally:
-        proc.terminate()
-        proc.wait(30)
+        service.stop(30)
 
 
 class BenchTeacher(BaseModel):

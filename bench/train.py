@@ -14,7 +14,6 @@ state (after the first batch of each run).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +27,10 @@ from pydantic import BaseModel, Field
 from distill_core import parse_script_args, usable_cpus
 from student_trainer import TrainConfig
 from student_trainer.train import train
-from teacher_service import RecordFormat, Teacher, TeacherClient, TeacherSettings, open_store
+from teacher_service import RecordFormat, Teacher, TeacherSettings, open_store
+from teacher_service.local import LocalService, serve_argv
 
-from common import bench_shards, free_port
+from common import bench_shards
 
 
 class BenchTrain(BaseModel):
@@ -161,38 +161,13 @@ def main():
                 elif mode.startswith("store_"):
                     kw = dict(labels="store", store=stores[mode], namespace=ns.id)
                 elif mode == "service":
-                    port = free_port()
-                    service = subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "teacher_service",
-                            "serve",
-                            "--model",
-                            args.teacher,
-                            "--random-init",
-                            "--num-classes",
-                            str(len(m.classes)),
-                            "--shards",
-                            str(shards),
-                            "--store",
-                            file_url,
-                            "--port",
-                            str(port),
-                            "--policy",
-                            json.dumps(policy_over),
-                            "--log-level",
-                            "warning",
-                            "--augment-workers",
-                            "1",
-                            "--devices",
-                            "cpu",
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                    url = f"http://127.0.0.1:{port}"
-                    TeacherClient(url).wait_ready(600)
+                    argv = serve_argv(
+                        teacher=TeacherSettings(model=args.teacher, random_init=True, num_classes=len(m.classes)),
+                        shards=str(shards), store=file_url, policy=policy_over, log_level="warning",
+                        augment_workers=1, devices="cpu",
+                    )  # fmt: skip
+                    service = LocalService(argv, d / "service.log").start(timeout=600)
+                    url = service.url
                     kw = dict(labels="service", service_url=url)
                 elif mode == "online":
                     kw = dict(labels="online", teacher=TeacherSettings(model=args.teacher, random_init=True))
@@ -203,8 +178,7 @@ def main():
                 print(f"{mode}: {results[mode]:.1f} images/s", file=sys.stderr, flush=True)
         finally:
             if service:
-                service.terminate()
-                service.wait(30)
+                service.stop(30)
             if "store_redis" in modes:
                 with open_store(args.redis_url, ns) as st:
                     st.drop()

@@ -6,7 +6,7 @@ It sits below `shards`, `teacher_service` and `student_trainer` and imports none
 
 from .checkpoint import atomic_save, clean_state_dict, load_training_checkpoint, read_weights, save_weights
 from .cli import App, Command, parse_script_args
-from .config import ConfigError, Nested, NotAFlag, Positional, add_arguments, from_arguments, read_secret
+from .config import ConfigError, Nested, NotAFlag, Positional, add_arguments, from_arguments, read_secret, to_argv
 from .system import autocast, free_port, usable_cpus
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "read_secret",
     "read_weights",
     "save_weights",
+    "to_argv",
     "usable_cpus",
 ]
 

@@ -141,6 +141,40 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> ar
     return parser
 
 
+def to_argv(config: BaseModel) -> list[str]:
+    """The command line that gives `config`: its positional fields, then a flag for each field set
+    explicitly (nested models too), in field order. The inverse of `from_arguments`, so that code
+    that starts a command (the demo, the tests, the benchmarks) builds its arguments from the
+    command's own configuration model. Secrets (`NotAFlag`) are never written."""
+    positional: list[str] = []
+    flags: list[str] = []
+    for f, flag, dest, _ in _walk(type(config)):
+        *parents, leaf = dest.split(SEP)
+        node = config
+        for p in parents:
+            node = getattr(node, p) if p in node.model_fields_set else None
+            if node is None:
+                break
+        if node is None or leaf not in node.model_fields_set:
+            continue
+        value = getattr(node, leaf)
+        if value is None:
+            continue  # the default of every optional field: nothing to say
+        if any(isinstance(m, Positional) for m in f.metadata):
+            positional += [_text(v) for v in value] if isinstance(value, list) else [_text(value)]
+        elif isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, list):
+            flags += [f"--{flag}", *map(_text, value)]
+        else:
+            flags += [f"--{flag}", _text(value)]
+    return positional + flags
+
+
+def _text(value) -> str:
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
 def _scalar(kind):
     if kind is dict or typing.get_origin(kind) is dict:
         return json_object

@@ -24,9 +24,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from distill_core import Command
+from distill_core import Command, to_argv
+from shards.__main__ import BuildConfig
 from shards.flags import RendererFlag
+from teacher_service.precompute import PrecomputeConfig
+from teacher_service.teacher import TeacherSettings
 
+from .config import TrainConfig
 from .plot import group_runs, mean_std, plot_runs, read_metrics, throughput
 
 # Patch 4 on 32 px crops: 64 tokens, width 64, depth 4 (209k parameters). A wider, deeper student
@@ -74,31 +78,18 @@ def _run(cmd: list[str], log: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _flags(**kw) -> list[str]:
-    """--flag value pairs in the order given; True -> --flag, False -> --no-flag."""
-    out = []
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            out.append(flag if v else "--no-" + flag[2:])
-        else:
-            out += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
-    return out
-
-
-def train_cmd(cfg: DemoConfig, shards: Path, out: Path, launcher: list[str], **flags) -> list[str]:
-    return [*launcher, "-m", "student_trainer", "train", *_flags(shards=shards, out=out, **flags)]
+def train_cmd(launcher: list[str], **fields) -> list[str]:
+    return [*launcher, "-m", "student_trainer", "train", *to_argv(TrainConfig(**fields))]
 
 
 def student_cmd(cfg: DemoConfig, shards: Path, out: Path, mode: str, seed: int, store: str, teacher: str):
     model, labels = MODES[mode]
-    extra = {"store": {"store": store}, "online": {"teacher_checkpoint": teacher}}.get(labels, {})
+    extra = {"store": {"store": store}, "online": {"teacher": TeacherSettings(checkpoint=teacher)}}.get(labels, {})
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}"]
     return train_cmd(
-        cfg,
-        shards,
-        out,
         launcher,
+        shards=str(shards),
+        out=str(out),
         model=model,
         model_kwargs=cfg.student_kwargs,
         labels=labels,
@@ -127,15 +118,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     shards, store = out / "shards", str(out / "labels.db")
     t_start = time.perf_counter()
     if not (shards / "manifest.json").exists():
-        build = ["build", *_flags(demo="digits", out=shards, shard_size=128)]
-        _run([sys.executable, "-m", "shards", *build], logs / "shards.log")
+        build = to_argv(BuildConfig(demo="digits", out=shards, shard_size=128))
+        _run([sys.executable, "-m", "shards", "build", *build], logs / "shards.log")
     teacher_dir = out / "teacher"
     if not (teacher_dir / "model.safetensors").exists():
         cmd = train_cmd(
-            cfg,
-            shards,
-            teacher_dir,
             [sys.executable],
+            shards=str(shards),
+            out=str(teacher_dir),
             model="regnety_002",
             labels="none",
             epochs=cfg.teacher_epochs,
@@ -155,14 +145,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     checkpoint = str(teacher_dir / "model.safetensors")
     pre = {"labels_computed": 0}
     if "cached" in cfg.modes:  # exactly what the students' schedule asks for (1 repeat: seeds 0..E-1)
-        schedule = {"epochs": cfg.student_epochs, "repeated_aug": 1}
-        pre = _run(
-            [sys.executable, "-m", "teacher_service", "precompute"]
-            + _flags(shards=shards, **schedule, store=store, checkpoint=checkpoint, workers=1)
-            + (["--renderer", cfg.renderer] if cfg.renderer else [])
-            + ["--no-progress"],
-            logs / "precompute.log",
-        )
+        job = PrecomputeConfig(
+            shards=str(shards), epochs=cfg.student_epochs, repeated_aug=1, store=store,
+            teacher=TeacherSettings(checkpoint=checkpoint), workers=1, renderer=cfg.renderer, progress=False,
+        )  # fmt: skip
+        pre = _run([sys.executable, "-m", "teacher_service", "precompute", *to_argv(job)], logs / "precompute.log")
     runs: dict[str, list[Path]] = {mode: [] for mode in cfg.modes}
     summaries: dict[str, list[dict]] = {mode: [] for mode in cfg.modes}
     for seed in range(cfg.seeds):

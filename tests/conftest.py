@@ -13,6 +13,8 @@ from distill_core import free_port  # noqa: F401 (the tests' helper: one impleme
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+# The tests' student: deit_tiny_distilled_patch16_224's layout shrunk to seconds an epoch on 32 px digits
+TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
 # -- wall-clock budgets ------------------------------------------------------------------------------
 # Every wait in these tests has a budget: the seconds the step took on the 2-core development machine
@@ -348,36 +350,23 @@ def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
 def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | None = None, port: int | None = None):
     """A real `serve` (supervisor, label engines, uvicorn) on a free port (or `port`): (process, url)
     once ready. `store` None: the environment names it (DISTILL_STORE, for a URL with a password)."""
-    port = port or free_port()
-    with open(log_path, "a") as log:
-        cmd = [PY, "-m", "teacher_service", "serve", "--checkpoint", teacher, "--shards", shards]
-        cmd += ["--store", store] if store is not None else []
-        proc = subprocess.Popen(
-            [*map(str, cmd), "--port", str(port), *map(str, flags)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_service_ready(proc, url, Path(log_path), "serve: launch to /readyz")
-    return proc, url
+    from teacher_service.local import LocalService, serve_argv
+    from teacher_service.teacher import TeacherSettings
+
+    fields = {"shards": str(shards), "teacher": TeacherSettings(checkpoint=str(teacher))}
+    fields.update({"store": str(store)} if store is not None else {})
+    service = LocalService([*serve_argv(**fields), *map(str, flags)], Path(log_path), port=port, env=env).launch()
+    wait_service_ready(service, "serve: launch to /readyz")
+    return service.proc, service.url
 
 
-def wait_service_ready(proc: subprocess.Popen, url: str, log_path: Path, step: str, measured_s: float = 10.0):
-    """Until a launched `serve` answers /readyz 200 within the step's budget; the log's tail when it
-    exits or runs out of time (then it is killed)."""
-    from teacher_service.client import TeacherClient
-
-    client = TeacherClient(url)
-
-    def ready() -> bool:
-        assert proc.poll() is None, f"serve exited {proc.returncode}\n{log_path.read_text()[-3000:]}"
-        return client.ready()
-
+def wait_service_ready(service, step: str, measured_s: float = 10.0):
+    """Until a launched `LocalService` answers /readyz 200 within the step's budget; the log's tail
+    when it exits or runs out of time (then it is killed)."""
     try:
-        wait_until(step, measured_s, ready, interval=0.25, detail=lambda: log_path.read_text()[-3000:])
-    except AssertionError:  # StepTimeout too
-        proc.kill()
+        wait_until(step, measured_s, service.is_ready, interval=0.25, detail=service.tail)
+    except (AssertionError, RuntimeError):  # StepTimeout too
+        service.proc.kill()
         raise
 
 

@@ -111,3 +111,31 @@ def test_service_flags_and_environment():
         from teacher_service.app.config import Settings
 
         assert Settings() == s
+
+
+@pytest.mark.unit
+def test_to_argv_is_the_inverse_of_the_parser(tmp_path):
+    """Code that starts a command builds its arguments from the command's model (`to_argv`): the
+    command's parser gives the same model back."""
+    import argparse
+
+    from distill_core import add_arguments, from_arguments, to_argv
+    from shards.__main__ import BuildConfig
+    from student_trainer import TrainConfig
+    from teacher_service.precompute import PrecomputeConfig
+    from teacher_service.teacher import TeacherSettings
+
+    ckpt = tmp_path / "t.safetensors"
+    ckpt.write_bytes(b"x")
+    configs = [
+        BuildConfig(demo="digits", out=tmp_path / "s", shard_size=128),
+        PrecomputeConfig(shards="s", epochs=3, repeated_aug=1, teacher=TeacherSettings(checkpoint=str(ckpt)),
+                         progress=False, policy={"input_size": 48}),
+        TrainConfig(shards="s", out="o", labels="online", teacher=TeacherSettings(checkpoint=str(ckpt)),
+                    model_kwargs={"depth": 2}, export=False, clip_grad=1.0, renderer="torch"),
+    ]  # fmt: skip
+    for cfg in configs:
+        argv = to_argv(cfg)
+        parser = add_arguments(argparse.ArgumentParser(), type(cfg))
+        assert from_arguments(type(cfg), parser.parse_args(argv)) == cfg, argv
+    assert "--teacher-checkpoint" in argv and "--no-export" in argv and '{"depth": 2}' in argv

@@ -23,6 +23,7 @@ from conftest import (
 
 from teacher_service.app.config import Settings
 from teacher_service.client import TeacherClient
+from teacher_service.local import LocalService
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -147,10 +148,9 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
         serve = localize(SERVICES["teacher"]["command"], data, redis.url, teacher_url)
         serve[serve.index("0.0.0.0")] = "127.0.0.1"
         serve[serve.index("--port") + 1] = str(port)
-        log = tmp_path / "teacher.log"  # a file, not a pipe: nobody reads a pipe while the jobs run, and a full
-        with open(log, "w") as f:  # pipe would block the service's logging, and so the service
-            proc = subprocess.Popen(serve, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-        wait_service_ready(proc, teacher_url, log, "compose teacher: launch to /readyz")
+        service = LocalService([], tmp_path / "teacher.log", port=port, env=env, command=serve).launch()
+        proc = service.proc
+        wait_service_ready(service, "compose teacher: launch to /readyz")
         client = TeacherClient(teacher_url)
         pre = run_job("precompute", data, redis.url, teacher_url, "--epochs", "1", "--no-progress")  # epoch 0
         assert pre["labels_computed"] == 1437 and pre["namespace"] == client.info()["namespace"]

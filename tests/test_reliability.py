@@ -15,6 +15,7 @@ import pytest
 import redis as redispy
 from conftest import (
     PY,
+    TINY,
     RedisServer,
     communicate,
     copy_shards,
@@ -33,8 +34,6 @@ from conftest import (
 from shards import Manifest
 from shards.index import ShardIndex
 from teacher_service.client import TeacherClient
-
-TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
 def trainer_cmd(shards, out, *extra) -> list[str]:

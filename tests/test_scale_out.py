@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     PY,
     ROOT,
+    TINY,
     communicate,
     free_port,
     last_json,
@@ -26,8 +27,6 @@ from teacher_service.store import StoreUnavailable, open_existing
 
 sys.path.insert(0, str(ROOT / "bench"))
 from common import LocalRedisCluster  # noqa: E402 (the benchmarks' helper: one implementation)
-
-TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
 @pytest.fixture

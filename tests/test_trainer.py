@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PY, last_json, run_cli, run_precompute, wait_until
+from conftest import PY, TINY, last_json, run_cli, run_precompute, wait_until
 
 from distill_core import load_training_checkpoint
 from shards import Manifest, SkipCounter, iter_shard
@@ -14,8 +14,6 @@ from student_trainer.loss import DistillationLoss, TeacherTargets
 from student_trainer.targets import TeacherTargetBuilder, target_distribution
 from teacher_service.namespace import Namespace, RecordFormat, classes_digest
 from teacher_service.store import open_store
-
-TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
 def official_deit_loss(outputs, labels, teacher_outputs, base, dtype, alpha, tau):
