@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distill_core import free_port  # noqa: F401 (the tests' helper: one implementation)
+from distill_core import free_port, to_argv  # noqa: F401 (free_port: the tests' helper, one implementation)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -151,9 +151,32 @@ def pytest_terminal_summary(terminalreporter):
 def precompute_argv(shards, seeds: str | None, store, teacher, *extra) -> list[str]:
     """`python -m teacher_service precompute --no-progress` over `shards` with a teacher checkpoint
     (`seeds` None: the schedule flags in `extra` say what to label)."""
-    flags = ["--shards", shards, "--store", store, "--checkpoint", teacher, "--no-progress"]
-    flags += ["--seeds", seeds] if seeds is not None else []
-    return [PY, "-m", "teacher_service", "precompute", *map(str, flags), *map(str, extra)]
+    from teacher_service.precompute import PrecomputeConfig
+    from teacher_service.teacher import TeacherSettings
+
+    job = dict(shards=str(shards), store=str(store), teacher=TeacherSettings(checkpoint=str(teacher)), progress=False)
+    job.update({"seeds": seeds} if seeds is not None else {})
+    return [
+        PY,
+        "-m",
+        "teacher_service",
+        "precompute",
+        *to_argv(PrecomputeConfig.model_construct(**job)),
+        *map(str, extra),
+    ]
+
+
+def student_argv(shards, out=None, **fields) -> list[str]:
+    """`student_trainer train`'s arguments for the tests' student (TINY) on the demo digits: one
+    repeat, one loader worker and thread, no warm-up; `fields` (TrainConfig's) on top."""
+    from student_trainer import TrainConfig
+
+    base = dict(
+        shards=str(shards), model="deit_tiny_distilled_patch16_224", model_kwargs=TINY, batch_size=64,
+        repeated_aug=1, workers=1, threads=1, warmup_epochs=0, lr=4e-3, drop_path=0.0, progress=False,
+    )  # fmt: skip
+    base.update({"out": str(out)} if out is not None else {})
+    return to_argv(TrainConfig.model_construct(**{**base, **fields}))
 
 
 def run_precompute(shards, seeds: str, store, teacher, *extra, **kw):

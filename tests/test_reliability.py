@@ -2,7 +2,6 @@
 not leak, damaged shards, Redis and the teacher service dying under a training run, a DDP rank
 killed, and the API contract fuzzed by schemathesis."""
 
-import json
 import os
 import shutil
 import signal
@@ -15,7 +14,6 @@ import pytest
 import redis as redispy
 from conftest import (
     PY,
-    TINY,
     RedisServer,
     communicate,
     copy_shards,
@@ -27,6 +25,7 @@ from conftest import (
     run_precompute,
     run_step,
     start_service,
+    student_argv,
     wait_exit,
     wait_until,
 )
@@ -37,22 +36,8 @@ from teacher_service.client import TeacherClient
 
 
 def trainer_cmd(shards, out, *extra) -> list[str]:
-    args = {
-        "--shards": shards,
-        "--out": out,
-        "--model": "deit_tiny_distilled_patch16_224",
-        "--model-kwargs": json.dumps(TINY),
-        "--batch-size": 64,
-        "--repeated-aug": 1,
-        "--workers": 1,
-        "--threads": 1,
-        "--warmup-epochs": 0,
-        "--lr": "4e-3",
-        "--eval-every": 0,
-    }
-    flat = [str(x) for kv in args.items() for x in kv]
-    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "student_trainer",
-            "train", *flat, "--no-progress", *map(str, extra)]  # fmt: skip
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*torchrun, "-m", "student_trainer", "train", *student_argv(shards, out, eval_every=0), *map(str, extra)]
 
 
 def wait_for_epochs(out, n: int, proc) -> None:

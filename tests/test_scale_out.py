@@ -2,7 +2,6 @@
 processes, training as two torchrun nodes (c10d rendezvous on loopback), and precompute split
 over two nodes writing into one Redis at once."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import pytest
 from conftest import (
     PY,
     ROOT,
-    TINY,
     communicate,
     free_port,
     last_json,
@@ -20,6 +18,7 @@ from conftest import (
     require_redis_server,
     run_precompute,
     run_step,
+    student_argv,
 )
 
 from shards import Manifest, SkipCounter, iter_shard
@@ -108,11 +107,8 @@ def test_training_as_two_nodes_matches_one_node(redis_server, demo_shards, tiny_
     """torchrun --nnodes 2 (c10d rendezvous on loopback), one process per node, labels from one
     Redis: the same steps per rank and the same accuracy as one node with two processes."""
     run_precompute(demo_shards, "0:3", redis_server.url, tiny_teacher)
-    common = ["-m", "student_trainer", "train", "--shards", str(demo_shards), "--model",
-              "deit_tiny_distilled_patch16_224", "--model-kwargs", json.dumps(TINY), "--labels", "store",
-              "--store", redis_server.url, "--epochs", "3", "--batch-size", "64", "--repeated-aug", "1",
-              "--workers", "1", "--threads", "1", "--warmup-epochs", "0", "--lr", "4e-3", "--mixup", "0",
-              "--cutmix", "0", "--eval-every", "3", "--no-progress", "--no-export"]  # fmt: skip
+    run = dict(labels="store", store=redis_server.url, epochs=3, mixup=0.0, cutmix=0.0, eval_every=3, export=False)
+    common = ["-m", "student_trainer", "train", *student_argv(demo_shards, **run)]
     single = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common]
     one = run_step([*single, "--out", tmp_path / "one"], "torchrun: one node, 2 processes, 3 epochs", 12)
     endpoint = f"127.0.0.1:{free_port()}"

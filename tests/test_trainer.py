@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PY, TINY, last_json, run_cli, run_precompute, wait_until
+from conftest import PY, TINY, last_json, run_cli, run_precompute, student_argv, wait_until
 
 from distill_core import load_training_checkpoint
 from shards import Manifest, SkipCounter, iter_shard
@@ -158,32 +158,7 @@ def torchrun(*args, check=True, measured_s: float = 30.0):
 
 
 def student_args(shards, out, *extra):
-    return [
-        "--shards",
-        shards,
-        "--out",
-        out,
-        "--model",
-        "deit_tiny_distilled_patch16_224",
-        "--model-kwargs",
-        json.dumps(TINY),
-        "--batch-size",
-        "64",
-        "--repeated-aug",
-        "1",
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--lr",
-        "4e-3",
-        "--drop-path",
-        "0",
-        "--no-progress",
-        *extra,
-    ]
+    return [*student_argv(shards, out), *map(str, extra)]
 
 
 # The learning test's student: one token per 16 px patch learns the 32 px digits in 15 epochs to
