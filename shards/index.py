@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from .manifest import Manifest, ShardInfo, sha256_file
+from .manifest import Manifest, ShardInfo, cut_short, sha256_file
 from .members import IMAGE_KEYS, Member
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,8 @@ class SplitIndex:
                 problems.append(f"{shard.name}: {size or 'no'} bytes, the manifest says {shard.bytes}")
                 continue
             found = list(scan_members(path))
-            if len(found) != shard.samples:
-                problems.append(f"{shard.name}: {len(found)} images readable, the manifest says {shard.samples}")
+            if problem := cut_short(shard, len(found)):
+                problems.append(problem)
             rows.extend(found)
         if problems:
             raise IndexMismatch(

@@ -89,6 +89,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def cut_short(shard: ShardInfo, readable: int) -> str | None:
+    """What is wrong when a shard yields `readable` images where its manifest entry lists more, or
+    None. Without a member index, tarfile ends its iteration quietly at a damaged header: the
+    stream, precompute and the index's scan compare what they read with the manifest here."""
+    if readable == shard.samples:
+        return None
+    return f"{shard.name}: {readable} images readable, the manifest says {shard.samples}"
+
+
 def verify_shard(directory: str | os.PathLike, shard: ShardInfo) -> str | None:
     """What is wrong with one shard against its manifest entry (missing, resized, modified), or None."""
     p = Path(directory) / shard.name

@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .augment import AugmentPolicy, augment, eval_view, prepare
 from .decode import decode_image
 from .index import SplitIndex
-from .manifest import Manifest
+from .manifest import Manifest, cut_short
 from .members import IMAGE_KEYS, OpenFiles
 from .render import render_batch
 from .schedule import RepeatSchedule
@@ -353,7 +353,7 @@ class ShardStream(IterableDataset):
                 if at == len(wanted):
                     return
         # read to its end: a damaged tar header ends tarfile's iteration early, quietly
-        short = ValueError(f"{shard.name}: {read} images readable, the manifest says {shard.samples}")
+        short = ValueError(cut_short(shard, read))
         for i in wanted[at:]:
             yield i, short
 

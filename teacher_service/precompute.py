@@ -26,7 +26,7 @@ from distill_core import Command, Nested
 from shards import Manifest
 from shards.flags import RendererFlag, RepeatModeFlag
 from shards.index import SplitIndex, scanned_members
-from shards.manifest import verify_shard
+from shards.manifest import cut_short, verify_shard
 from shards.schedule import RepeatSchedule
 
 from .engine import EngineConfig, Job, LabelEngine, Result
@@ -221,8 +221,8 @@ def precompute(
                         group = []
                 if group:
                     feed(group)
-                if count != shard.samples:  # without an index: a damaged tar header ends tarfile's iteration quietly
-                    log.error("shard %s: %d images readable, the manifest says %d", name, count, shard.samples)
+                if problem := cut_short(shard, count):  # only without an index (see cut_short)
+                    log.error("shard %s", problem)
                     damaged.append(name)
                     lost = sum(len(seeds_of(s, i)) for i in range(count, shard.samples))
                     totals["skipped"] += lost
