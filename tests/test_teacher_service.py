@@ -265,7 +265,7 @@ def test_concurrent_clients_are_batched(service, demo_shards):
             for line in httpx.get(service["url"] + "/metrics").text.splitlines()
             if line.startswith("distill_batch_size_")
         }
-        return counts["distill_batch_size_count"], counts["distill_batch_size_sum"]
+        return counts.get("distill_batch_size_count", 0.0), counts.get("distill_batch_size_sum", 0.0)
 
     def one(i):
         with TeacherClient(service["url"], token=TOKEN) as c:

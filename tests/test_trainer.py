@@ -455,3 +455,29 @@ def test_demo_end_to_end_writes_table_and_picture(tmp_path, demo_shards):
     assert (out / "results.png").stat().st_size > 10_000
     table = (out / "results.md").read_text()
     assert "| plain |" in table and "minus plain" in table
+
+
+def test_an_epochs_checkpoint_is_written_before_its_metrics_line(demo_shards, tmp_path, monkeypatch):
+    """The order the resume test relies on, checked deterministically: when epoch e's checkpoint is
+    saved, metrics.jsonl holds the lines of the epochs before it only, so a kill between the two
+    never leaves a metrics line without its checkpoint."""
+    from student_trainer import TrainConfig
+    from student_trainer import train as train_module
+
+    out = tmp_path / "run"
+    seen = []
+    save = train_module.save_checkpoint
+
+    def checked(run, epoch, step):
+        metrics = out / "metrics.jsonl"
+        seen.append((epoch, len(metrics.read_text().splitlines()) if metrics.exists() else 0))
+        save(run, epoch, step)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", checked)
+    cfg = TrainConfig(
+        shards=str(demo_shards), out=str(out), model="deit_tiny_distilled_patch16_224", model_kwargs=TINY,
+        epochs=2, batch_size=128, repeated_aug=1, workers=0, warmup_epochs=0, eval_every=0, progress=False,
+        export=False, mixup=0.0, cutmix=0.0,
+    )  # fmt: skip
+    train_module.train(cfg)
+    assert seen == [(0, 0), (1, 1)]
