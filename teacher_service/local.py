@@ -33,7 +33,7 @@ class LocalService:
         self.port = port or free_port()
         self.argv = command or [sys.executable, "-m", "teacher_service", "serve", *argv, "--port", str(self.port)]
         self.log = Path(log)
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.ready_s: float | None = None  # launch to the first /readyz 200
 
