@@ -35,7 +35,10 @@ from pydantic import BaseModel, Field
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from distill_core import parse_script_args  # noqa: E402
+from teacher import BenchTeacher  # noqa: E402
+from train import BenchTrain  # noqa: E402
+
+from distill_core import parse_script_args, to_argv  # noqa: E402
 
 
 class BenchGPU(BaseModel):
@@ -115,49 +118,20 @@ def main():
         "images": args.images,
     }
     t0 = time.perf_counter()
-    common = [
-        "--data",
-        "jpeg",
-        "--images",
-        str(args.images),
-        "--input-size",
-        "224",
-        "--batch-size",
-        str(args.batch_size),
-    ]
+    common = dict(data="jpeg", images=args.images, input_size=224, batch_size=args.batch_size, workers=args.workers)
     for renderer in ("pil", "torch"):
+        bench = BenchTeacher(
+            **common, model=args.teacher, renderer=renderer, seconds=args.seconds, seeds=2, precompute_runs=2,
+            naive=False, lookups=50, clients=8, items_per_request=64,
+        )  # fmt: skip
         out[f"teacher_{renderer}"] = run_part(
-            f"teacher_{renderer}",
-            [py, str(HERE / "teacher.py"), *common, "--model", args.teacher, "--renderer", renderer]
-            + ["--workers", str(args.workers), "--seconds", str(args.seconds), "--seeds", "2", "--precompute-runs", "2"]
-            + ["--no-naive", "--lookups", "50", "--clients", "8", "--items-per-request", "64"],
-            110,
-            failures,
+            f"teacher_{renderer}", [py, str(HERE / "teacher.py"), *to_argv(bench)], 110, failures
         )
-    out["train_torch"] = run_part(
-        "train_torch",
-        [
-            py,
-            str(HERE / "train.py"),
-            *common,
-            "--renderer",
-            "torch",
-            "--student",
-            args.student,
-            "--teacher",
-            args.teacher,
-        ]
-        + ["--workers", str(args.workers), "--steps", "40", "--modes", "none,store_file,online", "--compile"],
-        170,
-        failures,
-    )
-    out["train_pil"] = run_part(
-        "train_pil",
-        [py, str(HERE / "train.py"), *common, "--renderer", "pil", "--student", args.student, "--teacher", args.teacher]
-        + ["--workers", str(args.workers), "--steps", "40", "--modes", "store_file", "--model-steps", "0"],
-        60,
-        failures,
-    )
+    train = dict(**common, student=args.student, teacher=args.teacher, steps=40)
+    bench = BenchTrain(**train, renderer="torch", modes="none,store_file,online", compile=True)
+    out["train_torch"] = run_part("train_torch", [py, str(HERE / "train.py"), *to_argv(bench)], 170, failures)
+    bench = BenchTrain(**train, renderer="pil", modes="store_file", model_steps=0)
+    out["train_pil"] = run_part("train_pil", [py, str(HERE / "train.py"), *to_argv(bench)], 60, failures)
     try:
         out["render"] = render_check(args)
     except Exception as e:  # reported, not fatal: the throughput figures above stand on their own

@@ -43,8 +43,9 @@ import redis
 import torch
 from pydantic import BaseModel, Field
 
-from distill_core import parse_script_args, usable_cpus
+from distill_core import parse_script_args, to_argv, usable_cpus
 from shards import Manifest, ShardStream, augment, decode_image, make_loader
+from shards.__main__ import BuildConfig
 from shards.index import SplitIndex
 from shards.manifest import MANIFEST_NAME
 from teacher_service.local import LocalService, serve_argv
@@ -92,8 +93,8 @@ def make_folder(src: Path, n: int, classes: int, quality: int) -> float:
 
 
 def build(src: Path, out: Path, shard_size: int) -> dict:
-    argv = ["shards", "build", "--src", str(src), "--out", str(out), "--shard-size", str(shard_size)]
-    r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, check=True)
+    argv = to_argv(BuildConfig(src=src, out=out, shard_size=shard_size))
+    r = subprocess.run([sys.executable, "-m", "shards", "build", *argv], capture_output=True, text=True, check=True)
     s = json.loads(r.stdout.strip().splitlines()[-1])
     return {"seconds": s["seconds"], "images_per_s_per_core": s["images_per_s"]}
 
