@@ -214,9 +214,13 @@ class SplitIndex:
     def open(cls, directory: str | Path, split: str, manifest: Manifest, verify: bool = True) -> SplitIndex:
         """The split's index file, checked against the manifest: its size and sha256 (skipped with
         verify=False, for a process whose parent checked the same file), and the shards it was
-        made for. IndexMismatch when it does not match; FileNotFoundError when it is gone."""
+        made for. IndexMismatch when it does not match or is gone."""
         info = manifest.indexes[split]
         path = Path(directory) / info.name
+        if not path.exists():
+            raise IndexMismatch(
+                f"{info.name}, which the manifest lists, is missing: run `python -m shards index {directory}`"
+            )
         size = path.stat().st_size
         if size != info.bytes:
             raise IndexMismatch(f"{info.name}: {size} bytes, the manifest says {info.bytes} (damaged?)")

@@ -72,6 +72,10 @@ def test_a_damaged_or_stale_index_is_refused(demo_shards, tmp_path):
     with pytest.raises(IndexMismatch, match="val.index: .* bytes, the manifest says"):
         ShardIndex.load(cut, ["train", "val"])
 
+    (cut / "val.index").unlink()
+    with pytest.raises(IndexMismatch, match="val.index, which the manifest lists, is missing: run"):
+        ShardIndex.load(cut, ["train", "val"])
+
     # an index made for other shards (a manifest rewritten around it) is not used either
     stale = copy_shards(demo_shards, tmp_path / "stale")
     manifest = json.loads((stale / "manifest.json").read_text())
