@@ -217,7 +217,9 @@ def test_file_store_survives_sigkill_of_writer(tmp_path):
     url = str(tmp_path / "labels.db")
     tests = os.path.dirname(__file__)
     writer = subprocess.Popen(
-        [PY, "-c", WRITER.format(tests=tests, url=url, batches=10_000, pause=0)], stdout=subprocess.PIPE, text=True
+        [PY, "-c", WRITER.format(tests=tests, url=url, batches=10_000, pause=0, ready=str(tmp_path / "r"), readers=0)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     done = 0
     while done < 15:
