@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from .manifest import Manifest, ShardInfo, cut_short, sha256_file
+from .manifest import Manifest, ShardInfo, cut_short, sha256_file, wrong_size
 from .members import IMAGE_KEYS, Member
 
 log = logging.getLogger(__name__)
@@ -170,12 +170,10 @@ class SplitIndex:
         headers end before their manifest count (or that are missing or resized)."""
         rows, problems = [], []
         for shard in shards:
-            path = Path(directory) / shard.name
-            size = path.stat().st_size if path.exists() else None
-            if size != shard.bytes:
-                problems.append(f"{shard.name}: {size or 'no'} bytes, the manifest says {shard.bytes}")
+            if problem := wrong_size(directory, shard):
+                problems.append(problem)
                 continue
-            found = list(scan_members(path))
+            found = list(scan_members(Path(directory) / shard.name))
             if problem := cut_short(shard, len(found)):
                 problems.append(problem)
             rows.extend(found)
@@ -211,10 +209,10 @@ class SplitIndex:
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: str | Path, split: str, manifest: Manifest, verify: bool = True) -> SplitIndex:
-        """The split's index file, checked against the manifest: its size and sha256 (skipped with
-        verify=False, for a process whose parent checked the same file), and the shards it was
-        made for. IndexMismatch when it does not match or is gone."""
+    def open(cls, directory: str | Path, split: str, manifest: Manifest) -> SplitIndex:
+        """The split's index file, checked against the manifest: its size and sha256, and the
+        shards it was made for (a worker process that gets it pickled maps it without checking
+        again: `__setstate__`). IndexMismatch when it does not match or is gone."""
         info = manifest.indexes[split]
         path = Path(directory) / info.name
         if not path.exists():
@@ -224,7 +222,7 @@ class SplitIndex:
         size = path.stat().st_size
         if size != info.bytes:
             raise IndexMismatch(f"{info.name}: {size} bytes, the manifest says {info.bytes} (damaged?)")
-        if verify and (digest := sha256_file(path)) != info.sha256:
+        if (digest := sha256_file(path)) != info.sha256:
             raise IndexMismatch(f"{info.name}: sha256 {digest[:12]}.. != manifest {info.sha256[:12]}.. (modified)")
         with open(path, "rb") as f:
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -237,14 +235,12 @@ class SplitIndex:
         return index
 
     @classmethod
-    def load(
-        cls, directory: str | Path, split: str, manifest: Manifest | None = None, verify: bool = True
-    ) -> SplitIndex:
+    def load(cls, directory: str | Path, split: str, manifest: Manifest | None = None) -> SplitIndex:
         """The split's index: its file when the manifest lists one, else scanned from the tar
         headers (shards built by an older version), with a warning."""
         manifest = manifest or Manifest.load(directory)
         if split in manifest.indexes:
-            return cls.open(directory, split, manifest, verify)
+            return cls.open(directory, split, manifest)
         shards = manifest.shards(split)
         log.warning(
             "split %s of %s has no member index: reading the tar headers of its %d shards (%d images); "
@@ -323,13 +319,11 @@ def scanned_members(path: str | Path) -> Iterator[tuple[str, Member]]:
         yield key, Member(str(path), offset, size)
 
 
-def write_index(directory: str | Path, split: str, manifest: Manifest, rows=None) -> ShardInfo:
-    """Write `<split>.index` (atomically) and return its manifest entry; `rows` from the caller
-    (the build, which just wrote them) or scanned from the tar headers."""
+def write_index(directory: str | Path, split: str, manifest: Manifest) -> ShardInfo:
+    """Write `<split>.index` (atomically) from the shards' tar headers and return its manifest entry."""
     directory = Path(directory)
     shards = manifest.shards(split)
-    if rows is None:
-        rows = SplitIndex.scan_rows(directory, split, shards)
+    rows = SplitIndex.scan_rows(directory, split, shards)
     data = SplitIndex.encode(split, shards, rows)
     path = directory / index_name(split)
     tmp = path.with_name(path.name + ".tmp")
@@ -366,29 +360,22 @@ def index_all(directory: str | Path, verify: bool = True, progress: bool = True)
 class ShardIndex:
     """Where the service finds an image by key, across the splits it serves."""
 
-    def __init__(self, directory: str | Path, splits: dict[str, SplitIndex]):
-        self.directory = Path(directory)
+    def __init__(self, splits: dict[str, SplitIndex]):
         self.splits = splits
 
     @classmethod
-    def load(cls, directory: str | Path, splits: list[str], verify: bool = True) -> ShardIndex:
+    def load(cls, directory: str | Path, splits: list[str]) -> ShardIndex:
         """The index of `splits` (those the manifest has), checked against the manifest: a damaged
         index, or shards of another size than the manifest says, raise IndexMismatch naming them."""
         manifest = Manifest.load(directory)
-        found = {s: SplitIndex.load(directory, s, manifest, verify) for s in splits if s in manifest.splits}
-        problems = []
-        for split in found:
-            for shard in manifest.shards(split):
-                path = Path(directory) / shard.name
-                size = path.stat().st_size if path.exists() else None
-                if size != shard.bytes:
-                    problems.append(f"{shard.name}: {size or 'no'} bytes, the manifest says {shard.bytes}")
+        found = {s: SplitIndex.load(directory, s, manifest) for s in splits if s in manifest.splits}
+        problems = [p for split in found for shard in manifest.shards(split) if (p := wrong_size(directory, shard))]
         if problems:
             raise IndexMismatch(
                 f"shards in {directory} do not match their manifest ({'; '.join(problems)}); "
                 f"check them with `python -m shards inspect {directory}`"
             )
-        return cls(directory, found)
+        return cls(found)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.splits.values())

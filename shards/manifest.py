@@ -98,14 +98,23 @@ def cut_short(shard: ShardInfo, readable: int) -> str | None:
     return f"{shard.name}: {readable} images readable, the manifest says {shard.samples}"
 
 
-def verify_shard(directory: str | os.PathLike, shard: ShardInfo) -> str | None:
-    """What is wrong with one shard against its manifest entry (missing, resized, modified), or None."""
+def wrong_size(directory: str | os.PathLike, shard: ShardInfo) -> str | None:
+    """What is wrong with a file's presence or size against its manifest entry, or None: the
+    check that costs a stat, before any byte is read."""
     p = Path(directory) / shard.name
     if not p.exists():
         return f"{shard.name} missing"
     size = p.stat().st_size
     if size != shard.bytes:
         return f"{shard.name} has {size} bytes, manifest says {shard.bytes} (truncated?)"
+    return None
+
+
+def verify_shard(directory: str | os.PathLike, shard: ShardInfo) -> str | None:
+    """What is wrong with one shard against its manifest entry (missing, resized, modified), or None."""
+    if problem := wrong_size(directory, shard):
+        return problem
+    p = Path(directory) / shard.name
     digest = sha256_file(p)
     if digest != shard.sha256:
         return f"{shard.name} sha256 {digest[:12]}.. != manifest {shard.sha256[:12]}.. (modified)"
