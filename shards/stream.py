@@ -278,8 +278,8 @@ class ShardStream(IterableDataset):
         shard_samples = [s.samples for s in self.shards]
         return plan_epoch(shard_samples, self.batch_size, self.epoch, share, self.repeats, self.shuffle, self.seed)
 
-    def _positions(self, plan: EpochPlan, read) -> Iterator[tuple[RawSample, int]]:
-        """(raw sample, seed) for every position in [plan.start, plan.stop) of an `all` plan."""
+    def _wanted_all(self, plan: EpochPlan) -> Iterator[tuple[int, dict[int, list[int]]]]:
+        """(shard, {image: [repeat, ...]}) of every position in [plan.start, plan.stop) of an `all` plan."""
         repeats = self.repeats
         first = bisect.bisect_right(plan.offsets, plan.start) - 1
         for j in range(first, len(plan.order)):
@@ -290,10 +290,10 @@ class ShardStream(IterableDataset):
             lo, hi = max(plan.start - base, 0), min(plan.stop - base, self.shards[s].samples * repeats)
             for p in range(lo, hi):
                 wanted.setdefault(p // repeats, []).append(p % repeats)
-            yield from read(s, wanted)
+            yield s, wanted
 
-    def _dealt_positions(self, plan: DealtPlan, read) -> Iterator[tuple[RawSample, int]]:
-        """(raw sample, seed) for every position of a `deit` plan, in the epoch's order."""
+    def _wanted_dealt(self, plan: DealtPlan) -> Iterator[tuple[int, dict[int, list[int]]]]:
+        """(shard, {image: [repeat, ...]}) of every position of a `deit` plan, in the epoch's order."""
         repeats, world, rank = self.repeats, plan.world_size, plan.rank
         p_lo, p_hi = plan.position_range()
         for (s, count), base in zip(plan.pieces, plan.offsets, strict=True):
@@ -305,25 +305,22 @@ class ShardStream(IterableDataset):
             wanted = {}
             for p in range(lo + (rank - lo) % world, hi, world):  # this worker's positions in the piece
                 wanted.setdefault(p // repeats - base, []).append(p % repeats)
-            yield from read(s, wanted)
+            yield s, wanted
 
-    def _reader(self, skips: SkipCounter, files: OpenFiles):
-        """read(shard, {image: [repeat, ...]}) -> (raw sample, seed) of each wanted image and repeat.
-        An image that cannot be read (a shard cut short, a member past a truncated file) costs its
-        positions, counted as skipped with the first reason."""
-
-        def read(s: int, wanted: dict[int, list[int]]) -> Iterator[tuple[RawSample, int]]:
+    def _read(self, wanted, skips: SkipCounter, files: OpenFiles) -> Iterator[tuple[RawSample, int]]:
+        """(raw sample, seed) of each wanted (shard, {image: [repeat, ...]}). An image that cannot be
+        read (a shard cut short, a member past a truncated file) costs its positions, counted as
+        skipped with the first reason."""
+        for s, repeats in wanted:
             lost, reason = 0, None
-            for i, raw in self._images(s, sorted(wanted), skips, files):
+            for i, raw in self._images(s, sorted(repeats), skips, files):
                 if isinstance(raw, Exception):
-                    lost, reason = lost + len(wanted[i]), reason or raw
+                    lost, reason = lost + len(repeats[i]), reason or raw
                     continue
-                for q in wanted[i]:
+                for q in repeats[i]:
                     yield raw, self.schedule.seed(s, i, self.epoch, q)
             if lost:
                 skips(reason, samples=lost)
-
-        return read
 
     def _images(self, s: int, wanted: list[int], skips: SkipCounter, files: OpenFiles):
         """(i, raw sample or the exception that lost it) for the images `wanted` of shard `s`, in
@@ -364,8 +361,8 @@ class ShardStream(IterableDataset):
         if not plan.sizes:
             return
         skips, files = SkipCounter(), OpenFiles()
-        read = self._reader(skips, files)
-        stream = self._dealt_positions(plan, read) if self.dealt else self._positions(plan, read)
+        wanted = self._wanted_dealt(plan) if self.dealt else self._wanted_all(plan)
+        stream = self._read(wanted, skips, files)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}")
             stream = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
