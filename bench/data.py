@@ -6,8 +6,9 @@ python bench/data.py [--n 200] [--batch 64]
 - `pil_*`: timm's transform (the `pil` renderer), each stage of its Compose timed on its own under
   the crop's seed: decode, crop+resize (RandomResizedCrop), flip, RandAugment, to-tensor +
   normalise, erasing.
-- `torch_*`: the torch renderer on this CPU: decode (the same PIL decode), draw (parameters and
-  the crop box cut), then `render_batch`'s stages, rendered as a batch of `--batch` crops;
+- `torch_*`: the torch renderer on this CPU: decode (the same PIL decode), crop (parameters drawn,
+  the box cut, resized and flipped by Pillow: what a loader worker does for the device), then
+  `render_batch`'s stages, rendered as a batch of `--batch` crops;
   `torch_single_*` renders one crop at a time, as the label engine's CPU workers do.
 - `torch_vs_pil_224`: the torch renderer's crops/s against pil's, both with decode, one core
   (`_without_decode`: the renderers alone).
@@ -71,15 +72,15 @@ def pil_stages(images: list[Image.Image], policy: AugmentPolicy) -> dict:
 
 
 def torch_stages(images: list[Image.Image], policy: AugmentPolicy, batch: int) -> tuple[dict, torch.Tensor]:
-    times = {"draw": 0.0}
+    times = {"crop": 0.0}
     prepared, out = [], []
     for i, image in enumerate(images):
         t = time.perf_counter()
         prepared.append(prepare(image, f"k{i}", 0, policy))
-        times["draw"] += time.perf_counter() - t
+        times["crop"] += time.perf_counter() - t
     for b in range(0, len(prepared), batch):
-        regions, params = zip(*prepared[b : b + batch])
-        out.append(render_batch(list(regions), list(params), policy, "cpu", timings=times))
+        crops, params = zip(*prepared[b : b + batch])
+        out.append(render_batch(torch.stack(crops), list(params), policy, "cpu", timings=times))
     return times, torch.cat(out)
 
 

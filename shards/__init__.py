@@ -2,7 +2,7 @@
 
 from .augment import AugmentPolicy, augment, eval_view, prepare, sample_seed
 from .decode import decode_image
-from .flags import RendererFlag
+from .flags import DecoderFlag, RendererFlag, policy_overrides
 from .manifest import Manifest, verify
 from .schedule import RepeatSchedule
 from .stream import ShardStream, SkipCounter, iter_shard, make_loader
@@ -10,6 +10,8 @@ from .stream import ShardStream, SkipCounter, iter_shard, make_loader
 __all__ = [
     "AugmentPolicy",
     "RendererFlag",
+    "DecoderFlag",
+    "policy_overrides",
     "prepare",
     "augment",
     "decode_image",

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distill_core import App, Command, Positional
 
-from .flags import RendererFlag
+from .flags import DecoderFlag, RendererFlag
 
 
 class BuildConfig(BaseModel):
@@ -51,6 +51,8 @@ class ShowConfig(BaseModel):
         default_factory=dict, description='JSON of augmentation policy overrides, e.g. {"input_size": 64}'
     )
     renderer: RendererFlag = None
+    decoder: DecoderFlag = None
+    device: str = Field("cpu", description="where a torch policy renders the crop (cuda for nvjpeg)")
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -99,19 +101,26 @@ def index(cfg: IndexConfig) -> dict:
 
 
 def show(cfg: ShowConfig) -> dict:
-    from .augment import augment, to_pil
+    from .augment import augment, prepare, prepare_encoded, to_pil
     from .decode import decode_image
     from .index import SplitIndex
     from .manifest import Manifest
+    from .render import is_jpeg, render_prepared
 
     m = Manifest.load(cfg.dir)
-    policy = m.policy(cfg.renderer, **cfg.policy)
+    policy = m.policy(cfg.renderer, cfg.decoder, **cfg.policy)
     for split in m.splits:
         index = SplitIndex.load(cfg.dir, split, m)
         row = index.find(cfg.key)
         if row is None:
             continue
-        crop = augment(decode_image(index.member(row).read()), cfg.key, cfg.seed, policy)
+        data = index.member(row).read()
+        if policy.renderer == "torch" and cfg.device != "cpu":  # where the trainer would render it
+            nvjpeg = policy.decoder == "nvjpeg" and is_jpeg(data)
+            prep = prepare_encoded if nvjpeg else lambda d, *a: prepare(decode_image(d), *a)
+            crop = render_prepared([prep(data, cfg.key, cfg.seed, policy)], policy, cfg.device)[0].cpu()
+        else:
+            crop = augment(decode_image(data), cfg.key, cfg.seed, policy)
         to_pil(crop, policy).save(cfg.out, format="PNG")
         label = int(index.label[row])
         return {
@@ -122,6 +131,8 @@ def show(cfg: ShowConfig) -> dict:
             "shard": index.shards[index.shard_of(row)],
             "policy_id": policy.policy_id,
             "renderer": policy.renderer,
+            "decoder": policy.decoder,
+            "device": cfg.device,
             "out": str(cfg.out),
         }
     raise KeyError(f"key {cfg.key!r} not found in {cfg.dir}")

@@ -7,9 +7,11 @@ transform (RandomResizedCrop, flip, RandAugment, random erasing):
 - `pil` (the default): timm's transform unchanged, made deterministic by running it under a
   per-sample seed derived with a stable hash, saving and restoring the caller's random state;
 - `torch` (`render.py`): the same random choices drawn per sample on the CPU, the pixels rendered
-  batched on any torch device, so a GPU node's CPUs do not set its pace.
+  batched on any torch device in integer arithmetic, so a GPU node's CPUs do not set its pace and
+  every device renders the same bytes. Its `decoder` is libjpeg (Pillow, where the loader runs)
+  or nvjpeg (JPEGs decoded on the GPU): the two give different pixels.
 
-The renderer is part of the policy and of its id: each has its own label namespace.
+The renderer and the decoder are part of the policy and of its id: each has its own label namespace.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from PIL import Image
 
 from .decode import image_header
 from .flags import RENDERERS
-from .render import draw_params, render_batch, to_uint8_chw
+from .render import DECODERS, check_device, crop_image, draw_params, render_batch
 
 # Bump when this module changes in a way that changes the produced tensors.
 AUGMENT_CODE_VERSION = 2
-# The same for the torch renderer (render.py); part of the id of torch policies only.
-RENDER_CODE_VERSION = 1
+# The same for the torch renderer (render.py, resample.py); part of the id of torch policies only.
+# 2: integer arithmetic on every device (Pillow's resize, fixed-point ops), the decoder in the policy
+RENDER_CODE_VERSION = 2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,6 +68,9 @@ class AugmentPolicy:
     eval_crop_pct: float = 0.875
     # "pil": timm's transform on the CPU; "torch": parameters on the CPU, pixels on any device
     renderer: str = "pil"
+    # torch renderer: "libjpeg" (Pillow decodes where the loader runs) or "nvjpeg" (JPEGs decoded
+    # on the CUDA device that renders); the pil renderer decodes with Pillow
+    decoder: str = "libjpeg"
     _transform_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def to_dict(self) -> dict:
@@ -84,6 +90,12 @@ class AugmentPolicy:
     def __post_init__(self):
         if self.renderer not in RENDERERS:
             raise ValueError(f"renderer must be one of {RENDERERS}, not {self.renderer!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
+        if self.renderer == "pil" and self.decoder != "libjpeg":
+            raise ValueError(
+                f"the pil renderer decodes with Pillow (libjpeg); decoder {self.decoder!r} needs renderer torch"
+            )
         if self.renderer == "torch":
             from .render import check_policy
 
@@ -102,8 +114,10 @@ class AugmentPolicy:
         if "id" in self._transform_cache:
             return self._transform_cache["id"]
         params = self.to_dict()
+        decoder = params.pop("decoder")
         if params.pop("renderer") != "pil":  # ids of pil policies stay what they were before renderers
             params["renderer"] = self.renderer
+            params["decoder"] = decoder
             params["render_code"] = RENDER_CODE_VERSION
         payload = {
             "params": params,
@@ -217,28 +231,28 @@ def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, rest
     """The training crop for (policy, key, seed): a float tensor (3, H, W), bit-identical anywhere.
     The caller's random state is left as it was unless `restore_rng=False` (see `seeded_rng`).
     A torch policy renders the crop here, on the CPU, as a batch of one: the same tensor as in any
-    batch (`render.py`'s contract), and no global random state is touched."""
+    batch on any device (`render.py`'s contract), and no global random state is touched."""
     if policy.renderer == "torch":
-        return render_batch(*zip(prepare(image, key, seed, policy)), policy, "cpu")[0]
+        check_device(policy, "cpu")
+        crop, params = prepare(image, key, seed, policy)
+        return render_batch(crop.unsqueeze(0), [params], policy, "cpu")[0]
     transform = policy.train_transform()
     with seeded_rng(sample_seed(policy.policy_id, key, seed), restore_rng):
         out = transform(image)
     return out.contiguous()
 
 
-def prepare(image: Image.Image | torch.Tensor, key: str, seed: int, policy: AugmentPolicy) -> tuple:
-    """The CPU half of a torch-renderer crop: (the uint8 (3, h, w) content of the crop box, its
-    CropParams), for `render.render_batch` wherever the model runs. `image` is a PIL image or a
-    (3, H, W) uint8 tensor (on any device)."""
-    chw = image if isinstance(image, torch.Tensor) else to_uint8_chw(image)
-    params = draw_params(policy, sample_seed(policy.policy_id, key, seed), chw.shape[-1], chw.shape[-2])
-    top, left, h, w = params.box
-    return chw[:, top : top + h, left : left + w], params
+def prepare(image: Image.Image, key: str, seed: int, policy: AugmentPolicy) -> tuple:
+    """The CPU half of a torch-renderer crop from an image Pillow decoded: (its uint8 (3, S, S)
+    crop: the box resized and flipped, its CropParams), for `render.render_batch` wherever the
+    model runs."""
+    params = draw_params(policy, sample_seed(policy.policy_id, key, seed), image.width, image.height)
+    return crop_image(image, params, policy), params
 
 
 def prepare_encoded(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> tuple:
-    """`prepare` for an image decoded later, on the device: reads only the header here (and
-    refuses what `decode_image` would refuse from its header)."""
+    """`prepare` for a JPEG decoded later, on the device (nvjpeg policies): (the bytes, the
+    CropParams); reads only the header here (and refuses what `decode_image` would refuse from it)."""
     width, height = image_header(data)
     return data, draw_params(policy, sample_seed(policy.policy_id, key, seed), width, height)
 

@@ -37,15 +37,14 @@ class Manifest:
     def num_samples(self, split: str) -> int:
         return sum(s.samples for s in self.shards(split))
 
-    def policy(self, renderer: str | None = None, /, **overrides):
+    def policy(self, renderer: str | None = None, decoder: str | None = None, /, **overrides):
         """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides, then
-        `renderer` (a command's --renderer flag) if given. An override of None is a value, not
-        "unset": `{"auto_augment": null}` turns RandAugment off."""
+        `renderer` and `decoder` (a command's --renderer and --decoder flags) if given. An override
+        of None is a value, not "unset": `{"auto_augment": null}` turns RandAugment off."""
         from .augment import AugmentPolicy
+        from .flags import policy_overrides
 
-        if renderer is not None:
-            overrides = {**overrides, "renderer": renderer}
-        return AugmentPolicy.from_dict({**self.policy_hint, **overrides})
+        return AugmentPolicy.from_dict({**self.policy_hint, **policy_overrides(overrides, renderer, decoder)})
 
     def to_dict(self) -> dict:
         return {

@@ -1,27 +1,40 @@
-"""The torch renderer: DeiT's training crop drawn on the CPU, rendered batched on any torch device.
+"""The torch renderer: DeiT's training crop drawn on the CPU, rendered batched on any torch device,
+the same bytes on every device.
 
-`AugmentPolicy(renderer="torch")` splits the crop in two:
+`AugmentPolicy(renderer="torch")` splits the crop in three:
 
 - **Parameters**, drawn per sample on the CPU from the sample's seed (`draw_params`): the
   RandomResizedCrop box, the flip, RandAugment's ops with timm's semantics (n ops chosen with
   replacement from the "increasing" set, each applied with probability p, magnitude from N(m, mstd)
   clipped to [0, 10], random sign where timm negates), random erasing's boxes and a key for its
   noise. Microseconds a sample; they need only the image's size.
-- **Pixels**, rendered for a whole batch on the device where the model runs (`render_batch`):
-  crop + antialiased resize, flip, the RandAugment ops in their drawn order (each op on the
-  samples that drew it, with per-sample arguments), normalisation, erasing.
+- **The crop** (`crop_image`, `crop_tensor`): the box cut out of the decoded image, resized to
+  S x S with Pillow's antialiased filter, flipped: a uint8 (3, S, S). The decoder is part of the
+  policy (`decoder`): `libjpeg` decodes with Pillow where the loader runs and resizes with Pillow
+  (timm's own RandomResizedCrop); `nvjpeg` decodes JPEGs on the GPU and resizes there with
+  Pillow's arithmetic (`resample.py`).
+- **The pixels** (`render_batch`), for a whole batch on the device where the model runs: the
+  RandAugment ops in their drawn order (each op on the samples that drew it, with per-sample
+  arguments), normalisation and erasing.
 
-Determinism: a crop is a function of (policy, key, seed) only, not of its batch, its position in
-the batch, the process or its thread count. Batched arithmetic is restricted to operations IEEE
-rounds exactly (+, -, *, /, comparisons, rounding, integer ops); per-image statistics (histograms,
-means) are integer sums; work that is not (the resize, the geometric warp) is done per sample or
-per output pixel in a fixed order. Erasing noise is a counter-based hash of (sample key, pixel)
-mapped through a fixed inverse-normal table, so it is the same on every device. On the CPU a crop
-is bit-identical everywhere; on CUDA the resize and warp differ from the CPU's by float rounding.
+Exactness: a crop is a function of (policy, key, seed) only, not of its batch, its position in it,
+the process, the thread count or the device. Every op works on uint8 pixels in **integer
+arithmetic** (fixed-point blends, warps with fixed-point coordinates and a fixed interpolation
+table, integer histograms and means), so there is no float result that a device could round
+differently: the same uint8 crop comes out on the CPU and on CUDA, bit for bit. The only floats
+are read, never computed, on the device: normalisation is a lookup in a 3 x 256 table and
+erasing noise a counter-based hash of (sample key, pixel) looked up in an inverse-normal table,
+both built once on the CPU. (`tests/test_render.py` records every operation the render runs and
+fails on any floating-point arithmetic.) Pointwise ops give Pillow's bytes, or differ by a level
+where Pillow's float arithmetic lands on the other side of an integer; the warps are Pillow's
+transform (its cubic, its edge and fill rules) in fixed point, within a level or two of Pillow.
+The render is never compiled: a compiler fusing kernels is free to reorder nothing here, but it is
+not needed either.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -29,9 +42,14 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from .flags import DECODERS
+from .resample import resize_u8
+
+PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 # The "increasing" RandAugment set of timm (`_RAND_INCREASING_TRANSFORMS`), in timm's order.
 INCREASING_OPS = (
@@ -66,6 +84,7 @@ class RandAugmentSpec:
     magnitude_max: float = _LEVEL_DENOM
 
     @classmethod
+    @functools.lru_cache(maxsize=64)
     def parse(cls, text: str) -> RandAugmentSpec:
         parts = text.split("-")
         if parts[0] != "rand":
@@ -112,6 +131,8 @@ class CropParams:
 
 def check_policy(policy) -> RandAugmentSpec | None:
     """Refuse, with a reason, a policy the torch renderer cannot render."""
+    if policy.decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, not {policy.decoder!r}")
     if policy.interpolation not in ("bicubic", "bilinear"):
         raise ValueError(f"the torch renderer resizes with bicubic or bilinear, not {policy.interpolation!r}")
     if policy.re_mode not in ("pixel", "const"):
@@ -199,20 +220,51 @@ def _op_argument(name: str, m: float, rng: random.Random) -> float:
     return 0.0  # AutoContrast, Equalize, Invert take no argument
 
 
-# -- decoding -----------------------------------------------------------------------------
+# -- the crop: the box, resized to S x S, flipped -------------------------------------------
 
 
 def to_uint8_chw(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a (3, H, W) uint8 tensor (no copy of the pixels beyond PIL's)."""
-    import numpy as np
-
+    """An RGB PIL image as a contiguous (3, H, W) uint8 tensor."""
     arr = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def crop_image(image: Image.Image, params: CropParams, policy) -> torch.Tensor:
+    """timm's RandomResizedCrop and flip of a Pillow image under `params`: Pillow's crop, resize and
+    transpose (the pil renderer's first two steps), as a uint8 (3, S, S)."""
+    top, left, h, w = params.box
+    size = policy.input_size
+    out = image.crop((left, top, left + w, top + h)).resize((size, size), PIL_FILTERS[policy.interpolation])
+    if params.flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_uint8_chw(out)
+
+
+def crop_tensor(image: torch.Tensor, params: CropParams, policy) -> torch.Tensor:
+    """`crop_image` of a decoded (3, H, W) uint8 tensor, on its device (Pillow's resize arithmetic)."""
+    top, left, h, w = params.box
+    out = resize_u8(image[:, top : top + h, left : left + w], policy.input_size, policy.interpolation)
+    return out.flip(-1) if params.flip else out
+
+
+# -- decoding on the device ------------------------------------------------------------------
+
+
+def check_device(policy, device) -> None:
+    """A policy that decodes with nvJPEG renders on a CUDA device only: a clear error elsewhere."""
+    device = torch.device(device)
+    if getattr(policy, "decoder", "libjpeg") == "nvjpeg" and device.type != "cuda":
+        where = "this machine has no CUDA device" if not torch.cuda.is_available() else f"it was asked for {device}"
+        raise ValueError(
+            f"the augmentation policy decodes JPEGs with nvJPEG, which runs on a CUDA device, and {where}; "
+            "labels made with nvJPEG pixels can only be used where nvJPEG decodes (or precompute labels with "
+            "decoder libjpeg)"
+        )
 
 
 def decode_on_device(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
-    """JPEGs decoded on a CUDA device in one batched call (nvJPEG): TorchCodec's decoder where it
-    is installed (the kept path), torchvision's otherwise (deprecated since torchvision 0.29)."""
+    """JPEGs decoded on `device` in one batched call (nvJPEG on CUDA, libjpeg-turbo on the CPU):
+    TorchCodec's decoder where it is installed (the kept path), torchvision's otherwise."""
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
         from torchcodec.decoders import decode_jpeg
@@ -229,21 +281,21 @@ def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def render_prepared(items: list[tuple], policy, device) -> torch.Tensor:
-    """`render_batch` of prepared items: (uint8 region, params) or (JPEG bytes, params); the JPEGs
-    are decoded on `device` in one batched call, then cut to their boxes."""
+def crops_on_device(items: list[tuple], policy, device) -> torch.Tensor:
+    """The uint8 (B, 3, S, S) crops of prepared items on `device`: (uint8 crop, params) as they
+    are, (JPEG bytes, params) decoded there in one batched call, then cut and resized there."""
     device = torch.device(device)
-    regions = [source for source, _ in items]
-    encoded = [i for i, source in enumerate(regions) if isinstance(source, bytes | bytearray)]
+    sources = [source for source, _ in items]
+    encoded = [i for i, source in enumerate(sources) if isinstance(source, bytes | bytearray)]
     if encoded:
+        check_device(policy, device)
         try:
-            images = decode_on_device([regions[i] for i in encoded], device)
-        except Exception:  # e.g. a CMYK JPEG nvJPEG refuses: one at a time, on the CPU if need be
-            images = [_decode_one(regions[i], device) for i in encoded]
+            images = decode_on_device([sources[i] for i in encoded], device)
+        except Exception:  # e.g. a CMYK JPEG nvJPEG refuses: one at a time, with Pillow if need be
+            images = [_decode_one(sources[i], device) for i in encoded]
         for i, image in zip(encoded, images, strict=True):
-            top, left, h, w = items[i][1].box
-            regions[i] = image[:, top : top + h, left : left + w]
-    return render_batch(regions, [params for _, params in items], policy, device)
+            sources[i] = crop_tensor(image, items[i][1], policy)
+    return torch.stack([s.to(device, non_blocking=True) for s in sources])
 
 
 def _decode_one(data: bytes, device: torch.device) -> torch.Tensor:
@@ -254,63 +306,81 @@ def _decode_one(data: bytes, device: torch.device) -> torch.Tensor:
             return to_uint8_chw(im).to(device)
 
 
-# -- rendering ----------------------------------------------------------------------------
+def render_prepared(items: list[tuple], policy, device) -> torch.Tensor:
+    """`render_batch` of prepared items (see `crops_on_device`)."""
+    return render_batch(crops_on_device(items, policy, device), [p for _, p in items], policy, device)
 
 
-def render_batch(
-    regions: list[torch.Tensor], params: list[CropParams], policy, device=None, timings: dict | None = None
-) -> torch.Tensor:
-    """The normalised crops (B, 3, S, S) float32 of `regions` (each the uint8 (3, h, w) content of
-    its params' box, on any device) under `params`; rendered on `device` (default: the regions').
+# -- the pixels ----------------------------------------------------------------------------
+
+
+def render_batch(crops, params: list[CropParams], policy, device=None, timings: dict | None = None) -> torch.Tensor:
+    """The normalised crops (B, 3, S, S) float32 of uint8 `crops` ((B, 3, S, S), or a list of
+    (3, S, S), on any device) under `params`, rendered on `device` (default: the crops').
     `timings`, for benchmarks: seconds per stage are added to it (with a device sync per stage)."""
-    if not regions:
-        raise ValueError("render_batch needs at least one region")
-    device = torch.device(device) if device is not None else regions[0].device
+    if isinstance(crops, list | tuple):
+        if not crops:
+            raise ValueError("render_batch needs at least one crop")
+        crops = torch.stack(list(crops))
+    device = torch.device(device) if device is not None else crops.device
     stage = _StageClock(timings, device)
-    size = policy.input_size
-    # crop + antialiased resize, one sample at a time: its result cannot depend on its neighbours.
-    # On the CPU in uint8 (fixed-point weights, as PIL; several times faster than float there),
-    # elsewhere in float32 (CUDA has no uint8 kernel), rounded: the two differ by a level at most.
-    x = torch.empty((len(regions), 3, size, size), dtype=torch.float32, device=device)
-    for i, region in enumerate(regions):
-        r = region.to(device, non_blocking=True).unsqueeze(0)
-        if device.type != "cpu":
-            r = r.float()
-        if r.shape[-2:] != (size, size):
-            r = F.interpolate(r, size=(size, size), mode=policy.interpolation, align_corners=False, antialias=True)
-        x[i] = r[0]
-    x = x.round_().clamp_(0, 255)
-    flip = [i for i, p in enumerate(params) if p.flip]
-    if flip:
-        idx = torch.tensor(flip, device=device)
-        x[idx] = x[idx].flip(-1)
-    stage("crop_resize_flip")
-    fill = torch.tensor([min(255, round(255 * m)) for m in policy.mean], device=device).view(1, 3, 1, 1)
+    x = randaugment(crops.to(device, non_blocking=True), params, policy)
+    stage("randaugment")
+    return normalize_and_erase(x, params, policy, stage)
+
+
+def randaugment(x: torch.Tensor, params: list[CropParams], policy) -> torch.Tensor:
+    """The RandAugment ops of each sample, in its drawn order, on uint8 (B, 3, S, S): uint8 out."""
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[0] != len(params):
+        raise ValueError(f"randaugment takes one uint8 (3, S, S) crop per params, got {tuple(x.shape)} {x.dtype}")
+    x = x.clone()
+    fill = fill_color(policy)
     depth = max((len(p.ops) for p in params), default=0)
     for layer in range(depth):
         groups: dict[str, tuple[list[int], list[float]]] = {}
         for i, p in enumerate(params):
             if layer < len(p.ops):
                 name, arg = p.ops[layer]
-                groups.setdefault(name, ([], []))
-                groups[name][0].append(i)
-                groups[name][1].append(arg)
+                rows, args = groups.setdefault(name, ([], []))
+                rows.append(i)
+                args.append(arg)
         for name, (rows, args) in groups.items():
-            idx = torch.tensor(rows, device=device)
-            x[idx] = _apply_op(name, x[idx], args, fill)
-    stage("randaugment")
-    mean = torch.tensor(policy.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(policy.std, device=device).view(1, 3, 1, 1)
-    x = x.div_(255.0).sub_(mean).div_(std)
-    stage("normalize")
+            idx = torch.tensor(rows, device=x.device)
+            x[idx] = apply_op(name, x[idx], args, fill, policy.interpolation)
+    return x
+
+
+def fill_color(policy) -> tuple[int, int, int]:
+    """timm's fill for the geometric ops: the mean colour in 0..255."""
+    return tuple(min(255, round(255 * m)) for m in policy.mean)
+
+
+def normalize_and_erase(x: torch.Tensor, params: list[CropParams], policy, stage=None) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> timm's ToTensor + Normalize (looked up, not computed), then erasing."""
+    table = _normal_lut(tuple(policy.mean), tuple(policy.std), x.device)
+    channel = torch.arange(3, device=x.device).view(1, 3, 1, 1) * 256
+    out = table[x.to(torch.int64) + channel]
+    if stage is not None:
+        stage("normalize")
     for i, p in enumerate(params):
         for top, left, h, w in p.erase:
             if policy.re_mode == "pixel":
-                x[i, :, top : top + h, left : left + w] = hash_normal(p.noise_key, (3, h, w), device)
+                out[i, :, top : top + h, left : left + w] = hash_normal(p.noise_key, (3, h, w), x.device)
             else:
-                x[i, :, top : top + h, left : left + w] = 0.0
-    stage("erase")
-    return x
+                out[i, :, top : top + h, left : left + w] = 0.0
+    if stage is not None:
+        stage("erase")
+    return out
+
+
+@functools.cache
+def _normal_lut(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(3 * 256,) float32: level v of channel c at [256 c + v], as timm computes it on the CPU
+    (ToTensor's v / 255, then Normalize's (x - mean) / std, in float32)."""
+    levels = torch.arange(256, dtype=torch.float32).div(255).expand(3, 256)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1)
+    return levels.sub(m).div(s).reshape(-1).to(device)
 
 
 class _StageClock:
@@ -334,74 +404,85 @@ class _StageClock:
             self.last = now
 
 
-def _per_sample(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, 1, 1, 1)
+# -- the RandAugment ops, uint8 in and out, integer arithmetic ------------------------------
 
 
-def _apply_op(name: str, x: torch.Tensor, args: list[float], fill: torch.Tensor) -> torch.Tensor:
-    """One RandAugment op on the samples `x` (float, integer-valued 0..255), one argument each."""
+def _per_sample(values, like: torch.Tensor, dtype=torch.int64) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=like.device).view(-1, 1, 1, 1)
+
+
+def apply_op(name: str, x: torch.Tensor, args: list[float], fill=(124, 116, 104), interpolation="bicubic"):
+    """One RandAugment op on uint8 samples `x` (n, 3, S, S), one argument each: uint8 out."""
     if name in GEOMETRIC_OPS:
-        return _warp(x, name, args, fill)
+        return _warp(x, name, args, fill, interpolation)
     if name == "AutoContrast":
         return _autocontrast(x)
     if name == "Equalize":
         return _equalize(x)
     if name == "Invert":
-        return 255.0 - x
-    if name == "PosterizeIncreasing":
-        bits = torch.tensor([int(a) for a in args], dtype=torch.int32, device=x.device).view(-1, 1, 1, 1)
-        mask = 256 - torch.pow(2, 8 - bits)  # keep the top `bits` bits; 0 bits: black
-        return (x.to(torch.int32) & mask).float()
+        return 255 - x
+    if name == "PosterizeIncreasing":  # keep the top `bits` bits; 0 bits: black
+        masks = [(0xFF << (8 - int(bits))) & 0xFF if int(bits) < 8 else 0xFF for bits in args]
+        return x & _per_sample(masks, x, torch.uint8)
+    xi = x.to(torch.int32)
     if name == "SolarizeIncreasing":
-        t = _per_sample(args, x)
-        return torch.where(x < t, x, 255.0 - x)
+        return torch.where(xi < _per_sample([int(a) for a in args], x, torch.int32), xi, 255 - xi).to(torch.uint8)
     if name == "SolarizeAdd":
-        a = _per_sample(args, x)
-        return torch.where(x < 128.0, (x + a).clamp_(max=255.0), x)
-    f = _per_sample(args, x)
+        added = (xi + _per_sample([int(a) for a in args], x, torch.int32)).clamp_(max=255)
+        return torch.where(xi < 128, added, xi).to(torch.uint8)
     if name == "BrightnessIncreasing":
-        degenerate = torch.zeros_like(x)
+        degenerate = torch.zeros_like(xi)
     elif name == "ColorIncreasing":
-        degenerate = _luma(x).expand_as(x)
+        degenerate = _luma(xi).expand_as(xi)
     elif name == "ContrastIncreasing":
-        luma = _luma(x).to(torch.int64)
+        luma = _luma(xi).to(torch.int64)
         n = luma[0].numel()
-        mean = (2 * luma.sum(dim=(1, 2, 3)) + n) // (2 * n)  # int(mean + 0.5), exactly
-        degenerate = mean.float().view(-1, 1, 1, 1).expand_as(x)
+        mean = (2 * luma.sum(dim=(1, 2, 3)) + n) // (2 * n)  # Pillow's int(mean + 0.5), exactly
+        degenerate = mean.view(-1, 1, 1, 1).expand_as(xi)
     elif name == "SharpnessIncreasing":
-        degenerate = _smooth(x)
+        degenerate = _smooth(xi)
     else:  # pragma: no cover - the op list and this function are kept together
         raise ValueError(f"unknown op {name}")
-    return _blend(degenerate, x, f)
+    return _blend(degenerate, xi, args)
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """PIL's Image.blend(a, b, f) = a + f * (b - a), clipped to 0..255 and rounded."""
-    return (a + f * (b - a)).round_().clamp_(0, 255)
+_BLEND_BITS = 32
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factors: list[float]) -> torch.Tensor:
+    """Pillow's Image.blend(a, b, f) = a + f (b - a), truncated and clipped, with Pillow's float32
+    factor exactly in 32-bit fixed point (a float32 >= 2^-8 is a multiple of 2^-31): integer
+    arithmetic; Pillow rounds its float32 product and sum, so it lands a level higher where the
+    exact value falls just short of an integer."""
+    f = [round(float(np.float32(v)) * (1 << _BLEND_BITS)) for v in factors]
+    a = a.to(torch.int64)
+    out = (a << _BLEND_BITS) + _per_sample(f, a) * (b.to(torch.int64) - a)
+    return (out >> _BLEND_BITS).clamp_(0, 255).to(torch.uint8)
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> L conversion in integers: (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
-    xi = x.to(torch.int64)
-    luma = (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 32768) >> 16
-    return luma.float()
+    """Pillow's RGB -> L conversion: (19595 R + 38470 G + 7471 B + 2^15) >> 16, as (n, 1, H, W)."""
+    return (x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 32768) >> 16
 
 
 def _autocontrast(x: torch.Tensor) -> torch.Tensor:
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
+    """Pillow's ImageOps.autocontrast per channel: (v - lo) * 255 / (hi - lo), truncated."""
+    xi = x.to(torch.int32)
+    lo = xi.amin(dim=(2, 3), keepdim=True)
+    hi = xi.amax(dim=(2, 3), keepdim=True)
     flat = hi <= lo
-    scale = 255.0 / torch.where(flat, torch.ones_like(hi), hi - lo)
-    out = (x * scale - lo * scale).floor_().clamp_(0, 255)
-    return torch.where(flat, x, out)
+    out = ((xi - lo) * 255).div_(torch.where(flat, 1, hi - lo), rounding_mode="floor").clamp_(0, 255)
+    return torch.where(flat, xi, out).to(torch.uint8)
 
 
 def _equalize(x: torch.Tensor) -> torch.Tensor:
-    """PIL's ImageOps.equalize per channel, in integers."""
+    """Pillow's ImageOps.equalize per channel, in integers (histograms by scatter_add: no sync)."""
     n, c = x.shape[:2]
     xi = x.to(torch.int64).reshape(n * c, -1)
     offsets = torch.arange(n * c, device=x.device).view(-1, 1) * 256
-    hist = torch.bincount((xi + offsets).reshape(-1), minlength=n * c * 256).view(n * c, 256)
+    hist = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device)
+    hist.scatter_add_(0, (xi + offsets).reshape(-1), torch.ones_like(xi).reshape(-1))
+    hist = hist.view(n * c, 256)
     levels = torch.arange(256, device=x.device)
     present = hist > 0
     last = (levels * present).amax(dim=1, keepdim=True)
@@ -410,51 +491,111 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     safe = torch.where(identity, torch.ones_like(step), step)
     lut = ((safe // 2 + hist.cumsum(dim=1) - hist) // safe).clamp_(max=255)
     lut = torch.where(identity, levels.expand_as(lut), lut)
-    return lut.gather(1, xi).view(x.shape).float()
+    return lut.gather(1, xi).view(x.shape).to(torch.uint8)
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
-    """PIL's ImageFilter.SMOOTH (3x3, centre 5, scale 13) as nine shifted sums in a fixed order;
-    the border keeps the original pixels, as PIL's filter does."""
+    """Pillow's ImageFilter.SMOOTH (3x3, centre 5, the rest 1, divided by 13, rounded) in
+    integers; the border keeps the original pixels, as Pillow's filter does."""
     out = x.clone()
     h, w = x.shape[-2:]
-    acc = x[..., 1 : h - 1, 1 : w - 1] * 5.0
+    acc = x[..., 1 : h - 1, 1 : w - 1] * 5
     for dy in (0, 1, 2):
         for dx in (0, 1, 2):
             if (dy, dx) != (1, 1):
                 acc = acc + x[..., dy : h - 2 + dy, dx : w - 2 + dx]
-    out[..., 1 : h - 1, 1 : w - 1] = (acc / 13.0).round_()
+    out[..., 1 : h - 1, 1 : w - 1] = (2 * acc + 13) // 26  # floor(acc / 13 + 1/2)
     return out
 
 
-def _warp(x: torch.Tensor, name: str, args: list[float], fill: torch.Tensor) -> torch.Tensor:
-    """PIL's affine transform for each sample: output pixel centre (xo, yo) reads input
-    (a xo + b yo + c, d xo + e yo + f); outside the image reads the fill colour."""
-    n, _, h, w = x.shape
+# -- the geometric ops: Pillow's affine transform in fixed point ----------------------------
+
+_COORD_BITS = 32  # fractional bits of the transform's coefficients
+_TABLE_BITS = 12  # the interpolation table holds 2^12 + 1 fractional positions in [0, 1]
+_WEIGHT_BITS = 14  # its weights, in fixed point
+
+
+def _affine(name: str, v: float, w: int, h: int) -> tuple[float, ...]:
+    """Pillow's (a, b, c, d, e, f) for timm's op with argument `v` on a w x h image: output pixel
+    centre (x, y) reads input (a x + b y + c, d x + e y + f). Rotate is Pillow's `rotate` matrix,
+    computed as Pillow computes it."""
+    if name == "Rotate":
+        angle = -math.radians(v % 360.0)
+        cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+        cx, cy = w / 2, h / 2
+        c = cos * -cx + sin * -cy + 0.0
+        f = -sin * -cx + cos * -cy + 0.0
+        return cos, sin, c + cx, -sin, cos, f + cy
+    if name == "ShearX":
+        return 1.0, v, 0.0, 0.0, 1.0, 0.0
+    if name == "ShearY":
+        return 1.0, 0.0, 0.0, v, 1.0, 0.0
+    if name == "TranslateXRel":
+        return 1.0, 0.0, v * w, 0.0, 1.0, 0.0
+    return 1.0, 0.0, 0.0, 0.0, 1.0, v * h  # TranslateYRel
+
+
+@functools.cache
+def _interpolation_table(interpolation: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """(tap offsets, weights (2^T + 1, taps) int64 summing to 2^W) of Pillow's transform filter at
+    fractional position d = i / 2^T: its bicubic (a = -1, as its BICUBIC macro) or bilinear."""
+    d = np.arange((1 << _TABLE_BITS) + 1) / (1 << _TABLE_BITS)
+    if interpolation == "bicubic":
+        offsets = (-1, 0, 1, 2)
+        w = np.stack([-d + 2 * d**2 - d**3, 1 - 2 * d**2 + d**3, d + d**2 - d**3, -(d**2) + d**3], axis=1)
+    else:
+        offsets = (0, 1)
+        w = np.stack([1 - d, d], axis=1)
+    fixed = np.round(w * (1 << _WEIGHT_BITS)).astype(np.int64)
+    largest = np.abs(fixed).argmax(axis=1)  # so that a flat area stays flat: each row sums to 2^W
+    fixed[np.arange(len(d)), largest] += (1 << _WEIGHT_BITS) - fixed.sum(axis=1)
+    return offsets, fixed
+
+
+def _warp(x: torch.Tensor, name: str, args: list[float], fill, interpolation: str) -> torch.Tensor:
+    """Pillow's affine transform of each sample (timm's Rotate, Shear, Translate): an output pixel
+    whose source lies outside the image gets the fill colour; inside, the filter's taps are clamped
+    to the image's edge and the result truncated, as Pillow's. Coordinates in 32-bit fixed point,
+    the filter read from a table: integers throughout."""
+    n, c, h, w = x.shape
+    one = 1 << _COORD_BITS
     coeffs = []
     for v in args:
-        if name == "Rotate":  # PIL's rotate: counter-clockwise about the centre
-            t = -math.radians(v)
-            cos, sin = math.cos(t), math.sin(t)
-            cx, cy = w / 2.0, h / 2.0
-            coeffs.append((cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy))
-        elif name == "ShearX":
-            coeffs.append((1.0, v, 0.0, 0.0, 1.0, 0.0))
-        elif name == "ShearY":
-            coeffs.append((1.0, 0.0, 0.0, v, 1.0, 0.0))
-        elif name == "TranslateXRel":
-            coeffs.append((1.0, 0.0, v * w, 0.0, 1.0, 0.0))
-        else:  # TranslateYRel
-            coeffs.append((1.0, 0.0, 0.0, 0.0, 1.0, v * h))
-    m = torch.tensor(coeffs, dtype=torch.float32, device=x.device).view(n, 6, 1, 1)
-    xo = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5).view(1, 1, w)
-    yo = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5).view(1, h, 1)
-    a, b, c, d, e, f = (m[:, k] for k in range(6))
-    xi = a * xo + b * yo + c
-    yi = d * xo + e * yo + f
-    grid = torch.stack((xi * (2.0 / w) - 1.0, yi * (2.0 / h) - 1.0), dim=-1)
-    out = F.grid_sample(x - fill, grid, mode="bicubic", padding_mode="zeros", align_corners=False)
-    return (out + fill).round_().clamp_(0, 255)
+        a, b, cc, d, e, f = _affine(name, v, w, h)
+        # source = a (xo + 1/2) + b (yo + 1/2) + c: scaled by 2^(bits + 1), over (2 xo + 1)
+        coeffs.append([round(a * one), round(b * one), round(cc * 2 * one), round(d * one), round(e * one),
+                       round(f * 2 * one)])  # fmt: skip
+    m = torch.tensor(coeffs, dtype=torch.int64, device=x.device).view(n, 6, 1, 1)
+    xo = (2 * torch.arange(w, device=x.device) + 1).view(1, 1, w)
+    yo = (2 * torch.arange(h, device=x.device) + 1).view(1, h, 1)
+    sx = m[:, 0] * xo + m[:, 1] * yo + m[:, 2]  # (n, h, w), source x times 2^(bits + 1)
+    sy = m[:, 3] * xo + m[:, 4] * yo + m[:, 5]
+    scale = 2 * one
+    inside = (sx >= 0) & (sx < w * scale) & (sy >= 0) & (sy < h * scale)
+    offsets, table = _interpolation_table(interpolation)
+    table = torch.from_numpy(table).to(x.device)
+    shift = _COORD_BITS + 1 - _TABLE_BITS
+
+    def taps(s: torch.Tensor, size: int):
+        s = s - one  # the filter works on pixel centres: source - 1/2
+        i = s >> (_COORD_BITS + 1)  # floor
+        frac = s - (i << (_COORD_BITS + 1))
+        t = (frac + (1 << (shift - 1))) >> shift  # nearest table entry, 0 .. 2^T
+        return [(i + o).clamp_(0, size - 1) for o in offsets], table[t]  # (n, h, w) each, (n, h, w, taps)
+
+    cols, wx = taps(sx, w)
+    rows, wy = taps(sy, h)
+    flat = x.reshape(n, c, h * w).to(torch.int64)
+    acc = torch.zeros((n, c, h, w), dtype=torch.int64, device=x.device)
+    for j, row in enumerate(rows):
+        line = torch.zeros_like(acc)
+        for k, col in enumerate(cols):
+            idx = (row * w + col).view(n, 1, h * w).expand(n, c, h * w)
+            line += flat.gather(2, idx).view(n, c, h, w) * wx[..., k].unsqueeze(1)
+        acc += line * wy[..., j].unsqueeze(1)
+    value = (acc >> (2 * _WEIGHT_BITS)).clamp_(0, 255)
+    fill = torch.tensor(fill, dtype=torch.int64, device=x.device).view(1, c, 1, 1)
+    return torch.where(inside.unsqueeze(1), value, fill).to(torch.uint8)
 
 
 # -- erasing noise: a counter-based hash, the same on every device -------------------------

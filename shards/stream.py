@@ -39,12 +39,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .augment import AugmentPolicy, augment, eval_view, prepare
+from .augment import AugmentPolicy, augment, eval_view, prepare, prepare_encoded
 from .decode import decode_image
 from .index import SplitIndex
 from .manifest import Manifest, cut_short
 from .members import IMAGE_KEYS, OpenFiles
-from .render import render_batch
+from .render import is_jpeg, render_batch, render_prepared
 from .schedule import RepeatSchedule
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,11 @@ class ShardStream(IterableDataset):
             raise ValueError(f"mode must be train or eval, not {mode!r}")
         if render_on_device and policy.renderer != "torch":
             raise ValueError("render_on_device needs the torch renderer (renderer='torch')")
+        if mode == "train" and policy.decoder == "nvjpeg" and not render_on_device:
+            raise ValueError(
+                "the policy decodes with nvJPEG on the CUDA device that renders: stream it with "
+                "render_on_device=True (the trainer does on a CUDA machine)"
+            )
         self.directory = Path(directory)
         self.manifest = Manifest.load(directory)
         self.shards = self.manifest.shards(split)
@@ -249,8 +254,9 @@ class ShardStream(IterableDataset):
         self.shuffle = (mode == "train") if shuffle is None else shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        # a torch policy's train batches carry the crops' boxes and parameters ("regions",
-        # "params"), and `rendered(batch, policy, device)` draws the pixels where the model runs
+        # a torch policy's train batches carry uint8 crops ("crops", or "sources" with JPEG bytes
+        # for nvJPEG) and their parameters ("params"); `rendered(batch, policy, device)` draws the
+        # pixels where the model runs
         self.render_on_device = render_on_device and mode == "train"
         # shared with the data loader's persistent workers, which keep the copy made at their start
         self._epoch = multiprocessing.RawValue("q", 0)
@@ -385,8 +391,12 @@ class ShardStream(IterableDataset):
         files.close()
 
     def _decoded(self, stream, skips: SkipCounter):
+        encoded = self.render_on_device and self.policy.decoder == "nvjpeg"  # JPEGs decode on the GPU
         for raw, seed in stream:
             try:
+                if encoded and is_jpeg(raw.data):
+                    yield prepare_encoded(raw.data, raw.key, seed, self.policy), raw.label, raw.key, seed
+                    continue
                 image = decode_image(raw.data)
             except ValueError as e:  # a corrupt image must not kill an epoch
                 skips(ValueError(f"{raw.key} in {raw.shard}: {e}"))
@@ -402,9 +412,12 @@ class ShardStream(IterableDataset):
 
 def collate(items: list, skipped: int = 0) -> dict:
     xs, labels, keys, seeds = zip(*items)
-    if isinstance(xs[0], tuple):  # (region, params) to render on the device: `rendered`
-        regions, params = zip(*xs)
-        pixels = {"regions": list(regions), "params": list(params)}
+    if isinstance(xs[0], tuple):  # (uint8 crop or JPEG bytes, params) to render on the device: `rendered`
+        sources, params = zip(*xs)
+        if all(isinstance(s, torch.Tensor) for s in sources):
+            pixels = {"crops": torch.stack(sources), "params": list(params)}  # one buffer through the loader
+        else:
+            pixels = {"sources": list(sources), "params": list(params)}
     else:
         pixels = {"image": torch.stack(xs)}
     return {
@@ -417,11 +430,14 @@ def collate(items: list, skipped: int = 0) -> dict:
 
 
 def rendered(batch: dict, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
-    """The batch's crops on `device`: copied there, or rendered there from the regions and
-    parameters a `render_on_device` stream sends (the same tensors the workers would render)."""
+    """The batch's crops on `device`: copied there, or rendered there from the uint8 crops (or
+    JPEG bytes) and parameters a `render_on_device` stream sends (the same tensors the workers
+    would render)."""
     if "image" in batch:
         return batch["image"].to(device, non_blocking=True)
-    return render_batch(batch["regions"], batch["params"], policy, device)
+    if "crops" in batch:
+        return render_batch(batch["crops"], batch["params"], policy, device)
+    return render_prepared(list(zip(batch["sources"], batch["params"])), policy, device)
 
 
 def make_loader(stream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 4):

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill_core import Nested, NotAFlag, read_secret
-from shards.flags import RendererFlag, RepeatModeFlag
+from shards.flags import DecoderFlag, RendererFlag, RepeatModeFlag
 from teacher_service.teacher import TeacherSettings
 
 from .data import OnMissing
@@ -35,6 +35,7 @@ class TrainConfig(BaseModel):
         default_factory=dict, description="JSON augmentation policy overrides (must match the labels' policy)"
     )
     renderer: RendererFlag = None
+    decoder: DecoderFlag = None
     # teacher labels
     labels: LabelSource = Field(
         "none", description="teacher labels: none | store | service | online (DeiT's in-process teacher)"

@@ -25,7 +25,9 @@ What the loader promises, the trainer's guarantees (`student_trainer train` uses
   waits on the store;
 - before any batch, the labels are checked to fit the run: the augmentation policy, the class
   count, the seeds the run needs and what precompute recorded as done (a mismatch raises
-  ValueError naming the precompute flags that fix it).
+  ValueError naming the precompute flags that fix it), and the labels' render fingerprint: a
+  few fixed crops rendered here, where this run renders, must be the bytes the labels were made
+  from (`shards/fingerprint.py`; FingerprintMismatch says what differs).
 
 `on_missing` decides what happens to a label the store lacks: `error` (raise MissingLabels in the
 worker), `service` (ask the teacher service at `fallback_url` for it), or `online` / `skip` (keep
@@ -46,6 +48,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from torch.utils.data import IterableDataset
 
 from shards import AugmentPolicy, Manifest, RepeatSchedule, ShardStream, make_loader
+from shards.fingerprint import check as check_fingerprint
 from shards.schedule import same_pairs
 from teacher_service.client import TeacherClient
 from teacher_service.store import LabelBatch, StoreUnavailable, open_existing, redact
@@ -78,7 +81,12 @@ class StoreSource:
 
     def meta(self) -> dict:
         store = self.open()
-        return {**store.namespace.meta(), "seed_limit": store.refresh_seed_limit(), "coverage": store.coverage()}
+        return {
+            **store.namespace.meta(),
+            "seed_limit": store.refresh_seed_limit(),
+            "coverage": store.coverage(),
+            "fingerprint": store.fingerprint(),
+        }
 
     def fetch(self, keys, seeds) -> LabelBatch:
         retrying = Retrying(
@@ -116,6 +124,7 @@ class ServiceSource:
             "teacher_id": info["teacher_id"],
             "format": info["format"],
             "seed_limit": info["seed_limit"],
+            "fingerprint": info.get("fingerprint"),
         }
 
     def fetch(self, keys, seeds) -> LabelBatch:
@@ -206,9 +215,14 @@ class LabeledStream(IterableDataset):
 def check_compatible(namespace_meta: dict, policy: AugmentPolicy, num_classes: int, where: str) -> None:
     """Labels are only usable for the exact augmentation the student sees."""
     if namespace_meta["policy_id"] != policy.policy_id:
+        made = (namespace_meta.get("fingerprint") or {}).get("policy") or {}  # what the labels' maker recorded
+        mine = policy.to_dict()
+        differ = [f"{k}: {made.get(k)!r} there, {v!r} here" for k, v in mine.items() if made and made.get(k) != v]
+        detail = f" ({'; '.join(differ)})" if differ else ""
         raise ValueError(
             f"{where}: labels were computed under augmentation policy {namespace_meta['policy_id']}, "
-            f"the trainer uses {policy.policy_id}; precompute with the same policy (see `shards inspect`)"
+            f"the trainer uses {policy.policy_id}{detail}; train with the labels' policy (--renderer, "
+            "--decoder, --policy) or precompute with this one (see `shards inspect`)"
         )
     if int(namespace_meta["num_classes"]) != num_classes:
         raise ValueError(f"{where}: teacher has {namespace_meta['num_classes']} classes, data set has {num_classes}")
@@ -307,21 +321,25 @@ def labeled_loader(
     token: str | None = None,
     namespace: str | None = None,
     renderer: str | None = None,
+    decoder: str | None = None,
     policy: dict | None = None,
     soft: bool = False,
     render_on_device: bool = False,
+    device: str | torch.device = "cpu",
     pin_memory: bool = False,
     retry_for: float = 60.0,
 ) -> LabeledLoader:
     """Training batches of `shards` with the teacher labels of `labels` (a store URL or a teacher
     service URL; None: no teacher labels) for a run of `epochs` epochs under DeiT's repeated
     augmentation (`repeats`, `repeat_mode`: the schedule precompute labeled). `rank`/`world_size`:
-    this process's share (torchrun's RANK / WORLD_SIZE). `renderer`/`policy`: the augmentation
-    (the manifest's hint, then these overrides; they must be the labels'). `soft`: the run needs
+    this process's share (torchrun's RANK / WORLD_SIZE). `renderer`/`decoder`/`policy`: the
+    augmentation (the manifest's hint, then these overrides; they must be the labels').
+    `render_on_device`: batches carry uint8 crops for `shards.stream.rendered(batch, policy,
+    device)` to render on `device`, where the labels' fingerprint is checked. `soft`: the run needs
     teacher probabilities (a topKp namespace). `fallback_url`/`token`: the teacher service that
     `on_missing="service"` asks (and its bearer token). See the module docstring for the batch."""
     manifest = Manifest.load(shards)
-    aug = manifest.policy(renderer, **(policy or {}))
+    aug = manifest.policy(renderer, decoder, **(policy or {}))
     stream = ShardStream(
         shards, "train", aug, batch_size, "train", rank, world_size, repeats, seed=seed,
         render_on_device=render_on_device, repeat_mode=repeat_mode,
@@ -333,6 +351,14 @@ def labeled_loader(
         where = redact(labels)
         check_compatible(meta, aug, len(manifest.classes), where)
         check_labels(meta, stream.schedule, epochs, on_missing, soft, isinstance(source, StoreSource), where)
+        if meta.get("fingerprint"):
+            check_fingerprint(meta["fingerprint"], shards, aug, device if render_on_device else "cpu", where)
+        else:
+            log.warning(
+                "%s: the labels carry no render fingerprint (made before fingerprints, or by a service "
+                "without shards): that this run renders the crops they were made from is not checked",
+                where,
+            )
         fallback = ServiceSource(fallback_url, token) if fallback_url else None
         hint = f"--epochs {epochs} --repeated-aug {repeats} --repeat-mode {repeat_mode}"
         dataset, ns = LabeledStream(stream, source, on_missing, fallback, hint), meta["id"]
@@ -341,10 +367,11 @@ def labeled_loader(
 
 def eval_loader(
     shards: str, split: str = "val", *, batch_size: int = 128, rank: int = 0, world_size: int = 1,
-    workers: int = 1, renderer: str | None = None, policy: dict | None = None, pin_memory: bool = False,
+    workers: int = 1, renderer: str | None = None, decoder: str | None = None, policy: dict | None = None,
+    pin_memory: bool = False,
 ):  # fmt: skip
     """Evaluation batches (`image`, `label`, `key`) of a split: DeiT's eval transform, every image
     once across ranks."""
-    aug = Manifest.load(shards).policy(renderer, **(policy or {}))
+    aug = Manifest.load(shards).policy(renderer, decoder, **(policy or {}))
     stream = ShardStream(shards, split, aug, batch_size, "eval", rank, world_size)
     return make_loader(stream, num_workers=workers, pin_memory=pin_memory)

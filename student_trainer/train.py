@@ -172,7 +172,7 @@ def setup(cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.threads or max(1, usable_cpus() // world))
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     manifest = Manifest.load(cfg.shards)
-    policy = manifest.policy(cfg.renderer, **cfg.policy)
+    policy = manifest.policy(cfg.renderer, cfg.decoder, **cfg.policy)
     num_classes = len(manifest.classes)
 
     seed_epoch(cfg.seed, 0, 0)  # the same initial weights on every rank (DDP also broadcasts them)
@@ -187,15 +187,15 @@ def setup(cfg: TrainConfig) -> Run:
         cfg.shards, labels, epochs=cfg.epochs, batch_size=cfg.batch_size, rank=rank, world_size=world,
         workers=cfg.workers, repeats=cfg.repeated_aug, repeat_mode=cfg.repeat_mode, seed=cfg.seed,
         on_missing=cfg.on_missing, fallback_url=cfg.service_url, token=cfg.service_token, namespace=cfg.namespace,
-        renderer=cfg.renderer, policy=cfg.policy, soft=cfg.distillation_type == "soft",
-        render_on_device=policy.renderer == "torch" and device.type != "cpu", pin_memory=pin,
+        renderer=cfg.renderer, decoder=cfg.decoder, policy=cfg.policy, soft=cfg.distillation_type == "soft",
+        render_on_device=policy.renderer == "torch" and device.type != "cpu", device=device, pin_memory=pin,
         retry_for=cfg.store_retry_for,
     )  # fmt: skip
     val_loader = None
     if cfg.eval_every and "val" in manifest.splits:
         val_loader = eval_loader(
             cfg.shards, "val", batch_size=cfg.batch_size, rank=rank, world_size=world, workers=min(cfg.workers, 1),
-            renderer=cfg.renderer, policy=cfg.policy, pin_memory=pin,
+            renderer=cfg.renderer, decoder=cfg.decoder, policy=cfg.policy, pin_memory=pin,
         )  # fmt: skip
 
     teacher = None

@@ -21,8 +21,9 @@ Threads of the engine's process and the processes it owns:
   of shared-memory batch buffers; the teacher reads the buffer in place (CPU) or copies it to the
   device from page-locked memory on a side stream, overlapping the previous batch's forward.
 - **A torch-renderer policy renders where the teacher runs** (`EngineConfig.render`): on an
-  accelerator the workers only decode (on CUDA, not even JPEGs: nvJPEG decodes the batch) and
-  draw each crop's parameters, and the inference thread renders the batch on the device.
+  accelerator the workers decode, draw each crop's parameters and write its uint8 crop into a
+  shared uint8 buffer (an nvjpeg policy's JPEGs stay encoded: the device decodes the batch), and
+  the inference thread renders the batch on the device. The crops are the trainer's, bit for bit.
 - **Labels are stored before they are answered:** the writer thread does one bulk put per batch,
   then completes the requests whose items are all labeled. A failed put is reported in the result
   (`stored=False`), never hidden.
@@ -55,7 +56,7 @@ from distill_core.process import exit_with_parent
 from shards import AugmentPolicy, augment, decode_image, prepare
 from shards.augment import prepare_encoded
 from shards.members import Member, OpenFiles
-from shards.render import is_jpeg, render_prepared, to_uint8_chw
+from shards.render import check_device, crops_on_device, is_jpeg, render_batch
 
 from .batcher import Batch, Batcher, Pending
 from .metrics import Metrics
@@ -119,9 +120,10 @@ class EngineConfig:
     workers: int = 0  # augmentation processes; 0: one per CPU core, at most 8
     buffers: int = 4  # shared batch buffers: one in the teacher, one waiting, the rest filling
     teacher_threads: int = 0  # CPU teacher's intra-op threads; 0: the cores the workers leave (>= 1)
-    # where a torch-renderer policy's pixels are drawn: "device" (the teacher's; the workers only
-    # decode, or on CUDA only read JPEG headers, and draw parameters), "workers" (each crop in a
-    # worker, on its CPU), "auto" (device when the teacher is not on the CPU). Same crops either way.
+    # where a torch-renderer policy's pixels are drawn: "device" (the teacher's; the workers
+    # decode and cut the uint8 crops, or for nvJPEG only read JPEG headers, and draw parameters),
+    # "workers" (each crop in a worker, on its CPU), "auto" (device when the teacher is not on the
+    # CPU, and always for nvJPEG). The same crops either way.
     render: str = "auto"
 
     def __post_init__(self):
@@ -130,6 +132,18 @@ class EngineConfig:
         if self.render not in ("auto", "device", "workers"):
             raise ValueError(f"render must be auto, device or workers, not {self.render!r}")
         self.workers = self.workers or max(1, min(8, usable_cpus()))
+
+
+def renders_on_device(policy: AugmentPolicy, device: torch.device, render: str = "auto") -> bool:
+    """Whether an engine on `device` with `EngineConfig.render` renders a policy's crops there
+    (else in its workers, on the CPU)."""
+    on_device = render == "device" or (render == "auto" and device.type != "cpu")
+    return policy.renderer == "torch" and (on_device or policy.decoder == "nvjpeg")
+
+
+def render_device(policy: AugmentPolicy, device: torch.device, render: str = "auto") -> torch.device:
+    """Where such an engine makes its crops: what a render fingerprint of its labels is made on."""
+    return device if renders_on_device(policy, device, render) else torch.device("cpu")
 
 
 class _Request:
@@ -177,10 +191,15 @@ class LabelEngine:
         self.namespace = namespace
         self.metrics = metrics or Metrics()
         self.device = str(teacher.device)
-        on_device = config.render == "device" or (config.render == "auto" and teacher.device.type != "cpu")
-        self.render_on_device = on_device and policy.renderer == "torch"
+        if policy.renderer == "torch" and policy.decoder == "nvjpeg":  # decoded where the batch renders
+            if config.render == "workers":
+                raise ValueError("an nvjpeg policy renders on the teacher's CUDA device, not in the workers")
+            check_device(policy, teacher.device)
+        self.render_on_device = renders_on_device(policy, teacher.device, config.render)
+        # the workers' output: uint8 crops for the device to render, else the finished float crops
         shape = (config.max_batch_size, 3, policy.input_size, policy.input_size)
-        self._buffers = [torch.empty(shape, dtype=torch.float32).share_memory_() for _ in range(config.buffers)]
+        dtype = torch.uint8 if self.render_on_device else torch.float32
+        self._buffers = [torch.empty(shape, dtype=dtype).share_memory_() for _ in range(config.buffers)]
         self._pinned: list[int] = []
         self._cond = threading.Condition()  # guards the batcher and every field below
         self._batcher = Batcher(
@@ -245,11 +264,12 @@ class LabelEngine:
         return self
 
     def _worker_mode(self) -> str:
-        """What a worker does with an image: "augment" it, "prepare" it for the device (decode and
-        draw), or "headers" (a JPEG stays encoded for the GPU's decoder; other formats decode)."""
+        """What a worker does with an image: "augment" it, "prepare" it for the device (decode,
+        draw, cut the uint8 crop), or "headers" (nvjpeg: a JPEG stays encoded for the device's
+        decoder; other formats are prepared)."""
         if not self.render_on_device:
             return "augment"
-        return "headers" if self.teacher.device.type == "cuda" else "prepare"
+        return "headers" if self.policy.decoder == "nvjpeg" else "prepare"
 
     def _get_done(self, deadline: float):
         import queue
@@ -444,17 +464,27 @@ class LabelEngine:
             inflight = launched
 
     def _pixels(self, b: Batch) -> torch.Tensor:
-        """The batch's crops: the workers' shared buffer, or rendered on the device here. A slot
-        whose image failed gets a copy of another crop; its label is never used."""
+        """The batch's crops: the workers' shared buffer, or rendered on the device here from the
+        uint8 crops the workers cut (or the JPEGs they left encoded). A slot whose image failed
+        gets a copy of another crop; its label is never used."""
+        buf = self._buffers[b.bid]
         if not self.render_on_device:
-            return self._buffers[b.bid][: b.n]
-        items = [b.prepared.get(i) for i in range(b.n)]
-        stand_in = next((item for item in items if item is not None), None)
-        if stand_in is None:  # every image of the batch failed
-            return self._buffers[b.bid][: b.n]
-        x = render_prepared([item or stand_in for item in items], self.policy, self.teacher.device)
-        b.prepared.clear()  # the regions' shared memory goes back now, not when the batch object goes
-        return x
+            return buf[: b.n]
+        items = [b.prepared.get(i) for i in range(b.n)]  # (JPEG bytes or None: the crop is in buf, params)
+        good = next((i for i, item in enumerate(items) if item is not None), None)
+        if good is None:  # every image of the batch failed: nothing to render, no label used
+            return torch.zeros((b.n, *buf.shape[1:]), device=self.teacher.device)
+        for i, item in enumerate(items):
+            if item is None:
+                items[i] = items[good]
+                buf[i].copy_(buf[good])
+        params = [p for _, p in items]
+        b.prepared.clear()  # the JPEG bytes go now, not when the batch object goes
+        device = self.teacher.device
+        if all(source is None for source, _ in items):
+            return render_batch(buf[: b.n].to(device, non_blocking=True), params, self.policy, device)
+        prepared = [(source if source is not None else buf[i], p) for i, (source, p) in enumerate(items)]
+        return render_batch(crops_on_device(prepared, self.policy, device), params, self.policy, device)
 
     def _finish(self, b: Batch, pending: PendingPrediction, t0: float) -> None:
         try:
@@ -566,8 +596,9 @@ class LabelEngine:
 def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done, mode: str) -> None:
     """An augmentation process: decode each image of a task once, write each seed's crop into its
     slot of the shared buffer, report (buffer, {slot: error}, {}). For device rendering (`mode`
-    "prepare" or "headers", see LabelEngine._worker_mode) it reports (buffer, errors, {slot:
-    (region or JPEG bytes, params)}) instead and writes nothing."""
+    "prepare" or "headers", see LabelEngine._worker_mode) the buffer takes each seed's uint8 crop
+    and the report carries {slot: (None, params)}, or (JPEG bytes, params) for a JPEG the device
+    decodes."""
     torch.set_num_threads(1)
     exit_with_parent()
     policy = AugmentPolicy.from_json(policy_json)
@@ -590,13 +621,14 @@ def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done, mod
             except (ValueError, OSError) as e:
                 errors.update((slot, f"{key}: {e}") for _, slot in pairs)
                 continue
-            chw = to_uint8_chw(image) if mode != "augment" else None
             for seed, slot in pairs:
                 try:
-                    if chw is None:
+                    if mode == "augment":
                         buf[slot].copy_(augment(image, key, seed, policy, restore_rng=False))  # our own RNGs
                     else:
-                        prepared[slot] = prepare(chw, key, seed, policy)
+                        crop, params = prepare(image, key, seed, policy)
+                        buf[slot].copy_(crop)
+                        prepared[slot] = (None, params)
                 except Exception as e:  # an augmentation bug: this crop fails, not the engine
                     errors[slot] = f"{key} seed {seed}: augmentation failed: {e!r}"
         done.put((bid, errors, prepared))

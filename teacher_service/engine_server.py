@@ -40,6 +40,7 @@ class EngineSpec:
     config: EngineConfig
     device: str = "cpu"
     seed_limit: int | None = None
+    shards: str | None = None  # the data set: where the render fingerprint's crops come from
 
 
 def engine_info(engine: LabelEngine, classes: list[str]) -> dict:
@@ -63,6 +64,7 @@ def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connectio
     from shards import AugmentPolicy
 
     from .namespace import RecordFormat
+    from .precompute import claim_fingerprint
     from .store import open_store
     from .teacher import Teacher
 
@@ -79,8 +81,13 @@ def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connectio
         fmt = RecordFormat.parse(spec.format)
         classes = spec.classes or teacher.classes
         namespace = teacher.namespace(policy.policy_id, fmt, classes)
-        # create the namespace (and extend its seed range) now: fail early when the store is unreachable
-        open_store(spec.store_url, namespace, seed_limit=spec.seed_limit).close()
+        # create the namespace (and extend its seed range) now: fail early when the store is
+        # unreachable, or when its labels were made from crops this device renders differently
+        with open_store(spec.store_url, namespace, seed_limit=spec.seed_limit) as store:
+            if spec.shards:
+                claim_fingerprint(store, spec.shards, policy, [teacher.device], "train", "serve", spec.config.render)
+            else:
+                log.warning("no --shards: no render fingerprint is stored with, or checked against, the labels")
         engine = LabelEngine(teacher, policy, fmt, spec.config, spec.store_url, namespace, Metrics()).start()
         engine.publish_depth(np.memmap(depth_path(address), dtype=np.int64, mode="w+", shape=(1,)))
         listener = Listener(address, family="AF_UNIX", authkey=authkey)

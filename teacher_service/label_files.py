@@ -5,7 +5,8 @@ The file holds, uncompressed names, compressed data (`np.savez_compressed`):
 
     header     a JSON string: {"format_version", "namespace": its metadata (teacher id, policy id,
                record format, class count and digest), "seed_limit", "coverage": what precompute
-               recorded as done, "images", "labels"}
+               recorded as done, "fingerprint": the render fingerprint of the crops the labels
+               were made from (or null), "images", "labels"}
     keys       [N] str: the image keys, sorted
     key_index  [M] int32: each label's image, an index into `keys`
     seed       [M] int32: each label's augmentation seed
@@ -25,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from shards.fingerprint import adopt as adopt_fingerprint
+from shards.fingerprint import validate as validate_fingerprint
 
 from .namespace import Namespace
 from .store import open_existing, open_store, redact
@@ -61,6 +65,7 @@ def export_namespace(url: str, path: str | Path, namespace_id: str | None = None
             "namespace": store.namespace.meta(),
             "seed_limit": store.refresh_seed_limit(),
             "coverage": store.coverage(),
+            "fingerprint": store.fingerprint(),
             "images": len(keys),
             "labels": len(slots),
         }
@@ -109,7 +114,11 @@ def import_namespace(path: str | Path, url: str, chunk: int = 200_000, progress:
     namespace = Namespace.from_meta(header["namespace"])
     keys, key_index, seeds = data["keys"], data["key_index"], data["seed"]
     classes, probs = data["classes"], data.get("probs")
+    fingerprint = header.get("fingerprint")
+    if fingerprint is not None:
+        validate_fingerprint(fingerprint)
     with open_store(url, namespace, seed_limit=header["seed_limit"]) as store:
+        adopt_fingerprint(store, fingerprint, redact(url))  # before any label: refused, nothing written
         with tqdm(total=len(seeds), desc="import", unit="label", disable=not progress) as bar:
             for a in range(0, len(seeds), chunk):
                 b = min(a + chunk, len(seeds))

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from distill_core import Command, Positional
+from shards.fingerprint import adopt as adopt_fingerprint
 
 from .store import LabelStore, list_namespaces, open_existing, open_store, redact
 
@@ -44,8 +45,11 @@ def namespace_stats(store: LabelStore, progress: bool = True) -> dict:
             bar.update(len(rows))
     labels = int(per_seed.sum())
     used = store.bytes_used()
+    fp = store.fingerprint()
     return {
         "namespace": store.namespace.meta(),
+        # the crops the labels were made from (shards/fingerprint.py): what every trainer checks
+        "fingerprint": {k: fp.get(k) for k in ("sha256", "made_by", "device", "decoder", "versions")} if fp else None,
         "images": keys,
         "labels": labels,
         "seeds_with_labels": int((per_seed > 0).sum()),
@@ -87,6 +91,7 @@ def copy(src_url: str, dst_url: str, namespace_id: str | None = None, batch: int
         open_existing(src_url, namespace_id) as src,
         open_store(dst_url, src.namespace, seed_limit=src.seed_limit) as dst,
     ):
+        adopt_fingerprint(dst, src.fingerprint(), redact(dst_url))
         keys = labels = 0
         with tqdm(total=src.num_keys(), desc="copy", unit="img", disable=not progress) as bar:
             for rows in src.iter_rows(batch):

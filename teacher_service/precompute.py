@@ -23,13 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from distill_core import Command, Nested
-from shards import Manifest
-from shards.flags import RendererFlag, RepeatModeFlag
+from shards import Manifest, policy_overrides
+from shards.fingerprint import FingerprintMismatch, difference, render_fingerprint
+from shards.flags import DecoderFlag, RendererFlag, RepeatModeFlag
 from shards.index import SplitIndex, scanned_members
 from shards.manifest import cut_short, verify_shard
 from shards.schedule import RepeatSchedule
 
-from .engine import EngineConfig, Job, LabelEngine, Result
+from .engine import EngineConfig, Job, LabelEngine, Result, render_device
 from .engine_pool import engine_devices
 from .namespace import MAX_SEED, RecordFormat
 from .store import StoreError, open_store, redact
@@ -153,6 +154,7 @@ def precompute(
 
     # creates the namespace (serving at least these seeds) before the engine's writer opens it
     store = open_store(store_url, ns, seed_limit=seed_limit)
+    fingerprint = claim_fingerprint(store, directory, policy, [t.device for t in teachers], split, "precompute")
     # where each image is; shards without an index are walked by their tar headers, one by one
     index = SplitIndex.open(directory, split, manifest) if split in manifest.indexes else None
     if index is None:
@@ -246,6 +248,7 @@ def precompute(
         "namespace": ns.id,
         "teacher": teacher.teacher_id,
         "policy_id": policy.policy_id,
+        "fingerprint": fingerprint["sha256"],
         "format": fmt.name,
         "split": split,
         **(
@@ -268,6 +271,25 @@ def precompute(
         "labels_per_s": round(tally.computed / dt, 1) if dt else None,
         "steady_labels_per_s": round(steady, 1) if steady else None,
     }
+
+
+def claim_fingerprint(store, directory, policy, devices: list, split: str, made_by: str, render: str = "auto") -> dict:
+    """The render fingerprint of the crops these engines make (on each distinct device), stored
+    with the labels unless the namespace has one; FingerprintMismatch, before any label is made,
+    when the stored one is not what this machine renders."""
+    mine = None
+    for device in dict.fromkeys(render_device(policy, d, render) for d in devices):
+        made = render_fingerprint(directory, policy, device, split=split, made_by=made_by)
+        stored = store.claim_fingerprint(made)
+        problem = difference(stored, made)
+        if problem:
+            raise FingerprintMismatch(
+                f"{redact(store.url)} namespace {store.namespace.id}: its labels were made from crops that this "
+                f"machine renders differently, and labels of both must not mix: {problem}. Label into another "
+                "store (or `labels` namespace), or on a machine that renders like the one that made them"
+            )
+        mine = mine or made
+    return mine
 
 
 class PrecomputeConfig(BaseModel):
@@ -293,6 +315,7 @@ class PrecomputeConfig(BaseModel):
     format: str = Field("top1", description="record format: top1 (hard labels) or topKp, e.g. top5p")
     policy: dict = Field(default_factory=dict, description="JSON of augmentation policy overrides (as the trainer's)")
     renderer: RendererFlag = None
+    decoder: DecoderFlag = None
     batch_size: int = Field(256, ge=1, description="crops per teacher batch")
     workers: int = Field(2, ge=1, description="decode/augment worker processes")
     node_rank: int = Field(0, ge=0, description="this machine's index when N machines split the shards")
@@ -324,7 +347,7 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
         [Teacher(cfg.teacher, device=d) for d in (engine_devices(cfg.devices) if cfg.devices else [cfg.device])],
         split=cfg.split,
         fmt=RecordFormat.parse(cfg.format),
-        policy_overrides={**cfg.policy, **({"renderer": cfg.renderer} if cfg.renderer else {})},
+        policy_overrides=policy_overrides(cfg.policy, cfg.renderer, cfg.decoder),
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         node_rank=cfg.node_rank,

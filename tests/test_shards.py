@@ -129,14 +129,16 @@ def test_stream_two_ranks_two_workers_each_sample_once(demo_shards):
 
 
 def test_a_stream_rendering_on_the_device_gives_the_workers_crops(demo_shards):
-    """The trainer's CUDA layout (workers decode and draw; `rendered` draws the pixels where the
-    model runs), run on the CPU: the same batches, bit for bit, as crops rendered in the workers."""
+    """The trainer's CUDA layout (workers decode, draw and cut uint8 crops; `rendered` draws the
+    pixels where the model runs), run on the CPU: the same batches, bit for bit, as crops rendered
+    in the workers; the crops cross the loader as one uint8 tensor."""
     policy = AugmentPolicy(input_size=32, scale=(0.35, 1.0), renderer="torch")
     streams = [ShardStream(demo_shards, "train", policy, 48, render_on_device=d) for d in (False, True)]
     loaders = [torch.utils.data.DataLoader(s, batch_size=None, num_workers=1) for s in streams]
     n = 0
     for in_workers, to_render in zip(*loaders, strict=True):
-        assert "image" not in to_render and len(to_render["regions"]) == len(to_render["params"])
+        assert "image" not in to_render and to_render["crops"].shape == (len(to_render["params"]), 3, 32, 32)
+        assert to_render["crops"].dtype == torch.uint8
         assert to_render["key"] == in_workers["key"] and torch.equal(to_render["seed"], in_workers["seed"])
         assert torch.equal(rendered(to_render, policy, torch.device("cpu")), in_workers["image"])
         n += 1

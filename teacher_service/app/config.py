@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from distill_core import Nested, NotAFlag, read_secret
-from shards.flags import RendererFlag
+from shards.flags import DecoderFlag, RendererFlag
 
 from ..namespace import MAX_SEED
 from ..teacher import TeacherSettings
@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     )
     policy: dict = Field(default_factory=dict, description="JSON of augmentation policy overrides (as the trainer's)")
     renderer: RendererFlag = None
+    decoder: DecoderFlag = None
     # label engines: one process per device, Triton-style batching
     devices: str = Field(
         "auto",

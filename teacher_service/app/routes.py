@@ -101,6 +101,8 @@ def metrics(svc: ServiceState = Depends(state)):
 @v1.get("/teacher")
 def teacher_info(svc: ServiceState = Depends(state)):
     info = svc.info
+    with service_errors():
+        fingerprint = svc.store.fingerprint()
     return {
         "model": info["model"],
         "teacher_id": info["teacher_id"],
@@ -108,6 +110,7 @@ def teacher_info(svc: ServiceState = Depends(state)):
         "classes": info["classes"],
         "input_size": [3, svc.policy.input_size, svc.policy.input_size],
         "policy": svc.policy.to_dict(),
+        "fingerprint": fingerprint,
         "policy_id": svc.policy.policy_id,
         "format": svc.fmt.name,
         "namespace": svc.namespace.id,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill_core import usable_cpus
-from shards import AugmentPolicy
+from shards import AugmentPolicy, policy_overrides
 from shards.index import ShardIndex
 
 from ..engine import EngineConfig
@@ -50,9 +50,8 @@ def policy_and_classes(settings: Settings) -> tuple[AugmentPolicy, list[str] | N
 
     if settings.shards:
         manifest = Manifest.load(settings.shards)
-        return manifest.policy(settings.renderer, **settings.policy), manifest.classes
-    renderer = {"renderer": settings.renderer} if settings.renderer else {}
-    return AugmentPolicy.from_dict({**settings.policy, **renderer}), None
+        return manifest.policy(settings.renderer, settings.decoder, **settings.policy), manifest.classes
+    return AugmentPolicy.from_dict(policy_overrides(settings.policy, settings.renderer, settings.decoder)), None
 
 
 def engine_pool(settings: Settings) -> EnginePool:
@@ -76,6 +75,7 @@ def engine_pool(settings: Settings) -> EnginePool:
         settings.store,
         config,
         seed_limit=settings.seed_limit,
+        shards=settings.shards,
     )
     return EnginePool(spec, devices)
 

@@ -201,6 +201,23 @@ class LabelStore(abc.ABC):
         """What `record_coverage` remembered; empty for a namespace no precompute finished."""
         return [json.loads(r) for r in self._read_coverage()]
 
+    # -- the render fingerprint of the crops the labels were made from (shards/fingerprint.py) --
+    def claim_fingerprint(self, record: dict) -> dict:
+        """Store `record` as the namespace's render fingerprint unless it has one (the first
+        writer's stands, atomically); return the one stored."""
+        return json.loads(self._claim_fingerprint(json.dumps(record, sort_keys=True)))
+
+    def fingerprint(self) -> dict | None:
+        """The namespace's render fingerprint; None for labels made before fingerprints."""
+        text = self._read_fingerprint()
+        return json.loads(text) if text else None
+
+    @abc.abstractmethod
+    def _claim_fingerprint(self, record: str) -> str: ...
+
+    @abc.abstractmethod
+    def _read_fingerprint(self) -> str | None: ...
+
     @abc.abstractmethod
     def probe_write(self) -> None:
         """One small write that fails (StoreError) when the store refuses writes: a Redis at its

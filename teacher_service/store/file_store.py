@@ -117,6 +117,17 @@ class FileStore(LabelStore):
             row = self.conn.get().execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()
         return json.loads(row[0]).get("coverage", []) if row else []
 
+    def _claim_fingerprint(self, record: str) -> str:
+        def claim(meta: dict) -> None:
+            meta.setdefault("fingerprint", record)
+
+        return self._update_meta(claim)["fingerprint"]
+
+    def _read_fingerprint(self) -> str | None:
+        with self.conn.lock:
+            row = self.conn.get().execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()
+        return json.loads(row[0]).get("fingerprint") if row else None
+
     def _update_meta(self, change) -> dict:
         """Read-modify-write of the namespace's metadata, one writer at a time."""
         with self.conn.lock, self._transaction() as db:

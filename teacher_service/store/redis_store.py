@@ -97,6 +97,7 @@ class RedisStore(LabelStore):
         self.meta_key = f"dl:{{{namespace.id}}}:meta"
         self.seeds_key = f"dl:{{{namespace.id}}}:seeds"  # same hash slot as meta_key
         self.coverage_key = f"dl:{{{namespace.id}}}:coverage"  # a set of JSON records
+        self.fingerprint_key = f"dl:{{{namespace.id}}}:fingerprint"  # the render fingerprint's JSON
         self.meta_json = json.dumps(namespace.meta())
         try:
             stored = self.client.get(self.meta_key)
@@ -124,6 +125,14 @@ class RedisStore(LabelStore):
 
     def _add_coverage(self, record: str) -> None:
         self._call(self.client.sadd, self.coverage_key, record)
+
+    def _claim_fingerprint(self, record: str) -> str:
+        self._call(lambda: self.client.set(self.fingerprint_key, record, nx=True))  # NX: the first writer's stands
+        return self._read_fingerprint() or record
+
+    def _read_fingerprint(self) -> str | None:
+        value = self._call(self.client.get, self.fingerprint_key)
+        return value.decode() if value is not None else None
 
     def _read_coverage(self) -> list[str]:
         return sorted(r.decode() for r in self._call(self.client.smembers, self.coverage_key))
@@ -183,6 +192,7 @@ class RedisStore(LabelStore):
         self._call(self.client.delete, self.meta_key)
         self._call(self.client.delete, self.seeds_key)
         self._call(self.client.delete, self.coverage_key)
+        self._call(self.client.delete, self.fingerprint_key)
         return deleted
 
     def bytes_used(self) -> int:
