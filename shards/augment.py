@@ -37,8 +37,9 @@ from .render import DECODERS, check_device, crop_image, draw_params, render_batc
 # Bump when this module changes in a way that changes the produced tensors.
 AUGMENT_CODE_VERSION = 2
 # The same for the torch renderer (render.py, resample.py); part of the id of torch policies only.
-# 2: integer arithmetic on every device (Pillow's resize, fixed-point ops), the decoder in the policy
-RENDER_CODE_VERSION = 2
+# 2: integer arithmetic on every device (Pillow's resize, fixed-point ops), the decoder in the policy;
+# 3: the warps' weights in 11 bits (int32 sums)
+RENDER_CODE_VERSION = 3
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -323,6 +323,11 @@ def render_batch(crops, params: list[CropParams], policy, device=None, timings: 
             raise ValueError("render_batch needs at least one crop")
         crops = torch.stack(list(crops))
     device = torch.device(device) if device is not None else crops.device
+    if device.type == "cpu" and len(crops) > 1:
+        # a crop at a time: the same bytes (a crop never depends on its batch), and on a CPU the
+        # working set of one crop stays in its caches where a batch's int64 temporaries do not
+        one = [render_batch(crops[i : i + 1], params[i : i + 1], policy, device, timings) for i in range(len(crops))]
+        return torch.cat(one)
     stage = _StageClock(timings, device)
     x = randaugment(crops.to(device, non_blocking=True), params, policy)
     stage("randaugment")
@@ -357,9 +362,10 @@ def fill_color(policy) -> tuple[int, int, int]:
 
 def normalize_and_erase(x: torch.Tensor, params: list[CropParams], policy, stage=None) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> timm's ToTensor + Normalize (looked up, not computed), then erasing."""
-    table = _normal_lut(tuple(policy.mean), tuple(policy.std), x.device)
-    channel = torch.arange(3, device=x.device).view(1, 3, 1, 1) * 256
-    out = table[x.to(torch.int64) + channel]
+    table = _normal_lut(tuple(policy.mean), tuple(policy.std), x.device).view(3, 256)
+    flat = x.to(torch.int64).transpose(0, 1).reshape(3, -1)  # (3, B*S*S) levels
+    out = torch.stack([table[c].index_select(0, flat[c]) for c in range(3)]).view(3, x.shape[0], *x.shape[2:])
+    out = out.transpose(0, 1).contiguous()
     if stage is not None:
         stage("normalize")
     for i, p in enumerate(params):
@@ -451,13 +457,17 @@ _BLEND_BITS = 32
 
 def _blend(a: torch.Tensor, b: torch.Tensor, factors: list[float]) -> torch.Tensor:
     """Pillow's Image.blend(a, b, f) = a + f (b - a), truncated and clipped, with Pillow's float32
-    factor exactly in 32-bit fixed point (a float32 >= 2^-8 is a multiple of 2^-31): integer
-    arithmetic; Pillow rounds its float32 product and sum, so it lands a level higher where the
-    exact value falls just short of an integer."""
+    factor exactly in 32-bit fixed point (a float32 >= 2^-8 is a multiple of 2^-31), F = f 2^32:
+    floor(F d / 2^32) in int32 as floor((Fh d + floor(Fl d / 2^16)) / 2^16), F = Fh 2^16 + Fl.
+    Pillow rounds its float32 product and sum, so it lands a level higher where the exact value
+    falls just short of an integer."""
     f = [round(float(np.float32(v)) * (1 << _BLEND_BITS)) for v in factors]
-    a = a.to(torch.int64)
-    out = (a << _BLEND_BITS) + _per_sample(f, a) * (b.to(torch.int64) - a)
-    return (out >> _BLEND_BITS).clamp_(0, 255).to(torch.uint8)
+    high = _per_sample([v >> 16 for v in f], a, torch.int32)
+    low = _per_sample([v & 0xFFFF for v in f], a, torch.int32)
+    a = a.to(torch.int32)
+    d = b.to(torch.int32) - a
+    out = a + ((d * high + ((d * low) >> 16)) >> 16)
+    return out.clamp_(0, 255).to(torch.uint8)
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -466,13 +476,21 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 
 
 def _autocontrast(x: torch.Tensor) -> torch.Tensor:
-    """Pillow's ImageOps.autocontrast per channel: (v - lo) * 255 / (hi - lo), truncated."""
-    xi = x.to(torch.int32)
-    lo = xi.amin(dim=(2, 3), keepdim=True)
-    hi = xi.amax(dim=(2, 3), keepdim=True)
+    """Pillow's ImageOps.autocontrast per channel: (v - lo) * 255 / (hi - lo), truncated; a table
+    of the 256 levels per channel, then a lookup."""
+    n, c = x.shape[:2]
+    lo = x.amin(dim=(2, 3)).to(torch.int32).view(n * c, 1)
+    hi = x.amax(dim=(2, 3)).to(torch.int32).view(n * c, 1)
+    levels = torch.arange(256, dtype=torch.int32, device=x.device).view(1, 256)
     flat = hi <= lo
-    out = ((xi - lo) * 255).div_(torch.where(flat, 1, hi - lo), rounding_mode="floor").clamp_(0, 255)
-    return torch.where(flat, xi, out).to(torch.uint8)
+    lut = ((levels - lo) * 255).div_(torch.where(flat, 1, hi - lo), rounding_mode="floor").clamp_(0, 255)
+    return _lookup(torch.where(flat, levels, lut).to(torch.uint8), x)
+
+
+def _lookup(lut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`lut` (n * c, 256) uint8 applied to uint8 x (n, c, H, W): each channel its own table."""
+    n, c = x.shape[:2]
+    return lut.gather(1, x.reshape(n * c, -1).to(torch.int64)).view(x.shape)
 
 
 def _equalize(x: torch.Tensor) -> torch.Tensor:
@@ -481,7 +499,8 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     xi = x.to(torch.int64).reshape(n * c, -1)
     offsets = torch.arange(n * c, device=x.device).view(-1, 1) * 256
     hist = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device)
-    hist.scatter_add_(0, (xi + offsets).reshape(-1), torch.ones_like(xi).reshape(-1))
+    ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(xi.numel())
+    hist.scatter_add_(0, (xi + offsets).reshape(-1), ones)
     hist = hist.view(n * c, 256)
     levels = torch.arange(256, device=x.device)
     present = hist > 0
@@ -491,7 +510,7 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     safe = torch.where(identity, torch.ones_like(step), step)
     lut = ((safe // 2 + hist.cumsum(dim=1) - hist) // safe).clamp_(max=255)
     lut = torch.where(identity, levels.expand_as(lut), lut)
-    return lut.gather(1, xi).view(x.shape).to(torch.uint8)
+    return lut.to(torch.uint8).gather(1, xi).view(x.shape)
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
@@ -504,15 +523,23 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
         for dx in (0, 1, 2):
             if (dy, dx) != (1, 1):
                 acc = acc + x[..., dy : h - 2 + dy, dx : w - 2 + dx]
-    out[..., 1 : h - 1, 1 : w - 1] = (2 * acc + 13) // 26  # floor(acc / 13 + 1/2)
+    out[..., 1 : h - 1, 1 : w - 1] = _thirteenths(x.device).index_select(0, acc.reshape(-1)).view(acc.shape)
     return out
+
+
+@functools.cache
+def _thirteenths(device: torch.device) -> torch.Tensor:
+    """floor(acc / 13 + 1/2) for acc in 0 .. 13 * 255: the smoothing's division as a lookup."""
+    return ((2 * torch.arange(13 * 255 + 1, dtype=torch.int32) + 13) // 26).to(device)
 
 
 # -- the geometric ops: Pillow's affine transform in fixed point ----------------------------
 
 _COORD_BITS = 32  # fractional bits of the transform's coefficients
 _TABLE_BITS = 12  # the interpolation table holds 2^12 + 1 fractional positions in [0, 1]
-_WEIGHT_BITS = 14  # its weights, in fixed point
+# its weights, in fixed point: 11 bits keep the sum of 16 taps' products in int32 (Pillow's cubic
+# reaches 1.25 over its positive taps and -0.25 over its negative ones: 255 x 1.25^2 x 2^22 < 2^31)
+_WEIGHT_BITS = 11
 
 
 def _affine(name: str, v: float, w: int, h: int) -> tuple[float, ...]:
@@ -556,7 +583,8 @@ def _warp(x: torch.Tensor, name: str, args: list[float], fill, interpolation: st
     """Pillow's affine transform of each sample (timm's Rotate, Shear, Translate): an output pixel
     whose source lies outside the image gets the fill colour; inside, the filter's taps are clamped
     to the image's edge and the result truncated, as Pillow's. Coordinates in 32-bit fixed point,
-    the filter read from a table: integers throughout."""
+    the filter read from a table, the taps summed along each row, then down the column: integers
+    throughout (int32 but for the coordinates)."""
     n, c, h, w = x.shape
     one = 1 << _COORD_BITS
     coeffs = []
@@ -568,12 +596,12 @@ def _warp(x: torch.Tensor, name: str, args: list[float], fill, interpolation: st
     m = torch.tensor(coeffs, dtype=torch.int64, device=x.device).view(n, 6, 1, 1)
     xo = (2 * torch.arange(w, device=x.device) + 1).view(1, 1, w)
     yo = (2 * torch.arange(h, device=x.device) + 1).view(1, h, 1)
-    sx = m[:, 0] * xo + m[:, 1] * yo + m[:, 2]  # (n, h, w), source x times 2^(bits + 1)
-    sy = m[:, 3] * xo + m[:, 4] * yo + m[:, 5]
+    sx = m[:, 0] * xo + (m[:, 1] * yo + m[:, 2])  # (n, h, w), source x times 2^(bits + 1)
+    sy = m[:, 3] * xo + (m[:, 4] * yo + m[:, 5])
     scale = 2 * one
     inside = (sx >= 0) & (sx < w * scale) & (sy >= 0) & (sy < h * scale)
     offsets, table = _interpolation_table(interpolation)
-    table = torch.from_numpy(table).to(x.device)
+    table = torch.from_numpy(table).to(device=x.device, dtype=torch.int32)
     shift = _COORD_BITS + 1 - _TABLE_BITS
 
     def taps(s: torch.Tensor, size: int):
@@ -581,21 +609,27 @@ def _warp(x: torch.Tensor, name: str, args: list[float], fill, interpolation: st
         i = s >> (_COORD_BITS + 1)  # floor
         frac = s - (i << (_COORD_BITS + 1))
         t = (frac + (1 << (shift - 1))) >> shift  # nearest table entry, 0 .. 2^T
-        return [(i + o).clamp_(0, size - 1) for o in offsets], table[t]  # (n, h, w) each, (n, h, w, taps)
+        weights = table[t].view(-1, len(offsets)).T.contiguous()  # (taps, n h w)
+        return [(i + o).clamp_(0, size - 1).view(-1) for o in offsets], weights
 
-    cols, wx = taps(sx, w)
+    cols, wx = taps(sx, w)  # per output pixel: its taps' columns and (taps, n h w) weights
     rows, wy = taps(sy, h)
-    flat = x.reshape(n, c, h * w).to(torch.int64)
-    acc = torch.zeros((n, c, h, w), dtype=torch.int64, device=x.device)
+    planes = x.transpose(0, 1).reshape(-1)  # channel by channel, each sample's pixels in turn
+    size = n * h * w
+    base = (torch.arange(c, device=x.device).view(c, 1) * size) + (
+        torch.arange(n, device=x.device) * (h * w)
+    ).repeat_interleave(h * w)  # (c, n h w): where a channel's pixel of a sample starts
+    acc = torch.zeros((c, size), dtype=torch.int32, device=x.device)
     for j, row in enumerate(rows):
+        start = base + row * w
         line = torch.zeros_like(acc)
-        for k, col in enumerate(cols):
-            idx = (row * w + col).view(n, 1, h * w).expand(n, c, h * w)
-            line += flat.gather(2, idx).view(n, c, h, w) * wx[..., k].unsqueeze(1)
-        acc += line * wy[..., j].unsqueeze(1)
-    value = (acc >> (2 * _WEIGHT_BITS)).clamp_(0, 255)
-    fill = torch.tensor(fill, dtype=torch.int64, device=x.device).view(1, c, 1, 1)
-    return torch.where(inside.unsqueeze(1), value, fill).to(torch.uint8)
+        for k, col in enumerate(cols):  # along the row
+            line += planes.take(start + col).to(torch.int32) * wx[k]
+        acc += line * wy[j]  # down the column
+    value = (acc >> (2 * _WEIGHT_BITS)).clamp_(0, 255).to(torch.uint8)
+    value = value.view(c, n, h, w).transpose(0, 1)
+    fill = torch.tensor(fill, dtype=torch.uint8, device=x.device).view(1, c, 1, 1)
+    return torch.where(inside.unsqueeze(1), value, fill).contiguous()
 
 
 # -- erasing noise: a counter-based hash, the same on every device -------------------------
