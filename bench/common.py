@@ -14,10 +14,24 @@ from shards import Manifest, SkipCounter, iter_shard
 from shards.build import build
 
 
-def imagenet_like_jpegs(n: int, seed: int = 0, size=(500, 375), quality: int = 95) -> list[bytes]:
+def imagenet_like_jpegs(n: int, seed: int = 0, size=(500, 375), quality: int = 95, processes: int = 1) -> list[bytes]:
     """`n` ImageNet-shaped JPEGs (500x375 or 375x500, JPEG quality 95) cut from the two
     photographs scikit-learn ships by random crops, rescales, flips and colour shifts, so that
-    decoding and resizing cost what real photographs cost (noise or flat images would not)."""
+    decoding and resizing cost what real photographs cost (noise or flat images would not).
+    Image i depends on (seed, i) only, so `processes` > 1 makes the same images faster."""
+    if processes > 1 and n > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            chunks = pool.starmap(_jpegs, [(range(i, n, processes), seed, size, quality) for i in range(processes)])
+        out = [b""] * n
+        for i, chunk in enumerate(chunks):
+            out[i::processes] = chunk
+        return out
+    return _jpegs(range(n), seed, size, quality)
+
+
+def _jpegs(indices, seed: int, size, quality: int) -> list[bytes]:
     import io
 
     import numpy as np
@@ -25,9 +39,9 @@ def imagenet_like_jpegs(n: int, seed: int = 0, size=(500, 375), quality: int = 9
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]
-    rng = random.Random(seed)
     out = []
-    for _ in range(n):
+    for i in indices:
+        rng = random.Random(f"{seed}:{i}")
         photo = photos[rng.randrange(len(photos))]
         w, h = size if rng.random() < 0.75 else size[::-1]  # most of ImageNet is landscape
         scale = rng.uniform(0.5, 1.0)
@@ -44,10 +58,12 @@ def imagenet_like_jpegs(n: int, seed: int = 0, size=(500, 375), quality: int = 9
     return out
 
 
-def jpeg_shards(directory: Path, n: int, classes: int = 10, shard_size: int = 256) -> tuple[Manifest, list]:
+def jpeg_shards(
+    directory: Path, n: int, classes: int = 10, shard_size: int = 256, processes: int = 1
+) -> tuple[Manifest, list]:
     """Shards of `n` ImageNet-shaped JPEGs (`imagenet_like_jpegs`) in `classes` class folders."""
     src = Path(directory).with_name(Path(directory).name + "-src")
-    for i, data in enumerate(imagenet_like_jpegs(n)):
+    for i, data in enumerate(imagenet_like_jpegs(n, processes=processes)):
         folder = src / f"class{i % classes:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i:07d}.jpg").write_bytes(data)
@@ -56,8 +72,13 @@ def jpeg_shards(directory: Path, n: int, classes: int = 10, shard_size: int = 25
     return m, [r for s in m.shards("train") for r in iter_shard(Path(directory) / s.name, SkipCounter())]
 
 
-def bench_shards(data: str, directory: Path, n: int = 2048) -> tuple[Manifest, list]:
-    """The benchmarks' data: `digits` (the demo, 32 px PNGs) or `jpeg` (`n` ImageNet-shaped JPEGs)."""
+def bench_shards(data: str, directory: Path, n: int = 2048, existing: str | None = None) -> tuple[Manifest, list]:
+    """The benchmarks' data: `digits` (the demo, 32 px PNGs) or `jpeg` (`n` ImageNet-shaped JPEGs),
+    made in `directory`; or the shards already in `existing` (bench/gpu.py makes them once for
+    all its parts)."""
+    if existing:
+        m = Manifest.load(existing)
+        return m, [r for s in m.shards("train") for r in iter_shard(Path(existing) / s.name, SkipCounter())]
     return demo_shards(directory, shard_size=64) if data == "digits" else jpeg_shards(directory, n)
 
 

@@ -1,27 +1,28 @@
-"""Everything a GPU node is measured on, in one run (under 8 minutes on one GPU); one JSON line.
+"""Everything a GPU node is measured on, in one run of at most 6 minutes; a JSON line per part as it
+ends, then the summary line with every target met or not.
 
-python bench/gpu.py [--workers 4] [--images 2048]
+python bench/gpu.py [--budget-s 360] [--images 2048]
+python bench/gpu.py --device cpu --smoke        # the orchestration on a CPU, tiny sizes (the tests run it)
 
-On ImageNet-shaped JPEGs (made from scikit-learn's photographs, `bench/common.py`), RegNetY-16GF
-teacher and DeiT-Ti student at 224 px, random weights (speed does not depend on them):
+On ImageNet-shaped JPEGs made once for every part (`common.jpeg_shards`, in parallel), with
+RegNetY-16GF as the teacher and DeiT-Ti as the student at 224 px, random weights (speed does not
+depend on them), each part its own process with its own time limit, inside the run's budget:
 
-- `teacher_pil`, `teacher_torch` (bench/teacher.py per renderer): raw teacher forward, precompute
-  and service labels/s, with at most --workers CPU workers;
-- `train_torch` (bench/train.py): student images/s without labels, from cached labels and with the
-  online teacher, end to end and model-bound (input already on the device), eager and compiled;
-  `train_pil`: the cached run with the pil renderer, for the renderers' end-to-end ratio;
-- `render_ops` (bench/render_ops.py, under 30 s): resize alone and each RandAugment op alone,
-  CUDA against the CPU on the same inputs, the largest difference per op (the contract: 0);
-- `render`: the torch renderer on CUDA against the CPU on the same uint8 crops (the crops after
-  RandAugment must be equal, and the floats the teacher sees), the teacher's labels of both
-  (agreement), nvJPEG crops rendered twice and alone vs in a batch (bit-identical), and nvJPEG's
-  decode against Pillow's (how far apart the two decoders' pixels are: why the decoder is part of
-  the policy);
-- `targets`: the issue's figures: precompute >= 0.9 of the raw forward, end-to-end cached training
-  >= 0.9 of model-bound, cached vs online >= 3.
+- `render_ops` (bench/render_ops.py): resize alone and each RandAugment op alone, the device
+  against the CPU on the same inputs, the largest difference per op (the contract: 0);
+- `render`: the whole render on the device against the CPU on the same uint8 crops (the crops
+  after RandAugment and the floats the teacher sees must be equal), the teacher's labels of both,
+  nvJPEG crops rendered twice and alone vs in a batch, nvJPEG's decode against Pillow's;
+- `models` (bench/models.py): the bare timm teacher against the project's teacher runtime (eager
+  and compiled), TFLOP/s, and the student's training step;
+- `teacher_torch`, `teacher_pil` (bench/teacher.py, 4 workers): raw forward, precompute (with its
+  start-up by phase) and the service at saturation;
+- `train_torch_w4`, `train_torch_w12`, `train_pil_w12` (bench/train.py): end-to-end student
+  images/s from cached labels (and without labels and with the online teacher at 12 workers),
+  with the model-bound rate (input already on the device) beside them.
 
-Each part runs as its own process with its own time limit; a part that fails or times out is
-reported in `failures` and the others still run.
+A part that fails, times out or finds no time left in the budget is named in `failures`; the
+others still run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import datetime
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,139 +41,232 @@ from pydantic import BaseModel, Field
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from models import BenchModels  # noqa: E402
 from render_ops import BenchRenderOps  # noqa: E402
 from teacher import BenchTeacher  # noqa: E402
 from train import BenchTrain  # noqa: E402
 
-from distill_core import parse_script_args, to_argv  # noqa: E402
+from distill_core import parse_script_args, to_argv, usable_cpus  # noqa: E402
+
+TARGETS = {  # name: (what, the least that meets it)
+    "e2e_cached_vs_model_bound": ("end-to-end cached training vs model-bound, <= 12 workers", 0.9),
+    "torch_vs_pil_e2e": ("the torch renderer end to end vs pil, 12 workers", 1.5),
+    "cached_vs_online_e2e": ("cached vs online, end to end", 3.0),
+    "precompute_vs_best_raw": ("precompute vs the best raw teacher forward, 4 workers", 0.9),
+    "service_vs_best_raw": ("service at saturation vs the best raw teacher forward", 0.8),
+    "project_vs_bare_forward": ("the project's raw forward vs the bare timm model's best", 0.95),
+    "render_ops_all_zero": ("every render part equal on the device and the CPU", True),
+    "device_renders_the_cpus_crops": ("the whole render equal on the device and the CPU", True),
+    "wall_s": ("bench/gpu.py wall time, seconds (at most)", 360),
+}
 
 
 class BenchGPU(BaseModel):
-    workers: int = Field(4, ge=1, description="CPU workers per GPU (augmentation / data loading)")
+    device: str = Field("cuda", description="the GPU (cpu: the orchestration only, with --smoke)")
+    budget_s: float = Field(360.0, gt=0, description="the whole run's wall-clock budget")
     images: int = Field(2048, ge=64, description="ImageNet-shaped JPEGs to make")
     teacher: str = Field("regnety_160", description="timm teacher (random weights)")
     student: str = Field("deit_tiny_distilled_patch16_224", description="timm student")
     batch_size: int = Field(128, ge=1, description="teacher and student batch size")
-    seconds: float = Field(8.0, gt=0, description="per service throughput measurement")
-    crops: int = Field(512, ge=16, description="crops of the CUDA vs CPU renderer check")
+    seconds: float = Field(6.0, gt=0, description="per throughput measurement")
+    crops: int = Field(512, ge=16, description="crops of the device vs CPU render check")
+    smoke: bool = Field(False, description="tiny sizes: check the orchestration, measure nothing")
 
 
-def run_part(name: str, cmd: list[str], timeout: float, failures: dict) -> dict | None:
-    print(f"+ {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        failures[name] = f"timed out after {timeout:.0f} s"
-        return None
-    sys.stderr.write(p.stderr[-3000:])
-    if p.returncode != 0:
-        failures[name] = f"exit {p.returncode}: {p.stderr[-500:]}"
-        return None
-    result = json.loads(p.stdout.strip().splitlines()[-1])
-    result["part_seconds"] = round(time.perf_counter() - t0, 1)
-    return result
+class Run:
+    """The parts of one run: each a process with a time limit inside the run's budget."""
+
+    def __init__(self, budget_s: float):
+        self.t0 = time.perf_counter()
+        self.budget_s = budget_s
+        self.failures: dict[str, str] = {}
+        self.out: dict = {}
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.t0)
+
+    def part(self, name: str, cmd: list[str], limit: float) -> dict | None:
+        timeout = min(limit, self.left() - 5)
+        if timeout < 10:
+            self.failures[name] = f"skipped: {self.left():.0f} s left of the budget"
+            return None
+        print(f"+ {name} (at most {timeout:.0f} s): {' '.join(cmd)}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.failures[name] = f"timed out after {timeout:.0f} s"
+            return None
+        sys.stderr.write(p.stderr[-3000:])
+        if p.returncode != 0:
+            self.failures[name] = f"exit {p.returncode}: {p.stderr[-500:]}"
+            return None
+        result = json.loads(p.stdout.strip().splitlines()[-1])
+        return self.record(name, result, time.perf_counter() - t0)
+
+    def record(self, name: str, result: dict, seconds: float) -> dict:
+        result["part_seconds"] = round(seconds, 1)
+        self.out[name] = result
+        print(json.dumps({"part": name, **result}), flush=True)
+        return result
 
 
 def render_check(args) -> dict:
-    """The torch renderer on CUDA vs the CPU on the same crops, the teacher's labels, and nvJPEG."""
+    """The torch renderer on the device vs the CPU on the same crops, the teacher's labels, and nvJPEG."""
     import numpy as np
 
     from shards import AugmentPolicy, decode_image, prepare
     from shards.augment import prepare_encoded
-    from shards.render import decode_on_device, randaugment, render_batch, render_prepared
+    from shards.render import BatchPlan, decode_on_device, randaugment, render_batch, render_prepared
     from teacher_service import Teacher, TeacherSettings
 
     from common import imagenet_like_jpegs
 
+    device = torch.device(args.device)
     policy = AugmentPolicy(renderer="torch")
-    jpegs = imagenet_like_jpegs(args.crops, seed=1)
+    jpegs = imagenet_like_jpegs(args.crops, seed=1, processes=min(8, usable_cpus()))
     prepared = [prepare(decode_image(j), f"k{i}", 0, policy) for i, j in enumerate(jpegs)]
     crops = torch.stack([c for c, _ in prepared])
     params = [p for _, p in prepared]
-    teacher = Teacher(TeacherSettings(model=args.teacher, random_init=True, num_classes=1000), device="cuda")
+    teacher = Teacher(TeacherSettings(model=args.teacher, random_init=True, num_classes=1000), device=str(device))
     agree, crops_equal, floats_equal, repeat_equal = 0, True, True, True
     for b in range(0, len(crops), args.batch_size):
         x, p = crops[b : b + args.batch_size], params[b : b + args.batch_size]
-        crops_equal &= bool(torch.equal(randaugment(x.cuda(), p, policy).cpu(), randaugment(x, p, policy)))
+        plan = BatchPlan.build(p, policy)
+        on_device = randaugment(x.to(device), plan.to(device), policy).cpu()
+        crops_equal &= bool(torch.equal(on_device, randaugment(x, plan, policy, fixed=False)))
         cpu = render_batch(x, p, policy, "cpu")
-        gpu = render_batch(x, p, policy, "cuda")
-        floats_equal &= bool(torch.equal(gpu.cpu(), cpu))
-        repeat_equal &= bool(torch.equal(gpu, render_batch(x, p, policy, "cuda")))
-        agree += int((teacher.logits(cpu.cuda()).argmax(1) == teacher.logits(gpu).argmax(1)).sum())
-    nvjpeg = AugmentPolicy(renderer="torch", decoder="nvjpeg")
-    items = [prepare_encoded(j, f"k{i}", 0, nvjpeg) for i, j in enumerate(jpegs[:64])]
-    batch = render_prepared(items, nvjpeg, "cuda")
-    nv_repeat = bool(torch.equal(batch, render_prepared(items, nvjpeg, "cuda")))
-    nv_alone = all(torch.equal(render_prepared([items[i]], nvjpeg, "cuda")[0], batch[i]) for i in (0, 17, 63))
-    decoded = decode_on_device(jpegs[:64], torch.device("cuda"))
-    on_cpu = [torch.from_numpy(np.array(decode_image(j))).permute(2, 0, 1) for j in jpegs[:64]]
-    decode_levels = max(float((d.cpu().float() - c.float()).abs().amax()) for d, c in zip(decoded, on_cpu))
-    return {
+        dev = render_batch(x, plan, policy, device)
+        floats_equal &= bool(torch.equal(dev.cpu(), cpu))
+        repeat_equal &= bool(torch.equal(dev, render_batch(x, plan, policy, device)))
+        agree += int((teacher.logits(cpu.to(device)).argmax(1) == teacher.logits(dev).argmax(1)).sum())
+    out = {
         "crops": len(crops),
-        "cuda_uint8_crops_equal_cpu": crops_equal,
-        "cuda_floats_equal_cpu": floats_equal,
-        "cuda_repeat_bit_identical": repeat_equal,
+        "device_uint8_crops_equal_cpu": crops_equal,
+        "device_floats_equal_cpu": floats_equal,
+        "device_repeat_bit_identical": repeat_equal,
         "teacher_label_agreement": round(agree / len(crops), 4),
-        "nvjpeg_repeat_bit_identical": nv_repeat,
-        "nvjpeg_alone_equals_batched": nv_alone,
-        "nvjpeg_vs_pillow_decode_max_levels": decode_levels,
-        "note": "equal inputs give equal labels up to the teacher's own CPU-vs-CUDA arithmetic (bf16 on CUDA)",
+        "note": "equal inputs give equal labels up to the teacher's own CPU-vs-device arithmetic (bf16 on CUDA)",
     }
+    if device.type == "cuda":
+        nvjpeg = AugmentPolicy(renderer="torch", decoder="nvjpeg")
+        items = [prepare_encoded(j, f"k{i}", 0, nvjpeg) for i, j in enumerate(jpegs[:64])]
+        batch = render_prepared(items, nvjpeg, device)
+        out["nvjpeg_repeat_bit_identical"] = bool(torch.equal(batch, render_prepared(items, nvjpeg, device)))
+        out["nvjpeg_alone_equals_batched"] = all(
+            torch.equal(render_prepared([items[i]], nvjpeg, device)[0], batch[i]) for i in (0, 17, 63)
+        )
+        decoded = decode_on_device(jpegs[:64], device)
+        on_cpu = [torch.from_numpy(np.array(decode_image(j))).permute(2, 0, 1) for j in jpegs[:64]]
+        out["nvjpeg_vs_pillow_decode_max_levels"] = max(
+            float((d.cpu().float() - c.float()).abs().amax()) for d, c in zip(decoded, on_cpu)
+        )
+    return out
+
+
+def targets(out: dict, wall_s: float) -> dict:
+    """Each target's value and whether it is met (None: the parts it needs did not run)."""
+    models = (out.get("models") or {}).get("teacher", {})
+    best_raw = max([v for k, v in models.items() if k.endswith("_images_per_s")] or [0]) or None
+    values: dict = {}
+    trains = {w: out.get(f"train_torch_w{w}") or {} for w in (4, 12)}
+    ratios = [
+        t["store_file_images_per_s"] / t["model_bound_cached_images_per_s"]
+        for t in trains.values()
+        if t.get("store_file_images_per_s") and t.get("model_bound_cached_images_per_s")
+    ]
+    values["e2e_cached_vs_model_bound"] = max(ratios) if ratios else None
+    pil = (out.get("train_pil_w12") or {}).get("store_file_images_per_s")
+    values["torch_vs_pil_e2e"] = trains[12].get("store_file_images_per_s", 0) / pil if pil else None
+    values["cached_vs_online_e2e"] = trains[12].get("cached_vs_online")
+    teacher = out.get("teacher_torch") or {}
+    values["precompute_vs_best_raw"] = teacher["precompute_labels_per_s"] / best_raw if teacher and best_raw else None
+    values["service_vs_best_raw"] = teacher["service_labels_per_s"] / best_raw if teacher and best_raw else None
+    values["project_vs_bare_forward"] = models.get("project_vs_bare")
+    values["render_ops_all_zero"] = (out.get("render_ops") or {}).get("all_zero")
+    values["device_renders_the_cpus_crops"] = (out.get("render") or {}).get("device_floats_equal_cpu")
+    values["wall_s"] = round(wall_s, 1)
+    result = {}
+    for name, (what, least) in TARGETS.items():
+        v = values.get(name)
+        if isinstance(v, float):
+            v = round(v, 3)
+        if v is None:
+            met = None
+        elif name == "wall_s":
+            met = v <= least
+        elif isinstance(least, bool):
+            met = v is least
+        else:
+            met = v >= least
+        result[name] = {"what": what, "target": least, "value": v, "met": met}
+    return result
 
 
 def main():
     args = parse_script_args(BenchGPU, __doc__)
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu.py needs a CUDA device")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs a CUDA device (--device cpu --smoke runs its orchestration on a CPU)")
+    if args.smoke:
+        args = args.model_copy(update=dict(images=64, teacher="regnety_002", batch_size=16, seconds=0.5, crops=32))
+    size = 64 if args.smoke else 224
     py = sys.executable
-    failures: dict[str, str] = {}
-    out: dict = {
+    run = Run(args.budget_s)
+    head = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(),
-        "workers_per_gpu": args.workers,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{usable_cpus()}",
+        "cores": usable_cpus(),
         "images": args.images,
+        "torch": torch.__version__,
     }
-    t0 = time.perf_counter()
-    # exactness first: its figures are the ones the throughput below rests on
-    ops = BenchRenderOps(device="cuda", crops=64, size=224)
-    out["render_ops"] = run_part("render_ops", [py, str(HERE / "render_ops.py"), *to_argv(ops)], 60, failures)
-    try:
-        out["render"] = render_check(args)
-    except Exception as e:  # reported, not fatal: the throughput figures stand on their own
-        failures["render"] = repr(e)
-    common = dict(data="jpeg", images=args.images, input_size=224, batch_size=args.batch_size, workers=args.workers)
-    for renderer in ("pil", "torch"):
-        bench = BenchTeacher(
-            **common, model=args.teacher, renderer=renderer, seconds=args.seconds, seeds=2, precompute_runs=2,
-            naive=False, lookups=50, clients=8, items_per_request=64,
+    print(json.dumps({"part": "start", **head}), flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        from common import jpeg_shards
+
+        t0 = time.perf_counter()
+        shards = Path(d) / "shards"
+        jpeg_shards(shards, args.images, shard_size=64 if args.smoke else 256, processes=min(16, usable_cpus()))
+        run.record("data", {"jpegs": args.images}, time.perf_counter() - t0)
+        # exactness first: its figures are the ones the throughput below rests on
+        small = args.smoke
+        ops = BenchRenderOps(device=args.device, crops=16 if small else 64, size=size, boxes=4 if small else 24)
+        run.part("render_ops", [py, str(HERE / "render_ops.py"), *to_argv(ops)], 40)
+        t0 = time.perf_counter()
+        try:
+            run.record("render", render_check(args), time.perf_counter() - t0)
+        except Exception as e:  # reported, not fatal: the throughput figures stand on their own
+            run.failures["render"] = repr(e)
+        models = BenchModels(
+            teacher=args.teacher, student=args.student, batch_size=args.batch_size, input_size=size,
+            seconds=args.seconds / 2, device=args.device, compile=not args.smoke,
         )  # fmt: skip
-        out[f"teacher_{renderer}"] = run_part(
-            f"teacher_{renderer}", [py, str(HERE / "teacher.py"), *to_argv(bench)], 110, failures
-        )
-    train = dict(**common, student=args.student, teacher=args.teacher, steps=40)
-    bench = BenchTrain(**train, renderer="torch", modes="none,store_file,online", compile=True)
-    out["train_torch"] = run_part("train_torch", [py, str(HERE / "train.py"), *to_argv(bench)], 170, failures)
-    bench = BenchTrain(**train, renderer="pil", modes="store_file", model_steps=0)
-    out["train_pil"] = run_part("train_pil", [py, str(HERE / "train.py"), *to_argv(bench)], 60, failures)
-    targets = {}
-    for renderer in ("pil", "torch"):
-        t = out.get(f"teacher_{renderer}") or {}
-        if t:
-            targets[f"precompute_vs_raw_{renderer}"] = t.get("precompute_efficiency")
-    tr = out.get("train_torch") or {}
-    if tr.get("store_file_images_per_s") and tr.get("model_bound_cached_images_per_s"):
-        targets["e2e_cached_vs_model_bound"] = round(
-            tr["store_file_images_per_s"] / tr["model_bound_cached_images_per_s"], 3
-        )
-    targets["cached_vs_online_e2e"] = tr.get("cached_vs_online")
-    targets["cached_vs_online_model_bound"] = tr.get("model_bound_cached_vs_online")
-    targets["render_ops_all_zero"] = (out.get("render_ops") or {}).get("all_zero")
-    targets["cuda_renders_the_cpus_crops"] = (out.get("render") or {}).get("cuda_floats_equal_cpu")
-    out["targets"] = targets
-    out["failures"] = failures
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(out))
+        run.part("models", [py, str(HERE / "models.py"), *to_argv(models)], 70)
+        common = dict(data="jpeg", shards=str(shards), input_size=size, batch_size=args.batch_size)
+        for renderer, limit in (("torch", 80), ("pil", 60)):
+            bench = BenchTeacher(
+                **common, model=args.teacher, renderer=renderer, workers=4, seconds=args.seconds, seeds=2,
+                precompute_runs=1, naive=False, lookups=20, clients=8, items_per_request=64,
+            )  # fmt: skip
+            run.part(f"teacher_{renderer}", [py, str(HERE / "teacher.py"), *to_argv(bench)], limit)
+        steps = 5 if args.smoke else 40
+        for name, renderer, workers, modes, limit in (
+            ("train_torch_w12", "torch", 12, "none,store_file,online", 60),
+            ("train_torch_w4", "torch", 4, "store_file", 35),
+            ("train_pil_w12", "pil", 12, "store_file", 35),
+        ):
+            workers = min(workers, max(1, usable_cpus() - 1))
+            bench = BenchTrain(
+                **common, student=args.student, teacher=args.teacher, steps=steps, workers=workers,
+                renderer=renderer, modes=modes, model_steps=steps if name == "train_torch_w12" else 0,
+                warmup=name == "train_torch_w12",
+            )  # fmt: skip
+            part = run.part(name, [py, str(HERE / "train.py"), *to_argv(bench)], limit)
+            if part and name != "train_torch_w12" and "train_torch_w12" in run.out:
+                for k in ("model_bound_cached_images_per_s", "model_bound_online_images_per_s"):
+                    part[k] = run.out["train_torch_w12"].get(k)
+    wall = time.perf_counter() - run.t0
+    summary = {**head, "targets": targets(run.out, wall), "failures": run.failures, "seconds": round(wall, 1)}
+    print(json.dumps({"part": "summary", **summary}), flush=True)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ class BenchTeacher(BaseModel):
     data: Literal["digits", "jpeg"] = Field("digits", description="demo digits, or ImageNet-shaped JPEGs")
     images: int = Field(2048, ge=64, description="JPEGs to make for --data jpeg")
     naive: bool = Field(True, description="also measure the service with batches of one")
+    shards: str | None = Field(None, description="use these shards instead of making --data (bench/gpu.py's)")
 
 
 def policy_overrides(args) -> dict:
@@ -158,7 +159,8 @@ def main():
     args = parse_script_args(BenchTeacher, __doc__)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        m, samples = bench_shards(args.data, d / "shards", args.images)
+        m, samples = bench_shards(args.data, d / "shards", args.images, existing=args.shards)
+        shards = Path(args.shards) if args.shards else d / "shards"
         policy = m.policy(**policy_overrides(args))
         teacher = Teacher(TeacherSettings(model=args.model, random_init=True, num_classes=10))
         raws = samples[:128]
@@ -168,7 +170,7 @@ def main():
         # time): its steady rate is then measured over about as many labels as the service's
         pre = [
             precompute(
-                str(d / "shards"),
+                str(shards),
                 range(i * args.seeds, (i + 1) * args.seeds),
                 str(d / "pre.db"),
                 teacher,
@@ -183,9 +185,10 @@ def main():
         del teacher
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         keys = [r.key for r in samples]
-        svc = service_run(args, d / "shards", str(d / "svc.db"), keys, args.batch_size, 1)
-        naive = service_run(args, d / "shards", str(d / "naive.db"), keys, 1, 1)["rate"] if args.naive else None
-        pre_rate = float(np.mean([p["steady_labels_per_s"] for p in pre]))
+        svc = service_run(args, shards, str(d / "svc.db"), keys, args.batch_size, 1)
+        naive = service_run(args, shards, str(d / "naive.db"), keys, 1, 1)["rate"] if args.naive else None
+        # steady: between the first and the last answer (a run of one answer has none: its overall rate)
+        pre_rate = float(np.mean([p["steady_labels_per_s"] or p["labels_per_s"] for p in pre]))
         pct = lambda xs, q: round(float(np.percentile(xs, q)), 2)  # noqa: E731
         out = {
             "model": args.model,
@@ -197,6 +200,7 @@ def main():
             "raw_images_per_s": round(raw, 1),
             "precompute_labels_per_s": round(pre_rate, 1),
             "precompute_labels_per_s_with_startup": round(float(np.mean([p["labels_per_s"] for p in pre])), 1),
+            "precompute_startup_s": pre[0]["startup_s"],  # the first run's, by phase
             "service_labels_per_s": round(svc["rate"], 1),
             "renderer": args.renderer,
             "data": args.data,

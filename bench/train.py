@@ -47,6 +47,8 @@ class BenchTrain(BaseModel):
     renderer: Literal["pil", "torch"] = Field("pil", description="augmentation renderer")
     data: Literal["digits", "jpeg"] = Field("digits", description="demo digits, or ImageNet-shaped JPEGs")
     images: int = Field(2048, ge=64, description="JPEGs to make for --data jpeg")
+    shards: str | None = Field(None, description="use these shards instead of making --data (bench/gpu.py's)")
+    warmup: bool = Field(True, description="a short untimed run first (CUDA context, autotuning, page cache)")
 
 
 def step(net, opt, teacher, x, y, amp: str) -> None:
@@ -79,7 +81,7 @@ def model_bound(args) -> dict:
     out = {}
     for compiled in (False, True) if args.compile else (False,):
         torch.manual_seed(0)
-        student = timm.create_model(args.student, num_classes=1000).to(device)
+        student = timm.create_model(args.student, num_classes=1000, img_size=args.input_size).to(device)
         student.set_distilled_training(True)
         fused = {"fused": True} if device.type == "cuda" else {}
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4, **fused)
@@ -116,8 +118,8 @@ def main():
     modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        shards = d / "shards"
-        m, samples = bench_shards(args.data, shards, args.images)
+        m, samples = bench_shards(args.data, d / "shards", args.images, existing=args.shards)
+        shards = Path(args.shards) if args.shards else d / "shards"
         policy_over = {"input_size": args.input_size, "renderer": args.renderer}
         policy = m.policy(**policy_over)
         random_teacher = TeacherSettings(model=args.teacher, random_init=True, num_classes=len(m.classes))
@@ -149,10 +151,11 @@ def main():
             compile=args.compile,
         )
         service = None
-        results = {}
+        results, with_startup = {}, {}
         # warm-up run: CUDA context, cuDNN/cuBLAS autotuning and the page cache are paid here,
         # not by whichever mode comes first
-        train(TrainConfig(out=str(d / "warmup"), **{**base, "max_steps": 5}, labels="none"))
+        if args.warmup:
+            train(TrainConfig(out=str(d / "warmup"), **{**base, "max_steps": 5}, labels="none"))
         try:
             for mode in modes:
                 kw = {}
@@ -173,6 +176,7 @@ def main():
                     kw = dict(labels="online", teacher=TeacherSettings(model=args.teacher, random_init=True))
                 s = train(TrainConfig(out=str(d / f"run-{mode}"), **base, **kw))
                 results[mode] = s["steady_images_per_s"]
+                with_startup[mode] = s["images_per_s"]
                 if mode == "store_redis":
                     assert s["labels_cached"] > 0 and s["labels_missing"] == 0
                 print(f"{mode}: {results[mode]:.1f} images/s", file=sys.stderr, flush=True)
@@ -198,6 +202,7 @@ def main():
         "data": args.data,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{usable_cpus()}",
         **{f"{k}_images_per_s": round(v, 1) for k, v in results.items()},
+        **{f"{k}_with_startup_images_per_s": round(v, 1) for k, v in with_startup.items()},
     }
     if cached and "none" in results:
         out["cached_vs_none"] = round(cached / results["none"], 3)

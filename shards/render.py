@@ -47,6 +47,19 @@ import torch
 from PIL import Image
 
 from .flags import DECODERS
+from .pixel_ops import (
+    BLEND_CODES,
+    LUT_CODES,
+    blend_factor,
+    blend_ops,
+    erase,
+    lut_argument,
+    lut_ops,
+    normal_lut,
+    normalize,
+    warp,
+    warp_coefficients,
+)
 from .resample import resize_u8
 
 PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -69,7 +82,6 @@ INCREASING_OPS = (
     "TranslateXRel",
     "TranslateYRel",
 )
-GEOMETRIC_OPS = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 _LEVEL_DENOM = 10.0
 
 
@@ -314,45 +326,150 @@ def render_prepared(items: list[tuple], policy, device) -> torch.Tensor:
 # -- the pixels ----------------------------------------------------------------------------
 
 
-def render_batch(crops, params: list[CropParams], policy, device=None, timings: dict | None = None) -> torch.Tensor:
+class BatchPlan:
+    """A batch's drawn parameters as the device needs them, built on the CPU (in a loader worker):
+    one int64 tensor, so one copy to the device, sliced at offsets the host knows (views: no
+    launch, no sync). For each RandAugment layer and op family the rows that drew it and their
+    arguments; for each erasing box slot its rows, boxes and noise keys. Every field exists in
+    every plan (empty where no row drew it), so a render launches the same kernels whatever was
+    drawn and however large the batch."""
+
+    def __init__(self, packed: torch.Tensor, fields: dict[str, tuple[int, tuple[int, ...]]], size: int):
+        self.packed, self.fields, self.size = packed, fields, size
+
+    @classmethod
+    def build(cls, params: list[CropParams], policy) -> BatchPlan:
+        spec = check_policy(policy)
+        layers = spec.num_layers if spec is not None else 0
+        size = policy.input_size
+        columns: dict[str, list] = {}
+        for layer in range(layers):
+            for family in ("lut", "blend", "warp"):
+                columns[f"{family}{layer}.rows"] = []
+            columns.update({f"lut{layer}.code": [], f"lut{layer}.arg": [], f"blend{layer}.code": [],
+                            f"blend{layer}.factor": [], f"warp{layer}.coeffs": []})  # fmt: skip
+        for slot in range(policy.re_count):
+            columns.update({f"erase{slot}.rows": [], f"erase{slot}.box": [], f"erase{slot}.key": []})
+        for i, p in enumerate(params):
+            for layer, (name, arg) in enumerate(p.ops):
+                if name in LUT_CODES:
+                    columns[f"lut{layer}.rows"].append(i)
+                    columns[f"lut{layer}.code"].append(LUT_CODES[name])
+                    columns[f"lut{layer}.arg"].append(lut_argument(name, arg))
+                elif name in BLEND_CODES:
+                    columns[f"blend{layer}.rows"].append(i)
+                    columns[f"blend{layer}.code"].append(BLEND_CODES[name])
+                    columns[f"blend{layer}.factor"].append(blend_factor(arg))
+                else:
+                    columns[f"warp{layer}.rows"].append(i)
+                    columns[f"warp{layer}.coeffs"].append(warp_coefficients(name, arg, size))
+            for slot, box in enumerate(p.erase):
+                columns[f"erase{slot}.rows"].append(i)
+                columns[f"erase{slot}.box"].append(box)
+                columns[f"erase{slot}.key"].append((p.noise_key & 0xFFFFFFFF, p.noise_key >> 32))
+        width = {"factor": 2, "coeffs": 6, "box": 4, "key": 2}
+        fields, flat, at = {}, [], 0
+        for name, values in columns.items():
+            shape = (len(values), width[name.split(".")[1]]) if name.split(".")[1] in width else (len(values),)
+            fields[name] = (at, shape)
+            at += math.prod(shape)
+            flat.extend(v for row in values for v in (row if isinstance(row, list | tuple) else (row,)))
+        return cls(torch.tensor(flat, dtype=torch.int64), fields, len(params))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        at, shape = self.fields[name]
+        return self.packed[at : at + math.prod(shape)].view(shape)
+
+    def rows(self, name: str) -> int:
+        """How many rows drew `name` (a family of a layer, "warp0", or an erasing slot): host-known."""
+        return self.fields[f"{name}.rows"][1][0]
+
+    def to(self, device, non_blocking: bool = False) -> BatchPlan:
+        if self.packed.device == torch.device(device):
+            return self
+        return BatchPlan(self.packed.to(device, non_blocking=non_blocking), self.fields, self.size)
+
+    def pin_memory(self) -> BatchPlan:  # the DataLoader's pin_memory calls it
+        return BatchPlan(self.packed.pin_memory(), self.fields, self.size)
+
+    def layers(self) -> int:
+        return sum(1 for name in self.fields if name.startswith("lut") and name.endswith(".rows"))
+
+    def slots(self) -> int:
+        return sum(1 for name in self.fields if name.startswith("erase") and name.endswith(".rows"))
+
+
+def render_batch(crops, params, policy, device=None, timings: dict | None = None, fixed: bool | None = None):
     """The normalised crops (B, 3, S, S) float32 of uint8 `crops` ((B, 3, S, S), or a list of
-    (3, S, S), on any device) under `params`, rendered on `device` (default: the crops').
+    (3, S, S), on any device) under `params` (their CropParams, or a BatchPlan of them), rendered on
+    `device` (default: the crops'). No host sync, and (`fixed`, the default off the CPU) the same
+    kernels whatever the batch drew and however large it is: the plan goes to the device in one
+    copy and every family of ops runs on the rows the plan names. On a CPU (`fixed` False) a
+    family no row drew is skipped and a batch renders a crop at a time (the same bytes: a crop
+    never depends on its batch), which keeps a crop's work in the CPU's caches.
     `timings`, for benchmarks: seconds per stage are added to it (with a device sync per stage)."""
     if isinstance(crops, list | tuple):
         if not crops:
             raise ValueError("render_batch needs at least one crop")
         crops = torch.stack(list(crops))
     device = torch.device(device) if device is not None else crops.device
-    if device.type == "cpu" and len(crops) > 1:
-        # a crop at a time: the same bytes (a crop never depends on its batch), and on a CPU the
-        # working set of one crop stays in its caches where a batch's int64 temporaries do not
-        one = [render_batch(crops[i : i + 1], params[i : i + 1], policy, device, timings) for i in range(len(crops))]
+    fixed = device.type != "cpu" if fixed is None else fixed
+    if not fixed and len(crops) > 1 and not isinstance(params, BatchPlan):
+        one = [
+            render_batch(crops[i : i + 1], params[i : i + 1], policy, device, timings, fixed) for i in range(len(crops))
+        ]
         return torch.cat(one)
+    plan = params if isinstance(params, BatchPlan) else BatchPlan.build(params, policy)
+    if plan.size != len(crops):
+        raise ValueError(f"{len(crops)} crops but a plan of {plan.size}")
     stage = _StageClock(timings, device)
-    x = randaugment(crops.to(device, non_blocking=True), params, policy)
+    plan = plan.to(device, non_blocking=True)  # with the crops: the batch's only copies to the device
+    x = randaugment(crops.to(device, non_blocking=True), plan, policy, fixed)
     stage("randaugment")
-    return normalize_and_erase(x, params, policy, stage)
+    out = normalize(x, normal_lut(tuple(policy.mean), tuple(policy.std), device))
+    stage("normalize")
+    out = erase_boxes(out, plan, fixed)
+    stage("erase")
+    return out
 
 
-def randaugment(x: torch.Tensor, params: list[CropParams], policy) -> torch.Tensor:
-    """The RandAugment ops of each sample, in its drawn order, on uint8 (B, 3, S, S): uint8 out."""
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[0] != len(params):
-        raise ValueError(f"randaugment takes one uint8 (3, S, S) crop per params, got {tuple(x.shape)} {x.dtype}")
+def randaugment(x: torch.Tensor, plan, policy, fixed: bool = True) -> torch.Tensor:
+    """The RandAugment ops of each sample, in its drawn order, on uint8 (B, 3, S, S): uint8 out.
+    `plan`: a BatchPlan on x's device (or the samples' CropParams); every layer runs each family
+    of ops on the rows that drew it (`fixed`: also when none did)."""
+    if not isinstance(plan, BatchPlan):
+        plan = BatchPlan.build(plan, policy).to(x.device)
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[0] != plan.size:
+        raise ValueError(f"randaugment takes one uint8 (3, S, S) crop per sample, got {tuple(x.shape)} {x.dtype}")
     x = x.clone()
-    fill = fill_color(policy)
-    depth = max((len(p.ops) for p in params), default=0)
-    for layer in range(depth):
-        groups: dict[str, tuple[list[int], list[float]]] = {}
-        for i, p in enumerate(params):
-            if layer < len(p.ops):
-                name, arg = p.ops[layer]
-                rows, args = groups.setdefault(name, ([], []))
-                rows.append(i)
-                args.append(arg)
-        for name, (rows, args) in groups.items():
-            idx = torch.tensor(rows, device=x.device)
-            x[idx] = apply_op(name, x[idx], args, fill, policy.interpolation)
+    fill = _fill(fill_color(policy), x.device)
+    for layer in range(plan.layers()):
+        for family in ("lut", "blend", "warp"):
+            name = f"{family}{layer}"
+            if not fixed and plan.rows(name) == 0:
+                continue
+            rows = plan[f"{name}.rows"]
+            sub = x.index_select(0, rows)
+            if family == "lut":
+                sub = lut_ops(sub, plan[f"{name}.code"], plan[f"{name}.arg"])
+            elif family == "blend":
+                factor = plan[f"{name}.factor"]
+                sub = blend_ops(sub, plan[f"{name}.code"], factor[:, 0], factor[:, 1])
+            else:
+                sub = warp(sub, plan[f"{name}.coeffs"], fill, policy.interpolation)
+            x.index_copy_(0, rows, sub)
     return x
+
+
+def erase_boxes(out: torch.Tensor, plan: BatchPlan, fixed: bool = True) -> torch.Tensor:
+    """Random erasing of the normalised crops: each box slot on the rows that drew a box in it."""
+    for slot in range(plan.slots()):
+        name = f"erase{slot}"
+        if not fixed and plan.rows(name) == 0:
+            continue
+        rows = plan[f"{name}.rows"]
+        out.index_copy_(0, rows, erase(out.index_select(0, rows), plan[f"{name}.box"], plan[f"{name}.key"]))
+    return out
 
 
 def fill_color(policy) -> tuple[int, int, int]:
@@ -360,33 +477,16 @@ def fill_color(policy) -> tuple[int, int, int]:
     return tuple(min(255, round(255 * m)) for m in policy.mean)
 
 
-def normalize_and_erase(x: torch.Tensor, params: list[CropParams], policy, stage=None) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> timm's ToTensor + Normalize (looked up, not computed), then erasing."""
-    table = _normal_lut(tuple(policy.mean), tuple(policy.std), x.device).view(3, 256)
-    flat = x.to(torch.int64).transpose(0, 1).reshape(3, -1)  # (3, B*S*S) levels
-    out = torch.stack([table[c].index_select(0, flat[c]) for c in range(3)]).view(3, x.shape[0], *x.shape[2:])
-    out = out.transpose(0, 1).contiguous()
-    if stage is not None:
-        stage("normalize")
-    for i, p in enumerate(params):
-        for top, left, h, w in p.erase:
-            if policy.re_mode == "pixel":
-                out[i, :, top : top + h, left : left + w] = hash_normal(p.noise_key, (3, h, w), x.device)
-            else:
-                out[i, :, top : top + h, left : left + w] = 0.0
-    if stage is not None:
-        stage("erase")
-    return out
-
-
 @functools.cache
-def _normal_lut(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """(3 * 256,) float32: level v of channel c at [256 c + v], as timm computes it on the CPU
-    (ToTensor's v / 255, then Normalize's (x - mean) / std, in float32)."""
-    levels = torch.arange(256, dtype=torch.float32).div(255).expand(3, 256)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1)
-    return levels.sub(m).div(s).reshape(-1).to(device)
+def _fill(color: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(color, dtype=torch.uint8).to(device)
+
+
+def normalize_and_erase(x: torch.Tensor, params, policy) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> timm's ToTensor + Normalize (looked up, not computed), then erasing."""
+    plan = params if isinstance(params, BatchPlan) else BatchPlan.build(params, policy)
+    out = normalize(x, normal_lut(tuple(policy.mean), tuple(policy.std), x.device))
+    return erase_boxes(out, plan.to(x.device))
 
 
 class _StageClock:
@@ -410,261 +510,16 @@ class _StageClock:
             self.last = now
 
 
-# -- the RandAugment ops, uint8 in and out, integer arithmetic ------------------------------
-
-
-def _per_sample(values, like: torch.Tensor, dtype=torch.int64) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=like.device).view(-1, 1, 1, 1)
-
-
 def apply_op(name: str, x: torch.Tensor, args: list[float], fill=(124, 116, 104), interpolation="bicubic"):
-    """One RandAugment op on uint8 samples `x` (n, 3, S, S), one argument each: uint8 out."""
-    if name in GEOMETRIC_OPS:
-        return _warp(x, name, args, fill, interpolation)
-    if name == "AutoContrast":
-        return _autocontrast(x)
-    if name == "Equalize":
-        return _equalize(x)
-    if name == "Invert":
-        return 255 - x
-    if name == "PosterizeIncreasing":  # keep the top `bits` bits; 0 bits: black
-        masks = [(0xFF << (8 - int(bits))) & 0xFF if int(bits) < 8 else 0xFF for bits in args]
-        return x & _per_sample(masks, x, torch.uint8)
-    xi = x.to(torch.int32)
-    if name == "SolarizeIncreasing":
-        return torch.where(xi < _per_sample([int(a) for a in args], x, torch.int32), xi, 255 - xi).to(torch.uint8)
-    if name == "SolarizeAdd":
-        added = (xi + _per_sample([int(a) for a in args], x, torch.int32)).clamp_(max=255)
-        return torch.where(xi < 128, added, xi).to(torch.uint8)
-    if name == "BrightnessIncreasing":
-        degenerate = torch.zeros_like(xi)
-    elif name == "ColorIncreasing":
-        degenerate = _luma(xi).expand_as(xi)
-    elif name == "ContrastIncreasing":
-        luma = _luma(xi).to(torch.int64)
-        n = luma[0].numel()
-        mean = (2 * luma.sum(dim=(1, 2, 3)) + n) // (2 * n)  # Pillow's int(mean + 0.5), exactly
-        degenerate = mean.view(-1, 1, 1, 1).expand_as(xi)
-    elif name == "SharpnessIncreasing":
-        degenerate = _smooth(xi)
-    else:  # pragma: no cover - the op list and this function are kept together
-        raise ValueError(f"unknown op {name}")
-    return _blend(degenerate, xi, args)
-
-
-_BLEND_BITS = 32
-
-
-def _blend(a: torch.Tensor, b: torch.Tensor, factors: list[float]) -> torch.Tensor:
-    """Pillow's Image.blend(a, b, f) = a + f (b - a), truncated and clipped, with Pillow's float32
-    factor exactly in 32-bit fixed point (a float32 >= 2^-8 is a multiple of 2^-31), F = f 2^32:
-    floor(F d / 2^32) in int32 as floor((Fh d + floor(Fl d / 2^16)) / 2^16), F = Fh 2^16 + Fl.
-    Pillow rounds its float32 product and sum, so it lands a level higher where the exact value
-    falls just short of an integer."""
-    f = [round(float(np.float32(v)) * (1 << _BLEND_BITS)) for v in factors]
-    high = _per_sample([v >> 16 for v in f], a, torch.int32)
-    low = _per_sample([v & 0xFFFF for v in f], a, torch.int32)
-    a = a.to(torch.int32)
-    d = b.to(torch.int32) - a
-    out = a + ((d * high + ((d * low) >> 16)) >> 16)
-    return out.clamp_(0, 255).to(torch.uint8)
-
-
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    """Pillow's RGB -> L conversion: (19595 R + 38470 G + 7471 B + 2^15) >> 16, as (n, 1, H, W)."""
-    return (x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 32768) >> 16
-
-
-def _autocontrast(x: torch.Tensor) -> torch.Tensor:
-    """Pillow's ImageOps.autocontrast per channel: (v - lo) * 255 / (hi - lo), truncated; a table
-    of the 256 levels per channel, then a lookup."""
-    n, c = x.shape[:2]
-    lo = x.amin(dim=(2, 3)).to(torch.int32).view(n * c, 1)
-    hi = x.amax(dim=(2, 3)).to(torch.int32).view(n * c, 1)
-    levels = torch.arange(256, dtype=torch.int32, device=x.device).view(1, 256)
-    flat = hi <= lo
-    lut = ((levels - lo) * 255).div_(torch.where(flat, 1, hi - lo), rounding_mode="floor").clamp_(0, 255)
-    return _lookup(torch.where(flat, levels, lut).to(torch.uint8), x)
-
-
-def _lookup(lut: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`lut` (n * c, 256) uint8 applied to uint8 x (n, c, H, W): each channel its own table."""
-    n, c = x.shape[:2]
-    return lut.gather(1, x.reshape(n * c, -1).to(torch.int64)).view(x.shape)
-
-
-def _equalize(x: torch.Tensor) -> torch.Tensor:
-    """Pillow's ImageOps.equalize per channel, in integers (histograms by scatter_add: no sync)."""
-    n, c = x.shape[:2]
-    xi = x.to(torch.int64).reshape(n * c, -1)
-    offsets = torch.arange(n * c, device=x.device).view(-1, 1) * 256
-    hist = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device)
-    ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(xi.numel())
-    hist.scatter_add_(0, (xi + offsets).reshape(-1), ones)
-    hist = hist.view(n * c, 256)
-    levels = torch.arange(256, device=x.device)
-    present = hist > 0
-    last = (levels * present).amax(dim=1, keepdim=True)
-    step = (hist.sum(dim=1, keepdim=True) - hist.gather(1, last)) // 255
-    identity = (present.sum(dim=1, keepdim=True) <= 1) | (step == 0)
-    safe = torch.where(identity, torch.ones_like(step), step)
-    lut = ((safe // 2 + hist.cumsum(dim=1) - hist) // safe).clamp_(max=255)
-    lut = torch.where(identity, levels.expand_as(lut), lut)
-    return lut.to(torch.uint8).gather(1, xi).view(x.shape)
-
-
-def _smooth(x: torch.Tensor) -> torch.Tensor:
-    """Pillow's ImageFilter.SMOOTH (3x3, centre 5, the rest 1, divided by 13, rounded) in
-    integers; the border keeps the original pixels, as Pillow's filter does."""
-    out = x.clone()
-    h, w = x.shape[-2:]
-    acc = x[..., 1 : h - 1, 1 : w - 1] * 5
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            if (dy, dx) != (1, 1):
-                acc = acc + x[..., dy : h - 2 + dy, dx : w - 2 + dx]
-    out[..., 1 : h - 1, 1 : w - 1] = _thirteenths(x.device).index_select(0, acc.reshape(-1)).view(acc.shape)
-    return out
-
-
-@functools.cache
-def _thirteenths(device: torch.device) -> torch.Tensor:
-    """floor(acc / 13 + 1/2) for acc in 0 .. 13 * 255: the smoothing's division as a lookup."""
-    return ((2 * torch.arange(13 * 255 + 1, dtype=torch.int32) + 13) // 26).to(device)
-
-
-# -- the geometric ops: Pillow's affine transform in fixed point ----------------------------
-
-_COORD_BITS = 32  # fractional bits of the transform's coefficients
-_TABLE_BITS = 12  # the interpolation table holds 2^12 + 1 fractional positions in [0, 1]
-# its weights, in fixed point: 11 bits keep the sum of 16 taps' products in int32 (Pillow's cubic
-# reaches 1.25 over its positive taps and -0.25 over its negative ones: 255 x 1.25^2 x 2^22 < 2^31)
-_WEIGHT_BITS = 11
-
-
-def _affine(name: str, v: float, w: int, h: int) -> tuple[float, ...]:
-    """Pillow's (a, b, c, d, e, f) for timm's op with argument `v` on a w x h image: output pixel
-    centre (x, y) reads input (a x + b y + c, d x + e y + f). Rotate is Pillow's `rotate` matrix,
-    computed as Pillow computes it."""
-    if name == "Rotate":
-        angle = -math.radians(v % 360.0)
-        cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
-        cx, cy = w / 2, h / 2
-        c = cos * -cx + sin * -cy + 0.0
-        f = -sin * -cx + cos * -cy + 0.0
-        return cos, sin, c + cx, -sin, cos, f + cy
-    if name == "ShearX":
-        return 1.0, v, 0.0, 0.0, 1.0, 0.0
-    if name == "ShearY":
-        return 1.0, 0.0, 0.0, v, 1.0, 0.0
-    if name == "TranslateXRel":
-        return 1.0, 0.0, v * w, 0.0, 1.0, 0.0
-    return 1.0, 0.0, 0.0, 0.0, 1.0, v * h  # TranslateYRel
-
-
-@functools.cache
-def _interpolation_table(interpolation: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """(tap offsets, weights (2^T + 1, taps) int64 summing to 2^W) of Pillow's transform filter at
-    fractional position d = i / 2^T: its bicubic (a = -1, as its BICUBIC macro) or bilinear."""
-    d = np.arange((1 << _TABLE_BITS) + 1) / (1 << _TABLE_BITS)
-    if interpolation == "bicubic":
-        offsets = (-1, 0, 1, 2)
-        w = np.stack([-d + 2 * d**2 - d**3, 1 - 2 * d**2 + d**3, d + d**2 - d**3, -(d**2) + d**3], axis=1)
-    else:
-        offsets = (0, 1)
-        w = np.stack([1 - d, d], axis=1)
-    fixed = np.round(w * (1 << _WEIGHT_BITS)).astype(np.int64)
-    largest = np.abs(fixed).argmax(axis=1)  # so that a flat area stays flat: each row sums to 2^W
-    fixed[np.arange(len(d)), largest] += (1 << _WEIGHT_BITS) - fixed.sum(axis=1)
-    return offsets, fixed
-
-
-def _warp(x: torch.Tensor, name: str, args: list[float], fill, interpolation: str) -> torch.Tensor:
-    """Pillow's affine transform of each sample (timm's Rotate, Shear, Translate): an output pixel
-    whose source lies outside the image gets the fill colour; inside, the filter's taps are clamped
-    to the image's edge and the result truncated, as Pillow's. Coordinates in 32-bit fixed point,
-    the filter read from a table, the taps summed along each row, then down the column: integers
-    throughout (int32 but for the coordinates)."""
-    n, c, h, w = x.shape
-    one = 1 << _COORD_BITS
-    coeffs = []
-    for v in args:
-        a, b, cc, d, e, f = _affine(name, v, w, h)
-        # source = a (xo + 1/2) + b (yo + 1/2) + c: scaled by 2^(bits + 1), over (2 xo + 1)
-        coeffs.append([round(a * one), round(b * one), round(cc * 2 * one), round(d * one), round(e * one),
-                       round(f * 2 * one)])  # fmt: skip
-    m = torch.tensor(coeffs, dtype=torch.int64, device=x.device).view(n, 6, 1, 1)
-    xo = (2 * torch.arange(w, device=x.device) + 1).view(1, 1, w)
-    yo = (2 * torch.arange(h, device=x.device) + 1).view(1, h, 1)
-    sx = m[:, 0] * xo + (m[:, 1] * yo + m[:, 2])  # (n, h, w), source x times 2^(bits + 1)
-    sy = m[:, 3] * xo + (m[:, 4] * yo + m[:, 5])
-    scale = 2 * one
-    inside = (sx >= 0) & (sx < w * scale) & (sy >= 0) & (sy < h * scale)
-    offsets, table = _interpolation_table(interpolation)
-    table = torch.from_numpy(table).to(device=x.device, dtype=torch.int32)
-    shift = _COORD_BITS + 1 - _TABLE_BITS
-
-    def taps(s: torch.Tensor, size: int):
-        s = s - one  # the filter works on pixel centres: source - 1/2
-        i = s >> (_COORD_BITS + 1)  # floor
-        frac = s - (i << (_COORD_BITS + 1))
-        t = (frac + (1 << (shift - 1))) >> shift  # nearest table entry, 0 .. 2^T
-        weights = table[t].view(-1, len(offsets)).T.contiguous()  # (taps, n h w)
-        return [(i + o).clamp_(0, size - 1).view(-1) for o in offsets], weights
-
-    cols, wx = taps(sx, w)  # per output pixel: its taps' columns and (taps, n h w) weights
-    rows, wy = taps(sy, h)
-    planes = x.transpose(0, 1).reshape(-1)  # channel by channel, each sample's pixels in turn
-    size = n * h * w
-    base = (torch.arange(c, device=x.device).view(c, 1) * size) + (
-        torch.arange(n, device=x.device) * (h * w)
-    ).repeat_interleave(h * w)  # (c, n h w): where a channel's pixel of a sample starts
-    acc = torch.zeros((c, size), dtype=torch.int32, device=x.device)
-    for j, row in enumerate(rows):
-        start = base + row * w
-        line = torch.zeros_like(acc)
-        for k, col in enumerate(cols):  # along the row
-            line += planes.take(start + col).to(torch.int32) * wx[k]
-        acc += line * wy[j]  # down the column
-    value = (acc >> (2 * _WEIGHT_BITS)).clamp_(0, 255).to(torch.uint8)
-    value = value.view(c, n, h, w).transpose(0, 1)
-    fill = torch.tensor(fill, dtype=torch.uint8, device=x.device).view(1, c, 1, 1)
-    return torch.where(inside.unsqueeze(1), value, fill).contiguous()
-
-
-# -- erasing noise: a counter-based hash, the same on every device -------------------------
-
-_MASK32 = 0xFFFFFFFF
-_NORMAL_BITS = 16
-_normal_tables: dict[torch.device, torch.Tensor] = {}
-
-
-def _normal_table(device: torch.device) -> torch.Tensor:
-    """Inverse normal CDF at the centres of 2^16 equal bins: float32, computed once in float64."""
-    if device not in _normal_tables:
-        from statistics import NormalDist
-
-        n = 1 << _NORMAL_BITS
-        inv = NormalDist().inv_cdf
-        table = torch.tensor([inv((i + 0.5) / n) for i in range(n)], dtype=torch.float64).float()
-        _normal_tables[device] = table.to(device)
-    return _normal_tables[device]
-
-
-def _mix32(v: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash in int64 arithmetic that never overflows (multipliers < 2^31)."""
-    v = v ^ (v >> 16)
-    v = (v * 0x45D9F3B) & _MASK32
-    v = v ^ (v >> 16)
-    v = (v * 0x45D9F3B) & _MASK32
-    return v ^ (v >> 16)
-
-
-def hash_normal(key: int, shape: tuple[int, ...], device) -> torch.Tensor:
-    """Standard-normal noise that is a function of (key, element index) only."""
-    device = torch.device(device)
-    count = math.prod(shape)
-    k1, k2 = key & _MASK32, (key >> 32) & _MASK32
-    v = torch.arange(count, dtype=torch.int64, device=device)
-    v = _mix32(_mix32(v ^ k1) ^ k2)
-    return _normal_table(device)[v >> (32 - _NORMAL_BITS)].view(shape)
+    """One RandAugment op on every sample of uint8 `x` (n, 3, S, S), one argument each (for tests
+    and benchmarks: the render runs the families through `randaugment`)."""
+    n = len(x)
+    on = {"device": x.device}
+    if name in LUT_CODES:
+        code = torch.full((n,), LUT_CODES[name], **on)
+        return lut_ops(x, code, torch.tensor([lut_argument(name, a) for a in args], **on))
+    if name in BLEND_CODES:
+        factor = torch.tensor([blend_factor(a) for a in args], **on)
+        return blend_ops(x, torch.full((n,), BLEND_CODES[name], **on), factor[:, 0], factor[:, 1])
+    coeffs = torch.tensor([warp_coefficients(name, a, x.shape[-1]) for a in args], dtype=torch.int64, **on)
+    return warp(x, coeffs, torch.tensor(fill, dtype=torch.uint8, **on), interpolation)

@@ -44,7 +44,7 @@ from .decode import decode_image
 from .index import SplitIndex
 from .manifest import Manifest, cut_short
 from .members import IMAGE_KEYS, OpenFiles
-from .render import is_jpeg, render_batch, render_prepared
+from .render import BatchPlan, is_jpeg, render_batch, render_prepared
 from .schedule import RepeatSchedule
 
 log = logging.getLogger(__name__)
@@ -387,7 +387,7 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(f"no readable sample in the shards of rank {self.rank} worker {worker}")
             while len(batch) < size:  # skipped samples: keep the batch count, reuse a good sample
                 batch.append(last)
-            yield collate(batch, skipped=skips.count - reported)
+            yield collate(batch, skipped=skips.count - reported, policy=self.policy)
         files.close()
 
     def _decoded(self, stream, skips: SkipCounter):
@@ -410,12 +410,12 @@ class ShardStream(IterableDataset):
                 yield eval_view(image, self.policy), raw.label, raw.key, -1
 
 
-def collate(items: list, skipped: int = 0) -> dict:
+def collate(items: list, skipped: int = 0, policy: AugmentPolicy | None = None) -> dict:
     xs, labels, keys, seeds = zip(*items)
     if isinstance(xs[0], tuple):  # (uint8 crop or JPEG bytes, params) to render on the device: `rendered`
         sources, params = zip(*xs)
-        if all(isinstance(s, torch.Tensor) for s in sources):
-            pixels = {"crops": torch.stack(sources), "params": list(params)}  # one buffer through the loader
+        if all(isinstance(s, torch.Tensor) for s in sources):  # two buffers through the loader, one copy each
+            pixels = {"crops": torch.stack(sources), "plan": BatchPlan.build(list(params), policy)}
         else:
             pixels = {"sources": list(sources), "params": list(params)}
     else:
@@ -436,7 +436,7 @@ def rendered(batch: dict, policy: AugmentPolicy, device: torch.device) -> torch.
     if "image" in batch:
         return batch["image"].to(device, non_blocking=True)
     if "crops" in batch:
-        return render_batch(batch["crops"], batch["params"], policy, device)
+        return render_batch(batch["crops"], batch["plan"], policy, device)
     return render_prepared(list(zip(batch["sources"], batch["params"])), policy, device)
 
 

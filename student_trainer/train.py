@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from distill_core import atomic_save, autocast, load_training_checkpoint, save_weights, usable_cpus
 from shards import AugmentPolicy, Manifest
+from shards.feeder import Feeder
 from shards.stream import rendered
 from teacher_service.teacher import Teacher
 
@@ -294,17 +295,18 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
     images = n_steps = 0
     first_step_done = None  # (time, images) after the first step: the steady-state clock starts there
     t0 = time.perf_counter()
+    # batch k+1 is copied and rendered on a stream of its own while batch k trains (on CUDA)
+    feed = Feeder(run.loader, lambda b: (rendered(b, run.policy, device), b["label"].to(device, non_blocking=True)),
+                  device)  # fmt: skip
     bar = tqdm(
-        run.loader,
+        feed,
         total=run.steps_per_epoch,
         desc=f"epoch {epoch}",
         disable=not (run.main and cfg.progress),
         unit="batch",
         leave=False,
     )
-    for batch in bar:
-        x = rendered(batch, run.policy, device)
-        y = batch["label"].to(device, non_blocking=True)
+    for batch, (x, y) in bar:
         run.counts["skipped_samples"] += batch["skipped"]
         for k, v in batch.get("label_stats", {}).items():
             run.counts[k] += v
@@ -342,6 +344,7 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
         if max_steps and step >= max_steps:
             break
+    feed.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()

@@ -56,7 +56,7 @@ from distill_core.process import exit_with_parent
 from shards import AugmentPolicy, augment, decode_image, prepare
 from shards.augment import prepare_encoded
 from shards.members import Member, OpenFiles
-from shards.render import check_device, crops_on_device, is_jpeg, render_batch
+from shards.render import BatchPlan, check_device, crops_on_device, is_jpeg, render_batch
 
 from .batcher import Batch, Batcher, Pending
 from .metrics import Metrics
@@ -201,6 +201,7 @@ class LabelEngine:
         dtype = torch.uint8 if self.render_on_device else torch.float32
         self._buffers = [torch.empty(shape, dtype=dtype).share_memory_() for _ in range(config.buffers)]
         self._pinned: list[int] = []
+        self._render_stream = None  # CUDA: where a device render runs (see _rendered)
         self._cond = threading.Condition()  # guards the batcher and every field below
         self._batcher = Batcher(
             config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.buffers, config.workers
@@ -226,6 +227,8 @@ class LabelEngine:
         """Start the workers and wait until each has built its transform, then the threads."""
         if self.teacher.device.type == "cuda":
             self._pin_buffers()
+            if self.render_on_device:
+                self._render_stream = torch.cuda.Stream(self.teacher.device)
         else:  # the workers have cores of their own; oversubscribing them slows both sides
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.config.teacher_threads or max(1, usable_cpus() - self.config.workers))
@@ -455,13 +458,32 @@ class LabelEngine:
             if b is not None:
                 t0 = time.perf_counter()
                 try:
-                    launched = (b, self.teacher.launch(self._pixels(b), self.fmt.topk), t0)
+                    launched = (b, self.teacher.launch(self._rendered(b), self.fmt.topk), t0)
                 except Exception as e:
                     self._fail(EngineError(f"teacher failed on a batch of {b.n}: {e!r}"))
                     return
             if inflight is not None:
                 self._finish(*inflight)
             inflight = launched
+
+    def _rendered(self, b: Batch) -> torch.Tensor:
+        """The batch's crops for the teacher. On CUDA a device render runs on a stream of its own
+        (the next batch renders while this one's forward runs) and the forward's stream waits
+        for it on the device, not the host. A compiled teacher sees one shape: the batch padded
+        to `max_batch_size` (the padding's labels are never used)."""
+        if self._render_stream is None:
+            x = self._pixels(b)
+        else:
+            with torch.cuda.stream(self._render_stream):
+                x = self._pixels(b)
+                ready = torch.cuda.Event()
+                ready.record(self._render_stream)
+            compute = torch.cuda.current_stream(self.teacher.device)
+            compute.wait_event(ready)
+            x.record_stream(compute)
+        if self.teacher.compiled and len(x) < self.config.max_batch_size:
+            x = torch.cat([x, x.new_zeros((self.config.max_batch_size - len(x), *x.shape[1:]))])
+        return x
 
     def _pixels(self, b: Batch) -> torch.Tensor:
         """The batch's crops: the workers' shared buffer, or rendered on the device here from the
@@ -478,13 +500,13 @@ class LabelEngine:
             if item is None:
                 items[i] = items[good]
                 buf[i].copy_(buf[good])
-        params = [p for _, p in items]
+        plan = BatchPlan.build([p for _, p in items], self.policy)
         b.prepared.clear()  # the JPEG bytes go now, not when the batch object goes
         device = self.teacher.device
         if all(source is None for source, _ in items):
-            return render_batch(buf[: b.n].to(device, non_blocking=True), params, self.policy, device)
+            return render_batch(buf[: b.n], plan, self.policy, device)
         prepared = [(source if source is not None else buf[i], p) for i, (source, p) in enumerate(items)]
-        return render_batch(crops_on_device(prepared, self.policy, device), params, self.policy, device)
+        return render_batch(crops_on_device(prepared, self.policy, device), plan, self.policy, device)
 
     def _finish(self, b: Batch, pending: PendingPrediction, t0: float) -> None:
         try:
@@ -602,7 +624,8 @@ def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done, mod
     torch.set_num_threads(1)
     exit_with_parent()
     policy = AugmentPolicy.from_json(policy_json)
-    policy.train_transform()
+    if mode == "augment":
+        policy.train_transform()  # built before "ready"; the other modes need no timm at all
     files = OpenFiles()
     done.put(("ready", os.getpid()))
     while (task := tasks.get()) is not None:

@@ -117,13 +117,23 @@ def precompute(
     progress: bool = True,
     verify: bool = True,
     epochs: int | None = None,
+    startup: dict | None = None,
 ) -> dict:
     """Label every (image, seed) of this node's shards; returns the summary, whose `ok` is False
     when any label could not be made (a shard that does not match its manifest entry, a shard cut
     short, an unreadable image): those labels are counted in `labels_skipped`, never as done.
     Several teachers (one per device, the same weights): one engine each, fed by queue depth.
     `seeds`: one range for every image, or a RepeatSchedule with `epochs`: each image's seeds
-    for a run of that many epochs (about epochs x N labels with DeiT's schedule)."""
+    for a run of that many epochs (about epochs x N labels with DeiT's schedule). `startup`: seconds
+    of start-up the caller spent (the teachers' loading), reported with the job's own phases."""
+    t0 = time.perf_counter()
+    phases = dict(startup or {})
+
+    def phase(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - since, 3)
+        return now
+
     teachers = teacher if isinstance(teacher, list) else [teacher]
     teacher = teachers[0]
     if len({t.teacher_id for t in teachers}) != 1:
@@ -153,10 +163,14 @@ def precompute(
             return split_shards[shard].samples * len(seeds)
 
     # creates the namespace (serving at least these seeds) before the engine's writer opens it
+    at = time.perf_counter()
     store = open_store(store_url, ns, seed_limit=seed_limit)
+    at = phase("store", at)
     fingerprint = claim_fingerprint(store, directory, policy, [t.device for t in teachers], split, "precompute")
+    at = phase("fingerprint", at)
     # where each image is; shards without an index are walked by their tar headers, one by one
     index = SplitIndex.open(directory, split, manifest) if split in manifest.indexes else None
+    at = phase("index", at)
     if index is None:
         log.warning("split %s has no member index: reading tar headers (`python -m shards index %s`)", split, directory)
     mine = node_shards([s.name for s in split_shards], node_rank, num_nodes)
@@ -172,7 +186,6 @@ def precompute(
     )
     totals = {"images": 0, "present": 0, "skipped": 0}
     damaged: list[str] = []
-    t0 = time.perf_counter()
     with tqdm(
         total=sum(labels_in(index_of[name]) for name in mine),
         desc=f"precompute node {node_rank}/{num_nodes}",
@@ -182,10 +195,12 @@ def precompute(
     ) as bar:
         tally = _Tally(bar)
         with contextlib.ExitStack() as stack:
+            at = time.perf_counter()
             engines = [
                 stack.enter_context(LabelEngine(t, policy, fmt, config, store_url=store_url, namespace=ns))
                 for t in teachers
             ]
+            phase("spawn", at)  # the engines' workers started, their buffers page-locked
 
             def feed(group: list) -> None:
                 """group: (key, member, seeds) per image; one store lookup for all their pairs."""
@@ -206,7 +221,9 @@ def precompute(
             for name in mine:
                 shard, s = info[name], index_of[name]
                 totals["images"] += shard.samples
+                at = time.perf_counter()
                 problem = verify_shard(directory, shard) if verify else None
+                phase("verify", at)
                 if problem:  # its images may not be the ones the keys name: label none of them
                     log.error("%s; its %d images are not labeled", problem, shard.samples)
                     damaged.append(name)
@@ -242,6 +259,8 @@ def precompute(
     first = tally.first
     # steady: from the first stored answer to the last, without start-up and shut-down
     steady = (tally.computed - first[1]) / (tally.last - first[0]) if first and tally.computed > first[1] else None
+    if first:
+        phases["first_label"] = round(first[0] - t0, 3)  # from the call, the phases above included
     store.close()
     return {
         "store": redact(store_url),
@@ -270,6 +289,9 @@ def precompute(
         "seconds": round(dt, 3),
         "labels_per_s": round(tally.computed / dt, 1) if dt else None,
         "steady_labels_per_s": round(steady, 1) if steady else None,
+        # seconds: model (the teachers' loading), store, fingerprint, index, spawn (the engines),
+        # verify (every shard's sha256, as it is reached), first_label (from the start)
+        "startup_s": phases,
     }
 
 
@@ -340,11 +362,13 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
         seeds = RepeatSchedule(tuple(s.samples for s in split), cfg.repeated_aug, cfg.repeat_mode)
     else:
         seeds = parse_seeds(cfg.seeds)
+    t0 = time.perf_counter()
+    teachers = [Teacher(cfg.teacher, device=d) for d in (engine_devices(cfg.devices) if cfg.devices else [cfg.device])]
     summary = precompute(
         cfg.shards,
         seeds,
         cfg.store,
-        [Teacher(cfg.teacher, device=d) for d in (engine_devices(cfg.devices) if cfg.devices else [cfg.device])],
+        teachers,
         split=cfg.split,
         fmt=RecordFormat.parse(cfg.format),
         policy_overrides=policy_overrides(cfg.policy, cfg.renderer, cfg.decoder),
@@ -355,6 +379,7 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
         progress=cfg.progress,
         verify=cfg.verify,
         epochs=cfg.epochs,
+        startup={"model": round(time.perf_counter() - t0, 3)},
     )
     return summary, 0 if summary["ok"] else 1
 

@@ -44,6 +44,11 @@ class TeacherSettings(BaseModel):
     )
     amp: Literal["auto", "bf16", "fp16", "none"] = Field("auto", description="autocast on CUDA (auto: bf16)")
     channels_last: bool = Field(True, description="channels-last memory format (faster convnets on GPUs)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the teacher, once per process (the label engine then pads every batch to "
+        "its --max-batch-size, so that the compiled model sees one shape)",
+    )
 
     def check_source(self) -> None:
         if sum([bool(self.checkpoint), self.pretrained, self.random_init]) != 1:
@@ -108,11 +113,16 @@ class Teacher:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._copy_stream = None  # created on first use: CUDA streams do not survive a fork
+        self.compiled = False
+        if cfg.compile:
+            self.compile()
         log.info("teacher %s on %s (%d classes)", self.teacher_id, self.device, self.num_classes)
 
     def compile(self) -> Teacher:
-        """torch.compile the forward (the weights, and so the teacher id, are unchanged)."""
-        self.model = torch.compile(self.model)
+        """torch.compile the forward, once (the weights, and so the teacher id, are unchanged)."""
+        if not self.compiled:
+            self.model = torch.compile(self.model)
+            self.compiled = True
         return self
 
     def namespace(self, policy_id: str, fmt: RecordFormat, classes: list[str] | None = None) -> Namespace:

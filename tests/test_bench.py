@@ -1,6 +1,8 @@
-"""The scale and store benchmarks, bounded: they run, and what they measure holds together."""
+"""The benchmarks, bounded: they run, and what they measure holds together."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from conftest import PY, ROOT, last_json, run_step
@@ -54,3 +56,21 @@ def test_bench_render_ops_compares_every_part_of_the_render():
     rows = ["resize_gather", "resize_matmul", *INCREASING_OPS, "normalize_and_erase", "render_batch"]
     assert all(s[r] == {"max": 0.0, "differ": 0.0} for r in rows), s
     assert s["all_zero"] is True and s["crops"] == 8
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_every_part_on_a_cpu():
+    """bench/gpu.py's orchestration (`--device cpu --smoke`: tiny sizes, figures meaningless), so a
+    lent GPU's minutes are not lost to a broken script: every part runs and prints its line as it
+    ends, and the summary states every target, met or not."""
+    argv = [PY, BENCH / "gpu.py", "--device", "cpu", "--smoke"]
+    out = run_step(argv, "bench/gpu.py --smoke on a CPU", 210, cwd=BENCH).stdout
+    lines = [json.loads(line) for line in out.splitlines()]
+    parts = [line["part"] for line in lines]
+    assert parts == ["start", "data", "render_ops", "render", "models", "teacher_torch", "teacher_pil",
+                     "train_torch_w12", "train_torch_w4", "train_pil_w12", "summary"]  # fmt: skip
+    summary = lines[-1]
+    assert summary["failures"] == {}
+    assert all(t["value"] is not None and t["met"] in (True, False) for t in summary["targets"].values())
+    targets = summary["targets"]
+    assert targets["render_ops_all_zero"]["met"] and targets["device_renders_the_cpus_crops"]["met"]

@@ -93,6 +93,57 @@ def test_torch_renderer_crops_are_the_same_rendered_in_workers_or_on_the_device(
     assert (torch.from_numpy(res.classes[:16, 0]) == c).all()
 
 
+@pytest.mark.parametrize("render", ["workers", "device"])
+def test_a_compiled_teacher_sees_one_batch_shape(teacher, members, demo_shards, tmp_path, monkeypatch, render):
+    """With a compiled teacher every batch is padded to max_batch_size (one shape: no recompiles);
+    the padding's labels are never answered. (The teacher is not compiled here: what the engine
+    gives it is what is checked.)"""
+    engine, _, _, policy = make_engine(teacher, demo_shards, tmp_path, renderer="torch", render=render)
+    shapes = []
+    launch = teacher.launch
+
+    def recording(x, topk=1):
+        shapes.append(tuple(x.shape))
+        return launch(x, topk)
+
+    monkeypatch.setattr(teacher, "compiled", True)
+    monkeypatch.setattr(teacher, "launch", recording)
+    jobs = [Job(member, key, (0, 1, 2)) for key, member in members[:3]]  # 9 crops: a full batch, then 1
+    with engine:
+        res = wait_result(engine, jobs)
+    assert shapes and set(shapes) == {(8, 3, 32, 32)}
+    x = torch.stack([augment(decode_image(m.read()), k, s, policy) for k, m in members[:3] for s in range(3)])
+    assert (torch.from_numpy(res.classes[:, 0]) == teacher.logits(x).argmax(-1)).all() and res.errors == [None] * 9
+
+
+def test_workers_that_prepare_for_the_device_import_no_timm(demo_shards, tmp_path):
+    """A worker that cuts crops for the device (or leaves JPEGs encoded) builds no timm transform:
+    in its own process, after a task, timm is not even imported; it wrote the task's uint8 crops."""
+    import json
+    import subprocess
+    import sys
+
+    policy = Manifest.load(demo_shards).policy("torch").to_json()
+    code = f"""
+import json, queue, sys, torch
+from shards.index import SplitIndex
+from teacher_service.engine import _worker_main
+index = SplitIndex.load({str(demo_shards)!r}, "train")
+entries = [(index.member(r), index.key(r), [(0, 2 * r), (1, 2 * r + 1)]) for r in range(4)]
+buffers = [torch.zeros((8, 3, 32, 32), dtype=torch.uint8)]
+tasks, done = queue.Queue(), queue.Queue()
+tasks.put((0, entries)); tasks.put(None)
+_worker_main(buffers, {policy!r}, tasks, done, "prepare")
+done.get()  # ready
+bid, errors, prepared = done.get()
+print(json.dumps({{"timm": "timm" in sys.modules, "prepared": sorted(prepared), "errors": errors,
+                  "written": int((buffers[0].flatten(1) > 0).any(1).sum())}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"timm": False, "prepared": list(range(8)), "errors": {}, "written": 8}, out.stderr[-2000:]
+
+
 def test_engine_refuses_a_full_queue_before_any_work(teacher, members, demo_shards, tmp_path):
     """A full queue refuses work before any of it starts, with a short Retry-After right after
     start (reliability case 5: no rate measured yet); work larger than the whole queue is refused

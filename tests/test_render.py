@@ -16,8 +16,8 @@ from PIL import Image
 
 from shards import AugmentPolicy, augment
 from shards.augment import prepare, prepare_encoded
+from shards.pixel_ops import GEOMETRIC_OPS, hash_normal
 from shards.render import (
-    GEOMETRIC_OPS,
     INCREASING_OPS,
     _resized_crop_box,
     apply_op,
@@ -25,7 +25,6 @@ from shards.render import (
     crops_on_device,
     decode_on_device,
     draw_params,
-    hash_normal,
     randaugment,
     render_batch,
     render_prepared,
@@ -87,7 +86,7 @@ def test_a_crop_does_not_depend_on_its_batch_position_or_threads(photos):
         torch.set_num_threads(threads)
     # and the ops were exercised: geometric, colour and erasing in this set
     drawn = {name for _, p in prepared for name, _ in p.ops}
-    assert drawn & GEOMETRIC_OPS
+    assert drawn & set(GEOMETRIC_OPS)
     assert len(drawn) >= 6 and any(p.erase for _, p in prepared)
 
 
@@ -224,7 +223,7 @@ def test_each_op_renders_what_pil_renders(photos, name, arg, interpolation, leve
 def test_blends_are_exactly_the_truncated_blend_with_pillows_float32_factor(photos, name):
     """The integer blend is floor(a + f (b - a)) for Pillow's float32 factor f, computed exactly
     (float64 holds these products exactly): no rounding anywhere, for factors across the range."""
-    from shards.render import _luma
+    from shards.pixel_ops import _luma
 
     im = photos[0].resize((48, 48), Image.BICUBIC)
     x = to_uint8_chw(im).unsqueeze(0)
@@ -253,7 +252,7 @@ def test_the_render_does_no_floating_point_arithmetic(photos):
         "zeros_like", "full", "fill_", "view", "_unsafe_view", "reshape", "expand", "slice", "select", "unsqueeze",
         "squeeze", "permute", "stack", "cat", "index_put_", "lift_fresh", "detach", "alias", "as_strided", "t",
         "unbind", "split", "contiguous", "new_empty", "empty_like", "where", "scalar_tensor", "_local_scalar_dense",
-        "transpose",
+        "transpose", "index_copy_", "index_copy",
     }  # fmt: skip
     floats: list[str] = []
 
@@ -278,6 +277,86 @@ def test_the_render_does_no_floating_point_arithmetic(photos):
         resize_u8(crops[0], 50, "bicubic", "gather")
     assert x.dtype == torch.float32
     assert not floats, sorted(set(floats))
+
+
+def _every_family(prepared: list, n: int, start: int) -> list:
+    """n prepared crops from `start` on, among them two rows of every op family in every layer and
+    of every erasing slot, so that no family of the batch is empty."""
+    from shards.pixel_ops import BLEND_CODES, LUT_CODES
+
+    def kind(name: str) -> str:
+        return "lut" if name in LUT_CODES else "blend" if name in BLEND_CODES else "warp"
+
+    def families(p) -> set:
+        drawn = {(layer, kind(name)) for layer, (name, _) in enumerate(p.ops)}
+        return drawn | {("erase", s) for s in range(len(p.erase))}
+
+    wanted = {(layer, f) for layer in range(2) for f in ("lut", "blend", "warp")} | {("erase", 0)}
+    counts = dict.fromkeys(wanted, 0)
+    chosen, rest = [], []
+    for item in prepared[start:] + prepared[:start]:
+        useful = any(counts[k] < 2 for k in families(item[1]) & wanted)
+        (chosen if useful and len(chosen) < n else rest).append(item)
+        for k in families(item[1]) & wanted if useful else ():
+            counts[k] += 1
+    assert all(c >= 2 for c in counts.values()), counts
+    return (chosen + rest)[:n]
+
+
+@pytest.mark.unit
+def test_the_render_has_no_host_sync_and_launches_what_it_launches_whatever_the_batch(photos, monkeypatch):
+    """The render on the meta device, which holds no data (an op that needs a value on the host
+    cannot run there): the same operations, in the same order, for a batch of 16 and one of 128
+    and for two batches that drew different ops; no sync-prone operation; and the crops and the
+    plan are its only copies from the host. (On a CPU a render skips the families no row drew.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from shards.render import BatchPlan
+
+    syncing = {"_local_scalar_dense", "item", "nonzero", "bincount", "unique", "_unique2", "masked_select"}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.uploads = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.append(func.overloadpacket.__name__)
+            inputs = [a for a in args if isinstance(a, torch.Tensor)]
+            outputs = out if isinstance(out, tuple | list) else [out]
+            on_host = any(t.device.type == "cpu" for t in inputs)
+            if on_host and any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in outputs):
+                self.uploads += 1
+            return out
+
+    prepared = [prepare(photos[i % 2], f"k{i}", i, TORCH) for i in range(400)]
+    to_device = []  # torch.tensor(host data, device=...) is an upload no dispatched op shows
+
+    def watch(make):
+        def made(*args, device=None, **kw):
+            if device is not None and torch.device(device).type != "cpu":
+                to_device.append(make.__name__)
+            return make(*args, device=device, **kw)
+
+        return made
+
+    runs = []
+    for n, start in ((16, 0), (128, 0), (16, 200)):
+        batch = _every_family(prepared, n, start)
+        crops = torch.stack([c for c, _ in batch])
+        plan = BatchPlan.build([p for _, p in batch], TORCH)
+        render_batch(crops, plan, TORCH, "meta")  # the tables: built once per device
+        with monkeypatch.context() as m, Record() as record:
+            m.setattr(torch, "tensor", watch(torch.tensor))
+            m.setattr(torch, "as_tensor", watch(torch.as_tensor))
+            out = render_batch(crops, plan, TORCH, "meta")
+        assert not to_device, to_device
+        assert out.shape == (n, 3, 64, 64) and out.device.type == "meta"
+        assert not syncing & set(record.ops), syncing & set(record.ops)
+        assert record.uploads == 2, record.uploads  # the crops and the plan
+        runs.append(record.ops)
+    assert runs[0] == runs[1] == runs[2]
 
 
 @pytest.mark.unit

@@ -137,8 +137,8 @@ def test_a_stream_rendering_on_the_device_gives_the_workers_crops(demo_shards):
     loaders = [torch.utils.data.DataLoader(s, batch_size=None, num_workers=1) for s in streams]
     n = 0
     for in_workers, to_render in zip(*loaders, strict=True):
-        assert "image" not in to_render and to_render["crops"].shape == (len(to_render["params"]), 3, 32, 32)
-        assert to_render["crops"].dtype == torch.uint8
+        assert "image" not in to_render and to_render["crops"].shape == (to_render["plan"].size, 3, 32, 32)
+        assert to_render["crops"].dtype == torch.uint8 and to_render["plan"].packed.dtype == torch.int64
         assert to_render["key"] == in_workers["key"] and torch.equal(to_render["seed"], in_workers["seed"])
         assert torch.equal(rendered(to_render, policy, torch.device("cpu")), in_workers["image"])
         n += 1

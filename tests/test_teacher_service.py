@@ -89,8 +89,12 @@ def test_precompute_service_and_teacher_agree(service, demo_shards, tiny_teacher
     store = tmp_path / "pre.db"
     summary = last_json(run_precompute(demo_shards, "7:9", store, tiny_teacher).stdout)
     assert summary["labels_computed"] == 1437 * 2
+    phases = summary["startup_s"]  # start-up reported by phase, apart from the steady rate
+    assert set(phases) == {"model", "store", "fingerprint", "index", "spawn", "verify", "first_label"}
+    assert phases["first_label"] >= phases["spawn"] > 0 and summary["steady_labels_per_s"] > 0
     info = service["client"].info()
     assert summary["namespace"] == info["namespace"]
+    assert info["fingerprint"]["sha256"] == summary["fingerprint"]  # the service and precompute render alike
     samples = some_samples(demo_shards, 10)
     keys = [r.key for r in samples]
     with open_existing(str(store)) as st:
