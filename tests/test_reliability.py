@@ -20,6 +20,7 @@ from conftest import (
     flip_bit,
     flip_tar_header_bit,
     last_json,
+    precompute_argv,
     require_redis_server,
     run_cli,
     run_precompute,
@@ -51,12 +52,19 @@ def wait_for_epochs(out, n: int, proc) -> None:
     wait_until(f"trainer: {n} epochs in metrics.jsonl", 6 + 3 * n, written)
 
 
-def test_redis_password_never_in_answers_or_logs(demo_shards, tiny_teacher, tmp_path):
+@pytest.mark.parametrize("form", ["netloc", "query"])
+def test_redis_password_never_in_answers_or_logs(demo_shards, tiny_teacher, tmp_path, form):
+    """In front of the host (redis://:pw@host) or as a query parameter (redis://host/9?password=pw,
+    which redis-py accepts too, and which was shown in full): masked in every answer, log line,
+    summary and error."""
     require_redis_server()
     password = "hunter2-Sup3rSecret"
     redis = RedisServer(tmp_path, password=password).start()
     log = tmp_path / "service.log"
     url = redis.url.replace("/0", "/9")
+    if form == "query":
+        url = f"redis://127.0.0.1:{redis.port}/9?password={password}"
+    masked = "***@127.0.0.1" if form == "netloc" else "password=***"
     proc, base = start_service(tiny_teacher, demo_shards, None, log, env={"DISTILL_STORE": url})
     try:
         assert httpx.get(base + "/readyz").status_code == 200
@@ -68,14 +76,19 @@ def test_redis_password_never_in_answers_or_logs(demo_shards, tiny_teacher, tmp_
         ]
         for r in answers:
             assert r.status_code == 503, r.text
-            assert password not in r.text and "***@127.0.0.1" in r.text, r.text
+            assert password not in r.text and masked in r.text, r.text
     finally:
         proc.terminate()
         wait_exit(proc, "serve stops on SIGTERM", 3)
     assert password not in log.read_text()
     # the CLIs' summaries and errors name the store without its password too
-    r = run_cli("teacher_service", "labels", "stats", url, check=False)
-    assert r.returncode == 2 and password not in r.stderr + r.stdout and "***@" in r.stderr
+    for argv in (
+        ("labels", "stats", url),
+        ("labels", "export", url, tmp_path / "x.npz"),
+        precompute_argv(demo_shards, "0:1", url, tiny_teacher)[3:],
+    ):
+        r = run_cli("teacher_service", *argv, check=False)
+        assert r.returncode == 2 and password not in r.stderr + r.stdout and masked in r.stderr, r.stderr[-800:]
 
 
 def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, tiny_teacher, tmp_path):
