@@ -254,7 +254,7 @@ class LabelEngine:
             ("writer", self._write),
             ("monitor", self._monitor),
         ):
-            t = threading.Thread(target=target, name=f"engine-{name}", daemon=True)
+            t = threading.Thread(target=self._guarded(name, target), name=f"engine-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info(
@@ -265,6 +265,20 @@ class LabelEngine:
             self.config.buffers,
         )
         return self
+
+    def _guarded(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        """A thread's body: whatever it raises fails the engine (every waiting request gets the
+        error, new work is refused, the service's engine process exits for its supervisor), never
+        a thread that is gone while the others wait for it."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as e:
+                log.exception("label engine: its %s thread failed", name)
+                self._fail(EngineError(f"label engine's {name} thread failed: {type(e).__name__}: {e}"))
+
+        return run
 
     def _worker_mode(self) -> str:
         """What a worker does with an image: "augment" it, "prepare" it for the device (decode,
@@ -511,6 +525,7 @@ class LabelEngine:
     def _finish(self, b: Batch, pending: PendingPrediction, t0: float) -> None:
         try:
             classes, probs = pending.result()
+            classes, probs = classes.numpy(), probs.numpy()
         except Exception as e:
             self._fail(EngineError(f"teacher failed on a batch of {b.n}: {e!r}"))
             return
@@ -529,7 +544,7 @@ class LabelEngine:
             self._rate = inst if not self._rate else 0.8 * self._rate + 0.2 * inst
         self._last_finish = now
         with self._cond:
-            self._writes.append((b, classes.numpy(), probs.numpy()))
+            self._writes.append((b, classes, probs))
             self._batcher.release(b.bid)
             self._cond.notify_all()
 
@@ -590,10 +605,13 @@ class LabelEngine:
             with self._cond:
                 if self._cond.wait_for(lambda: self._failed is not None, timeout=1.0):
                     return
-            dead = [p for p in self._workers if p.exitcode is not None]
+            dead = self._dead_workers()
             if dead:
                 self._fail(EngineError(f"augmentation worker {dead[0].name} died (exit code {dead[0].exitcode})"))
                 return
+
+    def _dead_workers(self) -> list:
+        return [p for p in self._workers if p.exitcode is not None]
 
     def _fail(self, error: EngineError, stopping: bool = False) -> None:
         with self._cond:

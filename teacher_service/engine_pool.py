@@ -22,12 +22,21 @@ def engine_devices(devices: str) -> list[str]:
     """'auto': one engine per visible GPU, else one on the CPU; or a comma list (cuda:0,cuda:1)."""
     import torch
 
+    from .teacher import pick_device
+
     if devices == "auto":
         n = torch.cuda.device_count()
         return [f"cuda:{i}" for i in range(n)] or ["cpu"]
-    out = [d.strip() for d in devices.split(",") if d.strip()]
-    if not out:
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    if not names:
         raise ValueError("--devices must name at least one device")
+    out = [str(pick_device(d)) for d in names]  # checked here, before any engine starts
+    twice = sorted({d for d in out if out.count(d) > 1})
+    if twice:
+        raise ValueError(
+            f"--devices names {', '.join(twice)} more than once: one engine per device (on the CPU, "
+            "--augment-workers and the engine's threads take its cores)"
+        )
     return out
 
 

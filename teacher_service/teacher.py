@@ -68,9 +68,28 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto` (CUDA if there is one, else the CPU), `cpu`, `cuda` or `cuda:N`: a device a teacher
+    can run on here; ValueError for anything else (`meta` holds no data, `cpu:7` names nothing,
+    a GPU that is not there), before any work is accepted."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: {e}") from None
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise ValueError(f"device {name!r}: there is one CPU device (its cores are the workers' and threads')")
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"device {name!r}: a teacher runs on cpu or cuda[:N], not {device.type}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {name!r}: this machine has no CUDA device")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= count:
+        raise ValueError(f"device {name!r}: this machine has CUDA devices 0..{count - 1}")
+    return torch.device("cuda", index)
 
 
 class Teacher:

@@ -116,6 +116,40 @@ def test_a_compiled_teacher_sees_one_batch_shape(teacher, members, demo_shards, 
     assert (torch.from_numpy(res.classes[:, 0]) == teacher.logits(x).argmax(-1)).all() and res.errors == [None] * 9
 
 
+@pytest.mark.parametrize("thread", ["scheduler", "collector", "inference", "writer", "monitor"])
+def test_an_exception_in_any_engine_thread_fails_the_engine_loudly(teacher, members, demo_shards, tmp_path, thread):
+    """Whatever an engine thread raises, every waiting request gets an EngineError naming it and
+    new work is refused: before, the inference thread died on a teacher result it could not read
+    (`classes.numpy()` outside its `try`) and every request waited forever."""
+    from teacher_service.teacher import PendingPrediction
+
+    engine, _, _, _ = make_engine(teacher, demo_shards, tmp_path)
+
+    def broken(*args, **kwargs):
+        raise OSError(f"injected into the {thread} thread")
+
+    if thread == "inference":  # the teacher answers with something that is not tensors
+        engine.teacher = type("T", (), {"launch": lambda self, x, k: PendingPrediction(None, None, None),
+                                       "device": teacher.device, "compiled": False})()  # fmt: skip
+    elif thread == "scheduler":
+        engine._batcher.fill = broken
+    elif thread == "collector":
+        engine._batcher.owner = type("Owner", (dict,), {"get": broken})()
+    elif thread == "writer":
+        engine._store_and_answer = broken
+    else:
+        engine._dead_workers = broken  # the monitor's look at the workers
+    why = "injected" if thread != "inference" else "teacher failed"
+    with engine:
+        if thread == "monitor":  # it looks once a second, whether or not work is waiting
+            wait_until("the engine fails from its monitor thread", 1.0, lambda: engine.failed is not None)
+        else:
+            with pytest.raises(EngineError, match=why):
+                wait_result(engine, [Job(m, k, (0, 1)) for k, m in members[:2]], measured_s=1)
+        with pytest.raises(EngineError, match=why):  # and it takes no new work
+            engine.submit([Job(members[0][1], members[0][0], (5,))], lambda r: None)
+
+
 def test_workers_that_prepare_for_the_device_import_no_timm(demo_shards, tmp_path):
     """A worker that cuts crops for the device (or leaves JPEGs encoded) builds no timm transform:
     in its own process, after a task, timm is not even imported; it wrote the task's uint8 crops."""

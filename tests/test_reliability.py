@@ -314,3 +314,26 @@ def test_load_below_the_queue_never_fails_and_above_it_only_503s():
     assert above["statuses"].get("503", 0) > 0 and above["non_503_failures"] == 0, above
     assert above["503_without_retry_after"] == 0
     assert s["rss_growth"] < 0.25, s["rss"]
+
+
+def test_devices_that_cannot_run_a_teacher_are_refused_at_start(demo_shards, tiny_teacher, tmp_path):
+    """`--devices meta` started a service that reported ready and hung every miss; `cpu:7` named
+    nothing; `cpu,cpu,cpu,cpu` started four engines (6.4 GB) on one CPU. Each is refused, with
+    the reason, before anything starts."""
+    import torch
+
+    cases = [
+        ("meta", "a teacher runs on cpu or cuda"),
+        ("cpu:7", "there is one CPU device"),
+        ("cpu,cpu,cpu,cpu", "names cpu more than once"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(("cuda:0", "this machine has no CUDA device"))
+    for devices, why in cases:
+        r = run_cli(
+            "teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", demo_shards,
+            "--store", tmp_path / "l.db", "--devices", devices, "--port", "1", check=False, measured_s=8,
+        )  # fmt: skip
+        assert r.returncode == 2 and why in r.stderr, (devices, r.stderr[-1000:])
+    r = run_precompute(demo_shards, "0:1", tmp_path / "p.db", tiny_teacher, "--device", "meta", check=False)
+    assert r.returncode == 2 and "a teacher runs on cpu or cuda" in r.stderr, r.stderr[-1000:]
