@@ -37,6 +37,7 @@ class Pending:
     source: Any
     key: str
     seeds: tuple[int, ...]
+    store: bool = True  # False: answered, never written to the label store (uploads)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Batch:
     slots: list[tuple[Any, int]] = field(default_factory=list)  # (owner, item) per slot
     keys: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    store: list[bool] = field(default_factory=list)  # per slot: its label goes to the store
     errors: dict[int, str] = field(default_factory=dict)
     prepared: dict[int, tuple] = field(default_factory=dict)  # slot -> (region or JPEG, params): device rendering
     outstanding: int = 0  # augmentation tasks not yet done
@@ -93,8 +95,9 @@ class Batcher:
                 self.pending.popleft()
             else:
                 self.pending[0] = Pending(
-                    item.owner, item.first + len(take), item.accepted, item.source, item.key, item.seeds[len(take) :]
-                )
+                    item.owner, item.first + len(take), item.accepted, item.source, item.key, item.seeds[len(take) :],
+                    item.store,
+                )  # fmt: skip
             if not b.slots:
                 b.deadline = item.accepted + self.max_queue_delay_s
             pairs = []
@@ -103,6 +106,7 @@ class Batcher:
                 b.slots.append((item.owner, item.first + i))
                 b.keys.append(item.key)
                 b.seeds.append(seed)
+                b.store.append(item.store)
             entries.append((item.source, item.key, pairs))
             room -= len(take)
         tasks = split_tasks(b.bid, entries, self.workers)

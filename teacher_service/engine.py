@@ -95,11 +95,14 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Job:
-    """One image and the seeds to label it under. `source` is a shard member or encoded bytes."""
+    """One image and the seeds to label it under. `source` is a shard member or encoded bytes.
+    `store`: False answers its labels without writing them to the store (uploads: the service
+    keeps those in a bounded cache of its own, so clients cannot grow the store)."""
 
     source: Member | bytes
     key: str
     seeds: tuple[int, ...]
+    store: bool = True
 
 
 @dataclass
@@ -402,7 +405,7 @@ class LabelEngine:
             self._live.add(req)
             first = 0
             for job in jobs:
-                self._batcher.add(Pending(req, first, req.accepted, job.source, job.key, tuple(job.seeds)))
+                self._batcher.add(Pending(req, first, req.accepted, job.source, job.key, tuple(job.seeds), job.store))
                 first += len(job.seeds)
             self._cond.notify_all()
 
@@ -564,7 +567,7 @@ class LabelEngine:
                 store.close()
 
     def _store_and_answer(self, store, b: Batch, classes: np.ndarray, probs: np.ndarray) -> None:
-        ok = [i for i in range(b.n) if i not in b.errors]
+        ok = [i for i in range(b.n) if i not in b.errors and b.store[i]]
         stored = True
         if store is not None and ok:
             try:

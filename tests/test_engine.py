@@ -275,6 +275,43 @@ def test_label_service_in_process(teacher, demo_shards, tmp_path):
     assert again.cached == 6 and again.labels == first.labels[:6]
 
 
+def test_a_request_computes_each_pair_once_and_uploads_stay_out_of_the_store(teacher, demo_shards, tmp_path):
+    """4,096 identical (key, seed) items computed one crop (they computed 4,096); an upload of
+    4,096 seeds, 1,024 distinct, computes 1,024; uploads are answered but never stored (any client
+    could grow the store), remembered in a bounded cache of the HTTP worker instead."""
+    import io
+
+    from PIL import Image
+
+    engine, store, ns, _ = make_engine(teacher, demo_shards, tmp_path, max_queue_size=4096, max_batch_size=64)
+    index = ShardIndex.load(demo_shards, ["train"])
+    key = next(iter(index.keys()))
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 160, 30)).save(buf, format="PNG")
+    seeds = [i % 1024 for i in range(4096)]
+
+    def crops() -> int:
+        return int(engine.metrics.registry.get_sample_value("distill_inference_count_total", {"device": "cpu"}) or 0)
+
+    async def scenario(svc):
+        same = await svc.label([key] * 4096, [3] * 4096)
+        after_same = crops()
+        upload_key, up = await svc.upload(buf.getvalue(), seeds)
+        after_upload = crops()
+        return same, after_same, upload_key, up, after_upload, (await svc.upload(buf.getvalue(), [0, 1023]))[1]
+
+    with engine, open_store(store, ns) as st:
+        classes = Manifest.load(demo_shards).classes
+        svc = LabelService(st, LocalEngine(engine, classes), index, ns, RecordFormat(), Metrics(), upload_cache=512)
+        same, after_same, upload_key, up, after_upload, again = asyncio.run(scenario(svc))
+        assert after_same == 1 and same.computed == 1 and len(set(same.labels)) == 1 and None not in same.labels
+        assert after_upload == 1 + 1024 and up.computed == 1024 and None not in up.labels
+        assert [up.labels[i] for i in range(1024, 4096)] == [up.labels[i % 1024] for i in range(1024, 4096)]
+        assert not st.get([upload_key] * 3, [0, 1, 2]).present.any()  # nothing of the upload in the store
+        # the cache is bounded: the oldest seed (0) was forgotten and computed again, the newest was not
+        assert len(svc._uploads) == 512 and (again.computed, again.cached) == (1, 1)
+
+
 @pytest.mark.slow
 def test_serve_two_engines_two_http_workers_and_no_orphans_after_kill9(demo_shards, tiny_teacher, tmp_path):
     proc, url = start_service(

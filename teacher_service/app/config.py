@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1, description="largest request body, an upload's (413 beyond, before it is read)"
     )
+    upload_cache: int = Field(
+        65536,
+        ge=0,
+        description="uploads' labels each HTTP worker remembers (least recently used go first); uploads are "
+        "never written to the label store, which any client could otherwise grow",
+    )
     token: Annotated[str | None, NotAFlag()] = Field(
         None, description="bearer token required on /v1 when set: DISTILL_TOKEN (never a flag: ps shows flags)"
     )

@@ -5,13 +5,18 @@
 store's `StoreError`, the engine's `QueueFull` and `EngineError`); routes turn them into status
 codes. Storing computed labels is the engine's job (its writer stores a batch before answering),
 so a label the service returns as computed is already in the store unless the store failed.
+
+Work is deduplicated within a request: the same (key, seed) asked twice is computed once and
+answered twice. Uploads are labeled but never stored in the label store (any client could grow it
+without bound): their labels live in a bounded LRU cache of each HTTP worker (`upload_cache`).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
@@ -46,6 +51,8 @@ class LabelService:
     metrics: Metrics
     refused_writes: bool = False  # the latest engine answer here was not stored: /readyz says so
     max_upload_work: int | None = None  # an upload's pixels x seeds to compute (its augmentation cost)
+    upload_cache: int = 65536  # upload labels this worker remembers (least recently used go first)
+    _uploads: collections.OrderedDict = field(default_factory=collections.OrderedDict, repr=False)
 
     def store_takes_writes(self) -> bool:
         """False while the store refuses writes: after an answer that was not stored, until a
@@ -85,26 +92,39 @@ class LabelService:
         self.metrics.cache_hits.inc(len(hits))
         return np.flatnonzero(~got.present).tolist()
 
-    async def _compute(self, jobs: list[Job], items: list[list[int]], out: LabelsOut) -> None:
-        """Label `jobs` in an engine; `items[j]` are the answer's indexes of job j's seeds.
-        RequestTooLarge for more misses than an engine's whole queue: they could never fit."""
+    async def _compute(self, jobs: list[Job], items: list[list[list[int]]], out: LabelsOut):
+        """Label `jobs` in an engine; `items[j][s]` are the answer's indexes of job j's seed s (a
+        pair asked more than once is computed once). RequestTooLarge for more misses than an
+        engine's whole queue: they could never fit. Returns the engine's Result."""
         check_fits(sum(len(j.seeds) for j in jobs), self.engines.info["max_queue_size"])  # before the socket
         result = await self.engines.label(jobs)
-        flat = [i for idx in items for i in idx]
+        flat = [idx for per_job in items for idx in per_job]
         computed = 0
-        for r, i in enumerate(flat):
+        for r, indexes in enumerate(flat):
             if result.errors[r] is None:
-                self._fill(out, i, result.classes[r], result.probs[r])
                 computed += 1
+                for i in indexes:
+                    self._fill(out, i, result.classes[r], result.probs[r])
             else:
-                out.errors[i] = result.errors[r]
+                for i in indexes:
+                    out.errors[i] = result.errors[r]
         out.computed += computed
-        self.refused_writes = not result.stored
-        if not result.stored:  # answered (the labels are right), and said: they will be computed again
-            out.unstored += computed
-            self.metrics.labels_unstored.inc(computed)
-            log.warning("%d labels computed but not stored: the label store refuses writes", computed)
+        if all(j.store for j in jobs):
+            self.refused_writes = not result.stored
+            if not result.stored:  # answered (the labels are right), and said: they will be computed again
+                out.unstored += computed
+                self.metrics.labels_unstored.inc(computed)
+                log.warning("%d labels computed but not stored: the label store refuses writes", computed)
         self.metrics.cache_misses.inc(computed)
+        return result
+
+    @staticmethod
+    def _distinct(seeds_of: dict[int, int]) -> tuple[tuple[int, ...], list[list[int]]]:
+        """{answer index: seed} -> (the distinct seeds, the answer indexes of each)."""
+        by_seed: dict[int, list[int]] = {}
+        for i, seed in seeds_of.items():
+            by_seed.setdefault(seed, []).append(i)
+        return tuple(by_seed), list(by_seed.values())
 
     async def _check_seeds(self, seeds: list[int]) -> None:
         """SeedOutOfRange for a seed past the namespace's range; the store is asked (the range may
@@ -136,8 +156,12 @@ class LabelService:
             else:
                 by_key.setdefault(keys[i], []).append(i)
         if by_key:
-            jobs = [Job(members[k], k, tuple(seeds[i] for i in idx)) for k, idx in by_key.items()]
-            await self._compute(jobs, list(by_key.values()), out)
+            jobs, items = [], []
+            for k, idx in by_key.items():
+                distinct, indexes = self._distinct({i: seeds[i] for i in idx})
+                jobs.append(Job(members[k], k, distinct))
+                items.append(indexes)
+            await self._compute(jobs, items, out)
         return out
 
     async def upload(self, data: bytes, seeds: list[int]) -> tuple[str, LabelsOut]:
@@ -149,13 +173,28 @@ class LabelService:
             raise InvalidUpload(str(e)) from e
         key = "upload/" + hashlib.sha256(data).hexdigest()[:32]
         out = self._empty(len(seeds))
-        misses = await self._from_store([key] * len(seeds), seeds, out)
-        work = width * height * len(misses)
+        misses = []
+        for i, seed in enumerate(seeds):  # from this worker's upload cache, not the store
+            hit = self._uploads.get((key, seed))
+            if hit is None:
+                misses.append(i)
+            else:
+                self._uploads.move_to_end((key, seed))
+                self._fill(out, i, *hit)
+                out.cached += 1
+        self.metrics.cache_hits.inc(out.cached)
+        distinct, indexes = self._distinct({i: seeds[i] for i in misses})
+        work = width * height * len(distinct)
         if self.max_upload_work is not None and work > self.max_upload_work:
             raise UploadTooCostly(
-                f"{width}x{height} pixels x {len(misses)} seeds to compute = {work:,} > max_upload_work "
+                f"{width}x{height} pixels x {len(distinct)} seeds to compute = {work:,} > max_upload_work "
                 f"{self.max_upload_work:,}; send fewer seeds per request or a smaller image"
             )
-        if misses:
-            await self._compute([Job(data, key, tuple(seeds[i] for i in misses))], [misses], out)
+        if distinct:
+            result = await self._compute([Job(data, key, distinct, store=False)], [indexes], out)
+            for r, seed in enumerate(distinct):
+                if result.errors[r] is None:
+                    self._uploads[(key, seed)] = (result.classes[r], result.probs[r])
+            while len(self._uploads) > self.upload_cache:
+                self._uploads.popitem(last=False)
         return key, out

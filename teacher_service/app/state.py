@@ -117,6 +117,9 @@ def build_state(settings: Settings) -> ServiceState:
     namespace = Namespace.from_meta(info["namespace"])
     store = open_store(settings.store, namespace, seed_limit=settings.seed_limit)
     metrics = Metrics()
-    labels = LabelService(store, engines, index, namespace, fmt, metrics, max_upload_work=settings.max_upload_work)
+    labels = LabelService(
+        store, engines, index, namespace, fmt, metrics, max_upload_work=settings.max_upload_work,
+        upload_cache=settings.upload_cache,
+    )  # fmt: skip
     token = settings.bearer_token()
     return ServiceState(settings, info, policy, fmt, namespace, store, engines, index, metrics, labels, token, pool)
