@@ -120,19 +120,26 @@ def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, ti
 @pytest.mark.slow
 def test_connections_that_send_nothing_or_too_much_are_closed(demo_shards, tiny_teacher, tmp_path):
     """Reliability case 6: a connection that sends nothing, or part of its headers, is closed after
-    the header timeout (they were kept forever: 20,000 of them exhausted the descriptors); a 100 KB
-    header or 100,000 headers get a 400; connections past the per-worker bound get a 503."""
-    env = {"DISTILL_HTTP_HEADER_TIMEOUT": "1", "DISTILL_HTTP_MAX_CONNECTIONS": "8"}
+    the header timeout (they were kept forever: 20,000 of them exhausted the descriptors); one that
+    stalls in its body is closed after the body timeout (2,100 such were held for 78 s while every
+    valid request got a 503); a 100 KB header or 100,000 headers get a 400; one client address
+    holds at most its bound of connections; connections past the per-worker bound get a 503."""
+    env = {
+        "DISTILL_HTTP_HEADER_TIMEOUT": "1", "DISTILL_HTTP_BODY_TIMEOUT": "1", "DISTILL_HTTP_MAX_CONNECTIONS": "8",
+        "DISTILL_HTTP_MAX_CONNECTIONS_PER_CLIENT": "4",
+    }  # fmt: skip
     proc, base = start_service(tiny_teacher, demo_shards, tmp_path / "l.db", tmp_path / "serve.log", env=env)
     port = int(base.rsplit(":", 1)[1])
 
-    def connect(send: bytes = b"") -> socket.socket:
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def connect(send: bytes = b"", source: str = "127.0.0.1") -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
         s.sendall(send)
         return s
 
     try:
-        for start in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):
+        stalled_body = b"POST /v1/labels HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        stalled_body += b"Content-Length: 1000\r\n\r\n" + b'{"keys": ["a"], "se'
+        for start in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", stalled_body):
             t0 = time.monotonic()
             assert connect(start).recv(100) == b""  # closed by the service
             assert time.monotonic() - t0 < 5
@@ -140,8 +147,17 @@ def test_connections_that_send_nothing_or_too_much_are_closed(demo_shards, tiny_
         many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 100_000 + b"\r\n"
         for request in (big, many):
             assert connect(request).recv(100).startswith(b"HTTP/1.1 400")
-        idle = [connect() for _ in range(8)]
-        assert connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").recv(100).startswith(b"HTTP/1.1 503")
+        # one address: 4 connections, the fifth closed at once; the other addresses still served
+        mine = [connect(source="127.0.0.2") for _ in range(4)]
+        t0 = time.monotonic()
+        refused = connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.2")
+        try:
+            assert refused.recv(100) == b""
+        except ConnectionResetError:  # closed with the request unread: the kernel resets it
+            pass
+        assert time.monotonic() - t0 < 1
+        idle = mine + [connect(source="127.0.0.3") for _ in range(4)]  # 8: the worker's bound
+        assert connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.4").recv(100).startswith(b"HTTP/1.1 503")
         for s in idle:
             s.close()
         ok = httpx.get(base + "/healthz", timeout=30)

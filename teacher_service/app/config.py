@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     http_header_timeout: float = Field(
         10.0, gt=0, description="seconds a connection has to send its request headers; then it is closed"
     )
+    http_body_timeout: float = Field(
+        10.0, gt=0, description="seconds a request body may go without a byte before it is complete; then closed"
+    )
+    http_max_connections_per_client: int = Field(
+        256,
+        ge=0,
+        description="connections one client address may hold per HTTP worker (0: no bound; behind a proxy every "
+        "client has its address: raise it or set 0)",
+    )
     http_max_header_bytes: int = Field(
         64 * 1024, ge=4096, description="largest request line + headers (400 beyond; bounds the header count too)"
     )

@@ -47,7 +47,10 @@ def serve(settings: Settings) -> int:
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
         limit_concurrency=settings.http_max_connections,
     )
-    config.header_timeout = settings.http_header_timeout  # read by GuardedH11Protocol, in every worker
+    # read by GuardedH11Protocol, in every worker
+    config.header_timeout = settings.http_header_timeout
+    config.body_timeout = settings.http_body_timeout
+    config.max_connections_per_client = settings.http_max_connections_per_client
     if config.workers > 1:
         from uvicorn.supervisors import Multiprocess
 
