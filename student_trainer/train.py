@@ -44,6 +44,9 @@ from .targets import MixupWithLambda, TeacherTargetBuilder
 log = logging.getLogger("student_trainer")
 
 LABEL_COUNTS = ("labels_cached", "labels_missing", "labels_from_service", "labels_service_failed", "labels_unstored")
+# More of a run's labels missing from the store than this share is said loudly, whatever --on-missing
+# says: labels a run was promised (a precompute record, a service) and did not get.
+MISSING_WARN_SHARE = 0.01
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -433,6 +436,9 @@ def train(cfg: TrainConfig) -> dict:
 
     counts = dict(zip(run.counts, all_sum(list(run.counts.values()), run.device)))
     (labels_online,) = all_sum([run.targets.labels_online], run.device)
+    warning = missing_labels_warning(counts, cfg.on_missing)
+    if warning and run.main:
+        log.warning(warning)
     if run.main and cfg.export:
         export(run)
     summary = {
@@ -452,11 +458,30 @@ def train(cfg: TrainConfig) -> dict:
         "steady_images_per_s": round(steady_images / steady_seconds, 2) if steady_seconds else None,
         **{k: int(v) for k, v in counts.items()},
         "labels_online": int(labels_online),
+        **({"warning": warning} if warning else {}),
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in last_eval.items()},
         "out": str(run.out),
     }
     shutdown(run)
     return summary if run.main else {}
+
+
+def missing_labels_warning(counts: dict, on_missing: str) -> str | None:
+    """What a run whose store missed more than MISSING_WARN_SHARE of its labels must say."""
+    asked = counts.get("labels_cached", 0) + counts.get("labels_missing", 0)
+    missing = counts.get("labels_missing", 0)
+    if not asked or missing / asked <= MISSING_WARN_SHARE:
+        return None
+    then = {
+        "skip": "the distillation head trained without them",
+        "online": "the online teacher labeled them",
+        "service": f"the service labeled {int(counts.get('labels_from_service', 0))} of them",
+    }.get(on_missing, "")
+    return (
+        f"{int(missing)} of {int(asked)} teacher labels ({100 * missing / asked:.1f}%) were not in the store "
+        f"(more than {100 * MISSING_WARN_SHARE:g}%): {then}; precompute them, or check what the store's "
+        "precompute records claim (`labels stats`)"
+    )
 
 
 def shutdown(run: Run) -> None:

@@ -9,6 +9,7 @@ from distill_core import App
 from .app.supervisor import COMMAND as SERVE
 from .engine import EngineError
 from .labels_admin import COMMAND as LABELS
+from .namespace import NamespaceMismatch
 from .precompute import COMMAND as PRECOMPUTE
 from .store import StoreError
 
@@ -16,7 +17,7 @@ APP = App(
     "python -m teacher_service",
     "Teacher labels: precompute, serve, store admin.",
     [PRECOMPUTE, SERVE, LABELS],
-    user_errors=(StoreError, EngineError),
+    user_errors=(StoreError, EngineError, NamespaceMismatch),
 )
 
 if __name__ == "__main__":

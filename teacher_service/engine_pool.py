@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -10,9 +11,13 @@ from dataclasses import dataclass, field, replace
 
 import torch.multiprocessing as mp
 
+from distill_core import usable_cpus
+
 from .engine import EngineError
 from .engine_server import EngineSpec, engine_main
 from .metrics import enable_multiprocess, mark_process_dead
+
+log = logging.getLogger(__name__)
 
 ADDRESSES_ENV = "DISTILL_ENGINE_SOCKETS"  # set by `serve` for its HTTP workers; not a user setting
 AUTHKEY_ENV = "DISTILL_ENGINE_AUTHKEY"
@@ -31,12 +36,20 @@ def engine_devices(devices: str) -> list[str]:
     if not names:
         raise ValueError("--devices must name at least one device")
     out = [str(pick_device(d)) for d in names]  # checked here, before any engine starts
-    twice = sorted({d for d in out if out.count(d) > 1})
-    if twice:
-        raise ValueError(
-            f"--devices names {', '.join(twice)} more than once: one engine per device (on the CPU, "
-            "--augment-workers and the engine's threads take its cores)"
-        )
+    cores = usable_cpus()
+    for device in sorted(set(out)):
+        n = out.count(device)
+        if n > 1 and device != "cpu":
+            raise ValueError(f"--devices names {device} {n} times: one engine per GPU")
+        if n > cores:
+            raise ValueError(
+                f"--devices names cpu {n} times: {n} engines, each with its own teacher and augmentation "
+                f"workers, on {cores} cores; at most {cores} (an engine's workers already take the cores it has)"
+            )
+        if n > 1:
+            log.info(
+                "--devices: %d engines on the CPU, each with its own teacher and workers (a share of the cores)", n
+            )
     return out
 
 

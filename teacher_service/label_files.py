@@ -15,13 +15,25 @@ The file holds, uncompressed names, compressed data (`np.savez_compressed`):
 
 Labels are listed image by image (in key order), seeds ascending, so two exports of the same
 labels are the same arrays whichever store they came from. Export holds the arrays in memory:
-about 14 bytes a label plus the keys (5 GB for ImageNet's 384 M labels of a 300-epoch run).
+about 14 bytes a label plus the keys (5 GB for ImageNet's 384 M labels of a 300-epoch run); it
+writes a temporary file of its own and renames it, so an interrupted export leaves nothing.
+
+Import trusts nothing in the file. It reads only the members above, checks each member's declared
+type and size before reading it, and reads the labels in chunks (memory: the keys plus one chunk).
+Before the first write it checks the whole file: the header's fields and types, integer arrays,
+every index, seed and class in range, keys that are strings the store accepts, labels in the
+documented order (so no label is listed twice), and, when the namespace exists, that no label
+differs from the stored one (a conflict refuses the import). A coverage record is kept only when
+the file's labels bear it out. So a file that fails writes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +41,46 @@ from tqdm import tqdm
 
 from shards.fingerprint import adopt as adopt_fingerprint
 from shards.fingerprint import validate as validate_fingerprint
+from shards.schedule import REPEAT_MODES
 
-from .namespace import Namespace
-from .store import open_existing, open_store, redact
+from .namespace import MAX_KEY_LENGTH, MAX_SEED, Namespace
+from .store import list_namespaces, open_existing, open_store, redact
+from .store.file_store import path_from_url
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+MEMBERS = ("header", "keys", "key_index", "seed", "classes", "probs")
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header of 16 MB is already absurd (a few KB is normal)
+MAX_KEYS = 100_000_000
+MAX_LABELS = 10**11
+CHUNK = 1_000_000  # labels read (and written) at a time
+
+
+def _write_atomically(path: Path, arrays: dict) -> None:
+    """`arrays` to `path` through a temporary file of this call's own, renamed into place; removed
+    on any failure, so nothing incomplete is ever left under any name. ValueError names the cause."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def export_namespace(url: str, path: str | Path, namespace_id: str | None = None, progress: bool = True) -> dict:
     """Write one namespace of the store at `url` to `path` (.npz), atomically."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the file to write")
     with open_existing(url, namespace_id) as store:
         k = store.namespace.format.topk
         rows: dict[str, bytes] = {}
@@ -78,9 +120,7 @@ def export_namespace(url: str, path: str | Path, namespace_id: str | None = None
         }
         if decoded.probs is not None:
             arrays["probs"] = decoded.probs.astype(np.float16).reshape(-1, k)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    _write_atomically(path, arrays)
     return {
         "store": redact(url),
         "file": str(path),
@@ -91,50 +131,309 @@ def export_namespace(url: str, path: str | Path, namespace_id: str | None = None
     }
 
 
-def read_export(path: str | Path) -> dict:
-    """The arrays of an exported file, its header parsed (ValueError when it is not one)."""
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {name: f[name] for name in f.files}
-    if "header" not in arrays:
-        raise ValueError(f"{path}: not a label export (no header)")
-    header = json.loads(str(arrays.pop("header")))
-    if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: label export version {header.get('format_version')} unsupported")
-    m = len(arrays["seed"])
-    if len(arrays["key_index"]) != m or len(arrays["classes"]) != m or header["labels"] != m:
-        raise ValueError(f"{path}: damaged label export (its arrays disagree on the label count)")
-    return {"header": header, **arrays}
+# -- reading a file that may be anything ---------------------------------------------------------
 
 
-def import_namespace(path: str | Path, url: str, chunk: int = 200_000, progress: bool = True) -> dict:
-    """Merge an exported namespace into the store at `url` (created there if new; labels already
-    present are rewritten with the same bytes), with its seed range and precompute records."""
-    data = read_export(path)
-    header = data["header"]
+class LabelFile:
+    """An exported file's members, opened one stream each; nothing is read before it is asked
+    for, and nothing is allocated before its declared size is checked."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{self.path}: not a label export (not a complete .npz file: {e})") from e
+        names = {n[:-4] for n in self.zip.namelist() if n.endswith(".npy")}
+        if "header" not in names:
+            self.zip.close()
+            raise ValueError(f"{self.path}: not a label export (no header)")
+        self.members = {n for n in names if n in MEMBERS}  # anything else is never read
+
+    def close(self) -> None:
+        self.zip.close()
+
+    def __enter__(self) -> LabelFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self, name: str):
+        """(stream positioned at the data, shape, dtype) of member `name`, its header checked:
+        a plain C-order array of a dtype that holds no objects."""
+        if name not in self.members:
+            raise ValueError(f"{self.path}: damaged label export (no {name!r} array)")
+        f = self.zip.open(name + ".npy")
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy version {version}")
+        except ValueError as e:
+            f.close()
+            raise ValueError(f"{self.path}: damaged label export ({name}: {e})") from e
+        if fortran or dtype.hasobject or dtype.fields is not None:
+            f.close()
+            raise ValueError(f"{self.path}: {name} must be a plain array, not {dtype} (no pickled objects)")
+        return f, shape, dtype
+
+    def read_all(self, name: str, max_bytes: int) -> np.ndarray:
+        f, shape, dtype = self.open(name)
+        with f:
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if size > max_bytes:
+                raise ValueError(f"{self.path}: {name} declares {size:,} bytes (at most {max_bytes:,})")
+            data = f.read(size)
+        if len(data) != size:
+            raise ValueError(f"{self.path}: damaged label export ({name} is cut short)")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _integers(name: str, dtype: np.dtype, path: Path) -> None:
+    if dtype.kind not in "iu":
+        raise ValueError(f"{path}: {name} must hold integers, not {dtype} (no 1.7 read as 1)")
+
+
+def _int_field(header: dict, name: str, low: int, high: int, path: Path) -> int:
+    v = header.get(name)
+    if type(v) is not int or not low <= v <= high:  # not bool, not 1e30, not 2048.5
+        raise ValueError(f"{path}: header field {name!r} must be an integer in {low}..{high}, not {v!r}")
+    return v
+
+
+def _coverage_record(record, path: Path) -> dict:
+    """A precompute record checked against its schema: {"seeds": B} or {"repeat_mode", "repeats",
+    "epochs"}, with the node fields precompute adds."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: a coverage record must be an object, not {record!r}")
+    allowed = {"seeds", "repeat_mode", "repeats", "epochs", "node_rank", "num_nodes"}
+    if set(record) - allowed:
+        raise ValueError(f"{path}: coverage record with unknown fields {sorted(set(record) - allowed)}")
+    ints = {k: v for k, v in record.items() if k != "repeat_mode"}
+    if any(type(v) is not int or v < 0 for v in ints.values()):
+        raise ValueError(f"{path}: coverage record {record!r} must hold non-negative integers")
+    if "seeds" in record:
+        ok = set(record) <= {"seeds", "node_rank", "num_nodes"} and 1 <= record["seeds"] <= MAX_SEED + 1
+    else:
+        ok = (
+            record.get("repeat_mode") in REPEAT_MODES and record.get("repeats", 0) >= 1 and record.get("epochs", 0) >= 1
+        )
+    nodes = record.get("num_nodes", 1)
+    if not ok or nodes < 1 or record.get("node_rank", 0) >= nodes:
+        raise ValueError(f"{path}: not a coverage record precompute writes: {record!r}")
+    return record
+
+
+def _header(lf: LabelFile) -> tuple[dict, Namespace]:
+    data = lf.read_all("header", MAX_HEADER_BYTES)
+    if data.shape != () or data.dtype.kind != "U":
+        raise ValueError(f"{lf.path}: the header must be one string")
+    try:
+        header = json.loads(str(data[()]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{lf.path}: the header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{lf.path}: the header must be a JSON object")
+    if header.get("format_version") != FORMAT_VERSION or type(header.get("format_version")) is not int:
+        raise ValueError(f"{lf.path}: label export version {header.get('format_version')!r} unsupported")
+    try:
+        namespace = Namespace.from_meta(header["namespace"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{lf.path}: the header's namespace is malformed: {type(e).__name__}: {e}") from e
+    _int_field(header, "seed_limit", 1, MAX_SEED + 1, lf.path)
+    _int_field(header, "images", 0, MAX_KEYS, lf.path)
+    _int_field(header, "labels", 0, MAX_LABELS, lf.path)
+    coverage = header.get("coverage", [])
+    if not isinstance(coverage, list):
+        raise ValueError(f"{lf.path}: the header's coverage must be a list")
+    header["coverage"] = [_coverage_record(r, lf.path) for r in coverage]
+    if header.get("fingerprint") is not None:
+        validate_fingerprint(header["fingerprint"])
+    return header, namespace
+
+
+def _keys(lf: LabelFile, header: dict) -> np.ndarray:
+    f, shape, dtype = lf.open("keys")
+    f.close()
+    if dtype.kind != "U" or len(shape) != 1:
+        raise ValueError(f"{lf.path}: keys must be strings, not {dtype} (no bytes or integer keys)")
+    if dtype.itemsize > 4 * MAX_KEY_LENGTH:
+        raise ValueError(f"{lf.path}: keys of up to {dtype.itemsize // 4} characters (at most {MAX_KEY_LENGTH})")
+    if shape[0] != header["images"]:
+        raise ValueError(f"{lf.path}: {shape[0]} keys but the header says {header['images']} images")
+    keys = lf.read_all("keys", MAX_KEYS * 4 * MAX_KEY_LENGTH)
+    if len(keys) and (np.char.str_len(keys) == 0).any():
+        raise ValueError(f"{lf.path}: an empty key")
+    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+        raise ValueError(f"{lf.path}: keys must be sorted and unique (as export writes them)")
+    return keys
+
+
+def _chunks(lf: LabelFile, header: dict, namespace: Namespace):
+    """(key_index, seed, classes, probs or None) chunks of CHUNK labels, every value checked."""
+    k, labels = namespace.format.topk, header["labels"]
+    wanted = ["key_index", "seed", "classes"] + (["probs"] if namespace.format.probs else [])
+    streams = {}
+    try:
+        for name in wanted:
+            f, shape, dtype = lf.open(name)
+            streams[name] = (f, dtype)
+            rows = (labels, k) if name in ("classes", "probs") else (labels,)
+            if tuple(shape) != rows:
+                raise ValueError(f"{lf.path}: {name} has shape {tuple(shape)}, the header's labels need {rows}")
+            if name == "probs":
+                if dtype.kind != "f":
+                    raise ValueError(f"{lf.path}: probs must be floats, not {dtype}")
+            else:
+                _integers(name, dtype, lf.path)
+        for start in range(0, labels, CHUNK):
+            n = min(CHUNK, labels - start)
+            out = []
+            for name in wanted:
+                f, dtype = streams[name]
+                width = k if name in ("classes", "probs") else 1
+                data = f.read(n * width * dtype.itemsize)
+                if len(data) != n * width * dtype.itemsize:
+                    raise ValueError(f"{lf.path}: damaged label export ({name} is cut short)")
+                a = np.frombuffer(data, dtype=dtype)
+                out.append(a.reshape(n, k) if width > 1 or name in ("classes", "probs") else a)
+            yield start, *out, *([None] if not namespace.format.probs else [])
+    finally:
+        for f, _ in streams.values():
+            f.close()
+
+
+def check_file(path: str | Path, url: str | None = None) -> dict:
+    """Everything import checks before its first write (see the module docstring): the header,
+    the keys and their order, every label; with `url`, conflicts with the labels stored there.
+    Returns the header with the coverage records the labels bear out."""
+    with LabelFile(path) as lf:
+        header, namespace = _header(lf)
+        keys = _keys(lf, header)
+        n, limit, classes = len(keys), header["seed_limit"], namespace.num_classes
+        stored = open_store(url, namespace, create=False) if url and _holds(url, namespace) else None
+        last = (-1, -1)
+        seeds_by_key = np.zeros(n, dtype=np.int64)  # labels per key
+        top_by_key = np.full(n, -1, dtype=np.int64)  # the largest seed per key
+        below = {r["seeds"]: np.zeros(n, dtype=np.int64) for r in header["coverage"] if "seeds" in r}
+        conflicts, example = 0, None
+        try:
+            for _, ki, seed, cls, probs in _chunks(lf, header, namespace):
+                ki, seed, cls = ki.astype(np.int64), seed.astype(np.int64), cls.astype(np.int64)
+                _in_range(lf.path, ki, seed, cls, probs, n, limit, classes)
+                order = np.concatenate([[last[0]], ki]) * (limit + 1) + np.concatenate([[last[1]], seed])
+                if (np.diff(order) <= 0).any():
+                    raise ValueError(f"{lf.path}: labels must be listed key by key, seeds ascending, each once")
+                if len(ki):
+                    last = (int(ki[-1]), int(seed[-1]))
+                np.add.at(seeds_by_key, ki, 1)
+                np.maximum.at(top_by_key, ki, seed)
+                for bound, counts in below.items():  # labels per key among seeds 0..B-1
+                    np.add.at(counts, ki[seed < bound], 1)
+                if stored is not None and len(ki):
+                    have = stored.get(keys[ki].tolist(), seed.tolist())
+                    differ = have.present & (have.classes[:, 0] != cls[:, 0])
+                    if differ.any():
+                        conflicts += int(differ.sum())
+                        i = int(np.flatnonzero(differ)[0])
+                        example = example or (str(keys[ki[i]]), int(seed[i]), int(have.classes[i, 0]), int(cls[i, 0]))
+        finally:
+            if stored is not None:
+                stored.close()
+        if conflicts:
+            key, seed, was, new = example
+            raise ValueError(
+                f"{lf.path}: {conflicts} labels differ from the ones stored in {redact(url)} (e.g. {key} seed "
+                f"{seed}: stored {was}, file {new}); nothing imported. Labels of one namespace are the same "
+                "teacher on the same crops: a conflict means one side is wrong"
+            )
+        header["coverage"] = _borne_out(header["coverage"], seeds_by_key, top_by_key, below, path)
+        return header
+
+
+def _holds(url: str, namespace: Namespace) -> bool:
+    """Whether the store at `url` has `namespace` (a file store that is not there has none)."""
+    if ("://" not in url or url.startswith("file://")) and not path_from_url(url).exists():
+        return False
+    return any(m["id"] == namespace.id for m in list_namespaces(url))
+
+
+def _in_range(path, ki, seed, cls, probs, n: int, limit: int, classes: int) -> None:
+    if len(ki) and (ki.min() < 0 or ki.max() >= n):
+        bad = int(ki[(ki < 0) | (ki >= n)][0])
+        raise ValueError(f"{path}: key_index {bad} is out of 0..{n - 1} (no index may wrap around)")
+    if len(seed) and (seed.min() < 0 or seed.max() >= limit):
+        raise ValueError(f"{path}: a seed out of the header's range 0..{limit - 1}")
+    if len(cls) and (cls.min() < 0 or cls.max() >= classes):
+        raise ValueError(f"{path}: a class id out of 0..{classes - 1}")
+    if probs is not None and len(probs):
+        if not (np.isfinite(probs).all() and 0 <= probs.min() <= probs.max() <= 1):
+            raise ValueError(f"{path}: probabilities must be in [0, 1]")
+
+
+def _borne_out(records: list[dict], count: np.ndarray, top: np.ndarray, below: dict, path) -> list[dict]:
+    """The coverage records the file's labels bear out: {"seeds": B}: every image holds seeds
+    0..B-1; a schedule: every image it holds has seeds 0..n-1 with n a multiple of its repeats.
+    (Whether every image of the data set is there the file cannot say: a run that misses more
+    than a few labels says so in its summary.)"""
+    kept = []
+    for r in records:
+        if "seeds" in r:  # labels listed once each: B of them below B are seeds 0..B-1
+            ok = len(count) > 0 and bool((below[r["seeds"]] == r["seeds"]).all())
+        else:
+            held = count > 0
+            ok = (
+                bool(held.any())
+                and bool((count[held] == top[held] + 1).all())
+                and bool((count[held] % r["repeats"] == 0).all())
+            )
+        if ok:
+            kept.append(r)
+        else:
+            log.warning("%s: coverage record %s is not borne out by the file's labels: not imported", path, r)
+    return kept
+
+
+def import_namespace(path: str | Path, url: str, chunk: int = CHUNK, progress: bool = True) -> dict:
+    """Merge an exported namespace into the store at `url` (created there if new), with its seed
+    range, its render fingerprint and the precompute records its labels bear out. The whole file
+    is checked first (`check_file`): a file that fails writes nothing."""
+    header = check_file(path, url)
     namespace = Namespace.from_meta(header["namespace"])
-    keys, key_index, seeds = data["keys"], data["key_index"], data["seed"]
-    classes, probs = data["classes"], data.get("probs")
-    fingerprint = header.get("fingerprint")
-    if fingerprint is not None:
-        validate_fingerprint(fingerprint)
-    with open_store(url, namespace, seed_limit=header["seed_limit"]) as store:
-        adopt_fingerprint(store, fingerprint, redact(url))  # before any label: refused, nothing written
-        with tqdm(total=len(seeds), desc="import", unit="label", disable=not progress) as bar:
-            for a in range(0, len(seeds), chunk):
-                b = min(a + chunk, len(seeds))
-                store.put(
-                    keys[key_index[a:b]].tolist(),
-                    seeds[a:b],
-                    classes[a:b],
-                    None if probs is None else probs[a:b].astype(np.float32),
-                )
-                bar.update(b - a)
-        for record in header["coverage"]:
-            store.record_coverage(record)
+    with LabelFile(path) as lf:
+        keys = _keys(lf, header)
+        with open_store(url, namespace, seed_limit=header["seed_limit"]) as store:
+            adopt_fingerprint(store, header.get("fingerprint"), redact(url))  # refused before any label
+            with tqdm(total=header["labels"], desc="import", unit="label", disable=not progress) as bar:
+                for _, ki, seed, cls, probs in _chunks(lf, header, namespace):
+                    store.put(
+                        keys[ki.astype(np.int64)].tolist(),
+                        seed.astype(np.int64),
+                        cls.astype(np.int64),
+                        None if probs is None else probs.astype(np.float32),
+                    )
+                    bar.update(len(seed))
+            for record in header["coverage"]:
+                store.record_coverage(record)
     return {
         "file": str(path),
         "store": redact(url),
         "namespace": namespace.id,
         "images": header["images"],
-        "labels": len(seeds),
+        "labels": header["labels"],
+        "coverage": header["coverage"],
     }
+
+
+def read_export(path: str | Path) -> dict:
+    """The arrays of an exported file, its header parsed and checked (ValueError when it is not
+    one); for NumPy users, who could also `np.load` it."""
+    check_file(path)
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files if name in MEMBERS}
+    arrays["header"] = json.loads(str(arrays["header"]))
+    return arrays

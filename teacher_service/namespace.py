@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 
 MAX_TOPK = 10
+# The longest image key, everywhere a key comes in (the service's requests, the store, label files)
+MAX_KEY_LENGTH = 512
 # Seeds index fixed-width slots in a row per image; 2**20 seeds is > 3000 epochs x 300 repeats.
 MAX_SEED = 2**20 - 1
 

@@ -334,14 +334,17 @@ def test_load_below_the_queue_never_fails_and_above_it_only_503s():
 
 def test_devices_that_cannot_run_a_teacher_are_refused_at_start(demo_shards, tiny_teacher, tmp_path):
     """`--devices meta` started a service that reported ready and hung every miss; `cpu:7` named
-    nothing; `cpu,cpu,cpu,cpu` started four engines (6.4 GB) on one CPU. Each is refused, with
-    the reason, before anything starts."""
+    nothing; `cpu,cpu,cpu,cpu` started four engines (6.4 GB) on two cores. Each is refused, with
+    the reason, before anything starts (cpu named n times is n CPU engines, at most one a core)."""
     import torch
 
+    from distill_core import usable_cpus
+
+    over = usable_cpus() + 1
     cases = [
         ("meta", "a teacher runs on cpu or cuda"),
         ("cpu:7", "there is one CPU device"),
-        ("cpu,cpu,cpu,cpu", "names cpu more than once"),
+        (",".join(["cpu"] * over), f"names cpu {over} times: {over} engines"),
     ]
     if not torch.cuda.is_available():
         cases.append(("cuda:0", "this machine has no CUDA device"))

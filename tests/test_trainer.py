@@ -257,6 +257,9 @@ def test_on_missing_policies(demo_shards, tmp_path):
     s = last_json(torchrun(*student_args(demo_shards, tmp_path / "b", *common, "--on-missing", "skip")).stdout)
     assert s["labels_cached"] == 1437 and s["labels_missing"] == 1437
     assert s["steps"] == 2 * 12  # ceil(ceil(1437 / 2) / 64) steps per epoch, the same on both ranks
+    # half its labels missing: said in the summary (and the log), though --on-missing skip allowed it
+    assert "1437 of 2874 teacher labels (50.0%) were not in the store" in s["warning"]
+    assert "trained without them" in s["warning"]
 
 
 def test_wrong_policy_is_refused(demo_shards, tmp_path):

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ..namespace import MAX_SEED, Namespace, RecordFormat
+from ..namespace import MAX_KEY_LENGTH, MAX_SEED, Namespace, RecordFormat
 
 # Seeds a namespace serves when nobody said: DeiT's 300 epochs x 3 repeats fit, with room.
 DEFAULT_SEED_LIMIT = 1024
@@ -57,6 +57,24 @@ def redact(url: str) -> str:
 
 class StoreUnavailable(StoreError):
     """The store could not be reached (after bounded retries). No labels were returned."""
+
+
+def stored_seed_limit(value, namespace_id: str) -> int | None:
+    """A namespace's stored seed range, read back: an integer in 1..MAX_SEED + 1, or a StoreError
+    that says the record is damaged (an older `labels import` wrote a header's value unchecked)."""
+    if value is None:
+        return None
+    try:
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        limit = int(text)
+    except (ValueError, UnicodeDecodeError):
+        limit = None
+    if limit is None or not 1 <= limit <= MAX_SEED + 1 or isinstance(value, bool | float):
+        raise StoreError(
+            f"namespace {namespace_id}'s seed range record holds {value!r}, not a seed count: it is damaged; "
+            "export what the namespace holds, drop it and import it again"
+        )
+    return limit
 
 
 class SeedOutOfRange(ValueError):
@@ -139,9 +157,24 @@ class RowCodec:
         return out.tobytes()
 
 
+def validate_keys(keys) -> None:
+    """Every key a string of 1..MAX_KEY_LENGTH characters: the service's rule, in every store."""
+    for k in keys:
+        if not isinstance(k, str) or not 0 < len(k) <= MAX_KEY_LENGTH:
+            shown = repr(k)[:40] if not isinstance(k, str) else f"of {len(k)} characters"
+            raise ValueError(f"a key must be a string of 1..{MAX_KEY_LENGTH} characters, not {shown}")
+
+
 def validate_pairs(keys: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+    """The seeds as int64, after checking every pair: keys are strings of 1..MAX_KEY_LENGTH
+    characters (the service's rule, everywhere), seeds integers in 0..MAX_SEED."""
     if len(keys) != len(seeds):
         raise ValueError(f"{len(keys)} keys but {len(seeds)} seeds")
+    validate_keys(keys)
+    if not isinstance(seeds, np.ndarray) and any(type(s) is not int and not isinstance(s, np.integer) for s in seeds):
+        raise ValueError("seeds must be integers")
+    if isinstance(seeds, np.ndarray) and len(seeds) and seeds.dtype.kind not in "iu":
+        raise ValueError(f"seeds must be integers, not {seeds.dtype}")
     s = np.asarray(seeds, dtype=np.int64).reshape(-1)
     if len(s) and (s.min() < 0 or s.max() > MAX_SEED):
         raise ValueError(f"seeds must be in 0..{MAX_SEED}")
@@ -296,6 +329,7 @@ class LabelStore(abc.ABC):
     # -- rows: copy, stats ---------------------------------------------------------------
     def put_rows(self, rows: dict[str, bytes]) -> None:
         """Merge whole rows (present slots only), e.g. from another store."""
+        validate_keys(rows)
         longest = max((len(r) for r in rows.values()), default=0) // self.codec.width
         self.check_seeds([longest - 1])
         self._put_runs({k: self.codec.runs(r) for k, r in rows.items() if self.codec.present_mask(r).any()})

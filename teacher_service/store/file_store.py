@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..namespace import Namespace
-from .base import LabelStore, StoreError
+from .base import LabelStore, StoreError, stored_seed_limit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS namespaces (nsid INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, meta TEXT NOT NULL);
@@ -95,7 +95,7 @@ class FileStore(LabelStore):
     def _read_seed_limit(self) -> int | None:
         with self.conn.lock:
             row = self.conn.get().execute("SELECT meta FROM namespaces WHERE nsid = ?", (self.nsid,)).fetchone()
-        return json.loads(row[0]).get("seed_limit") if row else None
+        return stored_seed_limit(json.loads(row[0]).get("seed_limit"), self.namespace.id) if row else None
 
     def _extend_seed_limit(self, limit: int) -> int:
         def extend(meta: dict) -> None:

@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..namespace import Namespace
-from .base import LabelStore, StoreError, StoreUnavailable, redact
+from .base import LabelStore, StoreError, StoreUnavailable, redact, stored_seed_limit
 
 RETRIES = 3
 # Unreachable, or a cluster with a master gone (its slots uncovered): nothing was read or written.
@@ -114,8 +114,7 @@ class RedisStore(LabelStore):
             raise _unavailable(url, e) from e
 
     def _read_seed_limit(self) -> int | None:
-        value = self._call(self.client.get, self.seeds_key)
-        return int(value) if value is not None else None
+        return stored_seed_limit(self._call(self.client.get, self.seeds_key), self.namespace.id)
 
     def _extend_seed_limit(self, limit: int) -> int:
         return int(self._call(self.client.eval, _EXTEND, 1, self.seeds_key, limit))

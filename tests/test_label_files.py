@@ -1,0 +1,205 @@
+"""`labels import` / `export` against hostile and careless files (reliability cases of label files):
+nothing a file says is written unchecked, a file that fails writes nothing, and every failure is
+one `ERROR ...` line with exit code 2. In process, on both stores."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from teacher_service.__main__ import APP
+from teacher_service.label_files import check_file, export_namespace, import_namespace
+from teacher_service.namespace import Namespace, RecordFormat
+from teacher_service.store import open_existing, open_store
+
+NS = Namespace("regnety_002@w:0123456789abcdef", "policy0123456789", RecordFormat(), 10, "classes")
+KEYS = [f"digits/{c}/{i:05d}" for c in range(3) for i in range(4)]  # 12 images, sorted
+
+
+@pytest.fixture
+def good(tmp_path):
+    """A store holding 12 images x 3 seeds and its export: the file every case below spoils."""
+    src = str(tmp_path / "src.db")
+    with open_store(src, NS, seed_limit=2048) as st:
+        keys, seeds = [k for k in KEYS for _ in range(3)], [s for _ in KEYS for s in range(3)]
+        st.put(keys, seeds, [(i * 7) % 10 for i in range(36)])
+        st.record_coverage({"seeds": 3, "node_rank": 0, "num_nodes": 1})
+    path = tmp_path / "good.npz"
+    export_namespace(src, path, progress=False)
+    return path
+
+
+def arrays(path) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {n: f[n] for n in f.files}
+
+
+def spoil(path, out, header=None, **members) -> str:
+    """`path`'s members, some replaced (None: dropped), the header's fields updated, written to `out`."""
+    a = arrays(path)
+    h = json.loads(str(a["header"]))
+    h.update(header or {})
+    a["header"] = np.array(json.dumps(h))
+    for name, value in members.items():
+        if value is None:
+            a.pop(name)
+        else:
+            a[name] = value
+    np.savez_compressed(out, **a)
+    return str(out)
+
+
+def imported(url) -> int:
+    """Labels of NS at `url` (0 when the namespace is not there at all)."""
+    from teacher_service.label_files import _holds
+
+    if not _holds(url, NS):
+        return 0
+    with open_existing(url, NS.id) as st:
+        return int(sum(st.codec.present_mask(r).sum() for rows in st.iter_rows() for _, r in rows if r))
+
+
+def cli(*argv, capsys) -> tuple[int, str]:
+    code = APP.main(["labels", *map(str, argv), "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def test_the_good_file_round_trips(good, store_url):
+    s = import_namespace(good, store_url, progress=False)
+    assert s["labels"] == 36 and imported(store_url) == 36
+    assert s["coverage"] == [{"seeds": 3, "node_rank": 0, "num_nodes": 1}]
+    assert import_namespace(good, store_url, progress=False)["labels"] == 36  # again: the same bytes, no conflict
+
+
+@pytest.mark.parametrize(
+    "case,why",
+    [
+        ({"header": {"seed_limit": 1e30}}, "seed_limit' must be an integer"),
+        ({"header": {"seed_limit": 2048.5}}, "seed_limit' must be an integer"),
+        ({"header": {"seed_limit": True}}, "seed_limit' must be an integer"),
+        ({"header": {"namespace": {"teacher_id": "x"}}}, "namespace is malformed"),
+        ({"header": {"format_version": "1"}}, "version '1' unsupported"),
+        ({"header": {"coverage": [{"seeds": "all of them"}]}}, "non-negative integers"),
+        ({"header": {"coverage": ["junk"]}}, "must be an object"),
+        ({"header": {"coverage": [{"repeat_mode": "deit", "repeats": 3}]}}, "not a coverage record"),
+        ({"key_index": np.array([-1] + [0] * 35, dtype=np.int32)}, "key_index -1 is out of"),
+        ({"seed": np.array([1.7] * 36)}, "seed must hold integers"),
+        ({"classes": np.full((36, 1), 8.9)}, "classes must hold integers"),
+        ({"classes": np.array([[1]] * 35 + [[10]], dtype=np.int32)}, "class id out of 0..9"),
+        ({"keys": np.array([k.encode() for k in KEYS])}, "keys must be strings"),
+        ({"keys": np.arange(12)}, "keys must be strings"),
+        ({"keys": np.array(KEYS[:-1] + ["z" * 10_000])}, "keys of up to 10000 characters"),
+        ({"keys": np.array(sorted(KEYS[:-1] + [""]))}, "an empty key"),
+        ({"seed": np.array([0, 0, 1] + list(range(3)) * 11, dtype=np.int32)}, "each once"),
+        ({"classes": None}, "no 'classes' array"),
+        ({"header": {"labels": 10**12}}, "'labels' must be an integer"),
+        ({"header": {"labels": 40}}, "shape (36,), the header's labels need (40,)"),
+    ],
+)
+def test_a_bad_file_writes_nothing_and_says_why(good, tmp_path, store_url, case, why, capsys):
+    """Each of these exited 0 and wrote wrong labels, or broke the namespace for good (a seed range
+    of '1e30' made every later command fail), or wrote 200,000 labels before failing."""
+    bad = spoil(good, tmp_path / "bad.npz", case.get("header"), **{k: v for k, v in case.items() if k != "header"})
+    with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        import_namespace(bad, store_url, progress=False)
+    assert imported(store_url) == 0  # nothing, not even the namespace
+    code, err = cli("import", bad, store_url, capsys=capsys)
+    assert code == 2 and err.startswith("ERROR ") and "Traceback" not in err
+
+
+def test_a_conflict_with_stored_labels_is_refused(good, tmp_path, store_url):
+    import_namespace(good, store_url, progress=False)
+    a = arrays(good)
+    other = spoil(good, tmp_path / "other.npz", classes=(a["classes"] + 1) % 10)
+    with pytest.raises(ValueError, match="36 labels differ from the ones stored"):
+        import_namespace(other, store_url, progress=False)
+    with open_existing(store_url, NS.id) as st:  # the stored labels are untouched
+        assert st.get([KEYS[0]] * 3, [0, 1, 2]).top1.tolist() == a["classes"][:3, 0].tolist()
+
+
+def test_a_coverage_record_the_labels_do_not_bear_out_is_not_imported(good, tmp_path, store_url):
+    """A file claiming seeds 0:1024 of every image with 3 of them: the labels are imported, the
+    record is not (it passed the trainer's start-up check, which then trained without 99% of them)."""
+    lying = spoil(good, tmp_path / "lying.npz", {"coverage": [{"seeds": 1024}, {"seeds": 3}]})
+    s = import_namespace(lying, store_url, progress=False)
+    assert s["coverage"] == [{"seeds": 3}]
+    with open_existing(store_url, NS.id) as st:
+        assert st.coverage() == [{"seeds": 3}]
+
+
+def test_import_reads_only_its_members_and_checks_sizes_before_reading(good, tmp_path, store_url):
+    import tracemalloc
+
+    a = arrays(good)
+    a["extra"] = np.zeros(200_000_000, dtype=np.uint8)  # a 200 MB member, compressed to 200 KB
+    big = tmp_path / "extra.npz"
+    np.savez_compressed(big, **a)
+    assert big.stat().st_size < 2_000_000
+    tracemalloc.start()
+    import_namespace(big, store_url, progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20_000_000, peak  # the unknown member was never read (it peaked at 1.97 GB)
+    a = arrays(good)
+    a["header"] = np.array("x" * 5_000_000)  # a 20 MB header (a few KB is normal): refused unread
+    np.savez_compressed(tmp_path / "huge.npz", **a)
+    with pytest.raises(ValueError, match="header declares 20,000,000 bytes"):
+        check_file(tmp_path / "huge.npz")
+    # a member whose header claims 10^12 labels, with nothing behind it: refused, no allocation
+    claim = tmp_path / "claim.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(claim, "w") as dst:
+        for item in src.namelist():
+            if item != "seed.npy":
+                dst.writestr(item, src.read(item))
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "<i4", "fortran_order": False, "shape": (10**12,)})
+        dst.writestr("seed.npy", buf.getvalue())  # magic, header, and no data
+    with pytest.raises(ValueError, match=r"seed has shape \(1000000000000,\)"):
+        check_file(claim)
+
+
+@pytest.mark.unit
+def test_export_never_leaves_a_partial_file(good, tmp_path, monkeypatch, capsys):
+    src = str(tmp_path / "src.db")
+    target = tmp_path / "out.npz"
+
+    def full_disk(f, **arrays):
+        f.write(b"PK\x03\x04 a partial zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full_disk)
+    code, err = cli("export", src, target, capsys=capsys)
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err
+    assert set(os.listdir(tmp_path)) <= {"good.npz", "src.db", "src.db-wal", "src.db-shm"}  # no temp, no out.npz
+    monkeypatch.undo()
+    code, err = cli("export", src, tmp_path, capsys=capsys)  # a directory
+    assert code == 2 and "is a directory" in err
+    partial = tmp_path / "partial.npz"
+    partial.write_bytes(good.read_bytes()[:-100])  # cut short: never imports as a complete file
+    code, err = cli("import", partial, str(tmp_path / "x.db"), capsys=capsys)
+    assert code == 2 and "not a complete .npz" in err
+
+
+@pytest.mark.unit
+def test_a_namespace_mismatch_is_an_error_line(good, tmp_path, capsys):
+    """The same namespace id with other metadata in the destination: one ERROR line, exit 2."""
+    dst = str(tmp_path / "dst.db")
+    other = Namespace(NS.teacher_id, NS.policy_id, NS.format, NS.num_classes, "another-digest")
+    assert other.id == NS.id
+    open_store(dst, other).close()
+    code, err = cli("import", good, dst, capsys=capsys)
+    assert code == 2 and err.startswith("ERROR ") and "different metadata" in err
+
+
+def test_keys_that_are_not_strings_are_refused_by_every_store(store_url):
+    with open_store(store_url, NS) as st:
+        for key in (b"digits/0/00000", 0, "k" * 513, ""):
+            with pytest.raises(ValueError, match="a key must be a string of 1..512 characters"):
+                st.put([key], [0], [1])
+        with pytest.raises(ValueError, match="seeds must be integers"):
+            st.put(["a"], [1.7], [1])
