@@ -123,9 +123,9 @@ def phase(url: str, keys: list[str], args: BenchLoad, misses: int, fresh: iterto
 
 def main():
     args = parse_script_args(BenchLoad, __doc__)
+    from labels.teacher import TeacherSettings
     from teacher_service import TeacherClient
     from teacher_service.local import LocalService, serve_argv
-    from teacher_service.teacher import TeacherSettings
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

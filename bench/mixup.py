@@ -18,10 +18,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args
+from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, ShardStream
 from student_trainer.targets import target_distribution
 from student_trainer.train import MixupWithLambda, TrainConfig
-from teacher_service.teacher import Teacher, TeacherSettings
 
 
 class BenchMixup(BaseModel):

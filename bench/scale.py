@@ -44,15 +44,15 @@ import torch
 from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args, to_argv, usable_cpus
+from labels.namespace import Namespace, RecordFormat
+from labels.store import open_store
+from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, ShardStream, augment, decode_image, make_loader
 from shards.__main__ import BuildConfig
 from shards.index import SplitIndex
 from shards.manifest import MANIFEST_NAME
 from teacher_service.local import LocalService, serve_argv
-from teacher_service.namespace import Namespace, RecordFormat
 from teacher_service.precompute import precompute
-from teacher_service.store import open_store
-from teacher_service.teacher import Teacher, TeacherSettings
 
 from common import imagenet_like_jpegs
 

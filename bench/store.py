@@ -32,9 +32,9 @@ import redis
 from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args
+from labels.namespace import Namespace, RecordFormat
+from labels.store import open_store
 from shards import RepeatSchedule
-from teacher_service.namespace import Namespace, RecordFormat
-from teacher_service.store import open_store
 
 from common import LocalRedisCluster
 

@@ -27,12 +27,12 @@ import torch
 from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args, usable_cpus
+from labels.client import TeacherClient
+from labels.namespace import RecordFormat
+from labels.teacher import Teacher, TeacherSettings
 from shards import augment, decode_image
-from teacher_service.client import TeacherClient
 from teacher_service.local import LocalService, serve_argv
-from teacher_service.namespace import RecordFormat
 from teacher_service.precompute import precompute
-from teacher_service.teacher import Teacher, TeacherSettings
 
 from common import bench_shards
 

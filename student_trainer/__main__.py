@@ -1,16 +1,15 @@
-"""python -m student_trainer {train,demo,plot}  (train also under torchrun)"""
+"""python -m student_trainer {train,plot}  (train also under torchrun)"""
 
 from __future__ import annotations
 
 import sys
 
 from distill_core import App, Command
-from teacher_service.client import ServiceError
-from teacher_service.store import StoreError
+from labels.client import ServiceError
+from labels.store import StoreError
 
 from .config import TrainConfig
 from .data import MissingLabels
-from .demo import COMMAND as DEMO
 from .plot import COMMAND as PLOT
 
 
@@ -33,7 +32,7 @@ TRAIN = Command(
 APP = App(
     "python -m student_trainer",
     "DeiT students from cached teacher labels.",
-    [TRAIN, DEMO, PLOT],
+    [TRAIN, PLOT],
     user_errors=(StoreError, ServiceError, MissingLabels),
 )
 

@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill_core import Nested, NotAFlag, read_secret
+from labels.teacher import TeacherSettings
 from shards.flags import DecoderFlag, RendererFlag, RepeatModeFlag
-from teacher_service.teacher import TeacherSettings
 
 from .data import OnMissing
 from .loss import DistillationType

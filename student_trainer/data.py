@@ -47,11 +47,11 @@ import torch
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 from torch.utils.data import IterableDataset
 
+from labels.client import TeacherClient
+from labels.store import LabelBatch, StoreUnavailable, open_existing, redact
 from shards import AugmentPolicy, Manifest, RepeatSchedule, ShardStream, make_loader
 from shards.fingerprint import check as check_fingerprint
 from shards.schedule import same_pairs
-from teacher_service.client import TeacherClient
-from teacher_service.store import LabelBatch, StoreUnavailable, open_existing, redact
 
 log = logging.getLogger(__name__)
 

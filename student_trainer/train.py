@@ -31,10 +31,10 @@ from timm.utils import unwrap_model
 from tqdm import tqdm
 
 from distill_core import atomic_save, autocast, load_training_checkpoint, save_weights, usable_cpus
+from labels.teacher import Teacher
 from shards import AugmentPolicy, Manifest
 from shards.feeder import Feeder
 from shards.stream import rendered
-from teacher_service.teacher import Teacher
 
 from .config import TrainConfig
 from .data import LabeledLoader, eval_loader, labeled_loader

@@ -1,7 +1,8 @@
-"""The teacher: one runtime, the label engine that runs it, label stores, the precompute job, the
-REST service and its client.
+"""The teacher's side: the label engine that runs the teacher, the precompute job and the REST
+service. The runtime, the stores and the client are the labels layer's (`labels`); their names
+are re-exported here.
 
-    from teacher_service import Teacher, TeacherSettings, open_store, TeacherClient
+    from teacher_service import LabelEngine, PrecomputeConfig, create_app
     from teacher_service.precompute import precompute
 
 Names are imported on first use, so that a process needing one part (an augmentation worker, a
@@ -15,27 +16,27 @@ from distill_core import lazy_exports
 __all__, __getattr__ = lazy_exports(
     __name__,
     {
-        "Teacher": ".teacher",
-        "TeacherSettings": ".teacher",
+        "Teacher": "labels.teacher",
+        "TeacherSettings": "labels.teacher",
         "LabelEngine": ".engine",
         "EngineConfig": ".engine",
         "EngineError": ".engine",
         "QueueFull": ".engine",
         "Job": ".engine",
-        "Namespace": ".namespace",
-        "NamespaceMismatch": ".namespace",
-        "RecordFormat": ".namespace",
-        "LabelBatch": ".store",
-        "LabelStore": ".store",
-        "StoreError": ".store",
-        "StoreUnavailable": ".store",
-        "open_store": ".store",
-        "open_existing": ".store",
-        "list_namespaces": ".store",
+        "Namespace": "labels.namespace",
+        "NamespaceMismatch": "labels.namespace",
+        "RecordFormat": "labels.namespace",
+        "LabelBatch": "labels.store",
+        "LabelStore": "labels.store",
+        "StoreError": "labels.store",
+        "StoreUnavailable": "labels.store",
+        "open_store": "labels.store",
+        "open_existing": "labels.store",
+        "list_namespaces": "labels.store",
         "PrecomputeConfig": ".precompute",
         "Settings": ".app.config",
         "create_app": ".app.main",
-        "TeacherClient": ".client",
-        "ServiceError": ".client",
+        "TeacherClient": "labels.client",
+        "ServiceError": "labels.client",
     },
 )

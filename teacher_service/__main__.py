@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 
 from distill_core import App
+from labels.admin import COMMAND as LABELS
+from labels.namespace import NamespaceMismatch
+from labels.store import StoreError
 
 from .app.supervisor import COMMAND as SERVE
 from .engine import EngineError
-from .labels_admin import COMMAND as LABELS
-from .namespace import NamespaceMismatch
 from .precompute import COMMAND as PRECOMPUTE
-from .store import StoreError
 
 APP = App(
     "python -m teacher_service",

@@ -53,6 +53,9 @@ import torch.multiprocessing as mp
 
 from distill_core import usable_cpus
 from distill_core.process import exit_with_parent
+from labels.namespace import Namespace, RecordFormat
+from labels.store import open_store
+from labels.teacher import PendingPrediction, Teacher
 from shards import AugmentPolicy, augment, decode_image, prepare
 from shards.augment import prepare_encoded
 from shards.members import Member, OpenFiles
@@ -60,9 +63,6 @@ from shards.render import BatchPlan, check_device, crops_on_device, is_jpeg, ren
 
 from .batcher import Batch, Batcher, Pending
 from .metrics import Metrics
-from .namespace import Namespace, RecordFormat
-from .store import open_store
-from .teacher import PendingPrediction, Teacher
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ def engine_devices(devices: str) -> list[str]:
     """'auto': one engine per visible GPU, else one on the CPU; or a comma list (cuda:0,cuda:1)."""
     import torch
 
-    from .teacher import pick_device
+    from labels.teacher import pick_device
 
     if devices == "auto":
         n = torch.cuda.device_count()

@@ -20,10 +20,11 @@ from multiprocessing.connection import Connection, Listener
 
 import numpy as np
 
+from labels.teacher import TeacherSettings
+
 from .engine import EngineConfig, EngineError, LabelEngine, QueueFull, Result
 from .engine_messages import Done, Failed, Full, Hello, Label
 from .metrics import Metrics
-from .teacher import TeacherSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,12 @@ def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connectio
     """An engine process: teacher + LabelEngine + a Unix-socket server; exits when its engine fails,
     on SIGTERM (after draining briefly) or when its parent is gone."""
     from distill_core.process import exit_with_parent
+    from labels.namespace import RecordFormat
+    from labels.store import open_store
+    from labels.teacher import Teacher
     from shards import AugmentPolicy
 
-    from .namespace import RecordFormat
     from .precompute import claim_fingerprint
-    from .store import open_store
-    from .teacher import Teacher
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s engine[{spec.device}] %(message)s")
     # a supervisor killed with SIGKILL cannot remove its private directory (sockets, metrics): we do

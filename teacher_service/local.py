@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from distill_core import free_port, to_argv
+from labels.client import TeacherClient
 
 from .app.config import Settings
-from .client import TeacherClient
 
 
 def serve_argv(**fields) -> list[str]:

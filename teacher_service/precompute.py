@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from distill_core import Command, Nested
+from labels.namespace import MAX_SEED, RecordFormat
+from labels.store import StoreError, open_store, redact
+from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, policy_overrides
 from shards.fingerprint import FingerprintMismatch, difference, render_fingerprint
 from shards.flags import DecoderFlag, RendererFlag, RepeatModeFlag
@@ -32,9 +35,6 @@ from shards.schedule import RepeatSchedule
 
 from .engine import EngineConfig, Job, LabelEngine, Result, render_device
 from .engine_pool import engine_devices
-from .namespace import MAX_SEED, RecordFormat
-from .store import StoreError, open_store, redact
-from .teacher import Teacher, TeacherSettings
 
 log = logging.getLogger(__name__)
 

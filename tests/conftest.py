@@ -151,8 +151,8 @@ def pytest_terminal_summary(terminalreporter):
 def precompute_argv(shards, seeds: str | None, store, teacher, *extra) -> list[str]:
     """`python -m teacher_service precompute --no-progress` over `shards` with a teacher checkpoint
     (`seeds` None: the schedule flags in `extra` say what to label)."""
+    from labels.teacher import TeacherSettings
     from teacher_service.precompute import PrecomputeConfig
-    from teacher_service.teacher import TeacherSettings
 
     job = dict(shards=str(shards), store=str(store), teacher=TeacherSettings(checkpoint=str(teacher)), progress=False)
     job.update({"seeds": seeds} if seeds is not None else {})
@@ -373,8 +373,8 @@ def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
 def start_service(teacher, shards, store, log_path: Path, *flags, env: dict | None = None, port: int | None = None):
     """A real `serve` (supervisor, label engines, uvicorn) on a free port (or `port`): (process, url)
     once ready. `store` None: the environment names it (DISTILL_STORE, for a URL with a password)."""
+    from labels.teacher import TeacherSettings
     from teacher_service.local import LocalService, serve_argv
-    from teacher_service.teacher import TeacherSettings
 
     fields = {"shards": str(shards), "teacher": TeacherSettings(checkpoint=str(teacher))}
     fields.update({"store": str(store)} if store is not None else {})

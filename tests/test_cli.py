@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 from conftest import run_cli
 
+import distill_demo.__main__ as demo_cli
 import shards.__main__ as shards_cli
 import student_trainer.__main__ as trainer_cli
 import teacher_service.__main__ as teacher_cli
@@ -78,7 +79,7 @@ def test_every_augmenting_command_takes_the_renderer(demo_shards):
     assert policy_and_classes(s)[0].renderer == "torch"
     _, pre = teacher_cli.APP.parse(["precompute", "--shards", "s", "--seeds", "0:1", "--renderer", "torch"])
     _, train = trainer_cli.APP.parse(["train", "--shards", "s", "--out", "o", "--renderer", "torch"])
-    _, demo = trainer_cli.APP.parse(["demo", "--renderer", "torch"])
+    _, demo = demo_cli.APP.parse(["demo", "--renderer", "torch"])
     assert pre.renderer == train.renderer == demo.renderer == "torch"
     with pytest.raises(SystemExit):
         trainer_cli.APP.parse(["train", "--shards", "s", "--out", "o", "--renderer", "cv2"])
@@ -120,10 +121,10 @@ def test_to_argv_is_the_inverse_of_the_parser(tmp_path):
     import argparse
 
     from distill_core import add_arguments, from_arguments, to_argv
+    from labels.teacher import TeacherSettings
     from shards.__main__ import BuildConfig
     from student_trainer import TrainConfig
     from teacher_service.precompute import PrecomputeConfig
-    from teacher_service.teacher import TeacherSettings
 
     ckpt = tmp_path / "t.safetensors"
     ckpt.write_bytes(b"x")

@@ -21,8 +21,8 @@ from conftest import (
     wait_service_ready,
 )
 
+from labels.client import TeacherClient
 from teacher_service.app.config import Settings
-from teacher_service.client import TeacherClient
 from teacher_service.local import LocalService
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import Budget, descendants, engines_directory, start_service, still_running, wait_exit, wait_until
 
+from labels.client import TeacherClient
+from labels.namespace import RecordFormat
+from labels.store import open_store
+from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, augment, decode_image
 from shards.index import ShardIndex, SplitIndex
 from teacher_service.app.labeling import LabelService
-from teacher_service.client import TeacherClient
 from teacher_service.engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, RequestTooLarge, Result
 from teacher_service.engine_client import EngineRouter, LocalEngine
 from teacher_service.metrics import Metrics
-from teacher_service.namespace import RecordFormat
-from teacher_service.store import open_store
-from teacher_service.teacher import Teacher, TeacherSettings
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_an_exception_in_any_engine_thread_fails_the_engine_loudly(teacher, memb
     """Whatever an engine thread raises, every waiting request gets an EngineError naming it and
     new work is refused: before, the inference thread died on a teacher result it could not read
     (`classes.numpy()` outside its `try`) and every request waited forever."""
-    from teacher_service.teacher import PendingPrediction
+    from labels.teacher import PendingPrediction
 
     engine, _, _, _ = make_engine(teacher, demo_shards, tmp_path)
 

@@ -10,6 +10,8 @@ import sqlite3
 import pytest
 from conftest import last_json, run_cli, run_precompute, student_argv
 
+from labels.namespace import RecordFormat
+from labels.store import open_existing, open_store
 from shards import Manifest
 from shards.augment import sample_seed
 from shards.decode import image_header
@@ -17,8 +19,6 @@ from shards.fingerprint import FingerprintMismatch, check, difference, render_fi
 from shards.index import SplitIndex
 from shards.render import INCREASING_OPS, draw_params
 from student_trainer import labeled_loader
-from teacher_service.namespace import RecordFormat
-from teacher_service.store import open_existing, open_store
 
 EPOCHS = ("--epochs", "1", "--repeated-aug", "1", "--batch-size", "64", "--workers", "1")
 
@@ -72,7 +72,7 @@ def test_other_crops_are_refused_with_what_differs(demo_shards):
 
 
 def test_the_first_writers_fingerprint_stands_in_both_stores(store_url, demo_shards, tiny_teacher):
-    from teacher_service.teacher import Teacher, TeacherSettings
+    from labels.teacher import Teacher, TeacherSettings
 
     teacher = Teacher(TeacherSettings(checkpoint=str(tiny_teacher)), device="cpu")
     m = Manifest.load(demo_shards)

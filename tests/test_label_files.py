@@ -12,10 +12,10 @@ import zipfile
 import numpy as np
 import pytest
 
+from labels.files import check_file, export_namespace, import_namespace
+from labels.namespace import Namespace, RecordFormat
+from labels.store import open_existing, open_store
 from teacher_service.__main__ import APP
-from teacher_service.label_files import check_file, export_namespace, import_namespace
-from teacher_service.namespace import Namespace, RecordFormat
-from teacher_service.store import open_existing, open_store
 
 NS = Namespace("regnety_002@w:0123456789abcdef", "policy0123456789", RecordFormat(), 10, "classes")
 KEYS = [f"digits/{c}/{i:05d}" for c in range(3) for i in range(4)]  # 12 images, sorted
@@ -56,7 +56,7 @@ def spoil(path, out, header=None, **members) -> str:
 
 def imported(url) -> int:
     """Labels of NS at `url` (0 when the namespace is not there at all)."""
-    from teacher_service.label_files import _holds
+    from labels.files import _holds
 
     if not _holds(url, NS):
         return 0

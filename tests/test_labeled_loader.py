@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import PY, ROOT, last_json, run_cli, run_precompute, run_step
 
+from labels.store import open_existing
 from student_trainer import DistillationLoss, MissingLabels, labeled_loader, teacher_targets
-from teacher_service.store import open_existing
 
 EPOCHS = ("--epochs", "1", "--repeated-aug", "3", "--batch-size", "64", "--workers", "1")
 

@@ -31,9 +31,9 @@ from conftest import (
     wait_until,
 )
 
+from labels.client import TeacherClient
 from shards import Manifest
 from shards.index import ShardIndex
-from teacher_service.client import TeacherClient
 
 
 def trainer_cmd(shards, out, *extra) -> list[str]:

@@ -21,8 +21,8 @@ from conftest import (
     student_argv,
 )
 
+from labels.store import StoreUnavailable, open_existing
 from shards import Manifest, SkipCounter, iter_shard
-from teacher_service.store import StoreUnavailable, open_existing
 
 sys.path.insert(0, str(ROOT / "bench"))
 from common import LocalRedisCluster  # noqa: E402 (the benchmarks' helper: one implementation)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import PY, RedisServer, communicate, last_json, require_redis_server, run_cli, wait_exit
 
-from teacher_service.namespace import Namespace, NamespaceMismatch, RecordFormat
+from labels.namespace import Namespace, NamespaceMismatch, RecordFormat
+from labels.store import StoreUnavailable, open_existing, open_store
 from teacher_service.precompute import parse_seeds
-from teacher_service.store import StoreUnavailable, open_existing, open_store
 
 NS = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
 NS5 = Namespace("regnety_002@abc123", "policy01", RecordFormat(topk=5, probs=True), num_classes=10)
@@ -79,7 +79,7 @@ def test_drop_deletes_one_namespace_only(store_url):
         b.put(["k/1"], [0], [5])
         assert a.drop() == 3
         assert b.get(["k/1"], [0]).top1[0] == 5  # the other namespace keeps its labels
-    from teacher_service.store import list_namespaces
+    from labels.store import list_namespaces
 
     assert [m["id"] for m in list_namespaces(store_url)] == [other.id]
     with pytest.raises(Exception, match="not found"):
@@ -109,7 +109,7 @@ def test_a_full_file_store_says_so_and_keeps_what_it_had(tmp_path):
     """Reliability case 8: on a full disk SQLite rolls back by itself; the store must report the
     full disk (not the ROLLBACK that follows) and keep every earlier commit. The disk is made
     "full" with SQLite's own page limit, which raises the same SQLITE_FULL."""
-    from teacher_service.store import StoreError
+    from labels.store import StoreError
 
     with open_store(str(tmp_path / "full.db"), NS, seed_limit=5000) as st:
         st.put(["keep/0"], [0], [7])
@@ -142,8 +142,8 @@ def test_bad_inputs_rejected(store_url):
 
 WRITER = textwrap.dedent("""
     import glob, sys, time
-    from teacher_service.namespace import Namespace, RecordFormat
-    from teacher_service.store import open_store
+    from labels.namespace import Namespace, RecordFormat
+    from labels.store import open_store
     sys.path.insert(0, {tests!r})
     from test_store import expected
     ns = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
@@ -161,8 +161,8 @@ WRITER = textwrap.dedent("""
 
 READER = textwrap.dedent("""
     import sys, random
-    from teacher_service.namespace import Namespace, RecordFormat
-    from teacher_service.store import open_store
+    from labels.namespace import Namespace, RecordFormat
+    from labels.store import open_store
     sys.path.insert(0, {tests!r})
     from test_store import expected
     ns = Namespace("regnety_002@abc123", "policy01", RecordFormat(), num_classes=10)
@@ -288,7 +288,7 @@ def test_stats_and_copy_cli(tmp_path, redis_server):
 
 
 def test_seeds_are_bounded_by_the_namespace(store_url):
-    from teacher_service.store import DEFAULT_SEED_LIMIT, SeedOutOfRange
+    from labels.store import DEFAULT_SEED_LIMIT, SeedOutOfRange
 
     with open_store(store_url, NS) as st:
         assert st.seed_limit == DEFAULT_SEED_LIMIT
@@ -308,7 +308,7 @@ def test_a_long_row_does_not_inflate_a_batch(store_url):
     batch allocates about the rows it fetched, not 256 rows padded to the longest."""
     import tracemalloc
 
-    from teacher_service.namespace import MAX_SEED
+    from labels.namespace import MAX_SEED
 
     with open_store(store_url, NS, seed_limit=MAX_SEED + 1) as st:
         keys = [f"k/{i}" for i in range(256)]
@@ -337,7 +337,7 @@ def test_an_evicted_namespace_record_is_restored_never_smaller(redis_server, cap
         service.put(["a"], [1023], [1])
     assert "needs noeviction" in caplog.text
     r.delete(f"dl:{{{NS.id}}}:meta", f"dl:{{{NS.id}}}:seeds")  # what eviction did
-    from teacher_service.labels_admin import stats
+    from labels.admin import stats
 
     lost = stats(redis_server.url, progress=False)
     assert lost["namespaces"] == [] and lost["orphaned_rows"] == {NS.id: 1}  # found, with how to restore it
@@ -356,7 +356,7 @@ def test_redis_that_lost_its_data_gets_the_namespace_back(redis_server):
     rows written after are never rows that no namespace describes."""
     import redis as redis_py
 
-    from teacher_service.store import list_namespaces
+    from labels.store import list_namespaces
 
     with open_store(redis_server.url, NS, seed_limit=2000) as st:
         st.put(["a"], [0], [1])

@@ -23,11 +23,11 @@ from conftest import (
     wait_until,
 )
 
+from labels.client import ServiceError, TeacherClient
+from labels.namespace import RecordFormat
+from labels.store import open_existing
+from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, SkipCounter, augment, decode_image, iter_shard
-from teacher_service.client import ServiceError, TeacherClient
-from teacher_service.namespace import RecordFormat
-from teacher_service.store import open_existing
-from teacher_service.teacher import Teacher, TeacherSettings
 
 TOKEN = "s3cret"
 

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from conftest import PY, TINY, last_json, run_cli, run_precompute, student_argv, wait_until
 
 from distill_core import load_training_checkpoint
+from labels.namespace import Namespace, RecordFormat, classes_digest
+from labels.store import open_store
 from shards import Manifest, SkipCounter, iter_shard
 from student_trainer.loss import DistillationLoss, TeacherTargets
 from student_trainer.targets import TeacherTargetBuilder, target_distribution
-from teacher_service.namespace import Namespace, RecordFormat, classes_digest
-from teacher_service.store import open_store
 
 
 def official_deit_loss(outputs, labels, teacher_outputs, base, dtype, alpha, tau):
@@ -437,8 +437,7 @@ def test_demo_end_to_end_writes_table_and_picture(tmp_path, demo_shards):
     out = tmp_path / "demo"
     shutil.copytree(demo_shards, out / "shards")  # the demo reuses shards it finds
     r = run_cli(
-        "student_trainer",
-        "demo",
+        "distill_demo",
         "--out",
         out,
         "--teacher-epochs",

@@ -14,10 +14,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from distill_core import Nested, NotAFlag, read_secret
+from labels.namespace import MAX_SEED
+from labels.teacher import TeacherSettings
 from shards.flags import DecoderFlag, RendererFlag
-
-from ..namespace import MAX_SEED
-from ..teacher import TeacherSettings
 
 ENV_PREFIX = "DISTILL_"
 

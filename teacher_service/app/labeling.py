@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
+from labels.namespace import Namespace, RecordFormat
+from labels.store import LabelStore, StoreError
 from shards.decode import image_header
 from shards.index import ShardIndex
 
 from ..engine import Job, check_fits
 from ..metrics import Metrics
-from ..namespace import Namespace, RecordFormat
-from ..store import LabelStore, StoreError
 from .schemas import LabelsOut
 
 log = logging.getLogger(__name__)

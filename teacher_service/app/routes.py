@@ -11,9 +11,10 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Uplo
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from labels.namespace import MAX_SEED
+from labels.store import SeedOutOfRange, StoreError
+
 from ..engine import EngineError, QueueFull, RequestTooLarge
-from ..namespace import MAX_SEED
-from ..store import SeedOutOfRange, StoreError
 from .labeling import InvalidUpload, UploadTooCostly
 from .schemas import Items, LabelsNotFound, LabelsOut, Ready, error
 from .state import ServiceState

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from ..namespace import MAX_KEY_LENGTH, MAX_SEED
+from labels.namespace import MAX_KEY_LENGTH, MAX_SEED
 
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 Key = Annotated[str, Field(min_length=1, max_length=MAX_KEY_LENGTH)]

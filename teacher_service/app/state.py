@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill_core import usable_cpus
+from labels.namespace import Namespace, RecordFormat
+from labels.store import LabelStore, open_store
 from shards import AugmentPolicy, policy_overrides
 from shards.index import ShardIndex
 
@@ -16,8 +18,6 @@ from ..engine_client import EngineRouter
 from ..engine_pool import EnginePool, engine_devices, engines_from_env
 from ..engine_server import EngineSpec
 from ..metrics import Metrics
-from ..namespace import Namespace, RecordFormat
-from ..store import LabelStore, open_store
 from .config import Settings
 from .labeling import LabelService
 

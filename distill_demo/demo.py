@@ -25,13 +25,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill_core import Command, to_argv
+from labels.teacher import TeacherSettings
 from shards.__main__ import BuildConfig
 from shards.flags import RendererFlag
+from student_trainer.config import TrainConfig
+from student_trainer.plot import group_runs, mean_std, plot_runs, read_metrics, throughput
 from teacher_service.precompute import PrecomputeConfig
-from teacher_service.teacher import TeacherSettings
-
-from .config import TrainConfig
-from .plot import group_runs, mean_std, plot_runs, read_metrics, throughput
 
 # Patch 4 on 32 px crops: 64 tokens, width 64, depth 4 (209k parameters). A wider, deeper student
 # (96 x 6) learned slower in the same minutes and distillation did not help it either (README).

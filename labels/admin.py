@@ -146,13 +146,13 @@ class ImportConfig(BaseModel):
 
 
 def _export(c: ExportConfig) -> dict:
-    from .label_files import export_namespace
+    from .files import export_namespace
 
     return export_namespace(c.url, c.out, c.namespace, progress=c.progress)
 
 
 def _import(c: ImportConfig) -> dict:
-    from .label_files import import_namespace
+    from .files import import_namespace
 
     return import_namespace(c.file, c.url, progress=c.progress)
 
