@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_core import parse_script_args  # noqa: E402
 from shards import AugmentPolicy, Manifest, SkipCounter, augment, decode_image, iter_shard, prepare  # noqa: E402
-from shards.augment import sample_seed, seeded_rng  # noqa: E402
+from shards.augment import sample_seed, seeded_rng, train_transform  # noqa: E402
 from shards.build import build  # noqa: E402
 from shards.render import render_batch  # noqa: E402
 
@@ -53,7 +53,7 @@ def ms(seconds: float, n: int) -> float:
 
 def pil_stages(images: list[Image.Image], policy: AugmentPolicy) -> dict:
     """Each stage of timm's Compose timed separately; the crop is the one `augment` gives."""
-    transform = policy.train_transform()
+    transform = train_transform(policy)
     names = ["crop_resize", "flip", "randaugment", "to_tensor", "normalize", "erase"]
     stages = list(transform.transforms)
     assert len(stages) == len(names), transform

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from distill_core import parse_script_args  # noqa: E402
 from shards import AugmentPolicy, decode_image, prepare  # noqa: E402
+from shards.policy import OPS  # noqa: E402
 from shards.render import (  # noqa: E402
     INCREASING_OPS,
-    _op_argument,
     apply_op,
     fill_color,
     normalize_and_erase,
@@ -83,7 +83,7 @@ def render_ops(args: BenchRenderOps) -> dict:
     fill = fill_color(policy)
     for name in INCREASING_OPS:
         op_rng = random.Random(name)
-        op_args = [_op_argument(name, 9.0, op_rng) for _ in range(len(crops))]
+        op_args = [OPS[name].argument(0.9, op_rng) for _ in range(len(crops))]  # magnitude 9
         out[name] = compare(apply_op(name, crops, op_args, fill), apply_op(name, crops.to(device), op_args, fill))
     after = randaugment(crops, params, policy)
     out["normalize_and_erase"] = compare(

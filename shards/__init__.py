@@ -1,9 +1,10 @@
 """Webdataset shards, manifest, streaming reader with DDP splitting, and seeded augmentation."""
 
-from .augment import AugmentPolicy, augment, eval_view, prepare, sample_seed
+from .augment import augment, eval_view, prepare
 from .decode import decode_image
 from .flags import DecoderFlag, RendererFlag, policy_overrides
 from .manifest import Manifest, verify
+from .policy import AugmentPolicy, sample_seed
 from .schedule import RepeatSchedule
 from .stream import ShardStream, SkipCounter, iter_shard, make_loader
 

@@ -17,158 +17,68 @@ The renderer and the decoder are part of the policy and of its id: each has its 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import importlib.metadata
-import json
 import random
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .decode import image_header
-from .flags import RENDERERS
-from .render import DECODERS, check_device, crop_image, draw_params, render_batch
+from .policy import IMAGENET_MEAN, IMAGENET_STD, AugmentPolicy, sample_seed
+from .render import check_device, crop_image, draw_params, render_batch
 
-# Bump when this module changes in a way that changes the produced tensors.
-AUGMENT_CODE_VERSION = 2
-# The same for the torch renderer (render.py, resample.py); part of the id of torch policies only.
-# 2: integer arithmetic on every device (Pillow's resize, fixed-point ops), the decoder in the policy;
-# 3: the warps' weights in 11 bits (int32 sums)
-RENDER_CODE_VERSION = 3
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["AugmentPolicy", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "eval_transform", "eval_view", "prepare",
+           "prepare_encoded", "sample_seed", "seeded_rng", "to_pil", "train_transform"]  # fmt: skip
 
 # Python's `random`, numpy's and torch's global generators are process-wide: two threads
 # augmenting at once would interleave draws. One lock keeps each augment call atomic.
 _RNG_LOCK = threading.RLock()
 
 
-@dataclass(frozen=True)
-class AugmentPolicy:
-    """DeiT's training augmentation (timm `create_transform(is_training=True)` arguments)."""
+def train_transform(policy: AugmentPolicy):
+    """timm's training transform for `policy` (the pil renderer), built once per policy object."""
+    if "train" not in policy._cache:
+        from timm.data import create_transform
 
-    input_size: int = 224
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    hflip: float = 0.5
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.3
-    re_prob: float = 0.25
-    re_mode: str = "pixel"
-    re_count: int = 1
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    # Eval transform: resize to input_size / crop_pct, then center crop.
-    eval_crop_pct: float = 0.875
-    # "pil": timm's transform on the CPU; "torch": parameters on the CPU, pixels on any device
-    renderer: str = "pil"
-    # torch renderer: "libjpeg" (Pillow decodes where the loader runs) or "nvjpeg" (JPEGs decoded
-    # on the CUDA device that renders); the pil renderer decodes with Pillow
-    decoder: str = "libjpeg"
-    _transform_cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("_transform_cache")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AugmentPolicy:
-        names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown augmentation policy fields: {sorted(unknown)}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
-
-    def __post_init__(self):
-        if self.renderer not in RENDERERS:
-            raise ValueError(f"renderer must be one of {RENDERERS}, not {self.renderer!r}")
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
-        if self.renderer == "pil" and self.decoder != "libjpeg":
-            raise ValueError(
-                f"the pil renderer decodes with Pillow (libjpeg); decoder {self.decoder!r} needs renderer torch"
-            )
-        if self.renderer == "torch":
-            from .render import check_policy
-
-            check_policy(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> AugmentPolicy:
-        return cls.from_dict(json.loads(text))
-
-    @property
-    def policy_id(self) -> str:
-        """Digest of the parameters and of the code versions that implement them."""
-        if "id" in self._transform_cache:
-            return self._transform_cache["id"]
-        params = self.to_dict()
-        decoder = params.pop("decoder")
-        if params.pop("renderer") != "pil":  # ids of pil policies stay what they were before renderers
-            params["renderer"] = self.renderer
-            params["decoder"] = decoder
-            params["render_code"] = RENDER_CODE_VERSION
-        payload = {
-            "params": params,
-            "augment_code": AUGMENT_CODE_VERSION,
-            "timm": _version("timm"),
-            "torchvision": _version("torchvision"),
-            "pillow": _version("pillow"),
-        }
-        blob = json.dumps(payload, sort_keys=True).encode()
-        self._transform_cache["id"] = hashlib.sha256(blob).hexdigest()[:16]
-        return self._transform_cache["id"]
-
-    def train_transform(self):
-        if "train" not in self._transform_cache:
-            from timm.data import create_transform
-
-            _patch_timm_posterize()
-            self._transform_cache["train"] = create_transform(
-                input_size=self.input_size,
-                is_training=True,
-                scale=self.scale,
-                ratio=self.ratio,
-                hflip=self.hflip,
-                color_jitter=self.color_jitter,
-                auto_augment=self.auto_augment,
-                interpolation=self.interpolation,
-                mean=self.mean,
-                std=self.std,
-                re_prob=self.re_prob,
-                re_mode=self.re_mode,
-                re_count=self.re_count,
-            )
-        return self._transform_cache["train"]
-
-    def eval_transform(self):
-        if "eval" not in self._transform_cache:
-            from timm.data import create_transform
-
-            self._transform_cache["eval"] = create_transform(
-                input_size=self.input_size,
-                is_training=False,
-                interpolation=self.interpolation,
-                mean=self.mean,
-                std=self.std,
-                crop_pct=self.eval_crop_pct,
-            )
-        return self._transform_cache["eval"]
+        transform = create_transform(
+            input_size=policy.input_size,
+            is_training=True,
+            scale=policy.scale,
+            ratio=policy.ratio,
+            hflip=policy.hflip,
+            color_jitter=policy.color_jitter,
+            auto_augment=policy.auto_augment,
+            interpolation=policy.interpolation,
+            mean=policy.mean,
+            std=policy.std,
+            re_prob=policy.re_prob,
+            re_mode=policy.re_mode,
+            re_count=policy.re_count,
+        )
+        _posterize_any_bits_in(transform)
+        policy._cache["train"] = transform
+    return policy._cache["train"]
 
 
-def _posterize_any_bits(img, bits_to_keep, **__):
+def eval_transform(policy: AugmentPolicy):
+    """timm's evaluation transform for `policy`, built once per policy object."""
+    if "eval" not in policy._cache:
+        from timm.data import create_transform
+
+        policy._cache["eval"] = create_transform(
+            input_size=policy.input_size,
+            is_training=False,
+            interpolation=policy.interpolation,
+            mean=policy.mean,
+            std=policy.std,
+            crop_pct=policy.eval_crop_pct,
+        )
+    return policy._cache["eval"]
+
+
+def posterize_any_bits(img, bits_to_keep, **__):
     """timm's posterize, also for 0 bits (a black image, as Pillow < 13 gave).
 
     With DeiT's rand-m9-mstd0.5-inc1, magnitude noise reaches 10 and PosterizeIncreasing asks for
@@ -183,27 +93,13 @@ def _posterize_any_bits(img, bits_to_keep, **__):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def _patch_timm_posterize() -> None:
-    from timm.data import auto_augment
-
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        if name in auto_augment.NAME_TO_OP:
-            auto_augment.NAME_TO_OP[name] = _posterize_any_bits
-
-
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        return "absent"
-
-
-def sample_seed(policy_id: str, key: str, seed: int) -> int:
-    """Stable 63-bit seed for one (policy, key, seed); never Python's salted hash()."""
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    digest = hashlib.sha256(f"{policy_id}\x00{key}\x00{seed}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def _posterize_any_bits_in(transform) -> None:
+    """Give the posterize ops of this transform's RandAugment `posterize_any_bits`: the fix stays in
+    our transform, and timm's own op table (which the user's code may use) is left as timm has it."""
+    for stage in getattr(transform, "transforms", ()):
+        for op in getattr(stage, "ops", ()):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = posterize_any_bits
 
 
 @contextlib.contextmanager
@@ -237,7 +133,7 @@ def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, rest
         check_device(policy, "cpu")
         crop, params = prepare(image, key, seed, policy)
         return render_batch(crop.unsqueeze(0), [params], policy, "cpu")[0]
-    transform = policy.train_transform()
+    transform = train_transform(policy)
     with seeded_rng(sample_seed(policy.policy_id, key, seed), restore_rng):
         out = transform(image)
     return out.contiguous()
@@ -259,7 +155,7 @@ def prepare_encoded(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> 
 
 
 def eval_view(image: Image.Image, policy: AugmentPolicy) -> torch.Tensor:
-    return policy.eval_transform()(image)
+    return eval_transform(policy)(image)
 
 
 def to_pil(tensor: torch.Tensor, policy: AugmentPolicy) -> Image.Image:

@@ -8,6 +8,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .flags import policy_overrides
+from .policy import AugmentPolicy
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -41,9 +44,6 @@ class Manifest:
         """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides, then
         `renderer` and `decoder` (a command's --renderer and --decoder flags) if given. An override
         of None is a value, not "unset": `{"auto_augment": null}` turns RandAugment off."""
-        from .augment import AugmentPolicy
-        from .flags import policy_overrides
-
         return AugmentPolicy.from_dict({**self.policy_hint, **policy_overrides(overrides, renderer, decoder)})
 
     def to_dict(self) -> dict:

@@ -23,11 +23,12 @@ import math
 import numpy as np
 import torch
 
-# per-row op codes of the families (0: the row does not draw the family's op in that layer)
-LUT_CODES = {"Invert": 1, "PosterizeIncreasing": 2, "SolarizeIncreasing": 3, "SolarizeAdd": 4, "AutoContrast": 5,
-             "Equalize": 6}  # fmt: skip
-BLEND_CODES = {"BrightnessIncreasing": 1, "ColorIncreasing": 2, "ContrastIncreasing": 3, "SharpnessIncreasing": 4}
-GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+from .policy import OPS, family
+
+# per-row op codes of the families (the op table's: policy.OPS)
+LUT_CODES = {name: OPS[name].code for name in family("lut")}
+BLEND_CODES = {name: OPS[name].code for name in family("blend")}
+GEOMETRIC_OPS = family("warp")
 
 BLEND_BITS = 32  # a blend factor F = f 2^32 (Pillow's float32 factor, exactly)
 COORD_BITS = 32  # fractional bits of a warp's coefficients

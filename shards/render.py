@@ -38,7 +38,6 @@ import functools
 import io
 import math
 import random
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -46,10 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .flags import DECODERS
 from .pixel_ops import (
-    BLEND_CODES,
-    LUT_CODES,
     blend_factor,
     blend_ops,
     erase,
@@ -60,73 +56,10 @@ from .pixel_ops import (
     warp,
     warp_coefficients,
 )
+from .policy import INCREASING_OPS, LEVEL_DENOM, OPS, AugmentPolicy
 from .resample import resize_u8
 
 PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-
-# The "increasing" RandAugment set of timm (`_RAND_INCREASING_TRANSFORMS`), in timm's order.
-INCREASING_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
-_LEVEL_DENOM = 10.0
-
-
-@dataclass(frozen=True)
-class RandAugmentSpec:
-    """A parsed timm RandAugment string, for the subset the torch renderer implements."""
-
-    magnitude: float = 10.0
-    num_layers: int = 2
-    prob: float = 0.5
-    magnitude_std: float = 0.0
-    magnitude_max: float = _LEVEL_DENOM
-
-    @classmethod
-    @functools.lru_cache(maxsize=64)
-    def parse(cls, text: str) -> RandAugmentSpec:
-        parts = text.split("-")
-        if parts[0] != "rand":
-            raise ValueError(f"the torch renderer implements RandAugment ('rand-...'), not {text!r}")
-        kw: dict = {}
-        increasing = False
-        for part in parts[1:]:
-            match = re.fullmatch(r"([a-z]+)([\d.]+)", part)
-            if match is None:
-                raise ValueError(f"cannot read {part!r} in {text!r}")
-            name, value = match.groups()
-            if name == "m":
-                kw["magnitude"] = float(value)
-            elif name == "n":
-                kw["num_layers"] = int(value)
-            elif name == "p":
-                kw["prob"] = float(value)
-            elif name == "mstd":
-                kw["magnitude_std"] = float(value)
-            elif name == "mmax":
-                kw["magnitude_max"] = float(value)
-            elif name == "inc":
-                increasing = bool(int(value))
-            else:
-                raise ValueError(f"the torch renderer does not implement {part!r} of {text!r}")
-        if not increasing:
-            raise ValueError(f"the torch renderer implements timm's increasing op set only (add '-inc1' to {text!r})")
-        if kw.get("magnitude_std", 0.0) > 100:
-            raise ValueError("uniform magnitude sampling (mstd > 100) is not implemented by the torch renderer")
-        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -141,25 +74,12 @@ class CropParams:
     noise_key: int
 
 
-def check_policy(policy) -> RandAugmentSpec | None:
-    """Refuse, with a reason, a policy the torch renderer cannot render."""
-    if policy.decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, not {policy.decoder!r}")
-    if policy.interpolation not in ("bicubic", "bilinear"):
-        raise ValueError(f"the torch renderer resizes with bicubic or bilinear, not {policy.interpolation!r}")
-    if policy.re_mode not in ("pixel", "const"):
-        raise ValueError(f"the torch renderer erases in 'pixel' or 'const' mode, not {policy.re_mode!r}")
-    if not policy.auto_augment and policy.color_jitter:
-        raise ValueError("the torch renderer does not implement color jitter (timm skips it under RandAugment)")
-    return RandAugmentSpec.parse(policy.auto_augment) if policy.auto_augment else None
-
-
-def draw_params(policy, sample_seed: int, width: int, height: int) -> CropParams:
+def draw_params(policy: AugmentPolicy, sample_seed: int, width: int, height: int) -> CropParams:
     """The random choices of one crop, from its sample seed and its image's size (timm's order)."""
     rng = random.Random(sample_seed)
     box = _resized_crop_box(rng, width, height, policy.scale, policy.ratio)
     flip = rng.random() < policy.hflip
-    spec = check_policy(policy)
+    spec = policy.randaugment
     ops: list[tuple[str, float]] = []
     if spec is not None:
         chosen = [INCREASING_OPS[rng.randrange(len(INCREASING_OPS))] for _ in range(spec.num_layers)]
@@ -170,7 +90,7 @@ def draw_params(policy, sample_seed: int, width: int, height: int) -> CropParams
             if spec.magnitude_std > 0:
                 m = rng.gauss(m, spec.magnitude_std)
             m = max(0.0, min(m, spec.magnitude_max))
-            ops.append((name, _op_argument(name, m, rng)))
+            ops.append((name, OPS[name].argument(m / LEVEL_DENOM, rng)))
     size = policy.input_size
     erase: list[tuple[int, int, int, int]] = []
     if policy.re_prob > 0 and rng.random() <= policy.re_prob:
@@ -206,30 +126,6 @@ def _resized_crop_box(rng: random.Random, width: int, height: int, scale, ratio)
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
-
-
-def _op_argument(name: str, m: float, rng: random.Random) -> float:
-    """timm's LEVEL_TO_ARG for the increasing set; the sign is drawn where timm draws one."""
-    level = m / _LEVEL_DENOM
-
-    def negate(v: float) -> float:
-        return -v if rng.random() > 0.5 else v
-
-    if name == "Rotate":
-        return negate(level * 30.0)
-    if name == "PosterizeIncreasing":
-        return float(4 - int(level * 4))
-    if name == "SolarizeIncreasing":
-        return float(256 - min(256, int(level * 256)))
-    if name == "SolarizeAdd":
-        return float(min(128, int(level * 110)))
-    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
-        return max(0.1, 1.0 + negate(level * 0.9))
-    if name in ("ShearX", "ShearY"):
-        return negate(level * 0.3)
-    if name in ("TranslateXRel", "TranslateYRel"):
-        return negate(level * 0.45)
-    return 0.0  # AutoContrast, Equalize, Invert take no argument
 
 
 # -- the crop: the box, resized to S x S, flipped -------------------------------------------
@@ -338,8 +234,8 @@ class BatchPlan:
         self.packed, self.fields, self.size = packed, fields, size
 
     @classmethod
-    def build(cls, params: list[CropParams], policy) -> BatchPlan:
-        spec = check_policy(policy)
+    def build(cls, params: list[CropParams], policy: AugmentPolicy) -> BatchPlan:
+        spec = policy.randaugment
         layers = spec.num_layers if spec is not None else 0
         size = policy.input_size
         columns: dict[str, list] = {}
@@ -352,16 +248,15 @@ class BatchPlan:
             columns.update({f"erase{slot}.rows": [], f"erase{slot}.box": [], f"erase{slot}.key": []})
         for i, p in enumerate(params):
             for layer, (name, arg) in enumerate(p.ops):
-                if name in LUT_CODES:
-                    columns[f"lut{layer}.rows"].append(i)
-                    columns[f"lut{layer}.code"].append(LUT_CODES[name])
+                op = OPS[name]
+                columns[f"{op.family}{layer}.rows"].append(i)
+                if op.family == "lut":
+                    columns[f"lut{layer}.code"].append(op.code)
                     columns[f"lut{layer}.arg"].append(lut_argument(name, arg))
-                elif name in BLEND_CODES:
-                    columns[f"blend{layer}.rows"].append(i)
-                    columns[f"blend{layer}.code"].append(BLEND_CODES[name])
+                elif op.family == "blend":
+                    columns[f"blend{layer}.code"].append(op.code)
                     columns[f"blend{layer}.factor"].append(blend_factor(arg))
                 else:
-                    columns[f"warp{layer}.rows"].append(i)
                     columns[f"warp{layer}.coeffs"].append(warp_coefficients(name, arg, size))
             for slot, box in enumerate(p.erase):
                 columns[f"erase{slot}.rows"].append(i)
@@ -513,13 +408,13 @@ class _StageClock:
 def apply_op(name: str, x: torch.Tensor, args: list[float], fill=(124, 116, 104), interpolation="bicubic"):
     """One RandAugment op on every sample of uint8 `x` (n, 3, S, S), one argument each (for tests
     and benchmarks: the render runs the families through `randaugment`)."""
-    n = len(x)
+    n, op = len(x), OPS[name]
     on = {"device": x.device}
-    if name in LUT_CODES:
-        code = torch.full((n,), LUT_CODES[name], **on)
+    if op.family == "lut":
+        code = torch.full((n,), op.code, **on)
         return lut_ops(x, code, torch.tensor([lut_argument(name, a) for a in args], **on))
-    if name in BLEND_CODES:
+    if op.family == "blend":
         factor = torch.tensor([blend_factor(a) for a in args], **on)
-        return blend_ops(x, torch.full((n,), BLEND_CODES[name], **on), factor[:, 0], factor[:, 1])
+        return blend_ops(x, torch.full((n,), op.code, **on), factor[:, 0], factor[:, 1])
     coeffs = torch.tensor([warp_coefficients(name, a, x.shape[-1]) for a in args], dtype=torch.int64, **on)
     return warp(x, coeffs, torch.tensor(fill, dtype=torch.uint8, **on), interpolation)

@@ -57,7 +57,7 @@ from labels.namespace import Namespace, RecordFormat
 from labels.store import open_store
 from labels.teacher import PendingPrediction, Teacher
 from shards import AugmentPolicy, augment, decode_image, prepare
-from shards.augment import prepare_encoded
+from shards.augment import prepare_encoded, train_transform
 from shards.members import Member, OpenFiles
 from shards.render import BatchPlan, check_device, crops_on_device, is_jpeg, render_batch
 
@@ -646,7 +646,7 @@ def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done, mod
     exit_with_parent()
     policy = AugmentPolicy.from_json(policy_json)
     if mode == "augment":
-        policy.train_transform()  # built before "ready"; the other modes need no timm at all
+        train_transform(policy)  # built before the first task; the other modes need no timm at all
     files = OpenFiles()
     done.put(("ready", os.getpid()))
     while (task := tasks.get()) is not None:

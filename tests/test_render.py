@@ -165,10 +165,9 @@ def test_the_device_resize_is_pillows_arithmetic_by_gather_and_by_matmul(photos)
 def _timm_op(name: str, arg: float, interpolation: str = "bicubic"):
     from timm.data import auto_augment
 
-    from shards.augment import _patch_timm_posterize
+    from shards.augment import posterize_any_bits
 
-    _patch_timm_posterize()
-    fn = auto_augment.NAME_TO_OP[name]
+    fn = posterize_any_bits if name.startswith("Posterize") else auto_augment.NAME_TO_OP[name]
     resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
     if name in ("AutoContrast", "Equalize", "Invert"):
         return lambda im: fn(im)
@@ -477,3 +476,22 @@ def test_nvjpeg_crops_do_not_depend_on_their_batch(photos):
     assert torch.equal(render_prepared(items, NVJPEG, "cuda").cpu(), batch)
     for i in (0, 5):
         assert torch.equal(render_prepared([items[i]], NVJPEG, "cuda").cpu()[0], batch[i])
+
+
+@pytest.mark.unit
+def test_the_posterize_fix_stays_in_our_transform(photos):
+    """Pillow 13 refuses timm's 0-bit posterize; our transform answers it with a black image (as
+    Pillow < 13 did), and timm's own op table, which the user's code may use, is left as it is."""
+    from timm.data import auto_augment
+
+    from shards.augment import posterize_any_bits, train_transform
+
+    before = dict(auto_augment.NAME_TO_OP)
+    transform = train_transform(AugmentPolicy())
+    assert (
+        auto_augment.NAME_TO_OP == before and auto_augment.NAME_TO_OP["PosterizeIncreasing"] is not posterize_any_bits
+    )
+    ops = [op for stage in transform.transforms for op in getattr(stage, "ops", ())]
+    posterize = [op for op in ops if op.name == "PosterizeIncreasing"]
+    assert posterize and all(op.aug_fn is posterize_any_bits for op in posterize)
+    assert not np.asarray(posterize_any_bits(photos[0], 0)).any()
