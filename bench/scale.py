@@ -8,11 +8,9 @@ cut from scikit-learn's two photographs by random crops, rescales, flips and col
 
 - `build`: `python -m shards build --src` images/s (one process: per core), member index included;
 - `index`: opening the split's member index as `serve`, precompute and the stream do (checksum
-  included), against walking the tar headers of the same shards (the start-up of shards built
-  without an index); the index's bytes per image. Warm page cache: on a cold or network disk the
-  tar walk costs a seek per member on top;
+  included); the index's bytes per image;
 - `serve`: seconds from starting `python -m teacher_service serve --http-workers 2` (regnety_002,
-  random weights) to `/readyz` answering 200, with and without the index, and the resident
+  random weights) to `/readyz` answering 200, and the resident
   (RSS) and proportional (PSS) memory of the supervisor, each HTTP worker and the engine's processes;
 - `loader`: the trainer's data side at 224 px (DeiT's policy, `deit` schedule, 3 repeats): seconds
   from creating the stream to its first batch, then images/s per core (`--loader-batches` batches);
@@ -50,7 +48,6 @@ from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, ShardStream, augment, decode_image, make_loader
 from shards.__main__ import BuildConfig
 from shards.index import SplitIndex
-from shards.manifest import MANIFEST_NAME
 from teacher_service.local import LocalService, serve_argv
 from teacher_service.precompute import precompute
 
@@ -99,18 +96,7 @@ def build(src: Path, out: Path, shard_size: int) -> dict:
     return {"seconds": s["seconds"], "images_per_s_per_core": s["images_per_s"]}
 
 
-def without_index(out: Path, legacy: Path) -> Path:
-    """The same shards (links) under a manifest that lists no index: as built before indexes."""
-    legacy.mkdir()
-    for f in out.glob("*.tar"):
-        (legacy / f.name).symlink_to(f)
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    manifest.pop("indexes")
-    (legacy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    return legacy
-
-
-def index_open(out: Path, legacy: Path) -> dict:
+def index_open(out: Path) -> dict:
     def best(fn, times: int = 3) -> float:
         runs = []
         for _ in range(times):
@@ -122,7 +108,6 @@ def index_open(out: Path, legacy: Path) -> dict:
     index = SplitIndex.open(out, "train", Manifest.load(out))
     return {
         "open_s": round(best(lambda: SplitIndex.open(out, "train", Manifest.load(out))), 5),
-        "tar_walk_s": round(best(lambda: SplitIndex.load(legacy, "train"), 2), 4),
         "bytes_per_image": round(index.nbytes / len(index), 1),
     }
 
@@ -291,7 +276,7 @@ def slope(rows: list[dict], get) -> float:
 
 def plan(rows: list[dict], pre: dict) -> dict:
     """ImageNet-1k at 300 epochs x 3 repeats, extrapolated from the largest size measured and the
-    per-image slopes. Start-up extrapolates with the index's (or the tar walk's) slope measured in
+    per-image slopes. Start-up extrapolates with the index's slope measured in
     process: serve's own time to ready varies by a second from start to start, more than either
     part grows here. An HTTP worker's resident memory gains at most the index file (mapped pages,
     shared by the machine's processes)."""
@@ -305,9 +290,7 @@ def plan(rows: list[dict], pre: dict) -> dict:
         "labels_deit_schedule": labels_deit,
         "labels_all_schedule": labels_all,
         "serve_ready_s_with_index": round(last["serve"]["ready_s"] + more * slope(rows, _index_open), 1),
-        "serve_ready_s_without_index": round(last["serve_without_index"]["ready_s"] + more * slope(rows, _tar_walk), 1),
         "index_open_s": round(_index_open(last) + more * slope(rows, _index_open), 3),
-        "tar_walk_s_warm_cache": round(_tar_walk(last) + more * slope(rows, _tar_walk), 1),
         "index_mb": round(index_mb, 1),
         "http_worker_rss_mb_at_most": round(_worker_rss(last) + index_mb, 1),
         "redis_gb_deit_schedule": round(labels_deit * last["store_300"]["bytes_per_label"] / 2**30, 2),
@@ -318,10 +301,6 @@ def plan(rows: list[dict], pre: dict) -> dict:
 
 def _index_open(r: dict) -> float:
     return r["index"]["open_s"]
-
-
-def _tar_walk(r: dict) -> float:
-    return r["index"]["tar_walk_s"]
 
 
 def _worker_rss(r: dict) -> float:
@@ -340,10 +319,8 @@ def main():
             row["jpeg_kb_mean"] = round(sum(f.stat().st_size for f in src.rglob("*.JPEG")) / n / 1024, 1)
             row["build"] = build(src, out, args.shard_size)
             shutil.rmtree(src)
-            legacy = without_index(out, d / f"legacy{n}")
-            row["index"] = index_open(out, legacy)
+            row["index"] = index_open(out)
             row["serve"] = serve(out, args.model, d)
-            row["serve_without_index"] = serve(legacy, args.model, d)
             row["loader"] = loader(out, args.loader_batches)
             keys = list(SplitIndex.open(out, "train", Manifest.load(out)).iter_keys())
             row["store_300"] = store_figures(keys, 300, args.redis_url, args.seconds)
@@ -352,7 +329,6 @@ def main():
             rows.append(row)
             if n != sizes[-1]:
                 shutil.rmtree(out)
-                shutil.rmtree(legacy)
         split = cost_split(out, args.model)
         pre = precompute_rate(out, args.model, args.precompute_images, d)
     print(
@@ -365,11 +341,7 @@ def main():
                 "cost_split": split,
                 "slopes_per_1000_images": {
                     "serve_ready_s_with_index": round(1000 * slope(rows, lambda r: r["serve"]["ready_s"]), 4),
-                    "serve_ready_s_without_index": round(
-                        1000 * slope(rows, lambda r: r["serve_without_index"]["ready_s"]), 4
-                    ),
                     "index_open_s": round(1000 * slope(rows, _index_open), 6),
-                    "tar_walk_s": round(1000 * slope(rows, _tar_walk), 4),
                     "loader_first_batch_s": round(1000 * slope(rows, lambda r: r["loader"]["first_batch_s"]), 4),
                     "http_worker_rss_mb": round(1000 * slope(rows, _worker_rss), 3),
                 },

@@ -23,7 +23,7 @@ import torch
 
 from .augment import AugmentPolicy, augment, prepare, prepare_encoded, sample_seed
 from .decode import decode_image, image_header
-from .index import SplitIndex, scanned_members
+from .index import SplitIndex
 from .manifest import Manifest
 from .render import INCREASING_OPS, draw_params, is_jpeg, render_prepared
 
@@ -42,25 +42,11 @@ def _images(directory: Path, manifest: Manifest, split: str, keys: list[str] | N
 
     files = OpenFiles()
     try:
-        if split in manifest.indexes:
-            index = SplitIndex.open(directory, split, manifest)
-            if keys is None:
-                rows = range(min(IMAGES, len(index)))
-                return [(index.key(r), index.member(r).read(files)) for r in rows]
-            found = {k: index.get(k) for k in keys}
-        else:  # shards built before indexes: walk their tar headers until the keys are found
-            found = {}
-            for shard in manifest.shards(split):
-                for key, member in scanned_members(directory / shard.name):
-                    if keys is None or key in keys:
-                        found[key] = member
-                    if len(found) == (IMAGES if keys is None else len(keys)):
-                        break
-                else:
-                    continue
-                break
-            if keys is None:
-                keys = list(found)
+        index = SplitIndex.load(directory, split, manifest)
+        if keys is None:
+            rows = range(min(IMAGES, len(index)))
+            return [(index.key(r), index.member(r).read(files)) for r in rows]
+        found = {k: index.get(k) for k in keys}
         missing = [k for k in keys if found.get(k) is None]
         if missing:
             raise FingerprintMismatch(

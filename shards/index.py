@@ -19,8 +19,9 @@ at an offset aligned to 8 bytes:
     key_end u64 [n] end of each row's key in `keys`
     keys   u8  [*]  the keys, UTF-8, back to back
 
-Shards without an index still work: `SplitIndex.scan` builds the same table in memory from the
-tar headers (one walk, what every start cost before), with a warning that says how to write it.
+Every reader needs it (the stream, precompute, the service, the fingerprint): shards built before
+indexes are refused with one message (`missing`) that says how to write it once, `shards index
+DIR`, which walks their tar headers (`SplitIndex.scan_rows`) and writes the same bytes a build does.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 MAGIC = b"DLSHIDX\x01"
 INDEX_VERSION = 1
 _ARRAYS = (("hash", "<u8"), ("order", "<u4"), ("offset", "<u8"), ("size", "<u4"), ("label", "<i4"), ("key_end", "<u8"))
+
+
+def missing(directory: str | Path, split: str) -> str:
+    """The one message for a split without a member index, wherever it is needed."""
+    return (
+        f"split {split} of {directory} has no member index (shards built before indexes): write it once with "
+        f"`python -m shards index {directory}`"
+    )
 
 
 class IndexMismatch(ValueError):
@@ -185,12 +194,6 @@ class SplitIndex:
         return rows
 
     @classmethod
-    def scan(cls, directory: str | Path, split: str, shards: list[ShardInfo]) -> SplitIndex:
-        """The index of shards that have none on disk, built in memory from their tar headers."""
-        data = cls.encode(split, shards, cls.scan_rows(directory, split, shards))
-        return cls.from_bytes(directory, data)
-
-    @classmethod
     def from_bytes(cls, directory: str | Path, data, source: str | None = None) -> SplitIndex:
         if bytes(data[: len(MAGIC)]) != MAGIC:
             raise IndexMismatch(f"{source or 'index'}: not a shard index (bad magic)")
@@ -236,18 +239,13 @@ class SplitIndex:
 
     @classmethod
     def load(cls, directory: str | Path, split: str, manifest: Manifest | None = None) -> SplitIndex:
-        """The split's index: its file when the manifest lists one, else scanned from the tar
-        headers (shards built by an older version), with a warning."""
+        """The split's index, checked (`open`); IndexMismatch with `missing`'s message when the
+        shards have none."""
         manifest = manifest or Manifest.load(directory)
-        if split in manifest.indexes:
-            return cls.open(directory, split, manifest)
-        shards = manifest.shards(split)
-        log.warning(
-            "split %s of %s has no member index: reading the tar headers of its %d shards (%d images); "
-            "`python -m shards index %s` writes one once",
-            split, directory, len(shards), sum(s.samples for s in shards), directory,
-        )  # fmt: skip
-        return cls.scan(directory, split, shards)
+        if split not in manifest.indexes:
+            manifest.shards(split)  # KeyError for a split that is not there at all
+            raise IndexMismatch(missing(directory, split))
+        return cls.open(directory, split, manifest)
 
     def __getstate__(self):  # to worker processes: the file's path (mapped again there) or the bytes
         data = None if self.source else bytes(self._buffer)
@@ -311,12 +309,6 @@ class SplitIndex:
         for end in ends:
             yield blob[start:end].decode()
             start = end
-
-
-def scanned_members(path: str | Path) -> Iterator[tuple[str, Member]]:
-    """(key, member) of one shard from its tar headers: for shards without an index."""
-    for key, offset, size, _ in scan_members(path):
-        yield key, Member(str(path), offset, size)
 
 
 def write_index(directory: str | Path, split: str, manifest: Manifest) -> ShardInfo:

@@ -90,8 +90,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def cut_short(shard: ShardInfo, readable: int) -> str | None:
     """What is wrong when a shard yields `readable` images where its manifest entry lists more, or
-    None. Without a member index, tarfile ends its iteration quietly at a damaged header: the
-    stream, precompute and the index's scan compare what they read with the manifest here."""
+    None. tarfile ends its iteration quietly at a damaged header: `shards index` compares what its
+    walk of the tar headers read with the manifest here."""
     if readable == shard.samples:
         return None
     return f"{shard.name}: {readable} images readable, the manifest says {shard.samples}"

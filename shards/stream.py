@@ -18,8 +18,8 @@ the seed schedule (`schedule.py`, which says which images an epoch trains on and
 
 So every (image, repeat) the epoch selects is seen exactly once, and the batch count is equal on
 all ranks by construction. A worker reads only the images of its own positions, each with one
-seek, through the split's member index (`index.py`); shards built without one are streamed whole
-(with `deit`, every rank then reads the selected images' shards and keeps its own positions).
+seek, through the split's member index (`index.py`; shards built without one are refused with the
+command that writes it).
 
 A corrupt or undecodable sample is skipped, counted and logged; its slot in the batch is filled
 with another sample of the same worker so the batch count never changes.
@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .augment import AugmentPolicy, augment, eval_view, prepare, prepare_encoded
 from .decode import decode_image
 from .index import SplitIndex
-from .manifest import Manifest, cut_short
+from .manifest import Manifest
 from .members import IMAGE_KEYS, OpenFiles
 from .render import BatchPlan, is_jpeg, render_batch, render_prepared
 from .schedule import RepeatSchedule
@@ -236,11 +236,8 @@ class ShardStream(IterableDataset):
         self.shards = self.manifest.shards(split)
         self.split = split
         # where each image is (checked here, once per process tree): workers read the images
-        # their positions need with a seek each; shards without an index are streamed whole
-        self.index = SplitIndex.open(directory, split, self.manifest) if split in self.manifest.indexes else None
-        if self.index is None:
-            log.warning("split %s of %s has no member index: streaming whole shards (`python -m shards index %s`)",
-                        split, directory, directory)  # fmt: skip
+        # their positions need with a seek each
+        self.index = SplitIndex.load(directory, split, self.manifest)
         self.policy = policy
         self.batch_size = batch_size
         self.mode = mode
@@ -330,35 +327,19 @@ class ShardStream(IterableDataset):
 
     def _images(self, s: int, wanted: list[int], skips: SkipCounter, files: OpenFiles):
         """(i, raw sample or the exception that lost it) for the images `wanted` of shard `s`, in
-        order: by a seek each through the member index, else by streaming the shard."""
+        order, by a seek each through the member index."""
         shard = self.shards[s]
-        if self.index is not None:
-            rows = self.index.shard_rows(s)
-            for i in wanted:
-                r = rows.start + i
-                try:
-                    if self.index.label[r] < 0:
-                        raise ValueError(f"sample {self.index.key(r)} in {shard.name} has no class")
-                    data = self.index.member(r).read(files)
-                except (OSError, ValueError) as e:
-                    yield i, e
-                    continue
-                yield i, RawSample(self.index.key(r), int(self.index.label[r]), data, shard.name)
-            return
-        if not wanted:
-            return
-        at = read = 0
-        for n, raw in enumerate(iter_shard(self.directory / shard.name, skips)):
-            read = n + 1
-            if n == wanted[at]:
-                yield n, raw
-                at += 1
-                if at == len(wanted):
-                    return
-        # read to its end: a damaged tar header ends tarfile's iteration early, quietly
-        short = ValueError(cut_short(shard, read))
-        for i in wanted[at:]:
-            yield i, short
+        rows = self.index.shard_rows(s)
+        for i in wanted:
+            r = rows.start + i
+            try:
+                if self.index.label[r] < 0:
+                    raise ValueError(f"sample {self.index.key(r)} in {shard.name} has no class")
+                data = self.index.member(r).read(files)
+            except (OSError, ValueError) as e:
+                yield i, e
+                continue
+            yield i, RawSample(self.index.key(r), int(self.index.label[r]), data, shard.name)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -29,8 +29,8 @@ from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, policy_overrides
 from shards.fingerprint import FingerprintMismatch, difference, render_fingerprint
 from shards.flags import DecoderFlag, RendererFlag, RepeatModeFlag
-from shards.index import SplitIndex, scanned_members
-from shards.manifest import cut_short, verify_shard
+from shards.index import SplitIndex
+from shards.manifest import verify_shard
 from shards.schedule import RepeatSchedule
 
 from .engine import EngineConfig, Job, LabelEngine, Result, render_device
@@ -162,17 +162,15 @@ def precompute(
         def labels_in(shard: int) -> int:
             return split_shards[shard].samples * len(seeds)
 
-    # creates the namespace (serving at least these seeds) before the engine's writer opens it
+    # where each image is (shards without an index are refused, with the command that writes it)
     at = time.perf_counter()
+    index = SplitIndex.load(directory, split, manifest)
+    at = phase("index", at)
+    # creates the namespace (serving at least these seeds) before the engine's writer opens it
     store = open_store(store_url, ns, seed_limit=seed_limit)
     at = phase("store", at)
     fingerprint = claim_fingerprint(store, directory, policy, [t.device for t in teachers], split, "precompute")
     at = phase("fingerprint", at)
-    # where each image is; shards without an index are walked by their tar headers, one by one
-    index = SplitIndex.open(directory, split, manifest) if split in manifest.indexes else None
-    at = phase("index", at)
-    if index is None:
-        log.warning("split %s has no member index: reading tar headers (`python -m shards index %s`)", split, directory)
     mine = node_shards([s.name for s in split_shards], node_rank, num_nodes)
     index_of = {s.name: i for i, s in enumerate(split_shards)}
     info = {s.name: s for s in split_shards}
@@ -230,22 +228,14 @@ def precompute(
                     totals["skipped"] += labels_in(s)
                     bar.update(labels_in(s))
                     continue
-                group, count = [], 0
-                members = index.members(s) if index is not None else scanned_members(directory / name)
-                for key, member in members:
+                group = []
+                for count, (key, member) in enumerate(index.members(s)):
                     group.append((key, member, seeds_of(s, count)))
-                    count += 1
                     if len(group) == GROUP:
                         feed(group)
                         group = []
                 if group:
                     feed(group)
-                if problem := cut_short(shard, count):  # only without an index (see cut_short)
-                    log.error("shard %s", problem)
-                    damaged.append(name)
-                    lost = sum(len(seeds_of(s, i)) for i in range(count, shard.samples))
-                    totals["skipped"] += lost
-                    bar.update(lost)
         tally.check()  # every label is stored before the summary says so
     ok = not damaged and totals["skipped"] + tally.skipped == 0
     if ok:  # what the trainer checks a run's schedule against (this node's part of it)

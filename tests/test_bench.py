@@ -12,8 +12,8 @@ BENCH = ROOT / "bench"
 
 @pytest.mark.slow
 def test_bench_scale_measures_two_sizes_and_plans_from_them(redis_server, tmp_path):
-    """bench/scale.py at two small sizes: the index opens faster than the tar headers are walked,
-    serve becomes ready with and without it, every measured part reports, and the plan follows."""
+    """bench/scale.py at two small sizes: the index opens in milliseconds, serve becomes ready,
+    every measured part reports, and the plan follows."""
     argv = [
         PY, BENCH / "scale.py", "--sizes", "300,600", "--shard-size", "100", "--precompute-images", "100",
         "--loader-batches", "3", "--seconds", "0.3", "--workdir", tmp_path, "--redis-url", redis_server.url,
@@ -22,15 +22,15 @@ def test_bench_scale_measures_two_sizes_and_plans_from_them(redis_server, tmp_pa
     small, large = s["sizes"]
     assert (small["images"], large["images"]) == (300, 600)
     for row in s["sizes"]:
-        assert row["index"]["open_s"] < row["index"]["tar_walk_s"]
+        assert 0 < row["index"]["open_s"] < 0.1
         assert 40 < row["index"]["bytes_per_image"] < 120
         assert row["serve"]["ready_s"] > 0 and len(row["serve"]["http_workers"]) == 2
         assert row["loader"]["images_per_s_per_core"] > 0 and row["store_900"]["bytes_per_label"] > 2
-    assert large["index"]["tar_walk_s"] > small["index"]["tar_walk_s"]  # grows with the data set
+    assert large["index"]["bytes_per_image"] == pytest.approx(small["index"]["bytes_per_image"], rel=0.2)
     assert s["precompute"]["labels"] == 100 and s["cost_split"]["teacher_ms"] > 0
     plan = s["plan"]
     assert plan["labels_deit_schedule"] == 300 * 1_281_168 and plan["labels_all_schedule"] == 900 * 1_281_167
-    assert plan["serve_ready_s_with_index"] < plan["serve_ready_s_without_index"]
+    assert plan["serve_ready_s_with_index"] > 0 and plan["index_mb"] > 0
 
 
 def test_bench_store_slot_read_reads_the_same_labels_three_ways(redis_server):

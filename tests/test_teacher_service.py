@@ -401,11 +401,11 @@ def test_trainer_with_labels_service_on_an_empty_store(service, demo_shards, tmp
     assert computed >= 3 * 64 * 2 and computed % 64 == 0
 
 
-def test_precompute_reports_a_shard_cut_short_by_a_damaged_header(demo_shards, tiny_teacher, tmp_path):
-    """A shard that does not match its checksum is refused whole; without an index (shards built
-    before them) tarfile ends iteration quietly at a bad header and precompute compares with the
-    manifest."""
-    shards = copy_shards(demo_shards, tmp_path / "shards", index=False)
+def test_precompute_refuses_a_modified_shard_and_shards_without_an_index(demo_shards, tiny_teacher, tmp_path):
+    """A shard that does not match its checksum is refused whole; with the check off, the member
+    index still reads each image at its offset, past the damaged tar header; shards built before
+    indexes are refused with the command that writes one."""
+    shards = copy_shards(demo_shards, tmp_path / "shards")
     m = Manifest.load(shards)
     victim = shards / m.shards("train")[0].name
     flip_tar_header_bit(victim, 20)  # a member header in the middle of the shard
@@ -415,9 +415,9 @@ def test_precompute_reports_a_shard_cut_short_by_a_damaged_header(demo_shards, t
     assert r.returncode == 1 and not s["ok"] and s["shards_damaged"] == [victim.name]
     assert "modified" in r.stderr and s["labels_skipped"] == m.shards("train")[0].samples * 2
     assert s["labels_present"] + s["labels_computed"] + s["labels_skipped"] == 1437 * 2
-    # without the check: what tarfile can read is labeled; the short count still fails the run
-    r = run_precompute(shards, "0:2", tmp_path / "l2.db", tiny_teacher, "--no-verify", check=False)
-    s = last_json(r.stdout)
-    assert r.returncode == 1 and not s["ok"] and "manifest says" in r.stderr
-    assert s["images"] == 1437 and 0 < s["labels_skipped"] < m.shards("train")[0].samples * 2
-    assert s["labels_present"] + s["labels_computed"] + s["labels_skipped"] == 1437 * 2
+    # without the check: through the index every image is read at its offset, the header unread
+    s = last_json(run_precompute(shards, "0:2", tmp_path / "l2.db", tiny_teacher, "--no-verify").stdout)
+    assert s["ok"] and s["labels_computed"] == 1437 * 2 and s["labels_skipped"] == 0
+    legacy = copy_shards(demo_shards, tmp_path / "legacy", index=False)
+    r = run_precompute(legacy, "0:2", tmp_path / "l3.db", tiny_teacher, check=False)
+    assert r.returncode == 2 and f"`python -m shards index {legacy}`" in r.stderr, r.stderr[-500:]
