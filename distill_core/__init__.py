@@ -1,36 +1,12 @@
 """What the three packages share: command configuration, the command dispatcher, checkpoint I/O,
 the cores a process may use.
 
-It sits below `shards`, `teacher_service` and `student_trainer` and imports none of them.
+It sits below `shards`, `teacher_service` and `student_trainer` and imports none of them. Its names
+are imported on first use, so that a module needing one of them (the label engine's contract, which
+must not load torch) does not load the others.
 """
 
-from .checkpoint import atomic_save, clean_state_dict, load_training_checkpoint, read_weights, save_weights
-from .cli import App, Command, parse_script_args
-from .config import ConfigError, Nested, NotAFlag, Positional, add_arguments, from_arguments, read_secret, to_argv
-from .system import autocast, free_port, usable_cpus
-
-__all__ = [
-    "App",
-    "Command",
-    "ConfigError",
-    "Nested",
-    "NotAFlag",
-    "Positional",
-    "add_arguments",
-    "atomic_save",
-    "autocast",
-    "clean_state_dict",
-    "load_training_checkpoint",
-    "free_port",
-    "from_arguments",
-    "lazy_exports",
-    "parse_script_args",
-    "read_secret",
-    "read_weights",
-    "save_weights",
-    "to_argv",
-    "usable_cpus",
-]
+from __future__ import annotations
 
 
 def lazy_exports(package: str, exports: dict[str, str]):
@@ -44,3 +20,19 @@ def lazy_exports(package: str, exports: dict[str, str]):
         return getattr(importlib.import_module(exports[name], package), name)
 
     return sorted(exports), __getattr__
+
+
+_EXPORTS = {
+    **dict.fromkeys(
+        ["atomic_save", "clean_state_dict", "load_training_checkpoint", "read_weights", "save_weights"], ".checkpoint"
+    ),
+    **dict.fromkeys(["App", "Command", "parse_script_args"], ".cli"),
+    **dict.fromkeys(
+        ["ConfigError", "Nested", "NotAFlag", "Positional", "add_arguments", "from_arguments"]
+        + ["read_secret", "to_argv"],
+        ".config",
+    ),
+    **dict.fromkeys(["autocast", "free_port", "usable_cpus"], ".system"),
+}
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [*__all__, "lazy_exports"]

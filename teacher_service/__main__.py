@@ -10,7 +10,7 @@ from labels.namespace import NamespaceMismatch
 from labels.store import StoreError
 
 from .app.supervisor import COMMAND as SERVE
-from .engine import EngineError
+from .engine.contract import EngineError
 from .precompute import COMMAND as PRECOMPUTE
 
 APP = App(

@@ -1,10 +1,9 @@
 """Batch precompute: label every (image, seed) of a shard set into a store, resumably.
 
-The precompute feeder of the label engine (engine.py): the main thread walks the node's shards
-through their member index (or their tar headers, without one), asks the store which seeds of
-each group of images are missing (one bulk get
-per group) and submits the missing (image, seeds) work, blocking while the engine's queue is
-full. The engine's workers decode each image once per batch and augment into shared batch
+The precompute feeder of the label engine (`engine/`): the main thread walks the node's shards
+through their member index, asks the store which seeds of each group of images are missing (one
+bulk get per group) and submits the missing (image, seeds) work, blocking while the engine's
+queue is full. The engine's workers decode each image once per batch and augment into shared batch
 buffers, the teacher runs full batches and the engine's writer stores each batch's labels in one
 bulk put. A killed job restarted with the same arguments skips what is stored; what it redoes is
 the work that was queued or in flight.
@@ -16,8 +15,9 @@ import contextlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
@@ -27,14 +27,14 @@ from labels.namespace import MAX_SEED, RecordFormat
 from labels.store import StoreError, open_store, redact
 from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, policy_overrides
-from shards.fingerprint import FingerprintMismatch, difference, render_fingerprint
 from shards.flags import DecoderFlag, RendererFlag, RepeatModeFlag
 from shards.index import SplitIndex
 from shards.manifest import verify_shard
 from shards.schedule import RepeatSchedule
 
-from .engine import EngineConfig, Job, LabelEngine, Result, render_device
-from .engine_pool import engine_devices
+from .engine.contract import EngineConfig, Job, Result
+from .engine.core import LabelEngine, claim_fingerprint
+from .engine.processes import engine_devices
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,90 @@ def node_shards(names: list[str], node_rank: int, num_nodes: int) -> list[str]:
     if not 0 <= node_rank < num_nodes:
         raise ValueError(f"--node-rank must be in 0..{num_nodes - 1}")
     return names[node_rank::num_nodes]
+
+
+class LabelPlan(Protocol):
+    """What precompute labels: each image's seeds, and what the store records once they are all
+    there. Two kinds: one seed range for every image (`SeedRange`, `--seeds A:B`), or what a run
+    of E epochs asks for under its repeat schedule (`RunSchedule`, `--epochs E`)."""
+
+    seed_limit: int  # one more than the largest seed of any image
+
+    def check(self, shard_samples: tuple[int, ...]) -> None: ...  # ValueError: not for these shards
+
+    def seeds_of(self, shard: int, image: int) -> range: ...
+
+    def labels_in(self, shard: int, samples: int) -> int: ...  # (image, seed) pairs of a shard
+
+    def coverage(self) -> dict | None: ...  # what the store records when all is labeled
+
+    def describe(self) -> dict: ...  # the summary's fields
+
+
+@dataclass(frozen=True)
+class SeedRange:
+    seeds: range
+
+    @property
+    def seed_limit(self) -> int:
+        return self.seeds.stop
+
+    def check(self, shard_samples: tuple[int, ...]) -> None:
+        pass
+
+    def seeds_of(self, shard: int, image: int) -> range:
+        return self.seeds
+
+    def labels_in(self, shard: int, samples: int) -> int:
+        return samples * len(self.seeds)
+
+    def coverage(self) -> dict | None:
+        return {"seeds": self.seeds.stop} if self.seeds.start == 0 else None  # seeds 0..B-1 of every image
+
+    def describe(self) -> dict:
+        return {"seeds": f"{self.seeds.start}:{self.seeds.stop}"}
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    schedule: RepeatSchedule
+    epochs: int
+
+    @property
+    def seed_limit(self) -> int:
+        return self.schedule.seed_limit_for_run(self.epochs)
+
+    def check(self, shard_samples: tuple[int, ...]) -> None:
+        if tuple(shard_samples) != self.schedule.shard_samples:
+            raise ValueError("a schedule must be made for the split's shards (their image counts differ)")
+
+    def seeds_of(self, shard: int, image: int) -> range:
+        return self.schedule.seeds_for_run(shard, image, self.epochs)
+
+    def labels_in(self, shard: int, samples: int) -> int:
+        return self.schedule.labels_in_shard(shard, self.epochs)
+
+    def coverage(self) -> dict | None:
+        return {**self.schedule.describe(), "epochs": self.epochs}
+
+    def describe(self) -> dict:
+        return {"seeds": f"0:{self.seed_limit}", "epochs": self.epochs, **self.schedule.describe()}
+
+
+class _Phases:
+    """Seconds of start-up by phase (`startup_s` in the summary), the caller's own included."""
+
+    def __init__(self, startup: dict | None):
+        self.t0 = time.perf_counter()
+        self.seconds = dict(startup or {})
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - at, 3)
 
 
 class _Tally:
@@ -101,10 +185,67 @@ class _Tally:
         if self.error is not None:
             raise self.error
 
+    def steady_rate(self) -> float | None:
+        """Labels/s from the first stored answer to the last: without start-up and shut-down."""
+        first = self.first
+        if first is None or self.computed <= first[1]:
+            return None
+        return (self.computed - first[1]) / (self.last - first[0])
+
+
+@dataclass
+class _Feeder:
+    """Submits a group of images' missing seeds: one store lookup for the group, the rest to the
+    engine with the shortest queue (blocking while it is full)."""
+
+    store: object
+    engines: list[LabelEngine]
+    tally: _Tally
+    present: int = 0
+
+    def feed(self, group: list[tuple[str, object, range]]) -> None:
+        """group: (key, member, seeds) per image."""
+        keys = [k for k, _, seeds in group for _ in seeds]
+        have = self.store.get(keys, [s for _, _, seeds in group for s in seeds]).present
+        self.present += int(have.sum())
+        self.tally.bar.update(int(have.sum()))
+        jobs, at = [], 0
+        for key, member, seeds in group:
+            row, at = have[at : at + len(seeds)], at + len(seeds)
+            if not row.all():
+                jobs.append(Job(member, key, tuple(s for s, h in zip(seeds, row) if not h)))
+        if jobs:
+            min(self.engines, key=lambda e: e.depth).submit(jobs, self.tally, block=True)
+        self.tally.check()
+
+
+def _engine_config(plan: LabelPlan, shards: list[int], batch_size: int, workers: int) -> EngineConfig:
+    """Room for two groups of images: the feeder looks up and submits the next group while the
+    engine works through the last one, so neither the workers nor the teacher wait for it."""
+    widest = max((len(plan.seeds_of(s, 0)) for s in shards), default=1)
+    return EngineConfig(
+        max_batch_size=batch_size,
+        max_queue_delay_ms=50.0,
+        max_queue_size=max(4 * batch_size, 2 * GROUP * widest),
+        workers=workers,
+    )
+
+
+def _label_shard(s: int, index: SplitIndex, plan: LabelPlan, feeder: _Feeder) -> None:
+    """Feed shard `s`'s images to the engines, a group at a time."""
+    group = []
+    for image, (key, member) in enumerate(index.members(s)):
+        group.append((key, member, plan.seeds_of(s, image)))
+        if len(group) == GROUP:
+            feeder.feed(group)
+            group = []
+    if group:
+        feeder.feed(group)
+
 
 def precompute(
     shards: str,
-    seeds: range | RepeatSchedule,
+    seeds: range | LabelPlan,
     store_url: str,
     teacher: Teacher | list[Teacher],
     split: str = "train",
@@ -116,192 +257,95 @@ def precompute(
     num_nodes: int = 1,
     progress: bool = True,
     verify: bool = True,
-    epochs: int | None = None,
     startup: dict | None = None,
 ) -> dict:
     """Label every (image, seed) of this node's shards; returns the summary, whose `ok` is False
-    when any label could not be made (a shard that does not match its manifest entry, a shard cut
-    short, an unreadable image): those labels are counted in `labels_skipped`, never as done.
-    Several teachers (one per device, the same weights): one engine each, fed by queue depth.
-    `seeds`: one range for every image, or a RepeatSchedule with `epochs`: each image's seeds
-    for a run of that many epochs (about epochs x N labels with DeiT's schedule). `startup`: seconds
-    of start-up the caller spent (the teachers' loading), reported with the job's own phases."""
-    t0 = time.perf_counter()
-    phases = dict(startup or {})
-
-    def phase(name: str, since: float) -> float:
-        now = time.perf_counter()
-        phases[name] = round(phases.get(name, 0.0) + now - since, 3)
-        return now
-
+    when any label could not be made (a shard that does not match its manifest entry, an
+    unreadable image): those labels are counted in `labels_skipped`, never as done. Several
+    teachers (one per device, the same weights): one engine each, fed by queue depth. `seeds`:
+    one range for every image, or a LabelPlan (a RunSchedule: each image's seeds for a run of E
+    epochs). `startup`: seconds of start-up the caller spent (the teachers' loading), reported with
+    the job's own phases."""
+    phases = _Phases(startup)
+    plan = SeedRange(seeds) if isinstance(seeds, range) else seeds
     teachers = teacher if isinstance(teacher, list) else [teacher]
-    teacher = teachers[0]
     if len({t.teacher_id for t in teachers}) != 1:
         raise ValueError("every device must run the same teacher")
     directory = Path(shards)
     manifest = Manifest.load(directory)
     policy = manifest.policy(**(policy_overrides or {}))
-    ns = teacher.namespace(policy.policy_id, fmt, manifest.classes)
+    ns = teachers[0].namespace(policy.policy_id, fmt, manifest.classes)
     split_shards = manifest.shards(split)
-    if isinstance(seeds, RepeatSchedule):
-        if epochs is None or tuple(s.samples for s in split_shards) != seeds.shard_samples:
-            raise ValueError("a schedule needs its epochs and must be made for this split's shards")
-        schedule, seed_limit = seeds, seeds.seed_limit_for_run(epochs)
-
-        def seeds_of(shard: int, image: int) -> range:
-            return schedule.seeds_for_run(shard, image, epochs)
-
-        def labels_in(shard: int) -> int:
-            return schedule.labels_in_shard(shard, epochs)
-    else:
-        seed_limit = seeds.stop
-
-        def seeds_of(shard: int, image: int) -> range:
-            return seeds
-
-        def labels_in(shard: int) -> int:
-            return split_shards[shard].samples * len(seeds)
-
-    # where each image is (shards without an index are refused, with the command that writes it)
-    at = time.perf_counter()
-    index = SplitIndex.load(directory, split, manifest)
-    at = phase("index", at)
-    # creates the namespace (serving at least these seeds) before the engine's writer opens it
-    store = open_store(store_url, ns, seed_limit=seed_limit)
-    at = phase("store", at)
-    fingerprint = claim_fingerprint(store, directory, policy, [t.device for t in teachers], split, "precompute")
-    at = phase("fingerprint", at)
-    mine = node_shards([s.name for s in split_shards], node_rank, num_nodes)
-    index_of = {s.name: i for i, s in enumerate(split_shards)}
-    info = {s.name: s for s in split_shards}
-    # Room for two groups of images: the feeder looks up and submits the next group while the
-    # engine works through the last one, so neither the workers nor the teacher wait for it.
-    config = EngineConfig(
-        max_batch_size=batch_size,
-        max_queue_delay_ms=50.0,
-        max_queue_size=max(4 * batch_size, 2 * GROUP * max((len(seeds_of(index_of[n], 0)) for n in mine), default=1)),
-        workers=workers,
-    )
-    totals = {"images": 0, "present": 0, "skipped": 0}
+    plan.check(tuple(s.samples for s in split_shards))
+    with phases("index"):  # shards without an index are refused, with the command that writes one
+        index = SplitIndex.load(directory, split, manifest)
+    with phases("store"):  # creates the namespace (serving these seeds) before the engines' writers open it
+        store = open_store(store_url, ns, seed_limit=plan.seed_limit)
+    with phases("fingerprint"):
+        fingerprint = claim_fingerprint(store, directory, policy, [t.device for t in teachers], split, "precompute")
+    names = set(node_shards([x.name for x in split_shards], node_rank, num_nodes))
+    mine = [s for s, shard in enumerate(split_shards) if shard.name in names]
+    config = _engine_config(plan, mine, batch_size, workers)
     damaged: list[str] = []
-    with tqdm(
-        total=sum(labels_in(index_of[name]) for name in mine),
-        desc=f"precompute node {node_rank}/{num_nodes}",
-        unit="label",
-        disable=not progress,
-        smoothing=0.05,
-    ) as bar:
+    skipped = 0
+    total = sum(plan.labels_in(s, split_shards[s].samples) for s in mine)
+    desc = f"precompute node {node_rank}/{num_nodes}"
+    with tqdm(total=total, desc=desc, unit="label", disable=not progress, smoothing=0.05) as bar:
         tally = _Tally(bar)
         with contextlib.ExitStack() as stack:
-            at = time.perf_counter()
-            engines = [
-                stack.enter_context(LabelEngine(t, policy, fmt, config, store_url=store_url, namespace=ns))
-                for t in teachers
-            ]
-            phase("spawn", at)  # the engines' workers started, their buffers page-locked
-
-            def feed(group: list) -> None:
-                """group: (key, member, seeds) per image; one store lookup for all their pairs."""
-                keys = [k for k, _, seeds in group for _ in seeds]
-                have = store.get(keys, [s for _, _, seeds in group for s in seeds]).present
-                present = int(have.sum())
-                totals["present"] += present
-                bar.update(present)
-                jobs, at = [], 0
-                for key, member, seeds in group:
-                    row, at = have[at : at + len(seeds)], at + len(seeds)
-                    if not row.all():
-                        jobs.append(Job(member, key, tuple(s for s, h in zip(seeds, row) if not h)))
-                if jobs:  # to the engine with the shortest queue; it blocks while that one is full
-                    min(engines, key=lambda e: e.depth).submit(jobs, tally, block=True)
-                tally.check()
-
-            for name in mine:
-                shard, s = info[name], index_of[name]
-                totals["images"] += shard.samples
-                at = time.perf_counter()
-                problem = verify_shard(directory, shard) if verify else None
-                phase("verify", at)
+            with phases("spawn"):  # the engines' workers started, their buffers page-locked
+                engines = [
+                    stack.enter_context(LabelEngine(t, policy, fmt, config, store_url=store_url, namespace=ns))
+                    for t in teachers
+                ]
+            feeder = _Feeder(store, engines, tally)
+            for s in mine:
+                shard = split_shards[s]
+                with phases("verify"):
+                    problem = verify_shard(directory, shard) if verify else None
                 if problem:  # its images may not be the ones the keys name: label none of them
                     log.error("%s; its %d images are not labeled", problem, shard.samples)
-                    damaged.append(name)
-                    totals["skipped"] += labels_in(s)
-                    bar.update(labels_in(s))
+                    damaged.append(shard.name)
+                    skipped += plan.labels_in(s, shard.samples)
+                    bar.update(plan.labels_in(s, shard.samples))
                     continue
-                group = []
-                for count, (key, member) in enumerate(index.members(s)):
-                    group.append((key, member, seeds_of(s, count)))
-                    if len(group) == GROUP:
-                        feed(group)
-                        group = []
-                if group:
-                    feed(group)
+                _label_shard(s, index, plan, feeder)
         tally.check()  # every label is stored before the summary says so
-    ok = not damaged and totals["skipped"] + tally.skipped == 0
-    if ok:  # what the trainer checks a run's schedule against (this node's part of it)
-        what = {**seeds.describe(), "epochs": epochs} if isinstance(seeds, RepeatSchedule) else None
-        if what is None and seeds.start == 0:
-            what = {"seeds": seeds.stop}
-        if what is not None:
-            store.record_coverage({**what, "node_rank": node_rank, "num_nodes": num_nodes})
-    end = time.perf_counter()
-    dt = end - t0
-    first = tally.first
-    # steady: from the first stored answer to the last, without start-up and shut-down
-    steady = (tally.computed - first[1]) / (tally.last - first[0]) if first and tally.computed > first[1] else None
-    if first:
-        phases["first_label"] = round(first[0] - t0, 3)  # from the call, the phases above included
+    ok = not damaged and skipped + tally.skipped == 0
+    if ok and plan.coverage() is not None:  # what the trainer checks a run against (this node's part)
+        store.record_coverage({**plan.coverage(), "node_rank": node_rank, "num_nodes": num_nodes})
     store.close()
+    dt = time.perf_counter() - phases.t0
+    if tally.first:
+        phases.seconds["first_label"] = round(tally.first[0] - phases.t0, 3)  # from the call, phases included
+    steady = tally.steady_rate()
     return {
         "store": redact(store_url),
         "namespace": ns.id,
-        "teacher": teacher.teacher_id,
+        "teacher": teachers[0].teacher_id,
         "policy_id": policy.policy_id,
         "fingerprint": fingerprint["sha256"],
         "format": fmt.name,
         "split": split,
-        **(
-            {"seeds": f"0:{seed_limit}", "epochs": epochs, **seeds.describe()}
-            if isinstance(seeds, RepeatSchedule)
-            else {"seeds": f"{seeds.start}:{seeds.stop}"}
-        ),
+        **plan.describe(),
         "node_rank": node_rank,
         "num_nodes": num_nodes,
         "shards": len(mine),
         "ok": ok,
         "shards_damaged": damaged,
-        "images": totals["images"],
-        "labels_present": totals["present"],
+        "images": sum(split_shards[s].samples for s in mine),
+        "labels_present": feeder.present,
         "labels_computed": tally.computed,
         "devices": [str(t.device) for t in teachers],
         "labels_per_device": [int(e.metrics.inference_count.labels(e.device)._value.get()) for e in engines],
-        "labels_skipped": totals["skipped"] + tally.skipped,
+        "labels_skipped": skipped + tally.skipped,
         "seconds": round(dt, 3),
         "labels_per_s": round(tally.computed / dt, 1) if dt else None,
         "steady_labels_per_s": round(steady, 1) if steady else None,
         # seconds: model (the teachers' loading), store, fingerprint, index, spawn (the engines),
         # verify (every shard's sha256, as it is reached), first_label (from the start)
-        "startup_s": phases,
+        "startup_s": phases.seconds,
     }
-
-
-def claim_fingerprint(store, directory, policy, devices: list, split: str, made_by: str, render: str = "auto") -> dict:
-    """The render fingerprint of the crops these engines make (on each distinct device), stored
-    with the labels unless the namespace has one; FingerprintMismatch, before any label is made,
-    when the stored one is not what this machine renders."""
-    mine = None
-    for device in dict.fromkeys(render_device(policy, d, render) for d in devices):
-        made = render_fingerprint(directory, policy, device, split=split, made_by=made_by)
-        stored = store.claim_fingerprint(made)
-        problem = difference(stored, made)
-        if problem:
-            raise FingerprintMismatch(
-                f"{redact(store.url)} namespace {store.namespace.id}: its labels were made from crops that this "
-                f"machine renders differently, and labels of both must not mix: {problem}. Label into another "
-                "store (or `labels` namespace), or on a machine that renders like the one that made them"
-            )
-        mine = mine or made
-    return mine
 
 
 class PrecomputeConfig(BaseModel):
@@ -349,14 +393,16 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
     """The summary, and exit code 1 when it is not ok (labels missing: see the errors logged)."""
     if cfg.epochs is not None:
         split = Manifest.load(cfg.shards).shards(cfg.split)
-        seeds = RepeatSchedule(tuple(s.samples for s in split), cfg.repeated_aug, cfg.repeat_mode)
+        plan = RunSchedule(
+            RepeatSchedule(tuple(s.samples for s in split), cfg.repeated_aug, cfg.repeat_mode), cfg.epochs
+        )
     else:
-        seeds = parse_seeds(cfg.seeds)
+        plan = SeedRange(parse_seeds(cfg.seeds))
     t0 = time.perf_counter()
     teachers = [Teacher(cfg.teacher, device=d) for d in (engine_devices(cfg.devices) if cfg.devices else [cfg.device])]
     summary = precompute(
         cfg.shards,
-        seeds,
+        plan,
         cfg.store,
         teachers,
         split=cfg.split,
@@ -368,7 +414,6 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
         num_nodes=cfg.num_nodes,
         progress=cfg.progress,
         verify=cfg.verify,
-        epochs=cfg.epochs,
         startup={"model": round(time.perf_counter() - t0, 3)},
     )
     return summary, 0 if summary["ok"] else 1

@@ -421,7 +421,7 @@ def still_running(pids: list[int], step: str = "processes exit", measured_s: flo
 def engines_directory(pids: list[int]) -> str:
     """The private directory of a service's engines: from its HTTP workers' environment, or from
     the queue-depth files its processes map (an HTTP worker in the supervisor's own process)."""
-    from teacher_service.engine_pool import ADDRESSES_ENV
+    from teacher_service.engine.processes import ADDRESSES_ENV
 
     for pid in pids:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -433,3 +433,13 @@ def engines_directory(pids: list[int]) -> str:
                 if line.rstrip().endswith(".sock.depth"):
                     return os.path.dirname(line.split()[-1])
     raise AssertionError("no process of the service names its engines' sockets")
+
+
+def open_loader(shards, labels, *, rank=0, world_size=1, device="cpu", render_on_device=None, **fields):
+    """labeled_loader over a store path or a service URL, with DataConfig `fields` (the trainer's flags)."""
+    from student_trainer import DataConfig, labeled_loader
+
+    url = str(labels)
+    source = {"labels": "service", "service_url": url} if url.startswith("http") else {"labels": "store", "store": url}
+    cfg = DataConfig(shards=str(shards), **source, **fields)
+    return labeled_loader(cfg, rank=rank, world_size=world_size, device=device, render_on_device=render_on_device)

@@ -3,7 +3,7 @@ no test waits or depends on timing."""
 
 import pytest
 
-from teacher_service.batcher import Batcher, Pending, split_tasks
+from teacher_service.engine.batcher import Batcher, Pending, split_tasks
 
 pytestmark = pytest.mark.unit
 

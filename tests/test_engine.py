@@ -4,11 +4,12 @@ import asyncio
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import Budget, descendants, engines_directory, start_service, still_running, wait_exit, wait_until
+from conftest import ROOT, Budget, descendants, engines_directory, start_service, still_running, wait_exit, wait_until
 
 from labels.client import TeacherClient
 from labels.namespace import RecordFormat
@@ -17,8 +18,9 @@ from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, augment, decode_image
 from shards.index import ShardIndex, SplitIndex
 from teacher_service.app.labeling import LabelService
-from teacher_service.engine import EngineConfig, EngineError, Job, LabelEngine, QueueFull, RequestTooLarge, Result
-from teacher_service.engine_client import EngineRouter, LocalEngine
+from teacher_service.engine.client import EngineRouter, LocalEngine
+from teacher_service.engine.contract import EngineConfig, EngineError, Job, QueueFull, RequestTooLarge, Result
+from teacher_service.engine.core import LabelEngine
 from teacher_service.metrics import Metrics
 
 
@@ -116,7 +118,7 @@ def test_a_compiled_teacher_sees_one_batch_shape(teacher, members, demo_shards, 
     assert (torch.from_numpy(res.classes[:, 0]) == teacher.logits(x).argmax(-1)).all() and res.errors == [None] * 9
 
 
-@pytest.mark.parametrize("thread", ["scheduler", "collector", "inference", "writer", "monitor"])
+@pytest.mark.parametrize("thread", ["scheduler", "augmentation callback", "inference", "writer"])
 def test_an_exception_in_any_engine_thread_fails_the_engine_loudly(teacher, members, demo_shards, tmp_path, thread):
     """Whatever an engine thread raises, every waiting request gets an EngineError naming it and
     new work is refused: before, the inference thread died on a teacher result it could not read
@@ -133,19 +135,14 @@ def test_an_exception_in_any_engine_thread_fails_the_engine_loudly(teacher, memb
                                        "device": teacher.device, "compiled": False})()  # fmt: skip
     elif thread == "scheduler":
         engine._batcher.fill = broken
-    elif thread == "collector":
-        engine._batcher.owner = type("Owner", (dict,), {"get": broken})()
-    elif thread == "writer":
-        engine._store_and_answer = broken
+    elif thread == "augmentation callback":  # on the pool's thread, which swallows what callbacks raise
+        engine._batcher.owner = type("Owner", (dict,), {"__getitem__": broken})()
     else:
-        engine._dead_workers = broken  # the monitor's look at the workers
+        engine._store_and_answer = broken
     why = "injected" if thread != "inference" else "teacher failed"
     with engine:
-        if thread == "monitor":  # it looks once a second, whether or not work is waiting
-            wait_until("the engine fails from its monitor thread", 1.0, lambda: engine.failed is not None)
-        else:
-            with pytest.raises(EngineError, match=why):
-                wait_result(engine, [Job(m, k, (0, 1)) for k, m in members[:2]], measured_s=1)
+        with pytest.raises(EngineError, match=why):
+            wait_result(engine, [Job(m, k, (0, 1)) for k, m in members[:2]], measured_s=1)
         with pytest.raises(EngineError, match=why):  # and it takes no new work
             engine.submit([Job(members[0][1], members[0][0], (5,))], lambda r: None)
 
@@ -159,17 +156,14 @@ def test_workers_that_prepare_for_the_device_import_no_timm(demo_shards, tmp_pat
 
     policy = Manifest.load(demo_shards).policy("torch").to_json()
     code = f"""
-import json, queue, sys, torch
+import json, sys, torch
 from shards.index import SplitIndex
-from teacher_service.engine import _worker_main
+from teacher_service.engine import worker
 index = SplitIndex.load({str(demo_shards)!r}, "train")
 entries = [(index.member(r), index.key(r), [(0, 2 * r), (1, 2 * r + 1)]) for r in range(4)]
 buffers = [torch.zeros((8, 3, 32, 32), dtype=torch.uint8)]
-tasks, done = queue.Queue(), queue.Queue()
-tasks.put((0, entries)); tasks.put(None)
-_worker_main(buffers, {policy!r}, tasks, done, "prepare")
-done.get()  # ready
-bid, errors, prepared = done.get()
+worker.init(buffers, {policy!r}, "prepare", None)
+bid, errors, prepared = worker.run((0, entries))
 print(json.dumps({{"timm": "timm" in sys.modules, "prepared": sorted(prepared), "errors": errors,
                   "written": int((buffers[0].flatten(1) > 0).any(1).sum())}}))
 """
@@ -247,11 +241,41 @@ def test_engine_worker_death_fails_waiting_work_clearly(teacher, members, demo_s
     with engine:
         outcome, done = [], threading.Event()
         engine.submit([Job(members[0][1], members[0][0], (0,))], lambda r: (outcome.append(r), done.set()))
-        os.kill(engine._workers[0].pid, signal.SIGKILL)  # the batch waits 10 s for more items: still open
+        os.kill(engine.worker_pids[0], signal.SIGKILL)  # the batch waits 10 s for more items: still open
         wait_until("engine: fail the waiting work after a worker's death", 1.0, done.is_set, interval=0.05)
         assert isinstance(outcome[0], EngineError) and "died" in str(outcome[0])
         with pytest.raises(EngineError):
             engine.submit([Job(members[0][1], members[0][0], (1,))], lambda r: None)
+
+
+def test_a_worker_killed_mid_batch_answers_every_request_once(teacher, members, demo_shards, tmp_path):
+    """Eight requests in flight over full batches when a worker is killed: each one is answered
+    exactly once, with its labels (done before the death) or an EngineError saying a worker died;
+    none waits forever, none is answered twice, and the engine closes."""
+    engine, _, _, _ = make_engine(teacher, demo_shards, tmp_path, max_batch_size=64, max_queue_delay_ms=1.0)
+    answers: list[list] = [[] for _ in range(8)]
+    all_done = threading.Semaphore(0)
+
+    def answer(i):
+        return lambda outcome: (answers[i].append(outcome), all_done.release())
+
+    with engine:
+        for i in range(8):  # 8 x 4 images x 8 seeds = 256 crops: four full batches
+            engine.submit([Job(m, k, tuple(range(8))) for k, m in members[4 * i : 4 * i + 4]], answer(i))
+        os.kill(engine.worker_pids[0], signal.SIGKILL)
+        clock = Budget("engine: every request answered after a worker's death", 1.0)
+        for _ in range(8):
+            if not all_done.acquire(timeout=clock.seconds):
+                clock.fail()
+        clock.done()
+        time.sleep(0.5)  # a second answer would come from a thread still running: give it time
+    assert [len(a) for a in answers] == [1] * 8
+    outcomes = [a[0] for a in answers]
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert failed, "the kill came after every request was answered: the test did not test the death"
+    assert all(isinstance(o, EngineError) and "augmentation worker died" in str(o) for o in failed), failed
+    assert all(o.errors == [None] * 32 and (o.classes[:, 0] >= 0).all() for o in outcomes if isinstance(o, Result))
+    assert engine.failed is not None
 
 
 def test_label_service_in_process(teacher, demo_shards, tmp_path):
@@ -381,3 +405,18 @@ def test_serve_exits_1_when_its_engine_dies(demo_shards, tiny_teacher, tmp_path)
             proc.kill()
     assert "label engine died" in (tmp_path / "serve.log").read_text()
     assert not still_running(family, "serve's processes exit after its engine's death")
+
+
+@pytest.mark.parametrize(
+    "module", ["teacher_service.engine.contract", "teacher_service.engine.messages", "teacher_service.engine"]
+)
+def test_the_engine_contract_loads_no_torch(module):
+    """What talks to an engine (routes, clients, messages) needs its contract, not its
+    implementation: importing the contract, in a fresh interpreter, loads no torch and no timm."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'timm', 'PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"{module} loads {out.stdout.strip()}"

@@ -26,7 +26,7 @@ from labels.store import LabelStore, StoreError
 from shards.decode import image_header
 from shards.index import ShardIndex
 
-from ..engine import Job, check_fits
+from ..engine.contract import Job, check_fits
 from ..metrics import Metrics
 from .schemas import LabelsOut
 

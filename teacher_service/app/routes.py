@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from labels.namespace import MAX_SEED
 from labels.store import SeedOutOfRange, StoreError
 
-from ..engine import EngineError, QueueFull, RequestTooLarge
+from ..engine.contract import EngineError, QueueFull, RequestTooLarge
 from .labeling import InvalidUpload, UploadTooCostly
 from .schemas import Items, LabelsNotFound, LabelsOut, Ready, error
 from .state import ServiceState

@@ -13,10 +13,10 @@ from labels.store import LabelStore, open_store
 from shards import AugmentPolicy, policy_overrides
 from shards.index import ShardIndex
 
-from ..engine import EngineConfig
-from ..engine_client import EngineRouter
-from ..engine_pool import EnginePool, engine_devices, engines_from_env
-from ..engine_server import EngineSpec
+from ..engine.client import EngineRouter
+from ..engine.contract import EngineConfig
+from ..engine.processes import EngineProcesses, engine_devices, engines_from_env
+from ..engine.server import EngineSpec
 from ..metrics import Metrics
 from .config import Settings
 from .labeling import LabelService
@@ -35,12 +35,12 @@ class ServiceState:
     metrics: Metrics
     labels: LabelService
     token: str | None  # bearer token required on /v1 (None: open)
-    pool: EnginePool | None = None  # engines this worker started itself (no supervisor)
+    processes: EngineProcesses | None = None  # engines this worker started itself (no supervisor)
 
     def close(self) -> None:
         self.engines.close()
-        if self.pool is not None:
-            self.pool.close()
+        if self.processes is not None:
+            self.processes.close()
         self.store.close()
 
 
@@ -54,7 +54,7 @@ def policy_and_classes(settings: Settings) -> tuple[AugmentPolicy, list[str] | N
     return AugmentPolicy.from_dict(policy_overrides(settings.policy, settings.renderer, settings.decoder)), None
 
 
-def engine_pool(settings: Settings) -> EnginePool:
+def engine_processes(settings: Settings) -> EngineProcesses:
     """One engine process per device, with this service's teacher, policy, store and batching."""
 
     policy, classes = policy_and_classes(settings)
@@ -77,7 +77,7 @@ def engine_pool(settings: Settings) -> EnginePool:
         seed_limit=settings.seed_limit,
         shards=settings.shards,
     )
-    return EnginePool(spec, devices)
+    return EngineProcesses(spec, devices)
 
 
 INDEX_ENV = "DISTILL_SHARD_INDEX"  # set by `serve` for its HTTP workers; not a user setting
@@ -100,11 +100,11 @@ def hand_index(index: ShardIndex, directory: str) -> str:
 def build_state(settings: Settings) -> ServiceState:
     """Connect to the engines `serve` started (or start them, when run without it), index the
     shards, open the store under the engines' namespace."""
-    pool = None
+    processes = None
     found = engines_from_env()
     if found is None:
-        pool = engine_pool(settings).start()
-        found = pool.addresses, pool.authkey
+        processes = engine_processes(settings).start()
+        found = processes.addresses, processes.authkey
     engines = EngineRouter.connect(*found)
     info = engines.info
     policy, _ = policy_and_classes(settings)
@@ -122,4 +122,6 @@ def build_state(settings: Settings) -> ServiceState:
         upload_cache=settings.upload_cache,
     )  # fmt: skip
     token = settings.bearer_token()
-    return ServiceState(settings, info, policy, fmt, namespace, store, engines, index, metrics, labels, token, pool)
+    return ServiceState(
+        settings, info, policy, fmt, namespace, store, engines, index, metrics, labels, token, processes
+    )

@@ -24,17 +24,17 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .connections import GuardedH11Protocol
-    from .state import INDEX_ENV, engine_pool, hand_index, load_index
+    from .state import INDEX_ENV, engine_processes, hand_index, load_index
 
     settings.bearer_token()  # a missing or empty --token-file fails here, before any engine starts
     if settings.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("binding %s: reachable from other machines", settings.host)
     index = load_index(settings) if settings.shards else None  # a damaged index or shard stops us here
-    pool = engine_pool(settings).start()
+    engines = engine_processes(settings).start()
     os.environ.update(settings.to_env())
-    os.environ.update(pool.env())
+    os.environ.update(engines.env())
     if index is not None:  # the HTTP workers map the index files without checking them again
-        os.environ[INDEX_ENV] = hand_index(index, pool.directory)
+        os.environ[INDEX_ENV] = hand_index(index, engines.directory)
     config = uvicorn.Config(
         "teacher_service.app.main:create_app",
         factory=True,
@@ -63,8 +63,8 @@ def serve(settings: Settings) -> int:
 
     def watch() -> None:
         while not stopping.wait(1.0):
-            if pool.failed():
-                log.error("label engine died: %s; shutting down", ", ".join(pool.failed()))
+            if engines.failed():
+                log.error("label engine died: %s; shutting down", ", ".join(engines.failed()))
                 engine_died.set()
                 shut_down()  # uvicorn's graceful shutdown, as on SIGTERM
                 return
@@ -90,7 +90,7 @@ def serve(settings: Settings) -> int:
     finally:
         stopping.set()  # engines stopped from here on are ours, not failures
         watcher.join()
-        pool.close()
+        engines.close()
     if received:
         signal.signal(received[0], signal.SIG_DFL)
         signal.raise_signal(received[0])

@@ -3,7 +3,7 @@ for the precompute job and the service.
 
 Threads of the engine's process and the processes it owns:
 
-    submit() ──> pending ──scheduler──> augment workers (processes) ──> shared batch buffers
+    submit() ──> pending ──scheduler──> augment workers (pool.py) ──> shared batch buffers
                                          decode once, augment each seed,     (pinned on CUDA)
                                          write the crop into its slot              │
                                                                                    v
@@ -28,113 +28,41 @@ Threads of the engine's process and the processes it owns:
   then completes the requests whose items are all labeled. A failed put is reported in the result
   (`stored=False`), never hidden.
 
-A worker that dies takes the engine down with a clear `EngineError` for every waiting request
-(the service's supervisor then exits, for the orchestrator to restart it; precompute stops and
-resumes from the store when run again). Workers and the engine watch their parent process and
-exit when it is gone.
+A worker that dies takes the engine down with a clear `EngineError` for every waiting request (the
+pool's futures fail with BrokenProcessPool; a worker that died while no task was out is found at
+the next task). The service's supervisor then exits, for the orchestrator to restart it;
+precompute stops and resumes from the store when run again. Workers and the engine watch their
+parent process and exit when it is gone.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
-import os
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import CancelledError, Future
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
 from distill_core import usable_cpus
-from distill_core.process import exit_with_parent
 from labels.namespace import Namespace, RecordFormat
-from labels.store import open_store
+from labels.store import open_store, redact
 from labels.teacher import PendingPrediction, Teacher
-from shards import AugmentPolicy, augment, decode_image, prepare
-from shards.augment import prepare_encoded, train_transform
-from shards.members import Member, OpenFiles
-from shards.render import BatchPlan, check_device, crops_on_device, is_jpeg, render_batch
+from shards import AugmentPolicy
+from shards.fingerprint import FingerprintMismatch, difference, render_fingerprint
+from shards.render import BatchPlan, check_device, crops_on_device, render_batch
 
-from .batcher import Batch, Batcher, Pending
-from .metrics import Metrics
+from ..metrics import Metrics
+from .batcher import Batch, Batcher, Pending, Task
+from .contract import EngineConfig, EngineError, Job, QueueFull, Result, check_fits
+from .pool import BrokenProcessPool, WorkerPool
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """The engine's queue cannot take the work; nothing of it was started."""
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RequestTooLarge(ValueError):
-    """The work is more than the engine's whole queue holds: it could never be accepted, so it is
-    refused as such (the service's 413), not as a full queue to retry (503)."""
-
-
-def check_fits(n: int, max_queue_size: int) -> None:
-    """RequestTooLarge when `n` labels to compute are more than the whole queue holds."""
-    if n > max_queue_size:
-        raise RequestTooLarge(
-            f"{n} labels to compute exceed the teacher's queue of {max_queue_size} items; "
-            f"send at most {max_queue_size} misses per request (or precompute them)"
-        )
-
-
-class EngineError(RuntimeError):
-    """The engine failed or stopped; the work was not labeled."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image and the seeds to label it under. `source` is a shard member or encoded bytes.
-    `store`: False answers its labels without writing them to the store (uploads: the service
-    keeps those in a bounded cache of its own, so clients cannot grow the store)."""
-
-    source: Member | bytes
-    key: str
-    seeds: tuple[int, ...]
-    store: bool = True
-
-
-@dataclass
-class Result:
-    """Labels of a submission's items, in job order (all seeds of job 0, then job 1, ...)."""
-
-    classes: np.ndarray  # int64 [n, topk]
-    probs: np.ndarray  # float32 [n, topk]
-    errors: list[str | None]  # per item: why it has no label (e.g. undecodable image)
-    stored: bool  # every label was written to the store
-
-
-@dataclass
-class EngineConfig:
-    max_batch_size: int = 64
-    max_queue_delay_ms: float = 5.0
-    max_queue_size: int = 4096  # items accepted and not yet answered
-    workers: int = 0  # augmentation processes; 0: one per CPU core, at most 8
-    buffers: int = 4  # shared batch buffers: one in the teacher, one waiting, the rest filling
-    teacher_threads: int = 0  # CPU teacher's intra-op threads; 0: the cores the workers leave (>= 1)
-    # where a torch-renderer policy's pixels are drawn: "device" (the teacher's; the workers
-    # decode and cut the uint8 crops, or for nvJPEG only read JPEG headers, and draw parameters),
-    # "workers" (each crop in a worker, on its CPU), "auto" (device when the teacher is not on the
-    # CPU, and always for nvJPEG). The same crops either way.
-    render: str = "auto"
-
-    def __post_init__(self):
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.buffers < 2:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1 and buffers >= 2")
-        if self.render not in ("auto", "device", "workers"):
-            raise ValueError(f"render must be auto, device or workers, not {self.render!r}")
-        self.workers = self.workers or max(1, min(8, usable_cpus()))
 
 
 def renders_on_device(policy: AugmentPolicy, device: torch.device, render: str = "auto") -> bool:
@@ -149,8 +77,30 @@ def render_device(policy: AugmentPolicy, device: torch.device, render: str = "au
     return device if renders_on_device(policy, device, render) else torch.device("cpu")
 
 
+def claim_fingerprint(store, directory, policy, devices: list, split: str, made_by: str, render: str = "auto") -> dict:
+    """The render fingerprint of the crops these engines make (on each distinct device), stored
+    with the labels unless the namespace has one; FingerprintMismatch, before any label is made,
+    when the stored one is not what this machine renders."""
+    mine = None
+    for device in dict.fromkeys(render_device(policy, d, render) for d in devices):
+        made = render_fingerprint(directory, policy, device, split=split, made_by=made_by)
+        stored = store.claim_fingerprint(made)
+        problem = difference(stored, made)
+        if problem:
+            raise FingerprintMismatch(
+                f"{redact(store.url)} namespace {store.namespace.id}: its labels were made from crops that this "
+                f"machine renders differently, and labels of both must not mix: {problem}. Label into another "
+                "store (or `labels` namespace), or on a machine that renders like the one that made them"
+            )
+        mine = mine or made
+    return mine
+
+
 class _Request:
-    __slots__ = ("n", "done", "accepted", "classes", "probs", "errors", "remaining", "stored", "finished")
+    """One submission's answer in the making. Its arrays are the writer thread's alone; `finish` may
+    be called from the writer and from a failure on any thread, and answers exactly once."""
+
+    __slots__ = ("n", "done", "accepted", "classes", "probs", "errors", "remaining", "stored", "_once")
 
     def __init__(self, n: int, topk: int, done: Callable):
         self.n = n
@@ -161,12 +111,11 @@ class _Request:
         self.errors: list[str | None] = [None] * n
         self.remaining = n
         self.stored = True
-        self.finished = False
+        self._once = threading.Lock()
 
     def finish(self, outcome) -> None:
-        if self.finished:
+        if not self._once.acquire(blocking=False):  # answered already
             return
-        self.finished = True
         try:
             self.done(outcome)
         except Exception:  # a callback's bug must not stop the engine's threads
@@ -205,24 +154,24 @@ class LabelEngine:
         self._buffers = [torch.empty(shape, dtype=dtype).share_memory_() for _ in range(config.buffers)]
         self._pinned: list[int] = []
         self._render_stream = None  # CUDA: where a device render runs (see _rendered)
-        self._cond = threading.Condition()  # guards the batcher and every field below
+        # start() and close() own these (the caller's thread):
+        self._pool: WorkerPool | None = None
+        self._threads: list[threading.Thread] = []
+        self._threads_before: int | None = None  # the caller's torch thread count, restored at close
+        self._depth_gauge = self.metrics.queue_size.labels(self.device)
+        # every thread's (the caller's, the engine's, the pool's callbacks): read and written
+        # only under this lock
+        self._cond = threading.Condition()
         self._batcher = Batcher(
             config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.buffers, config.workers
         )
         self._live: set[_Request] = set()
         self._depth = 0
         self._rate = 0.0  # labels/s, smoothed: for Retry-After
-        self._last_finish = None
+        self._last_finish: float | None = None
         self._failed: EngineError | None = None
         self._closed = False
-        self._threads_before: int | None = None  # the caller's torch thread count, restored at close
-        self._writes: collections.deque = collections.deque()
-        self._threads: list[threading.Thread] = []
-        self._workers: list = []
-        self._ctx = mp.get_context("spawn")
-        self._tasks = self._ctx.Queue()
-        self._done = self._ctx.Queue()
-        self._depth_gauge = self.metrics.queue_size.labels(self.device)
+        self._writes: collections.deque = collections.deque()  # (batch, classes, probs) for the writer
         self._depth_out: np.ndarray | None = None  # a shared int64 others read the depth from (publish_depth)
 
     # -- life cycle ------------------------------------------------------------------------
@@ -235,28 +184,14 @@ class LabelEngine:
         else:  # the workers have cores of their own; oversubscribing them slows both sides
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.config.teacher_threads or max(1, usable_cpus() - self.config.workers))
-        policy_json = self.policy.to_json()
-        for i in range(self.config.workers):
-            p = self._ctx.Process(
-                target=_worker_main,
-                name=f"augment-{i}",
-                daemon=True,
-                args=(self._buffers, policy_json, self._tasks, self._done, self._worker_mode()),
-            )
-            p.start()
-            self._workers.append(p)
-        deadline = time.time() + timeout
-        for _ in self._workers:
-            msg = self._get_done(deadline)
-            if msg[0] != "ready":
-                raise EngineError(f"augmentation worker failed to start: {msg}")
-        for name, target in (
-            ("scheduler", self._schedule),
-            ("collector", self._collect),
-            ("inference", self._infer),
-            ("writer", self._write),
-            ("monitor", self._monitor),
-        ):
+        self._pool = WorkerPool(self.config.workers, self._buffers, self.policy.to_json(), self._worker_mode())
+        try:
+            self._pool.start(timeout)
+        except EngineError:
+            self.close(drain=False)
+            raise
+        self._pool.watch(lambda why: self._fail(EngineError(why)))
+        for name, target in (("scheduler", self._schedule), ("inference", self._infer), ("writer", self._write)):
             t = threading.Thread(target=self._guarded(name, target), name=f"engine-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -291,21 +226,6 @@ class LabelEngine:
             return "augment"
         return "headers" if self.policy.decoder == "nvjpeg" else "prepare"
 
-    def _get_done(self, deadline: float):
-        import queue
-
-        while True:
-            try:
-                return self._done.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in self._workers if p.exitcode is not None]
-                if dead or time.time() > deadline:
-                    self.close(drain=False)
-                    raise EngineError(
-                        f"augmentation worker {dead[0].name if dead else ''} did not start "
-                        f"(exit code {dead[0].exitcode if dead else 'timeout'})"
-                    ) from None
-
     def _pin_buffers(self) -> None:
         """Page-lock the shared buffers in place (cudaHostRegister), so copies to the device are
         asynchronous; without it they still work, synchronously."""
@@ -319,23 +239,17 @@ class LabelEngine:
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop; with `drain`, first answer everything accepted (for at most `timeout` seconds)."""
-        if self._closed:
-            return
-        self._closed = True
-        if drain:
-            with self._cond:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            if drain:
                 self._cond.wait_for(lambda: self._depth == 0 or self._failed is not None, timeout)
         self._fail(EngineError("label engine stopped"), stopping=True)
         for t in self._threads:
             t.join(timeout=10)
-        for _ in self._workers:
-            self._tasks.put(None)
-        for p in self._workers:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-        self._tasks.close()
-        self._done.close()
+        if self._pool is not None:
+            self._pool.close()
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
         if self._pinned:
@@ -354,7 +268,13 @@ class LabelEngine:
     @property
     def depth(self) -> int:
         """Items accepted and not yet answered."""
-        return self._depth
+        with self._cond:
+            return self._depth
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The augmentation workers' process ids."""
+        return list(self._pool.pids) if self._pool is not None else []
 
     def publish_depth(self, out: np.ndarray) -> None:
         """Keep out[0] equal to the depth: a shared-memory int64 that other processes read (the
@@ -375,8 +295,9 @@ class LabelEngine:
         that refused clients do not all come back at once. The drain rate is the recent one; before
         the first batch is done, a batch of `max_batch_size` per second (a guess on the slow side
         for any teacher this engine batches, but not the 1 label/s that told a first burst 60 s)."""
-        rate = self._rate or self.config.max_batch_size / 1.0
-        wait = self._depth / rate * random.uniform(1.0, 1.5)
+        with self._cond:
+            rate = self._rate or self.config.max_batch_size / 1.0
+            wait = self._depth / rate * random.uniform(1.0, 1.5)
         return float(min(60, max(1, math.ceil(wait))))
 
     def submit(self, jobs: list[Job], done: Callable[[Result | BaseException], None], block: bool = False) -> None:
@@ -417,7 +338,11 @@ class LabelEngine:
                 if tasks is None:
                     return
             for task in tasks:
-                self._tasks.put(task)
+                try:
+                    self._pool.submit(task, lambda fut, task=task: self._task_done(task, fut))
+                except BrokenProcessPool as e:  # a worker died while no task was out
+                    self._fail(EngineError(f"an augmentation worker died: {e}"))
+                    return
 
     def _next_tasks(self):
         """Under the lock: wait until the batcher has tasks to send, closing batches as it says."""
@@ -434,26 +359,36 @@ class LabelEngine:
             wake = self._batcher.wake_at()
             self._cond.wait(None if wake is None else max(0.0, wake - time.perf_counter()))
 
-    # -- collector: workers' done messages ------------------------------------------------
-    def _collect(self) -> None:
-        while True:
-            msg = self._done.get()
-            if msg is None:
+    # -- the pool's callbacks: a task's crops are written ----------------------------------
+    def _task_done(self, task: Task, fut: Future) -> None:
+        """On the pool's thread, which swallows what a callback raises: guarded like a thread."""
+        self._guarded("augmentation callback", lambda: self._count_task(task, fut))()
+
+    def _count_task(self, task: Task, fut: Future) -> None:
+        """Count the task done on its batch (the batch goes to the teacher when all of its tasks
+        are). A dead worker fails the engine; a task that raised fails its crops."""
+        bid, entries = task
+        try:
+            _, errors, prepared = fut.result()
+        except CancelledError:  # closing: nobody waits for it
+            return
+        except BrokenProcessPool as e:
+            self._fail(EngineError(f"an augmentation worker died: {e}"))
+            return
+        except Exception as e:  # a bug in the task itself: its crops fail, the engine goes on
+            log.exception("label engine: an augmentation task failed")
+            errors = {slot: f"{key}: augmentation failed: {e!r}" for _, key, pairs in entries for _, slot in pairs}
+            prepared = {}
+        with self._cond:
+            if self._failed is not None:
                 return
-            bid, errors, prepared = msg
-            with self._cond:
-                if self._failed is not None:
-                    return
-                b = self._batcher.owner.get(bid)
-                if b is None:  # cannot happen while the engine is healthy
-                    log.error("label engine: a worker reported on buffer %d, which no batch owns", bid)
-                    continue
-                b.errors.update(errors)
-                b.prepared.update(prepared)
-                b.outstanding -= 1
-                if b.outstanding == 0:
-                    b.augmented = time.perf_counter()
-                    self._cond.notify_all()
+            b = self._batcher.owner[bid]
+            b.errors.update(errors)
+            b.prepared.update(prepared)
+            b.outstanding -= 1
+            if b.outstanding == 0:
+                b.augmented = time.perf_counter()
+                self._cond.notify_all()
 
     # -- inference: one batch in the teacher while the next one's copy is issued ----------
     def _next_ready(self, block: bool) -> Batch | None:
@@ -542,11 +477,11 @@ class LabelEngine:
         queued = m.queue_duration.labels(dev)
         for req in {id(r): r for r, _ in b.slots}.values():
             queued.observe(t0 - req.accepted)
-        if self._last_finish is not None:
-            inst = b.n / max(now - self._last_finish, 1e-6)
-            self._rate = inst if not self._rate else 0.8 * self._rate + 0.2 * inst
-        self._last_finish = now
         with self._cond:
+            if self._last_finish is not None:
+                inst = b.n / max(now - self._last_finish, 1e-6)
+                self._rate = inst if not self._rate else 0.8 * self._rate + 0.2 * inst
+            self._last_finish = now
             self._writes.append((b, classes, probs))
             self._batcher.release(b.bid)
             self._cond.notify_all()
@@ -603,19 +538,6 @@ class LabelEngine:
         return Result(req.classes, req.probs, req.errors, req.stored)
 
     # -- failure -----------------------------------------------------------------------
-    def _monitor(self) -> None:
-        while True:
-            with self._cond:
-                if self._cond.wait_for(lambda: self._failed is not None, timeout=1.0):
-                    return
-            dead = self._dead_workers()
-            if dead:
-                self._fail(EngineError(f"augmentation worker {dead[0].name} died (exit code {dead[0].exitcode})"))
-                return
-
-    def _dead_workers(self) -> list:
-        return [p for p in self._workers if p.exitcode is not None]
-
     def _fail(self, error: EngineError, stopping: bool = False) -> None:
         with self._cond:
             if self._failed is None:
@@ -626,54 +548,10 @@ class LabelEngine:
             self._batcher.pending.clear()
             self._set_depth(0)
             self._cond.notify_all()
-        with contextlib.suppress(ValueError):  # closed already: the collector is gone too
-            self._done.put(None)  # wakes the collector
         for req in live:
             req.finish(self._failed)
 
     @property
     def failed(self) -> EngineError | None:
-        return self._failed
-
-
-def _worker_main(buffers: list[torch.Tensor], policy_json: str, tasks, done, mode: str) -> None:
-    """An augmentation process: decode each image of a task once, write each seed's crop into its
-    slot of the shared buffer, report (buffer, {slot: error}, {}). For device rendering (`mode`
-    "prepare" or "headers", see LabelEngine._worker_mode) the buffer takes each seed's uint8 crop
-    and the report carries {slot: (None, params)}, or (JPEG bytes, params) for a JPEG the device
-    decodes."""
-    torch.set_num_threads(1)
-    exit_with_parent()
-    policy = AugmentPolicy.from_json(policy_json)
-    if mode == "augment":
-        train_transform(policy)  # built before the first task; the other modes need no timm at all
-    files = OpenFiles()
-    done.put(("ready", os.getpid()))
-    while (task := tasks.get()) is not None:
-        bid, entries = task
-        buf = buffers[bid]
-        errors: dict[int, str] = {}
-        prepared: dict[int, tuple] = {}
-        for source, key, pairs in entries:
-            try:
-                data = source.read(files) if isinstance(source, Member) else source
-                if mode == "headers" and is_jpeg(data):
-                    for seed, slot in pairs:
-                        prepared[slot] = prepare_encoded(data, key, seed, policy)
-                    continue
-                image = decode_image(data)
-            except (ValueError, OSError) as e:
-                errors.update((slot, f"{key}: {e}") for _, slot in pairs)
-                continue
-            for seed, slot in pairs:
-                try:
-                    if mode == "augment":
-                        buf[slot].copy_(augment(image, key, seed, policy, restore_rng=False))  # our own RNGs
-                    else:
-                        crop, params = prepare(image, key, seed, policy)
-                        buf[slot].copy_(crop)
-                        prepared[slot] = (None, params)
-                except Exception as e:  # an augmentation bug: this crop fails, not the engine
-                    errors[slot] = f"{key} seed {seed}: augmentation failed: {e!r}"
-        done.put((bid, errors, prepared))
-    files.close()
+        with self._cond:
+            return self._failed

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 
 from distill_core import usable_cpus
 
-from .engine import EngineError
-from .engine_server import EngineSpec, engine_main
-from .metrics import enable_multiprocess, mark_process_dead
+from ..metrics import enable_multiprocess, mark_process_dead
+from .contract import EngineError
+from .server import EngineSpec, engine_main
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def engine_devices(devices: str) -> list[str]:
 
 
 @dataclass
-class EnginePool:
+class EngineProcesses:
     """The supervisor's side: one engine process per device, metrics shared through files."""
 
     spec: EngineSpec
@@ -64,7 +64,7 @@ class EnginePool:
     authkey: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     _dir: str | None = None
 
-    def start(self, timeout: float = 600.0) -> EnginePool:
+    def start(self, timeout: float = 600.0) -> EngineProcesses:
         self._dir = tempfile.mkdtemp(prefix="distill-engines-")  # private (0700): sockets and metrics
         os.makedirs(os.path.join(self._dir, "metrics"))
         enable_multiprocess(os.path.join(self._dir, "metrics"))

@@ -21,9 +21,8 @@ from multiprocessing.connection import Client
 
 import numpy as np
 
-from .engine import EngineError, Job, LabelEngine, QueueFull, Result
-from .engine_messages import Done, Full, Hello, Label
-from .engine_server import depth_path, engine_info
+from .contract import EngineError, Job, QueueFull, Result, depth_path, engine_info
+from .messages import Done, Full, Hello, Label
 
 
 class RemoteEngine:
@@ -53,6 +52,13 @@ class RemoteEngine:
         if not self.alive:
             raise EngineError(f"engine on {self.info['device']} is gone")
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        if any(isinstance(j.source, bytes) for j in jobs):  # uploads: megabytes to pickle and send,
+            await asyncio.to_thread(self._send, jobs, fut)  # not on the event loop
+        else:  # shard members: a few hundred bytes each
+            self._send(jobs, fut)
+        return await asyncio.wrap_future(fut)
+
+    def _send(self, jobs: list[Job], fut: concurrent.futures.Future) -> None:
         with self._lock:
             rid = next(self._ids)
             self._waiting[rid] = fut
@@ -61,7 +67,6 @@ class RemoteEngine:
             except OSError as e:
                 del self._waiting[rid]
                 raise EngineError(f"engine on {self.info['device']} is gone: {e}") from e
-        return await asyncio.wrap_future(fut)
 
     def _read(self) -> None:
         while True:
@@ -98,7 +103,7 @@ def _settle(fut: concurrent.futures.Future, value=None, error: BaseException | N
 class LocalEngine:
     """RemoteEngine's interface over a LabelEngine in this process."""
 
-    def __init__(self, engine: LabelEngine, classes: list[str]):
+    def __init__(self, engine, classes: list[str]):  # a core.LabelEngine
         self.engine = engine
         self.info = engine_info(engine, classes)
 

@@ -4,8 +4,8 @@ Why a process: the HTTP event loop, JSON work and the teacher's batch loop must 
 interpreter and its GIL (the layout of Triton, TorchServe, LitServe and Ray Serve). The engine
 process owns a LabelEngine and listens on a Unix socket (multiprocessing.connection, with an
 authentication key); any number of HTTP worker processes connect to it and exchange the typed
-messages of `engine_messages`. It publishes its queue depth in a shared int64 beside the socket
-(`depth_path`), which every HTTP worker's router reads.
+messages of `messages.py`. It publishes its queue depth in a shared int64 beside the socket
+(`contract.depth_path`), which every HTTP worker's router reads.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import numpy as np
 
 from labels.teacher import TeacherSettings
 
-from .engine import EngineConfig, EngineError, LabelEngine, QueueFull, Result
-from .engine_messages import Done, Failed, Full, Hello, Label
-from .metrics import Metrics
+from ..metrics import Metrics
+from .contract import EngineConfig, EngineError, QueueFull, Result, depth_path, engine_info
+from .core import LabelEngine, claim_fingerprint
+from .messages import Done, Failed, Full, Hello, Label
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,6 @@ class EngineSpec:
     shards: str | None = None  # the data set: where the render fingerprint's crops come from
 
 
-def engine_info(engine: LabelEngine, classes: list[str]) -> dict:
-    t = engine.teacher
-    return {
-        "model": t.model_name,
-        "teacher_id": t.teacher_id,
-        "num_classes": t.num_classes,
-        "classes": classes,
-        "namespace": engine.namespace.meta(),
-        "device": engine.device,
-        "max_batch_size": engine.config.max_batch_size,
-        "max_queue_size": engine.config.max_queue_size,
-    }
-
-
 def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connection) -> None:
     """An engine process: teacher + LabelEngine + a Unix-socket server; exits when its engine fails,
     on SIGTERM (after draining briefly) or when its parent is gone."""
@@ -66,8 +53,6 @@ def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connectio
     from labels.store import open_store
     from labels.teacher import Teacher
     from shards import AugmentPolicy
-
-    from .precompute import claim_fingerprint
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s engine[{spec.device}] %(message)s")
     # a supervisor killed with SIGKILL cannot remove its private directory (sockets, metrics): we do
@@ -107,11 +92,6 @@ def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connectio
             os._exit(1)
     engine.close(drain=True, timeout=10)
     listener.close()
-
-
-def depth_path(address: str) -> str:
-    """Where the engine at `address` publishes its queue depth."""
-    return address + ".depth"
 
 
 def _accept(listener: Listener, engine: LabelEngine, info: dict) -> None:

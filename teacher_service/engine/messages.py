@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .engine import Job, Result
+from .contract import Job, Result
 
 
 @dataclass(frozen=True)
