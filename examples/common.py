@@ -4,6 +4,8 @@ import argparse
 
 import timm
 
+from student_trainer import DataConfig
+
 
 def parse_args(doc: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -14,6 +16,17 @@ def parse_args(doc: str) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: every epoch)")
     p.add_argument("--workers", type=int, default=2, help="data-loader workers (they fetch the labels)")
     return p.parse_args()
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The loader's configuration (the trainer's own data flags) from the example's arguments."""
+    if args.labels.startswith(("http://", "https://")):
+        source = {"labels": "service", "service_url": args.labels}
+    else:
+        source = {"labels": "store", "store": args.labels}
+    return DataConfig(
+        shards=args.shards, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, **source
+    )
 
 
 def small_deit(num_classes: int, input_size: int, **kwargs):

@@ -13,13 +13,13 @@ import torch
 from shards import Manifest
 from student_trainer import DistillationLoss, labeled_loader, teacher_targets
 
-from common import parse_args, small_deit
+from common import data_config, parse_args, small_deit
 
 args = parse_args(__doc__)
 
 torch.manual_seed(0)
 num_classes = len(Manifest.load(args.shards).classes)
-loader = labeled_loader(args.shards, args.labels, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers)
+loader = labeled_loader(data_config(args))
 model = small_deit(num_classes, loader.policy.input_size)
 model.set_distilled_training(True)  # forward returns (class head, distillation head) logits
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)

@@ -22,7 +22,7 @@ from timm.utils import unwrap_model
 from shards import Manifest
 from student_trainer import DistillationLoss, MixupWithLambda, TeacherTargets, labeled_loader, teacher_targets
 
-from common import parse_args, small_deit
+from common import data_config, parse_args, small_deit
 
 
 class CachedTokenDistillationTask(TrainingTask):
@@ -44,7 +44,7 @@ args = parse_args(__doc__)
 
 torch.manual_seed(0)
 num_classes = len(Manifest.load(args.shards).classes)
-loader = labeled_loader(args.shards, args.labels, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers)
+loader = labeled_loader(data_config(args))
 model = small_deit(num_classes, loader.policy.input_size, drop_path_rate=0.1)
 task = CachedTokenDistillationTask(model, SoftTargetCrossEntropy(), "hard", task_loss_weight=0.5)
 optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)

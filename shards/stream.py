@@ -212,6 +212,7 @@ class ShardStream(IterableDataset):
         split: str,
         policy: AugmentPolicy,
         batch_size: int,
+        *,
         mode: str = "train",
         rank: int = 0,
         world_size: int = 1,
@@ -221,6 +222,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         render_on_device: bool = False,
         repeat_mode: str = "deit",
+        manifest: Manifest | None = None,
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be train or eval, not {mode!r}")
@@ -232,7 +234,7 @@ class ShardStream(IterableDataset):
                 "render_on_device=True (the trainer does on a CUDA machine)"
             )
         self.directory = Path(directory)
-        self.manifest = Manifest.load(directory)
+        self.manifest = manifest or Manifest.load(directory)  # the caller's, when it has one
         self.shards = self.manifest.shards(split)
         self.split = split
         # where each image is (checked here, once per process tree): workers read the images
@@ -251,8 +253,8 @@ class ShardStream(IterableDataset):
         self.shuffle = (mode == "train") if shuffle is None else shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        # a torch policy's train batches carry uint8 crops ("crops", or "sources" with JPEG bytes
-        # for nvJPEG) and their parameters ("params"); `rendered(batch, policy, device)` draws the
+        # a torch policy's train batches carry Regions (uint8 crops and their plan) or, for
+        # nvJPEG, EncodedRegions as their "image"; `rendered(batch, policy, device)` draws the
         # pixels where the model runs
         self.render_on_device = render_on_device and mode == "train"
         # shared with the data loader's persistent workers, which keep the copy made at their start
@@ -391,18 +393,55 @@ class ShardStream(IterableDataset):
                 yield eval_view(image, self.policy), raw.label, raw.key, -1
 
 
+@dataclass
+class Regions:
+    """A batch still to render on the device: each crop's uint8 region, cut and resized in the loader
+    worker, and the batch's drawn parameters packed in one tensor. Two buffers cross the loader,
+    one copy each; `render` draws the pixels on the device (no host sync)."""
+
+    crops: torch.Tensor  # uint8 [B, 3, S, S]
+    plan: BatchPlan
+
+    def render(self, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
+        return render_batch(self.crops, self.plan, policy, device)
+
+    def pin_memory(self) -> Regions:  # DataLoader(pin_memory=True) calls it
+        plan = BatchPlan(self.plan.packed.pin_memory(), self.plan.fields, self.plan.size)
+        return Regions(self.crops.pin_memory(), plan)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+
+@dataclass
+class EncodedRegions:
+    """A batch whose JPEGs stay encoded for the device's decoder (an nvJPEG policy): each crop's
+    bytes (or its uint8 region, for an image that is not a JPEG) and its drawn parameters."""
+
+    sources: list  # JPEG bytes or uint8 [3, S, S]
+    params: list
+
+    def render(self, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
+        return render_prepared(list(zip(self.sources, self.params)), policy, device)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
 def collate(items: list, skipped: int = 0, policy: AugmentPolicy | None = None) -> dict:
+    """A batch: `image` is the crops (float [B, 3, S, S]), or what renders them on the device:
+    Regions / EncodedRegions (`rendered` tells them apart by type)."""
     xs, labels, keys, seeds = zip(*items)
     if isinstance(xs[0], tuple):  # (uint8 crop or JPEG bytes, params) to render on the device: `rendered`
         sources, params = zip(*xs)
-        if all(isinstance(s, torch.Tensor) for s in sources):  # two buffers through the loader, one copy each
-            pixels = {"crops": torch.stack(sources), "plan": BatchPlan.build(list(params), policy)}
+        if all(isinstance(s, torch.Tensor) for s in sources):
+            image = Regions(torch.stack(sources), BatchPlan.build(list(params), policy))
         else:
-            pixels = {"sources": list(sources), "params": list(params)}
+            image = EncodedRegions(list(sources), list(params))
     else:
-        pixels = {"image": torch.stack(xs)}
+        image = torch.stack(xs)
     return {
-        **pixels,
+        "image": image,
         "label": torch.tensor(labels, dtype=torch.long),
         "key": list(keys),
         "seed": torch.tensor(seeds, dtype=torch.long),
@@ -411,14 +450,12 @@ def collate(items: list, skipped: int = 0, policy: AugmentPolicy | None = None) 
 
 
 def rendered(batch: dict, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
-    """The batch's crops on `device`: copied there, or rendered there from the uint8 crops (or
-    JPEG bytes) and parameters a `render_on_device` stream sends (the same tensors the workers
-    would render)."""
-    if "image" in batch:
-        return batch["image"].to(device, non_blocking=True)
-    if "crops" in batch:
-        return render_batch(batch["crops"], batch["plan"], policy, device)
-    return render_prepared(list(zip(batch["sources"], batch["params"])), policy, device)
+    """The batch's crops on `device`: copied there, or rendered there from the Regions (or
+    EncodedRegions) a `render_on_device` stream sends (the same tensors the workers would render)."""
+    image = batch["image"]
+    if isinstance(image, torch.Tensor):
+        return image.to(device, non_blocking=True)
+    return image.render(policy, device)
 
 
 def make_loader(stream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 4):

@@ -7,10 +7,11 @@ come from (a store, the service, an online teacher).
 
 Cached labels in a training loop of your own (`data.py`, `targets.py`, `loss.py`):
 
-    from student_trainer import DistillationLoss, labeled_loader, teacher_targets
-    loader = labeled_loader("runs/demo/shards", "runs/demo/labels.db", epochs=30, batch_size=64)
+    from student_trainer import DataConfig, DistillationLoss, labeled_loader, teacher_targets
+    cfg = DataConfig(shards="runs/demo/shards", labels="store", store="runs/demo/labels.db", epochs=30, batch_size=64)
+    loader = labeled_loader(cfg)
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), "hard", alpha=0.5)
-    for epoch in range(30):
+    for epoch in range(cfg.epochs):
         loader.set_epoch(epoch)
         for batch in loader:
             loss = criterion(model(batch["image"]), batch["label"], teacher_targets(batch, num_classes))
@@ -27,6 +28,7 @@ __all__, __getattr__ = lazy_exports(
     __name__,
     {
         "TrainConfig": ".config",
+        "DataConfig": ".config",
         "DistillationLoss": ".loss",
         "TeacherTargets": ".loss",
         "labeled_loader": ".data",

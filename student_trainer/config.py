@@ -1,10 +1,15 @@
 """The trainer's configuration: DeiT's recipe as defaults, every flag of `train`, and every check of
-their combination (a run that cannot work is refused before any process starts training)."""
+their combination (a run that cannot work is refused before any process starts training).
+
+`DataConfig` is the data side of a run (shards, augmentation, teacher labels, schedule, loader):
+what `labeled_loader` takes, in `train` or in a loop of your own. `TrainConfig` is a DataConfig
+with the model, DeiT's loss and recipe, and execution: one model, so `train`'s flags and the
+loader's are the same flags."""
 
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -12,25 +17,19 @@ from distill_core import Nested, NotAFlag, read_secret
 from labels.teacher import TeacherSettings
 from shards.flags import DecoderFlag, RendererFlag, RepeatModeFlag
 
-from .data import OnMissing
 from .loss import DistillationType
 
 LabelSource = Literal["none", "store", "service", "online"]
+OnMissing = Literal["error", "service", "online", "skip"]  # what a label the store lacks does
+ON_MISSING = get_args(OnMissing)
 
 
-class TrainConfig(BaseModel):
+class DataConfig(BaseModel):
+    """The data side of a run; see the module docstring."""
+
     model_config = ConfigDict(extra="forbid")
 
     shards: str = Field(description="shard directory (with manifest.json)")
-    out: str = Field(description="run directory: last.pt (checkpoint), metrics.jsonl, model.safetensors")
-    model: str = Field(
-        "deit_tiny_distilled_patch16_224",
-        description="timm model; distillation needs a deit_*_distilled_* model",
-    )
-    model_kwargs: dict = Field(
-        default_factory=dict,
-        description='JSON model kwargs, e.g. {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}',
-    )
     policy: dict = Field(
         default_factory=dict, description="JSON augmentation policy overrides (must match the labels' policy)"
     )
@@ -55,6 +54,47 @@ class TrainConfig(BaseModel):
     on_missing: OnMissing = Field(
         "error", description="a cached label is missing: error | service | online | skip (counted in the summary)"
     )
+    # the run's schedule and loader
+    epochs: int = Field(300, ge=1, description="training epochs")
+    batch_size: int = Field(128, ge=1, description="batch size per rank")
+    repeated_aug: int = Field(3, ge=1, description="repeated augmentation: R crops of each image it selects (DeiT: 3)")
+    repeat_mode: RepeatModeFlag = "deit"
+    workers: int = Field(2, ge=0, description="data-loader worker processes per rank")
+    seed: int = Field(0, ge=0, description="seed of weights, data order and mixup")
+
+    @model_validator(mode="after")
+    def _label_source(self):
+        if self.labels == "store" and not self.store:
+            raise ValueError("--labels store needs --store URL")
+        if self.labels == "service" and not self.service_url:
+            raise ValueError("--labels service needs --service-url")
+        if self.on_missing == "service" and not self.service_url:
+            raise ValueError("--on-missing service needs --service-url")
+        if self.service_token is None:  # never a flag: `ps` shows every process's arguments
+            if self.service_token_file:
+                self.service_token = read_secret(self.service_token_file, "--service-token-file")
+            else:
+                self.service_token = os.environ.get("DISTILL_TOKEN") or None
+        return self
+
+    @property
+    def labels_url(self) -> str | None:
+        """Where the loader fetches teacher labels: the store, the service, or nowhere (none, online)."""
+        return {"store": self.store, "service": self.service_url}.get(self.labels)
+
+
+class TrainConfig(DataConfig):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field(description="run directory: last.pt (checkpoint), metrics.jsonl, model.safetensors")
+    model: str = Field(
+        "deit_tiny_distilled_patch16_224",
+        description="timm model; distillation needs a deit_*_distilled_* model",
+    )
+    model_kwargs: dict = Field(
+        default_factory=dict,
+        description='JSON model kwargs, e.g. {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}',
+    )
     teacher: Annotated[TeacherSettings, Nested("teacher-", title="online teacher")] = Field(
         default_factory=TeacherSettings, description="the online teacher (--labels online, --on-missing online)"
     )
@@ -65,8 +105,6 @@ class TrainConfig(BaseModel):
     distillation_alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (DeiT: 0.5)")
     distillation_tau: float = Field(1.0, gt=0, description="soft distillation temperature (DeiT: 1.0)")
     # DeiT's recipe
-    epochs: int = Field(300, ge=1, description="training epochs")
-    batch_size: int = Field(128, ge=1, description="batch size per rank")
     lr: float = Field(5e-4, gt=0, description="learning rate for a global batch of 512, scaled linearly (DeiT: 5e-4)")
     min_lr: float = Field(1e-5, ge=0, description="final learning rate of the cosine schedule, for a batch of 512")
     warmup_lr: float = Field(1e-6, ge=0, description="learning rate at the start of warm-up")
@@ -77,16 +115,12 @@ class TrainConfig(BaseModel):
     cutmix: float = Field(1.0, ge=0, description="cutmix alpha (0: off)")
     mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
     mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix instead of mixup")
-    repeated_aug: int = Field(3, ge=1, description="repeated augmentation: R crops of each image it selects (DeiT: 3)")
-    repeat_mode: RepeatModeFlag = "deit"
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate")
     clip_grad: float | None = Field(None, gt=0, description="gradient norm clipping (default off)")
     # execution
     amp: Literal["auto", "bf16", "fp16", "none"] = Field("auto", description="auto (bf16 on CUDA, none on CPU)")
     compile: bool = Field(False, description="torch.compile the student (and the online teacher)")
-    workers: int = Field(2, ge=0, description="data-loader worker processes per rank")
     threads: int = Field(0, ge=0, description="torch CPU threads per rank (0: the cores of the CPU affinity / ranks)")
-    seed: int = Field(0, ge=0, description="seed of weights, data order and mixup")
     eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: never)")
     log_every: int = Field(
         50, ge=1, description="read and check the loss every N steps (the step's only wait on the device)"
@@ -103,19 +137,8 @@ class TrainConfig(BaseModel):
             self.distillation_type = "none" if self.labels == "none" else "hard"
         if (self.distillation_type == "none") != (self.labels == "none"):
             raise ValueError(f"--distillation-type {self.distillation_type} does not fit --labels {self.labels}")
-        if self.labels == "store" and not self.store:
-            raise ValueError("--labels store needs --store URL")
-        if self.labels == "service" and not self.service_url:
-            raise ValueError("--labels service needs --service-url")
-        if self.on_missing == "service" and not self.service_url:
-            raise ValueError("--on-missing service needs --service-url")
         if self.needs_teacher:
             self.teacher.check_source()
-        if self.service_token is None:  # never a flag: `ps` shows every process's arguments
-            if self.service_token_file:
-                self.service_token = read_secret(self.service_token_file, "--service-token-file")
-            else:
-                self.service_token = os.environ.get("DISTILL_TOKEN") or None
         return self
 
     @property

@@ -1,8 +1,9 @@
 """Cached teacher labels in any PyTorch training loop: `labeled_loader`.
 
-    from student_trainer import labeled_loader
-    loader = labeled_loader("runs/demo/shards", "runs/demo/labels.db", batch_size=64, epochs=30)
-    for epoch in range(30):
+    from student_trainer import DataConfig, labeled_loader
+    cfg = DataConfig(shards="runs/demo/shards", labels="store", store="runs/demo/labels.db", epochs=30, batch_size=64)
+    loader = labeled_loader(cfg)
+    for epoch in range(cfg.epochs):
         loader.set_epoch(epoch)                 # before iterating, as with DistributedSampler
         for batch in loader:
             batch["image"]          # [B, 3, H, W] the augmented crops (the teacher labeled these)
@@ -11,10 +12,10 @@
             batch["present"]        # [B] bool: a teacher label is there
             batch["key"], batch["seed"]  # what identifies each crop: (image key, augmentation seed)
 
-`labels` is a label store (a file path, `redis://...`) or a teacher service (`http://...`). A
-batch also carries `teacher_classes` [B, k] (k = 1 for hard labels) and, for top-k namespaces
-(`top5p`), `teacher_probs` [B, k]; `skipped` (unreadable samples replaced) and `label_stats`
-(counts for a summary).
+`DataConfig` (config.py) is the trainer's own data flags: `labels` store (`--store`, a file path or
+`redis://...`), service (`--service-url`) or none. A batch also carries `teacher_classes` [B, k]
+(k = 1 for hard labels) and, for top-k namespaces (`top5p`), `teacher_probs` [B, k]; `skipped`
+(unreadable samples replaced) and `label_stats` (counts for a summary).
 
 What the loader promises, the trainer's guarantees (`student_trainer train` uses it):
 - every rank gets the same number of batches (`len(loader)`), batch sizes fixed in advance, so DDP
@@ -30,7 +31,7 @@ What the loader promises, the trainer's guarantees (`student_trainer train` uses
   from (`shards/fingerprint.py`; FingerprintMismatch says what differs).
 
 `on_missing` decides what happens to a label the store lacks: `error` (raise MissingLabels in the
-worker), `service` (ask the teacher service at `fallback_url` for it), or `online` / `skip` (keep
+worker), `service` (ask the teacher service at `service_url` for it), or `online` / `skip` (keep
 the batch with `present` False: the loop fills it with a teacher of its own or drops it from the
 distillation loss; `teacher_targets` in `targets.py` does the latter).
 """
@@ -40,7 +41,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -53,10 +53,9 @@ from shards import AugmentPolicy, Manifest, RepeatSchedule, ShardStream, make_lo
 from shards.fingerprint import check as check_fingerprint
 from shards.schedule import same_pairs
 
-log = logging.getLogger(__name__)
+from .config import ON_MISSING, DataConfig
 
-OnMissing = Literal["error", "service", "online", "skip"]  # what a label the store lacks does
-ON_MISSING = get_args(OnMissing)
+log = logging.getLogger(__name__)
 
 
 class MissingLabels(RuntimeError):
@@ -234,7 +233,7 @@ def check_labels(
     """That the namespace holds what a run of `epochs` epochs under `schedule` asks for: the seed
     range, the schedule precompute recorded as done, and probabilities for soft distillation."""
     needed = schedule.seed_limit_for_run(epochs)
-    flags = f"--epochs {epochs} --repeated-aug {schedule.repeats} --repeat-mode {schedule.mode}"
+    flags = precompute_flags(schedule, epochs)
     tolerated = is_store and on_missing in ("online", "skip")  # beyond the range: missing
     if needed > meta["seed_limit"] and not tolerated:
         raise ValueError(
@@ -251,6 +250,11 @@ def check_labels(
         )
     if soft and "p" not in meta["format"]:
         raise ValueError(f"soft distillation from cached labels needs a topKp format, the store has {meta['format']}")
+
+
+def precompute_flags(schedule: RepeatSchedule, epochs: int) -> str:
+    """The precompute flags that label what a run of `epochs` epochs under `schedule` asks for."""
+    return f"--epochs {epochs} --repeated-aug {schedule.repeats} --repeat-mode {schedule.mode}"
 
 
 def covering_records(records: list[dict], schedule: RepeatSchedule, epochs: int) -> list[dict]:
@@ -305,73 +309,73 @@ class LabeledLoader:
 
 
 def labeled_loader(
-    shards: str,
-    labels: str | None,
+    cfg: DataConfig,
     *,
-    epochs: int,
-    batch_size: int = 128,
     rank: int = 0,
     world_size: int = 1,
-    workers: int = 2,
-    repeats: int = 3,
-    repeat_mode: str = "deit",
-    seed: int = 0,
-    on_missing: str = "error",
-    fallback_url: str | None = None,
-    token: str | None = None,
-    namespace: str | None = None,
-    renderer: str | None = None,
-    decoder: str | None = None,
-    policy: dict | None = None,
-    soft: bool = False,
-    render_on_device: bool = False,
     device: str | torch.device = "cpu",
-    pin_memory: bool = False,
-    retry_for: float = 60.0,
+    soft: bool = False,
+    render_on_device: bool | None = None,
+    manifest: Manifest | None = None,
+    policy: AugmentPolicy | None = None,
 ) -> LabeledLoader:
-    """Training batches of `shards` with the teacher labels of `labels` (a store URL or a teacher
-    service URL; None: no teacher labels) for a run of `epochs` epochs under DeiT's repeated
-    augmentation (`repeats`, `repeat_mode`: the schedule precompute labeled). `rank`/`world_size`:
-    this process's share (torchrun's RANK / WORLD_SIZE). `renderer`/`decoder`/`policy`: the
-    augmentation (the manifest's hint, then these overrides; they must be the labels').
-    `render_on_device`: batches carry uint8 crops for `shards.stream.rendered(batch, policy,
-    device)` to render on `device`, where the labels' fingerprint is checked. `soft`: the run needs
-    teacher probabilities (a topKp namespace). `fallback_url`/`token`: the teacher service that
-    `on_missing="service"` asks (and its bearer token). See the module docstring for the batch."""
-    manifest = Manifest.load(shards)
-    aug = manifest.policy(renderer, decoder, **(policy or {}))
+    """Training batches of `cfg.shards` with the teacher labels `cfg.labels` names (store, service or
+    none) for a run of `cfg.epochs` epochs under DeiT's repeated augmentation (`repeated_aug`,
+    `repeat_mode`: the schedule precompute labeled). `rank`/`world_size`: this process's share
+    (torchrun's RANK / WORLD_SIZE). `device`: where the model runs; a torch-renderer policy on an
+    accelerator is rendered there (batches carry `shards.stream.Regions` for `rendered(batch,
+    policy, device)`), and the labels' fingerprint is checked there. `soft`: the run needs teacher
+    probabilities (a topKp namespace). `render_on_device`: render a torch policy's crops on `device`
+    even on the CPU (None: on an accelerator). `manifest`/`policy`: the caller's, when it has built
+    them (else from `cfg`). See the module docstring for the batch."""
+    device = torch.device(device)
+    manifest = manifest or Manifest.load(cfg.shards)
+    policy = policy or manifest.policy(cfg.renderer, cfg.decoder, **cfg.policy)
+    if render_on_device is None:
+        render_on_device = device.type != "cpu"
+    render_on_device = render_on_device and policy.renderer == "torch"
     stream = ShardStream(
-        shards, "train", aug, batch_size, "train", rank, world_size, repeats, seed=seed,
-        render_on_device=render_on_device, repeat_mode=repeat_mode,
+        cfg.shards, "train", policy, cfg.batch_size, mode="train", rank=rank, world_size=world_size,
+        repeats=cfg.repeated_aug, repeat_mode=cfg.repeat_mode, seed=cfg.seed, render_on_device=render_on_device,
+        manifest=manifest,
     )  # fmt: skip
     dataset, ns = stream, None
-    if labels is not None:
-        source = open_source(labels, namespace, token, retry_for)
+    if cfg.labels_url is not None:
+        source = open_source(cfg.labels_url, cfg.namespace, cfg.service_token, cfg.store_retry_for)
         meta = source.meta()
-        where = redact(labels)
-        check_compatible(meta, aug, len(manifest.classes), where)
-        check_labels(meta, stream.schedule, epochs, on_missing, soft, isinstance(source, StoreSource), where)
+        where = redact(cfg.labels_url)
+        check_compatible(meta, policy, len(manifest.classes), where)
+        check_labels(meta, stream.schedule, cfg.epochs, cfg.on_missing, soft, isinstance(source, StoreSource), where)
         if meta.get("fingerprint"):
-            check_fingerprint(meta["fingerprint"], shards, aug, device if render_on_device else "cpu", where)
+            check_fingerprint(meta["fingerprint"], cfg.shards, policy, device if render_on_device else "cpu", where)
         else:
             log.warning(
                 "%s: the labels carry no render fingerprint (made before fingerprints, or by a service "
                 "without shards): that this run renders the crops they were made from is not checked",
                 where,
             )
-        fallback = ServiceSource(fallback_url, token) if fallback_url else None
-        hint = f"--epochs {epochs} --repeated-aug {repeats} --repeat-mode {repeat_mode}"
-        dataset, ns = LabeledStream(stream, source, on_missing, fallback, hint), meta["id"]
-    return LabeledLoader(dataset, make_loader(dataset, num_workers=workers, pin_memory=pin_memory), ns)
+        fallback = ServiceSource(cfg.service_url, cfg.service_token) if cfg.on_missing == "service" else None
+        hint = precompute_flags(stream.schedule, cfg.epochs)
+        dataset, ns = LabeledStream(stream, source, cfg.on_missing, fallback, hint), meta["id"]
+    loader = make_loader(dataset, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    return LabeledLoader(dataset, loader, ns)
 
 
 def eval_loader(
-    shards: str, split: str = "val", *, batch_size: int = 128, rank: int = 0, world_size: int = 1,
-    workers: int = 1, renderer: str | None = None, decoder: str | None = None, policy: dict | None = None,
-    pin_memory: bool = False,
-):  # fmt: skip
+    cfg: DataConfig,
+    split: str = "val",
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    manifest: Manifest | None = None,
+    policy: AugmentPolicy | None = None,
+):
     """Evaluation batches (`image`, `label`, `key`) of a split: DeiT's eval transform, every image
-    once across ranks."""
-    aug = Manifest.load(shards).policy(renderer, decoder, **(policy or {}))
-    stream = ShardStream(shards, split, aug, batch_size, "eval", rank, world_size)
-    return make_loader(stream, num_workers=workers, pin_memory=pin_memory)
+    once across ranks, in at most one loader worker (evaluation is short; a worker's start is not)."""
+    manifest = manifest or Manifest.load(cfg.shards)
+    policy = policy or manifest.policy(cfg.renderer, cfg.decoder, **cfg.policy)
+    stream = ShardStream(
+        cfg.shards, split, policy, cfg.batch_size, mode="eval", rank=rank, world_size=world_size, manifest=manifest
+    )
+    return make_loader(stream, num_workers=min(cfg.workers, 1), pin_memory=torch.device(device).type == "cuda")

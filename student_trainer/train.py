@@ -186,21 +186,9 @@ def setup(cfg: TrainConfig) -> Run:
     # data: every rank the same number of batches; labels fetched in the loader workers (data.py).
     # A torch policy on an accelerator: the loader workers decode and draw, the device renders
     pin = device.type == "cuda"
-    labels = {"store": cfg.store, "service": cfg.service_url}.get(cfg.labels)
-    loader = labeled_loader(
-        cfg.shards, labels, epochs=cfg.epochs, batch_size=cfg.batch_size, rank=rank, world_size=world,
-        workers=cfg.workers, repeats=cfg.repeated_aug, repeat_mode=cfg.repeat_mode, seed=cfg.seed,
-        on_missing=cfg.on_missing, fallback_url=cfg.service_url, token=cfg.service_token, namespace=cfg.namespace,
-        renderer=cfg.renderer, decoder=cfg.decoder, policy=cfg.policy, soft=cfg.distillation_type == "soft",
-        render_on_device=policy.renderer == "torch" and device.type != "cpu", device=device, pin_memory=pin,
-        retry_for=cfg.store_retry_for,
-    )  # fmt: skip
-    val_loader = None
-    if cfg.eval_every and "val" in manifest.splits:
-        val_loader = eval_loader(
-            cfg.shards, "val", batch_size=cfg.batch_size, rank=rank, world_size=world, workers=min(cfg.workers, 1),
-            renderer=cfg.renderer, decoder=cfg.decoder, policy=cfg.policy, pin_memory=pin,
-        )  # fmt: skip
+    data = {"rank": rank, "world_size": world, "device": device, "manifest": manifest, "policy": policy}
+    loader = labeled_loader(cfg, soft=cfg.distillation_type == "soft", **data)
+    val_loader = eval_loader(cfg, "val", **data) if cfg.eval_every and "val" in manifest.splits else None
 
     teacher = None
     if cfg.needs_teacher:

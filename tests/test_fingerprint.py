@@ -8,7 +8,7 @@ import json
 import sqlite3
 
 import pytest
-from conftest import last_json, run_cli, run_precompute, student_argv
+from conftest import last_json, open_loader, run_cli, run_precompute, student_argv
 
 from labels.namespace import RecordFormat
 from labels.store import open_existing, open_store
@@ -18,7 +18,6 @@ from shards.decode import image_header
 from shards.fingerprint import FingerprintMismatch, check, difference, render_fingerprint, validate
 from shards.index import SplitIndex
 from shards.render import INCREASING_OPS, draw_params
-from student_trainer import labeled_loader
 
 EPOCHS = ("--epochs", "1", "--repeated-aug", "1", "--batch-size", "64", "--workers", "1")
 
@@ -107,10 +106,9 @@ def test_precompute_stores_the_fingerprint_and_trainers_check_it(demo_shards, ti
     assert stats["namespaces"][0]["fingerprint"]["sha256"] == stored["sha256"]
     # a trainer rendering on the "device" (the CUDA layout, here the CPU) or in its workers: accepted
     for on_device in (False, True):
-        loader = labeled_loader(
-            str(demo_shards), str(store), epochs=1, repeats=1, workers=0, renderer="torch",
-            render_on_device=on_device, device="cpu",
-        )  # fmt: skip
+        loader = open_loader(
+            demo_shards, store, epochs=1, repeated_aug=1, workers=0, renderer="torch", render_on_device=on_device
+        )
         assert loader.namespace == summary["namespace"]
     # a store whose fingerprint is not what this machine renders: the trainer refuses before a batch
     db = sqlite3.connect(store)
@@ -124,7 +122,7 @@ def test_precompute_stores_the_fingerprint_and_trainers_check_it(demo_shards, ti
         db.execute("UPDATE namespaces SET meta = ?", (json.dumps(meta),))
     db.close()
     with pytest.raises(FingerprintMismatch, match="1 of 16 fixed crops render differently"):
-        labeled_loader(str(demo_shards), str(store), epochs=1, repeats=1, workers=0, renderer="torch")
+        open_loader(demo_shards, store, epochs=1, repeated_aug=1, workers=0, renderer="torch")
     argv = student_argv(demo_shards, tmp_path / "run", labels="store", store=str(store), renderer="torch", epochs=1)
     r = run_cli("student_trainer", "train", *argv, check=False)
     assert r.returncode == 2 and "render differently" in r.stderr, r.stderr[-2000:]
@@ -136,5 +134,5 @@ def test_precompute_stores_the_fingerprint_and_trainers_check_it(demo_shards, ti
 def test_a_decoder_the_labels_were_not_made_with_is_refused_by_name(demo_shards, torch_labels):
     store, _ = torch_labels
     with pytest.raises(ValueError, match="decoder: 'libjpeg' there, 'nvjpeg' here"):
-        labeled_loader(str(demo_shards), str(store), epochs=1, repeats=1, workers=0, renderer="torch",
-                       decoder="nvjpeg", render_on_device=True)  # fmt: skip
+        open_loader(demo_shards, store, epochs=1, repeated_aug=1, workers=0, renderer="torch",
+                    decoder="nvjpeg", render_on_device=True)  # fmt: skip

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PY, ROOT, last_json, run_cli, run_precompute, run_step
+from conftest import PY, ROOT, last_json, open_loader, run_cli, run_precompute, run_step
 
 from labels.store import open_existing
-from student_trainer import DistillationLoss, MissingLabels, labeled_loader, teacher_targets
+from student_trainer import DistillationLoss, MissingLabels, teacher_targets
 
 EPOCHS = ("--epochs", "1", "--repeated-aug", "3", "--batch-size", "64", "--workers", "1")
 
@@ -24,7 +24,7 @@ def cached(demo_shards, tiny_teacher, tmp_path_factory):
 
 
 def test_batches_carry_the_teacher_labels_of_their_crops(demo_shards, cached):
-    loader = labeled_loader(str(demo_shards), str(cached), epochs=1, batch_size=100, workers=0, world_size=2, rank=1)
+    loader = open_loader(demo_shards, cached, epochs=1, batch_size=100, workers=0, world_size=2, rank=1)
     loader.set_epoch(0)
     batches = list(loader)
     assert len(batches) == len(loader)  # the same number on every rank
@@ -43,16 +43,16 @@ def test_batches_carry_the_teacher_labels_of_their_crops(demo_shards, cached):
 
 def test_the_loader_refuses_labels_of_another_run_and_missing_ones(demo_shards, cached):
     with pytest.raises(ValueError, match="precompute with --epochs 4 --repeated-aug 3"):
-        labeled_loader(str(demo_shards), str(cached), epochs=4, workers=0)
+        open_loader(demo_shards, cached, epochs=4, workers=0)
     with pytest.raises(ValueError, match="augmentation policy"):
-        labeled_loader(str(demo_shards), str(cached), epochs=1, workers=0, policy={"input_size": 48})
-    loader = labeled_loader(str(demo_shards), str(cached), epochs=4, workers=0, on_missing="skip")
+        open_loader(demo_shards, cached, epochs=1, workers=0, policy={"input_size": 48})
+    loader = open_loader(demo_shards, cached, epochs=4, workers=0, on_missing="skip")
     loader.set_epoch(3)  # past what precompute labeled: present False, counted
     batch = next(iter(loader))
     assert not batch["present"].all() and batch["label_stats"]["labels_missing"] == batch["teacher_missing"] > 0
     targets = teacher_targets(batch, 10)
     assert torch.equal(targets.weight, batch["present"].float())  # no distillation loss where missing
-    strict = labeled_loader(str(demo_shards), str(cached), epochs=1, workers=0)
+    strict = open_loader(demo_shards, cached, epochs=1, workers=0)
     strict.stream.set_epoch(3)
     with pytest.raises(MissingLabels, match="precompute them"):
         next(iter(strict))
@@ -101,7 +101,7 @@ def test_labels_export_and_import_round_trip_a_namespace(demo_shards, cached, tm
     with np.load(exported) as a, np.load(again) as b:
         assert a.files == b.files and all(np.array_equal(a[n], b[n]) for n in a.files)
     # the imported store serves a run as the original does: coverage and labels
-    loader = labeled_loader(str(demo_shards), url, epochs=1, batch_size=64, workers=0)
+    loader = open_loader(demo_shards, url, epochs=1, batch_size=64, workers=0)
     loader.set_epoch(0)
     batch = next(iter(loader))
     with open_existing(str(cached)) as store:

@@ -10,7 +10,7 @@ from conftest import PY, copy_shards, last_json, run_cli
 
 from shards import AugmentPolicy, Manifest, ShardStream, augment, decode_image, iter_shard
 from shards.augment import to_pil
-from shards.stream import Share, SkipCounter, batch_sizes, plan_epoch, rendered
+from shards.stream import Regions, Share, SkipCounter, batch_sizes, plan_epoch, rendered
 
 POLICY = AugmentPolicy(input_size=32, scale=(0.35, 1.0), hflip=0.5)
 
@@ -137,8 +137,9 @@ def test_a_stream_rendering_on_the_device_gives_the_workers_crops(demo_shards):
     loaders = [torch.utils.data.DataLoader(s, batch_size=None, num_workers=1) for s in streams]
     n = 0
     for in_workers, to_render in zip(*loaders, strict=True):
-        assert "image" not in to_render and to_render["crops"].shape == (to_render["plan"].size, 3, 32, 32)
-        assert to_render["crops"].dtype == torch.uint8 and to_render["plan"].packed.dtype == torch.int64
+        regions = to_render["image"]
+        assert isinstance(regions, Regions) and regions.crops.shape == (regions.plan.size, 3, 32, 32)
+        assert regions.crops.dtype == torch.uint8 and regions.plan.packed.dtype == torch.int64
         assert to_render["key"] == in_workers["key"] and torch.equal(to_render["seed"], in_workers["seed"])
         assert torch.equal(rendered(to_render, policy, torch.device("cpu")), in_workers["image"])
         n += 1
