@@ -18,13 +18,17 @@ class BuildConfig(BaseModel):
 
     out: Path = Field(description="output directory for .tar shards and manifest.json")
     src: Path | None = Field(None, description="image folder, one sub-folder per class (ImageNet train layout)")
+    val_src: Path | None = Field(
+        None, description="validation folder of the same classes (ImageNet val layout: DIR/<class>/*.JPEG)"
+    )
     demo: Literal["digits"] | None = Field(None, description="bundled demo data set (scikit-learn digits)")
     shard_size: int = Field(1000, ge=1, description="samples per shard")
     val_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="fraction of --src images held out as val (stable hash split)"
+        0.0, ge=0.0, lt=1.0, description="without --val-src: fraction of --src held out as val (stable hash split)"
     )
     demo_size: int = Field(32, ge=8, description="demo image side in pixels")
     seed: int = Field(0, description="seed of the fixed sample order inside shards")
+    progress: bool = Field(True, description="progress bar")
 
 
 class InspectConfig(BaseModel):
@@ -66,6 +70,8 @@ def build(cfg: BuildConfig) -> dict:
         val_fraction=cfg.val_fraction,
         demo_size=cfg.demo_size,
         seed=cfg.seed,
+        val_src=cfg.val_src,
+        progress=cfg.progress,
     )
 
 
@@ -79,6 +85,7 @@ def inspect(cfg: InspectConfig) -> int:
     summary = {
         "dir": str(cfg.dir),
         "source": m.source,
+        "val_from": m.val_from,
         "classes": len(m.classes),
         "splits": {
             k: {"shards": len(v), "samples": m.num_samples(k), "bytes": sum(s.bytes for s in v)}

@@ -57,10 +57,10 @@ def make_key(relpath: str) -> str:
     return _KEY_UNSAFE.sub("_", stem)
 
 
-def scan_folder(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """ImageNet train layout: one sub-folder per class. Returns classes and (relpath, label)."""
+def scan_folder(src: Path, flag: str = "--src") -> tuple[list[str], list[tuple[str, int]]]:
+    """ImageNet layout: one sub-folder per class. Returns classes and (relpath, label)."""
     if not src.is_dir():
-        raise FileNotFoundError(f"--src {src} is not a directory")
+        raise FileNotFoundError(f"{flag} {src} is not a directory")
     classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{src} has no class sub-folders (expected ImageNet layout: SRC/<class>/<image>)")
@@ -153,14 +153,20 @@ def build(
     val_fraction: float = 0.0,
     demo_size: int = 32,
     seed: int = 0,
+    val_src: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Build shards and manifest; returns a summary dict."""
+    """Build shards and manifest; returns a summary dict. The val split is `val_src` (a folder
+    of the same classes: the official validation set), else a stable hash holdout of `val_fraction`
+    of `src`, else none; the manifest says which (`val_from`)."""
     if (src is None) == (demo is None):
         raise ValueError("give exactly one of --src DIR or --demo digits")
     if shard_size < 1:
         raise ValueError("--shard-size must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError("--val-fraction must be in [0, 1)")
+    if val_src is not None and (demo is not None or val_fraction > 0):
+        raise ValueError("--val-src is the val split of --src: not with --demo or --val-fraction")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -173,7 +179,8 @@ def build(
         source = f"demo:digits@{demo_size}px"
         hint = dict(DEMO_POLICY_HINT, input_size=demo_size)
         total = len(pairs)
-        with tqdm(total=total, desc="shards", unit="img") as bar:
+        val_from = {"from": "fixed", "rule": "every fifth image"}
+        with tqdm(total=total, desc="shards", unit="img", disable=not progress) as bar:
             for split in ("train", "val"):
                 samples = _mixed([s for sp, s in pairs if sp == split], seed, split, key=lambda s: s.key)
                 splits[split] = write_split(samples, out, split, shard_size, bar)
@@ -182,20 +189,39 @@ def build(
         classes, items = scan_folder(src)
         source = str(src.resolve())
         hint = {}
-        total = len(items)
         keys = unique_keys(rel for rel, _ in items)
-        with tqdm(total=total, desc="shards", unit="img") as bar:
-            for split in ("train", "val"):
-                chosen = [
-                    it
-                    for it in items
-                    if (split == "val") == (val_fraction > 0 and stable_fraction(keys[it[0]]) < val_fraction)
-                ]
-                if chosen:
-                    chosen = _mixed(chosen, seed, split, key=lambda it: it[0])
-                    splits[split] = write_split(folder_samples(src, chosen, keys, stats), out, split, shard_size, bar)
+        if val_src is not None:  # the official val set: the same classes, keys apart from train's
+            val_src = Path(val_src)
+            val_classes, val_items = scan_folder(val_src, "--val-src")
+            if val_classes != classes:
+                only_train, only_val = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+                raise ValueError(
+                    f"--val-src {val_src} has other classes than --src {src}: "
+                    f"{len(only_train)} only in train (e.g. {only_train[:3]}), {len(only_val)} only in val "
+                    f"(e.g. {only_val[:3]})"
+                )
+            val_keys = unique_keys([*keys, *(f"val/{rel}" for rel, _ in val_items)])
+            val_keys = {rel: val_keys[f"val/{rel}"] for rel, _ in val_items}
+            chosen = {"train": (src, items, keys), "val": (val_src, val_items, val_keys)}
+            val_from = {"from": "folder", "source": str(val_src.resolve())}
+        else:
+            held = [it for it in items if val_fraction > 0 and stable_fraction(keys[it[0]]) < val_fraction]
+            held_set = set(held)
+            chosen = {"train": (src, [it for it in items if it not in held_set], keys), "val": (src, held, keys)}
+            val_from = {"from": "holdout", "fraction": val_fraction} if held else {"from": "none"}
+            log.info(
+                "no --val-src: %s",
+                f"holding out {len(held)} images of --src as val" if held else "no val split (evaluation is off)",
+            )
+        total = sum(len(chosen_items) for _, chosen_items, _ in chosen.values())
+        with tqdm(total=total, desc="shards", unit="img", disable=not progress) as bar:
+            for split, (folder, split_items, split_keys) in chosen.items():
+                if split_items:
+                    ordered = _mixed(split_items, seed, split, key=lambda it: it[0])
+                    samples = folder_samples(folder, ordered, split_keys, stats)
+                    splits[split] = write_split(samples, out, split, shard_size, bar)
     splits = {k: v for k, v in splits.items() if v}
-    manifest = Manifest(classes=classes, splits=splits, source=source, policy_hint=hint)
+    manifest = Manifest(classes=classes, splits=splits, source=source, policy_hint=hint, val_from=val_from)
     for split in splits:  # where each image is, so readers never walk the tar headers (index.py)
         manifest.indexes[split] = write_index(out, split, manifest)
     manifest.save(out)
@@ -210,6 +236,7 @@ def build(
         "seconds": round(dt, 3),
         "images_per_s": round(written / dt, 1) if dt > 0 else None,
         "scanned": total,
+        "val_from": val_from,
     }
 
 

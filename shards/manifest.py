@@ -30,6 +30,10 @@ class Manifest:
     source: str = ""
     policy_hint: dict = field(default_factory=dict)  # suggested augmentation policy fields
     indexes: dict[str, ShardInfo] = field(default_factory=dict)  # split -> its member index file (index.py)
+    # where the val split came from: {"from": "folder", "source": DIR} (the official val set),
+    # {"from": "holdout", "fraction": F} (hashed out of train), {"from": "fixed", ...} (the demo),
+    # {"from": "none"}; {} in manifests made before it was recorded
+    val_from: dict = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
     def shards(self, split: str) -> list[ShardInfo]:
@@ -54,6 +58,7 @@ class Manifest:
             "policy_hint": self.policy_hint,
             "splits": {k: [asdict(s) for s in v] for k, v in self.splits.items()},
             "indexes": {k: asdict(v) for k, v in self.indexes.items()},
+            "val_from": self.val_from,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -77,6 +82,7 @@ class Manifest:
             source=d.get("source", ""),
             policy_hint=d.get("policy_hint", {}),
             indexes={k: ShardInfo(**v) for k, v in d.get("indexes", {}).items()},
+            val_from=d.get("val_from", {}),
         )
 
 

@@ -309,6 +309,58 @@ def test_build_from_folder_keeps_original_bytes(tmp_path):
     assert m.num_samples("val") > 0 and m.num_samples("train") > 0
 
 
+def _jpeg_folder(root, counts: dict[str, int], shade: int) -> dict:
+    from PIL import Image
+
+    made = {}
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (24, 20), (shade, i * 20, 60)).save(buf, format="JPEG", quality=90)
+            (root / cls / f"img_{i}.JPEG").write_bytes(buf.getvalue())
+            made[f"{cls}/img_{i}"] = buf.getvalue()
+    return made
+
+
+def test_build_takes_the_official_val_folder_as_its_val_split(tmp_path):
+    """--val-src: the val split is that folder (ImageNet's val layout), train is all of --src, the
+    manifest says where val came from, keys of the two never collide; a val folder of other classes
+    is refused before anything is written."""
+    train = _jpeg_folder(tmp_path / "train", {"cat": 5, "dog": 4}, shade=10)
+    val = _jpeg_folder(tmp_path / "val", {"cat": 2, "dog": 3}, shade=200)  # the same file names as train's
+    out = tmp_path / "out"
+    s = last_json(run_cli("shards", "build", "--src", tmp_path / "train", "--val-src", tmp_path / "val",
+                          "--out", out, "--no-progress").stdout)  # fmt: skip
+    assert s["samples"] == {"train": 9, "val": 5} and s["val_from"]["from"] == "folder"
+    m = Manifest.load(out)
+    assert m.val_from == {"from": "folder", "source": str((tmp_path / "val").resolve())}
+    got = {split: {} for split in m.splits}
+    for split in m.splits:
+        for shard in m.shards(split):
+            for raw in iter_shard(out / shard.name, SkipCounter()):
+                got[split][raw.key] = raw.data
+    assert sorted(got["train"].values()) == sorted(train.values())
+    assert sorted(got["val"].values()) == sorted(val.values())
+    assert not set(got["train"]) & set(got["val"])  # the same relative paths, distinct keys
+    assert set(got["train"]) == set(train)  # train's keys as without --val-src
+    inspect = last_json(run_cli("shards", "inspect", out).stdout)
+    assert inspect["val_from"]["from"] == "folder"
+    # a holdout says so
+    held = last_json(run_cli("shards", "build", "--src", tmp_path / "train", "--out", tmp_path / "held",
+                             "--val-fraction", "0.3", "--no-progress").stdout)  # fmt: skip
+    assert held["val_from"] == {"from": "holdout", "fraction": 0.3}
+    # other classes: refused, nothing written
+    _jpeg_folder(tmp_path / "val2", {"cat": 1, "bird": 1}, shade=90)
+    r = run_cli("shards", "build", "--src", tmp_path / "train", "--val-src", tmp_path / "val2",
+                "--out", tmp_path / "bad", check=False)  # fmt: skip
+    assert r.returncode == 2 and "other classes than --src" in r.stderr and "bird" in r.stderr
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+    r = run_cli("shards", "build", "--src", tmp_path / "train", "--val-src", tmp_path / "val",
+                "--val-fraction", "0.1", "--out", tmp_path / "both", check=False)  # fmt: skip
+    assert r.returncode == 2 and "not with --demo or --val-fraction" in r.stderr
+
+
 def test_cli_help():
     for cmd in ([], ["build"], ["inspect"], ["show"]):
         r = run_cli("shards", *cmd, "--help")
