@@ -147,6 +147,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         job = PrecomputeConfig(
             shards=str(shards), epochs=cfg.student_epochs, repeated_aug=1, store=store,
             teacher=TeacherSettings(checkpoint=checkpoint), workers=1, renderer=cfg.renderer, progress=False,
+            quality_labels=10**9,  # every label the students learn, not a sample
         )  # fmt: skip
         pre = _run([sys.executable, "-m", "teacher_service", "precompute", *to_argv(job)], logs / "precompute.log")
     runs: dict[str, list[Path]] = {mode: [] for mode in cfg.modes}
@@ -161,7 +162,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             summaries[mode].append(_run(cmd, logs / f"student-{mode}-s{seed}.log"))
             runs[mode].append(run_dir)
     rows = summarize(runs, summaries)
-    table = render_table(rows, teacher, cfg)
+    table = render_table(rows, teacher, cfg, pre.get("label_quality"))
     (out / "results.md").write_text(table)
     title = f"demo: {cfg.student_epochs} epochs, student {json.dumps(cfg.student_kwargs)}"
     if cfg.mixup or cfg.cutmix:
@@ -172,6 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "out": str(out),
         "teacher_val_top1": round(teacher["val_top1"], 2),
         "labels_precomputed": pre["labels_computed"],
+        "label_quality": pre.get("label_quality"),
         "results": rows,
         "results_md": str(out / "results.md"),
         "results_png": str(out / "results.png"),
@@ -208,7 +210,22 @@ def summarize(runs: dict[str, list[Path]], summaries: dict[str, list[dict]]) -> 
     return rows
 
 
-def render_table(rows: list[dict], teacher: dict, cfg: DemoConfig) -> str:
+def label_quality_lines(quality: dict | None, teacher: dict) -> list[str]:
+    """What the distillation head learns, in a sentence: how often the teacher's hard label on the
+    students' training crops is the image's class (overall, by crop scale), beside its clean top-1."""
+    if not quality or not quality.get("labels"):
+        return []
+    scales = ", ".join(f"{k}: {v['agree_pct']:.2f}%" for k, v in quality["by_crop_scale"].items())
+    return [
+        f"Label quality: on the students' training crops the teacher's hard label is the image's class for "
+        f"{quality['agree_pct']:.2f}% of its {quality['labels']:,} labels (by the share of the image a crop "
+        f"covers: {scales}), against {teacher['val_top1']:.2f}% top-1 on the clean val images. The distillation "
+        "head learns these labels; the class head learns the classes.",
+        "",
+    ]
+
+
+def render_table(rows: list[dict], teacher: dict, cfg: DemoConfig, quality: dict | None = None) -> str:
     def cell(s: dict | None, sign: bool = False) -> str:
         if s is None:
             return "-"
@@ -219,6 +236,7 @@ def render_table(rows: list[dict], teacher: dict, cfg: DemoConfig) -> str:
         f"Teacher regnety_002: val top-1 {teacher['val_top1']:.2f}. Students: {cfg.student_epochs} epochs, "
         f"{json.dumps(cfg.student_kwargs)}, mixup {cfg.mixup}, cutmix {cfg.cutmix}, {cfg.nproc} DDP CPU processes.",
         "",
+        *label_quality_lines(quality, teacher),
         "| mode | student | labels | seeds | top-1 | minus plain, paired (per seed) | class head | dist head "
         "| images/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -12,8 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from distill_core import Command, Positional
+from shards import Manifest
 from shards.fingerprint import adopt as adopt_fingerprint
 
+from .namespace import classes_digest
+from .quality import label_quality
 from .store import LabelStore, list_namespaces, open_existing, open_store, redact
 
 log = logging.getLogger(__name__)
@@ -59,14 +62,29 @@ def namespace_stats(store: LabelStore, progress: bool = True) -> dict:
     }
 
 
-def stats(url: str, namespace_id: str | None = None, progress: bool = True) -> dict:
+def stats(
+    url: str,
+    namespace_id: str | None = None,
+    progress: bool = True,
+    shards: str | None = None,
+    quality_labels: int = 20_000,
+) -> dict:
+    """Every namespace's figures; with `shards`, also the label quality of those of its classes
+    (labels/quality.py: how often the teacher's label is the image's class, by crop scale)."""
     metas = list_namespaces(url)
     if namespace_id:
         metas = [m for m in metas if m["id"].startswith(namespace_id)]
+    digest = classes_digest(Manifest.load(shards).classes) if shards else None
     out = []
     for m in metas:
         with open_existing(url, m["id"]) as store:
-            out.append(namespace_stats(store, progress))
+            entry = namespace_stats(store, progress)
+            if digest and store.namespace.classes_digest == digest and quality_labels:
+                try:
+                    entry["label_quality"] = label_quality(store, shards, max_labels=quality_labels)
+                except ValueError as e:  # no fingerprint record (the policy is unknown), another policy
+                    entry["label_quality"] = {"error": str(e)}
+            out.append(entry)
     summary = {"url": redact(url), "namespaces": out}
     if url.startswith(("redis://", "rediss://")):
         from .store.redis_store import orphaned_rows
@@ -116,6 +134,12 @@ class StatsConfig(BaseModel):
         description="store URL: redis://host:port/db, rediss://..., file:///path.db or a path"
     )
     namespace: str | None = Field(None, description="namespace id (or a prefix of it) to report; default all")
+    shards: str | None = Field(
+        None,
+        description="shards the labels are of: adds label quality (how often the teacher's label is the image's "
+        "class, by crop scale) to the namespaces of their classes",
+    )
+    quality_labels: int = Field(20_000, ge=0, description="labels sampled for the label quality")
     progress: bool = Field(True, description="progress bar")
 
 
@@ -165,7 +189,7 @@ COMMAND = Command(
             "stats",
             help="counts, coverage per seed and bytes of each namespace in a store",
             config=StatsConfig,
-            run=lambda c: stats(c.url, c.namespace, progress=c.progress),
+            run=lambda c: stats(c.url, c.namespace, c.progress, c.shards, c.quality_labels),
         ),
         Command(
             "copy",

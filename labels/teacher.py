@@ -2,8 +2,15 @@
 
 A timm model by name (default `regnety_160`, DeiT's teacher) with weights from a local checkpoint
 (safetensors, or a state dict loaded with weights_only=True), timm's hub (`pretrained`), or random
-init (speed benchmarks only; recorded in the teacher id). The teacher id is the architecture plus
-a digest of the weights, so labels of different weights never share a namespace.
+init (speed benchmarks only; recorded in the teacher id). The teacher id is the architecture (with
+its hub tag for pretrained weights) plus a digest of the weights, so labels of different weights
+never share a namespace.
+
+Pretrained weights of an architecture DeiT distilled from are DeiT's own: `regnety_160` loads
+timm's `regnety_160.deit_in1k` (the RegNetY-16GF DeiT trained, 82.9% top-1), not timm's default
+tag for the name (`regnety_160.sw_in12k_ft_in1k`, another training). A tag given in the name
+(`regnety_160.sw_in12k_ft_in1k`) is loaded as given. Without internet, `--pretrained-file` points
+timm at a local copy of the hub file (timm's `pretrained_cfg_overlay`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,13 @@ from .namespace import Namespace, RecordFormat, classes_digest
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "regnety_160"
+# the weights DeiT distilled from, by architecture: what --pretrained loads for that name
+DEIT_TEACHER_TAGS = {"regnety_160": "regnety_160.deit_in1k"}
+
+
+def pretrained_name(model: str) -> str:
+    """The timm name (architecture.tag) that --pretrained loads for `model`."""
+    return DEIT_TEACHER_TAGS.get(model, model)
 
 
 class TeacherSettings(BaseModel):
@@ -37,7 +51,14 @@ class TeacherSettings(BaseModel):
     checkpoint: str | None = Field(
         None, description="weights: .safetensors or a torch state dict (loaded with weights_only=True)"
     )
-    pretrained: bool = Field(False, description="timm hub weights (needs internet)")
+    pretrained: bool = Field(
+        False,
+        description="timm hub weights (needs internet or --pretrained-file); regnety_160 loads DeiT's teacher, "
+        "regnety_160.deit_in1k",
+    )
+    pretrained_file: str | None = Field(
+        None, description="local copy of the --pretrained hub weights (.safetensors or .pth), for machines offline"
+    )
     random_init: bool = Field(False, description="random weights: speed benchmarks only (recorded in the namespace)")
     num_classes: int | None = Field(
         None, ge=1, description="classifier size for --pretrained/--random-init (default: the model's or checkpoint's)"
@@ -55,6 +76,8 @@ class TeacherSettings(BaseModel):
             raise ValueError(
                 "choose exactly one teacher weight source: a checkpoint, pretrained (hub) or random-init weights"
             )
+        if self.pretrained_file and not self.pretrained:
+            raise ValueError("--pretrained-file is a local copy of the --pretrained weights: give --pretrained too")
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -105,6 +128,8 @@ class Teacher:
         if cfg.checkpoint:
             state, meta = read_weights(cfg.checkpoint)
         self.model_name = cfg.model or meta.get("model") or DEFAULT_TEACHER
+        if cfg.pretrained:
+            self.model_name = pretrained_name(self.model_name)
         kwargs = dict(meta.get("model_kwargs", {}))
         num_classes = cfg.num_classes or meta.get("num_classes")
         if num_classes:
@@ -112,7 +137,12 @@ class Teacher:
         self.classes: list[str] | None = meta.get("classes")
         if cfg.random_init:
             torch.manual_seed(0)  # the same random teacher in every process
+        if cfg.pretrained_file:  # timm loads it in place of the hub's file, as the hub's would be
+            kwargs["pretrained_cfg_overlay"] = {"file": cfg.pretrained_file}
         self.model = timm.create_model(self.model_name, pretrained=cfg.pretrained, **kwargs)
+        tag = (getattr(self.model, "pretrained_cfg", None) or {}).get("tag")
+        if cfg.pretrained and tag and "." not in self.model_name:  # the hub weights' tag, in the teacher id
+            self.model_name = f"{self.model_name}.{tag}"
         if state is not None:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             if missing or unexpected:

@@ -27,10 +27,10 @@ from PIL import Image
 
 from .decode import image_header
 from .policy import IMAGENET_MEAN, IMAGENET_STD, AugmentPolicy, sample_seed
-from .render import check_device, crop_image, draw_params, render_batch
+from .render import check_device, crop_image, draw_params, render_batch, resized_crop_box
 
-__all__ = ["AugmentPolicy", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "eval_transform", "eval_view", "prepare",
-           "prepare_encoded", "sample_seed", "seeded_rng", "to_pil", "train_transform"]  # fmt: skip
+__all__ = ["AugmentPolicy", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "crop_box", "eval_transform", "eval_view",
+           "prepare", "prepare_encoded", "sample_seed", "seeded_rng", "to_pil", "train_transform"]  # fmt: skip
 
 # Python's `random`, numpy's and torch's global generators are process-wide: two threads
 # augmenting at once would interleave draws. One lock keeps each augment call atomic.
@@ -152,6 +152,14 @@ def prepare_encoded(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> 
     CropParams); reads only the header here (and refuses what `decode_image` would refuse from it)."""
     width, height = image_header(data)
     return data, draw_params(policy, sample_seed(policy.policy_id, key, seed), width, height)
+
+
+def crop_box(policy: AugmentPolicy, key: str, seed: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The source box (top, left, height, width) of (policy, key, seed)'s training crop of a
+    width x height image, without making the crop: the first draw from the sample seed, for either
+    renderer (timm's RandomResizedCrop draws first from the seeded `random`; draw_params likewise)."""
+    rng = random.Random(sample_seed(policy.policy_id, key, seed))
+    return resized_crop_box(rng, width, height, policy.scale, policy.ratio)
 
 
 def eval_view(image: Image.Image, policy: AugmentPolicy) -> torch.Tensor:

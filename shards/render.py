@@ -77,7 +77,7 @@ class CropParams:
 def draw_params(policy: AugmentPolicy, sample_seed: int, width: int, height: int) -> CropParams:
     """The random choices of one crop, from its sample seed and its image's size (timm's order)."""
     rng = random.Random(sample_seed)
-    box = _resized_crop_box(rng, width, height, policy.scale, policy.ratio)
+    box = resized_crop_box(rng, width, height, policy.scale, policy.ratio)
     flip = rng.random() < policy.hflip
     spec = policy.randaugment
     ops: list[tuple[str, float]] = []
@@ -107,7 +107,7 @@ def draw_params(policy: AugmentPolicy, sample_seed: int, width: int, height: int
     return CropParams(box, flip, tuple(ops), tuple(erase), rng.getrandbits(64))
 
 
-def _resized_crop_box(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+def resized_crop_box(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
     """timm's RandomResizedCropAndInterpolation.get_params, drawing from `rng`."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))

@@ -8,6 +8,8 @@ loader's are the same flags."""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 from typing import Annotated, Literal, get_args
 
@@ -32,6 +34,9 @@ class DataConfig(BaseModel):
     shards: str = Field(description="shard directory (with manifest.json)")
     policy: dict = Field(
         default_factory=dict, description="JSON augmentation policy overrides (must match the labels' policy)"
+    )
+    input_size: int | None = Field(
+        None, ge=8, description="crop side in pixels (default: the shards' policy hint; DeiT: 224)"
     )
     renderer: RendererFlag = None
     decoder: DecoderFlag = None
@@ -78,6 +83,11 @@ class DataConfig(BaseModel):
         return self
 
     @property
+    def policy_overrides(self) -> dict:
+        """The augmentation policy's fields this run sets: --policy, then --input-size."""
+        return {**self.policy, **({"input_size": self.input_size} if self.input_size else {})}
+
+    @property
     def labels_url(self) -> str | None:
         """Where the loader fetches teacher labels: the store, the service, or nowhere (none, online)."""
         return {"store": self.store, "service": self.service_url}.get(self.labels)
@@ -86,7 +96,9 @@ class DataConfig(BaseModel):
 class TrainConfig(DataConfig):
     model_config = ConfigDict(extra="forbid")
 
-    out: str = Field(description="run directory: last.pt (checkpoint), metrics.jsonl, model.safetensors")
+    out: str | None = Field(
+        None, description="run directory: last.pt (checkpoint), metrics.jsonl, model.safetensors (not with --eval)"
+    )
     model: str = Field(
         "deit_tiny_distilled_patch16_224",
         description="timm model; distillation needs a deit_*_distilled_* model",
@@ -98,18 +110,42 @@ class TrainConfig(DataConfig):
     teacher: Annotated[TeacherSettings, Nested("teacher-", title="online teacher")] = Field(
         default_factory=TeacherSettings, description="the online teacher (--labels online, --on-missing online)"
     )
+    # what the run starts from, or does instead of training
+    resume: str | None = Field(None, description="checkpoint to resume from, or 'auto' for OUT/last.pt if present")
+    finetune: str | None = Field(
+        None,
+        description="start from these weights (last.pt or .safetensors of the same architecture): the position "
+        "embedding is resampled to --input-size, heads of another class count are reset (not when resuming)",
+    )
+    eval: bool = Field(False, description="evaluate the --resume checkpoint on the val split, no training")
     # DeiT's loss
     distillation_type: DistillationType | None = Field(
         None, description="none | soft | hard (default: hard with teacher labels, none without)"
     )
     distillation_alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (DeiT: 0.5)")
     distillation_tau: float = Field(1.0, gt=0, description="soft distillation temperature (DeiT: 1.0)")
-    # DeiT's recipe
+    # DeiT's recipe. The optimizer and schedule are timm's factories, their flags named as in timm's
+    # train.py and DeiT's main.py; learning rates are for a global batch of 512, scaled linearly
+    opt: str = Field("adamw", description="optimizer: any name of timm.optim.list_optimizers() (DeiT: adamw)")
+    opt_eps: float | None = Field(1e-8, gt=0, description="optimizer epsilon, where it has one (DeiT: 1e-8)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (DeiT: 0.9)")
+    weight_decay: float = Field(0.05, ge=0, description="weight decay, none on biases, norms and tokens (DeiT: 0.05)")
     lr: float = Field(5e-4, gt=0, description="learning rate for a global batch of 512, scaled linearly (DeiT: 5e-4)")
-    min_lr: float = Field(1e-5, ge=0, description="final learning rate of the cosine schedule, for a batch of 512")
+    sched: Literal["cosine", "tanh", "step", "poly"] = Field(
+        "cosine", description="learning-rate schedule, per optimizer step: cosine | tanh | step | poly (DeiT: cosine)"
+    )
+    min_lr: float = Field(1e-5, ge=0, description="final learning rate of the schedule, for a batch of 512")
     warmup_lr: float = Field(1e-6, ge=0, description="learning rate at the start of warm-up")
     warmup_epochs: int = Field(5, ge=0, description="epochs of linear warm-up")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    cooldown_epochs: int = Field(
+        0,
+        ge=0,
+        description="the last N of --epochs at --min-lr after the schedule ends (timm's train.py adds them to "
+        "--epochs; here --epochs counts every epoch trained, so precompute covers them). DeiT sets 10 and "
+        "never runs them",
+    )
+    decay_epochs: float = Field(30, gt=0, description="--sched step: epochs between decays")
+    decay_rate: float = Field(0.1, gt=0, le=1, description="--sched step: factor of each decay")
     smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the class-head target")
     mixup: float = Field(0.8, ge=0, description="mixup alpha (0: off)")
     cutmix: float = Field(1.0, ge=0, description="cutmix alpha (0: off)")
@@ -117,6 +153,8 @@ class TrainConfig(DataConfig):
     mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix instead of mixup")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate")
     clip_grad: float | None = Field(None, gt=0, description="gradient norm clipping (default off)")
+    model_ema: bool = Field(False, description="keep an exponential moving average of the weights (timm's ModelEmaV3)")
+    model_ema_decay: float = Field(0.99996, gt=0, lt=1, description="decay of --model-ema per step (DeiT: 0.99996)")
     # execution
     amp: Literal["auto", "bf16", "fp16", "none"] = Field("auto", description="auto (bf16 on CUDA, none on CPU)")
     compile: bool = Field(False, description="torch.compile the student (and the online teacher)")
@@ -127,8 +165,10 @@ class TrainConfig(DataConfig):
     )
     checkpoint_every: int = Field(1, ge=0, description="checkpoint every N epochs (0: never)")
     max_steps: int = Field(0, ge=0, description="stop after N optimizer steps (benchmarks; 0: full run)")
-    resume: str | None = Field(None, description="checkpoint to resume from, or 'auto' for OUT/last.pt if present")
     export: bool = Field(True, description="write OUT/model.safetensors at the end (loadable as a teacher)")
+    tensorboard: bool = Field(
+        False, description="also write the metrics as TensorBoard event files in OUT/tensorboard (rank 0)"
+    )
     progress: bool = Field(True, description="progress bar on rank 0")
 
     @model_validator(mode="after")
@@ -137,6 +177,24 @@ class TrainConfig(DataConfig):
             self.distillation_type = "none" if self.labels == "none" else "hard"
         if (self.distillation_type == "none") != (self.labels == "none"):
             raise ValueError(f"--distillation-type {self.distillation_type} does not fit --labels {self.labels}")
+        if self.eval:
+            if not self.resume:
+                raise ValueError("--eval needs a checkpoint: --resume OUT/last.pt")
+            if self.resume == "auto" and not self.out:
+                raise ValueError("--eval --resume auto needs --out (its last.pt)")
+        elif not self.out:
+            raise ValueError("--out DIR is required (the run's checkpoint, metrics and weights)")
+        if self.cooldown_epochs >= self.epochs:
+            raise ValueError(f"--cooldown-epochs {self.cooldown_epochs} leaves no schedule in --epochs {self.epochs}")
+        self.opt = self.opt.lower()
+        known = known_optimizers()
+        if self.opt.split("_")[-1] not in known:  # timm's names, with its "lookahead_" prefix
+            close = difflib.get_close_matches(self.opt, known, n=3)
+            raise ValueError(
+                f"--opt {self.opt}: timm has no such optimizer"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + "; timm.optim.list_optimizers() names them all"
+            )
         if self.needs_teacher:
             self.teacher.check_source()
         return self
@@ -145,3 +203,10 @@ class TrainConfig(DataConfig):
     def needs_teacher(self) -> bool:
         """An in-process teacher: DeiT's online baseline, or the fallback for missing labels."""
         return self.labels == "online" or (self.labels in ("store", "service") and self.on_missing == "online")
+
+
+@functools.cache
+def known_optimizers() -> tuple[str, ...]:
+    from timm.optim import list_optimizers
+
+    return tuple(list_optimizers())

@@ -40,10 +40,12 @@ from .config import TrainConfig
 from .data import LabeledLoader, eval_loader, labeled_loader
 from .loss import DistillationLoss
 from .targets import MixupWithLambda, TeacherTargetBuilder
+from .weights import check_same_model, finetune_from, load_matching
 
 log = logging.getLogger("student_trainer")
 
 LABEL_COUNTS = ("labels_cached", "labels_missing", "labels_from_service", "labels_service_failed", "labels_unstored")
+EPOCH_COUNTS = (*LABEL_COUNTS, "labels_online", "skipped_samples")  # summed over ranks into every epoch's record
 # More of a run's labels missing from the store than this share is said loudly, whatever --on-missing
 # says: labels a run was promised (a precompute record, a service) and did not get.
 MISSING_WARN_SHARE = 0.01
@@ -97,20 +99,32 @@ def build_model(cfg: TrainConfig, num_classes: int, input_size: int):
 
 
 def build_optimization(cfg: TrainConfig, model, steps_per_epoch: int, global_batch: int, device: torch.device):
-    """DeiT's recipe: AdamW (fused on CUDA), cosine schedule with warm-up per step, lr scaled by batch/512."""
+    """timm's optimizer and scheduler factories, DeiT's recipe by default (AdamW, cosine with
+    warm-up), stepped per optimizer step. Learning rates are for a global batch of 512, scaled
+    linearly (the warm-up's start is not); no weight decay on biases, norms and the tokens (timm's
+    filter and the model's no_weight_decay()). The schedule ends --cooldown-epochs before --epochs."""
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
+    from timm.scheduler import create_scheduler_v2
 
     scale = global_batch / 512
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr * scale, weight_decay=cfg.weight_decay, **fused)
-    scheduler = CosineLRScheduler(
+    extra = {"eps": cfg.opt_eps} if cfg.opt_eps is not None else {}  # timm drops it where an optimizer has none
+    if device.type == "cuda" and cfg.opt in ("adam", "adamw"):
+        extra["fused"] = True
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.opt, lr=cfg.lr * scale, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra
+    )
+    scheduler, _ = create_scheduler_v2(
         optimizer,
-        t_initial=cfg.epochs * steps_per_epoch,
-        lr_min=cfg.min_lr * scale,
-        warmup_t=cfg.warmup_epochs * steps_per_epoch,
-        warmup_lr_init=cfg.warmup_lr,
-        t_in_epochs=False,
+        sched=cfg.sched,
+        num_epochs=cfg.epochs - cfg.cooldown_epochs,
+        cooldown_epochs=cfg.cooldown_epochs,
+        decay_epochs=cfg.decay_epochs,
+        decay_rate=cfg.decay_rate,
+        min_lr=cfg.min_lr * scale,
+        warmup_lr=cfg.warmup_lr,
+        warmup_epochs=cfg.warmup_epochs,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
     )
     return optimizer, scheduler
 
@@ -137,77 +151,108 @@ def build_criterion(cfg: TrainConfig, mixup: MixupWithLambda | None) -> Distilla
 
 @dataclass
 class Run:
-    """What the loop works with; built once by `setup`."""
+    """What the loop works with; built once by `setup`. With --eval, only what evaluation needs:
+    the training parts (loader, optimizer, ...) are None."""
 
     cfg: TrainConfig
     rank: int
     world: int
     device: torch.device
     amp: str
-    out: Path
+    out: Path | None
     manifest: Manifest
     policy: AugmentPolicy
     model: torch.nn.Module  # the model itself: checkpoints and export
     net: torch.nn.Module  # what runs the step: DDP- and/or compile-wrapped model
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    criterion: DistillationLoss
-    mixup: MixupWithLambda | None
-    targets: TeacherTargetBuilder
-    loader: LabeledLoader  # the train split's batches with their teacher labels (data.py)
+    ema: object | None  # timm's ModelEmaV3 (--model-ema): its .module is the averaged model
     val_loader: torch.utils.data.DataLoader | None
-    steps_per_epoch: int
     model_meta: dict
+    checkpoint: dict | None  # what --resume names, read once (its weights loaded by load_checkpoint)
+    checkpoint_path: Path | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    scaler: torch.amp.GradScaler | None = None
+    criterion: DistillationLoss | None = None
+    mixup: MixupWithLambda | None = None
+    targets: TeacherTargetBuilder | None = None
+    loader: LabeledLoader | None = None  # the train split's batches with their teacher labels (data.py)
+    steps_per_epoch: int = 0
     namespace: str | None = None
-    counts: dict = field(default_factory=lambda: dict.fromkeys((*LABEL_COUNTS, "skipped_samples"), 0))
+    writer: object = None  # TensorBoard's SummaryWriter (--tensorboard, rank 0)
+    started_from: dict = field(default_factory=dict)  # what --finetune adapted
+    counts: dict = field(default_factory=lambda: dict.fromkeys(EPOCH_COUNTS, 0))
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
+def resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint --resume names: a path, or OUT/last.pt when it exists ('auto')."""
+    if cfg.resume == "auto":
+        path = Path(cfg.out) / "last.pt"
+        if not path.exists() and cfg.eval:
+            raise FileNotFoundError(f"--eval --resume auto: there is no {path}")
+        return path if path.exists() else None
+    if cfg.resume and not Path(cfg.resume).exists():
+        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint")
+    return Path(cfg.resume) if cfg.resume else None
+
+
+def model_of_checkpoint(cfg: TrainConfig, ckpt: dict) -> TrainConfig:
+    """--eval: the checkpoint's model and model kwargs, unless the command line names them."""
+    meta = ckpt.get("model_meta") or {}
+    update = {}
+    if "model" in meta and "model" not in cfg.model_fields_set:
+        update["model"] = meta["model"]
+    if "model_kwargs" in meta and "model_kwargs" not in cfg.model_fields_set:
+        update["model_kwargs"] = {k: v for k, v in meta["model_kwargs"].items() if k != "img_size"}
+    return cfg.model_copy(update=update)
+
+
+def open_tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or this package's "
+            "[tensorboard] extra)"
+        ) from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def setup(cfg: TrainConfig) -> Run:
     rank, world, device = setup_distributed()
-    out = Path(cfg.out)
-    if rank == 0:
+    checkpoint_path = resume_path(cfg)
+    checkpoint = load_training_checkpoint(checkpoint_path) if checkpoint_path else None
+    if cfg.eval:
+        cfg = model_of_checkpoint(cfg, checkpoint)
+    out = Path(cfg.out) if cfg.out else None
+    if rank == 0 and out is not None and not cfg.eval:
         out.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, usable_cpus() // world))
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     manifest = Manifest.load(cfg.shards)
-    policy = manifest.policy(cfg.renderer, cfg.decoder, **cfg.policy)
+    policy = manifest.policy(cfg.renderer, cfg.decoder, **cfg.policy_overrides)
     num_classes = len(manifest.classes)
+    if cfg.eval and "val" not in manifest.splits:
+        raise ValueError(f"--eval: {cfg.shards} has no val split (shards build --val-src or --val-fraction)")
 
     seed_epoch(cfg.seed, 0, 0)  # the same initial weights on every rank (DDP also broadcasts them)
     model, model_kwargs = build_model(cfg, num_classes, policy.input_size)
     model.to(device)
+    ema = None
+    if (cfg.model_ema and not cfg.eval) or (cfg.eval and "model_ema" in checkpoint):
+        from timm.utils import ModelEmaV3
 
-    # data: every rank the same number of batches; labels fetched in the loader workers (data.py).
-    # A torch policy on an accelerator: the loader workers decode and draw, the device renders
+        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)  # a copy of the model, on its device
     pin = device.type == "cuda"
     data = {"rank": rank, "world_size": world, "device": device, "manifest": manifest, "policy": policy}
-    loader = labeled_loader(cfg, soft=cfg.distillation_type == "soft", **data)
-    val_loader = eval_loader(cfg, "val", **data) if cfg.eval_every and "val" in manifest.splits else None
-
-    teacher = None
-    if cfg.needs_teacher:
-        settings = cfg.teacher
-        if settings.random_init and settings.num_classes is None:
-            settings = settings.model_copy(update={"num_classes": num_classes})
-        teacher = Teacher(settings, device=str(device))
-        if cfg.compile:
-            teacher.compile()
-
-    steps_per_epoch = len(loader)
-    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, cfg.batch_size * world, device)
-    mixup = build_mixup(cfg, num_classes)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    return Run(
+    val_loader = None
+    if "val" in manifest.splits and (cfg.eval or cfg.eval_every):
+        val_loader = eval_loader(cfg, "val", **data)
+    run = Run(
         cfg=cfg,
         rank=rank,
         world=world,
@@ -217,24 +262,46 @@ def setup(cfg: TrainConfig) -> Run:
         manifest=manifest,
         policy=policy,
         model=model,
-        net=net,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
-        criterion=build_criterion(cfg, mixup),
-        mixup=mixup,
-        targets=TeacherTargetBuilder(cfg.labels, cfg.on_missing, cfg.distillation_type, num_classes, teacher),
-        loader=loader,
+        net=model,
+        ema=ema,
         val_loader=val_loader,
-        steps_per_epoch=steps_per_epoch,
         model_meta={
             "model": cfg.model,
             "model_kwargs": model_kwargs,
             "num_classes": num_classes,
             "classes": manifest.classes,
         },
-        namespace=loader.namespace,
+        checkpoint=checkpoint,
+        checkpoint_path=checkpoint_path,
     )
+    if cfg.eval:
+        return run
+
+    # data: every rank the same number of batches; labels fetched in the loader workers (data.py).
+    # A torch policy on an accelerator: the loader workers decode and draw, the device renders
+    run.loader = labeled_loader(cfg, soft=cfg.distillation_type == "soft", **data)
+    run.namespace = run.loader.namespace
+    teacher = None
+    if cfg.needs_teacher:
+        settings = cfg.teacher
+        if settings.random_init and settings.num_classes is None:
+            settings = settings.model_copy(update={"num_classes": num_classes})
+        teacher = Teacher(settings, device=str(device))
+        if cfg.compile:
+            teacher.compile()
+    run.targets = TeacherTargetBuilder(cfg.labels, cfg.on_missing, cfg.distillation_type, num_classes, teacher)
+    run.steps_per_epoch = len(run.loader)
+    run.optimizer, run.scheduler = build_optimization(cfg, model, run.steps_per_epoch, cfg.batch_size * world, device)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    run.mixup = build_mixup(cfg, num_classes)
+    run.criterion = build_criterion(cfg, run.mixup)
+    if world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
+    if cfg.compile:
+        run.net = torch.compile(run.net)
+    if cfg.tensorboard and run.main:
+        run.writer = open_tensorboard(out)
+    return run
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -250,31 +317,47 @@ def save_checkpoint(run: Run, epoch: int, step: int) -> None:
         "config": run.cfg.model_dump(),
         "model_meta": run.model_meta,
     }
+    if run.ema is not None:
+        state["model_ema"] = run.ema.module.state_dict()
     atomic_save(state, run.out / "last.pt")
 
 
 def load_checkpoint(run: Run) -> tuple[int, int]:
-    """(first epoch, step) to continue from: from --resume, or (0, 0)."""
-    cfg = run.cfg
-    path = run.out / "last.pt" if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
-    if path is None or not path.exists():
-        if cfg.resume not in (None, "auto"):
-            raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint")
+    """Load what the run starts from; returns the (first epoch, step) to continue from. A --resume
+    checkpoint restores everything (it must be this run's architecture); without one, --finetune
+    loads its weights (weights.py); else the run starts fresh at (0, 0)."""
+    cfg, ckpt = run.cfg, run.checkpoint
+    if ckpt is None:
+        if cfg.finetune:
+            run.started_from = finetune_from(run.model, cfg.finetune, cfg.model, run.model_meta["model_kwargs"])
+            if run.ema is not None:
+                run.ema.set(run.model)  # the average starts from the fine-tuned weights
         return 0, 0
-    ckpt = load_training_checkpoint(path)
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    if run.main:
-        log.info("resumed from %s: epoch %d, step %d", path, ckpt["epoch"] + 1, ckpt["step"])
+    what = f"--resume {run.checkpoint_path}"
+    check_same_model(ckpt.get("model_meta") or {}, cfg.model, run.model_meta["model_kwargs"], what)
+    load_matching(run.model, ckpt["model"], what)
+    if run.ema is not None:
+        if "model_ema" in ckpt:
+            load_matching(run.ema.module, ckpt["model_ema"], f"{what} (its EMA)")
+        else:
+            log.warning("%s has no EMA weights: --model-ema starts from its model weights", what)
+            run.ema.set(run.model)
+    if run.optimizer is not None:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+    if run.main and not cfg.eval:
+        log.info("resumed from %s: epoch %d, step %d", run.checkpoint_path, ckpt["epoch"] + 1, ckpt["step"])
     return ckpt["epoch"] + 1, ckpt["step"]
 
 
 def export(run: Run) -> None:
-    """OUT/model.safetensors with the metadata that rebuilds the model (it is loadable as a teacher)."""
+    """OUT/model.safetensors (and model_ema.safetensors) with the metadata that rebuilds the model:
+    loadable as a teacher, by --finetune, or by timm."""
     save_weights(run.model.state_dict(), run.out / "model.safetensors", run.model_meta)
+    if run.ema is not None:
+        save_weights(run.ema.module.state_dict(), run.out / "model_ema.safetensors", run.model_meta)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -284,6 +367,8 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
     run.net.train()
     loss_sum = torch.zeros((), device=device)
     images = n_steps = 0
+    counts = dict.fromkeys(EPOCH_COUNTS, 0)  # this rank's, this epoch's
+    online_before = run.targets.labels_online
     first_step_done = None  # (time, images) after the first step: the steady-state clock starts there
     t0 = time.perf_counter()
     # batch k+1 is copied and rendered on a stream of its own while batch k trains (on CUDA)
@@ -298,9 +383,9 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
         leave=False,
     )
     for batch, (x, y) in bar:
-        run.counts["skipped_samples"] += batch["skipped"]
+        counts["skipped_samples"] += batch["skipped"]
         for k, v in batch.get("label_stats", {}).items():
-            run.counts[k] += v
+            counts[k] += v
         lam = None
         if run.mixup is not None:
             x, y, lam = run.mixup(x, y)
@@ -320,6 +405,8 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
         run.scaler.update()
         step += 1
         run.scheduler.step_update(step)
+        if run.ema is not None:
+            run.ema.update(run.model, step=step)
 
         loss_sum += loss.detach()
         images += len(x)
@@ -344,7 +431,10 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
         raise FloatingPointError(f"loss is {loss_total} in epoch {epoch}")
     steady_images = images - first_step_done[1] if first_step_done else 0
     steady_seconds = end - first_step_done[0] if first_step_done else 0.0
-    g_images, g_loss, g_steps, g_steady = all_sum([images, loss_total, n_steps, steady_images], device)
+    counts["labels_online"] = run.targets.labels_online - online_before
+    g_images, g_loss, g_steps, g_steady, *g_counts = all_sum(
+        [images, loss_total, n_steps, steady_images, *counts.values()], device
+    )
     return step, {
         "epoch": epoch,
         "step": step,
@@ -355,6 +445,7 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
         "steady_images": int(g_steady),  # all ranks' images after each one's first step of the epoch
         "steady_seconds": steady_seconds,
         "epoch_seconds": end - t0,
+        **{k: int(v) for k, v in zip(counts, g_counts)},
     }
 
 
@@ -389,8 +480,41 @@ def evaluate(model, loader, device: torch.device, amp: str, distilled_training: 
     return out
 
 
+def evaluate_run(run: Run, distilled_training: bool) -> dict:
+    """`evaluate` of the model, and of its EMA (figures prefixed `ema_`)."""
+    figures = evaluate(run.net, run.val_loader, run.device, run.amp, distilled_training)
+    if run.ema is not None:
+        ema = evaluate(run.ema.module, run.val_loader, run.device, run.amp, distilled_training)
+        figures.update({f"ema_{k}": v for k, v in ema.items() if k != "val_images"})
+    return figures
+
+
+def rounded(figures: dict) -> dict:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+def evaluate_checkpoint(run: Run) -> dict:
+    """--eval: top-1 of the checkpoint's class head, distillation head and fused prediction (and
+    its EMA's), on the val split, without training; `val_top1` is the prediction it was trained for."""
+    epoch, step = load_checkpoint(run)
+    distilled = (run.checkpoint.get("config") or {}).get("distillation_type", "none") != "none"
+    summary = {
+        "eval": str(run.checkpoint_path),
+        "model": run.cfg.model,
+        "epochs_trained": epoch,
+        "steps": step,
+        "distilled": distilled,
+        "policy_id": run.policy.policy_id,
+        **rounded(evaluate_run(run, distilled)),
+    }
+    shutdown(run)
+    return summary if run.main else {}
+
+
 def train(cfg: TrainConfig) -> dict:
     run = setup(cfg)
+    if cfg.eval:
+        return evaluate_checkpoint(run)
     start_epoch, step = load_checkpoint(run)
     total_images = total_seconds = steady_images = steady_seconds = 0.0
     last_eval: dict = {}
@@ -404,9 +528,11 @@ def train(cfg: TrainConfig) -> dict:
         total_seconds += record["epoch_seconds"]
         steady_images += record["steady_images"]
         steady_seconds += record["steady_seconds"]
+        for k in EPOCH_COUNTS:
+            run.counts[k] += record[k]
         last_epoch = epoch + 1 == cfg.epochs or done
         if run.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
-            last_eval = evaluate(run.net, run.val_loader, run.device, run.amp, cfg.distillation_type != "none")
+            last_eval = evaluate_run(run, cfg.distillation_type != "none")
             record.update(last_eval)
         if run.main:
             # checkpoint first: an epoch's metrics line then never exists without its checkpoint, so a
@@ -415,20 +541,26 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(run, epoch, step)
             with open(run.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if run.writer is not None:  # the same figures, as TensorBoard scalars by epoch
+                for k, v in record.items():
+                    if k != "epoch" and isinstance(v, int | float):
+                        run.writer.add_scalar(k, v, epoch)
+                run.writer.flush()
             if cfg.progress:
-                tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+                tqdm.write(json.dumps(rounded(record)))
         if dist.is_initialized():
             dist.barrier()
         if done:
             break
 
-    counts = dict(zip(run.counts, all_sum(list(run.counts.values()), run.device)))
-    (labels_online,) = all_sum([run.targets.labels_online], run.device)
+    counts = run.counts
     warning = missing_labels_warning(counts, cfg.on_missing)
     if warning and run.main:
         log.warning(warning)
     if run.main and cfg.export:
         export(run)
+    if run.writer is not None:
+        run.writer.close()
     summary = {
         "model": cfg.model,
         "labels": cfg.labels,
@@ -445,9 +577,9 @@ def train(cfg: TrainConfig) -> dict:
         "images_per_s": round(total_images / total_seconds, 2) if total_seconds else None,
         "steady_images_per_s": round(steady_images / steady_seconds, 2) if steady_seconds else None,
         **{k: int(v) for k, v in counts.items()},
-        "labels_online": int(labels_online),
         **({"warning": warning} if warning else {}),
-        **{k: round(v, 3) if isinstance(v, float) else v for k, v in last_eval.items()},
+        **({"started_from": run.started_from} if run.started_from else {}),
+        **rounded(last_eval),
         "out": str(run.out),
     }
     shutdown(run)
@@ -479,7 +611,7 @@ def shutdown(run: Run) -> None:
         return
     import gc
 
-    run.net = run.loader = run.val_loader = None
+    run.net = run.loader = run.val_loader = run.ema = None
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from distill_core import Command, Nested
 from labels.namespace import MAX_SEED, RecordFormat
+from labels.quality import label_quality
 from labels.store import StoreError, open_store, redact
 from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, policy_overrides
@@ -258,6 +259,7 @@ def precompute(
     progress: bool = True,
     verify: bool = True,
     startup: dict | None = None,
+    quality_labels: int = 20_000,
 ) -> dict:
     """Label every (image, seed) of this node's shards; returns the summary, whose `ok` is False
     when any label could not be made (a shard that does not match its manifest entry, an
@@ -265,7 +267,8 @@ def precompute(
     teachers (one per device, the same weights): one engine each, fed by queue depth. `seeds`:
     one range for every image, or a LabelPlan (a RunSchedule: each image's seeds for a run of E
     epochs). `startup`: seconds of start-up the caller spent (the teachers' loading), reported with
-    the job's own phases."""
+    the job's own phases. `quality_labels`: how many of the stored labels the label-quality figure
+    samples (labels/quality.py; 0: none)."""
     phases = _Phases(startup)
     plan = SeedRange(seeds) if isinstance(seeds, range) else seeds
     teachers = teacher if isinstance(teacher, list) else [teacher]
@@ -314,6 +317,10 @@ def precompute(
     ok = not damaged and skipped + tally.skipped == 0
     if ok and plan.coverage() is not None:  # what the trainer checks a run against (this node's part)
         store.record_coverage({**plan.coverage(), "node_rank": node_rank, "num_nodes": num_nodes})
+    quality = None
+    if quality_labels and tally.computed + feeder.present:
+        with phases("quality"):  # after the job: not in steady_labels_per_s, nor in startup
+            quality = label_quality(store, directory, split, policy, quality_labels)
     store.close()
     dt = time.perf_counter() - phases.t0
     if tally.first:
@@ -339,11 +346,14 @@ def precompute(
         "devices": [str(t.device) for t in teachers],
         "labels_per_device": [int(e.metrics.inference_count.labels(e.device)._value.get()) for e in engines],
         "labels_skipped": skipped + tally.skipped,
+        # how often the teacher's label is the image's class, on a sample of the crops, by crop scale
+        "label_quality": quality,
         "seconds": round(dt, 3),
         "labels_per_s": round(tally.computed / dt, 1) if dt else None,
         "steady_labels_per_s": round(steady, 1) if steady else None,
         # seconds: model (the teachers' loading), store, fingerprint, index, spawn (the engines),
-        # verify (every shard's sha256, as it is reached), first_label (from the start)
+        # verify (every shard's sha256, as it is reached), first_label (from the start); quality
+        # (the label-quality sample, after the labeling)
         "startup_s": phases.seconds,
     }
 
@@ -383,6 +393,9 @@ class PrecomputeConfig(BaseModel):
         "(cuda:0,cuda:1) or auto (every visible GPU); replaces --device; --workers is per device",
     )
     verify: bool = Field(True, description="check each shard's size and sha256 against the manifest before labeling it")
+    quality_labels: int = Field(
+        20_000, ge=0, description="labels sampled for the summary's label quality (teacher == class, by crop scale)"
+    )
     progress: bool = Field(True, description="progress bar")
     teacher: Annotated[TeacherSettings, Nested(title="teacher")] = Field(
         default_factory=TeacherSettings, description="the teacher"
@@ -414,6 +427,7 @@ def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
         num_nodes=cfg.num_nodes,
         progress=cfg.progress,
         verify=cfg.verify,
+        quality_labels=cfg.quality_labels,
         startup={"model": round(time.perf_counter() - t0, 3)},
     )
     return summary, 0 if summary["ok"] else 1

@@ -19,7 +19,6 @@ from shards.augment import prepare, prepare_encoded
 from shards.pixel_ops import GEOMETRIC_OPS, hash_normal
 from shards.render import (
     INCREASING_OPS,
-    _resized_crop_box,
     apply_op,
     crop_tensor,
     crops_on_device,
@@ -28,6 +27,7 @@ from shards.render import (
     randaugment,
     render_batch,
     render_prepared,
+    resized_crop_box,
     to_uint8_chw,
 )
 from shards.resample import resize_u8
@@ -111,7 +111,7 @@ def test_the_crop_box_is_timms_for_the_same_random_stream():
     for s in range(200):
         random.seed(s)
         theirs = RandomResizedCropAndInterpolation.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
-        assert _resized_crop_box(random.Random(s), 500, 375, (0.08, 1.0), (3 / 4, 4 / 3)) == tuple(theirs)
+        assert resized_crop_box(random.Random(s), 500, 375, (0.08, 1.0), (3 / 4, 4 / 3)) == tuple(theirs)
 
 
 @pytest.mark.unit
