@@ -318,9 +318,10 @@ def precompute(
     if ok and plan.coverage() is not None:  # what the trainer checks a run against (this node's part)
         store.record_coverage({**plan.coverage(), "node_rank": node_rank, "num_nodes": num_nodes})
     quality = None
-    if quality_labels and tally.computed + feeder.present:
-        with phases("quality"):  # after the job: not in steady_labels_per_s, nor in startup
-            quality = label_quality(store, directory, split, policy, quality_labels)
+    if quality_labels and tally.computed + feeder.present:  # after the job: not in any rate above
+        at = time.perf_counter()
+        quality = label_quality(store, directory, split, policy, quality_labels)
+        quality["seconds"] = round(time.perf_counter() - at, 3)
     store.close()
     dt = time.perf_counter() - phases.t0
     if tally.first:
@@ -352,8 +353,7 @@ def precompute(
         "labels_per_s": round(tally.computed / dt, 1) if dt else None,
         "steady_labels_per_s": round(steady, 1) if steady else None,
         # seconds: model (the teachers' loading), store, fingerprint, index, spawn (the engines),
-        # verify (every shard's sha256, as it is reached), first_label (from the start); quality
-        # (the label-quality sample, after the labeling)
+        # verify (every shard's sha256, as it is reached), first_label (from the start)
         "startup_s": phases.seconds,
     }
 

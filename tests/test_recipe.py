@@ -230,7 +230,7 @@ def test_label_quality_in_precompute_and_labels_stats(demo_shards, tiny_teacher,
     assert {k: v["labels"] for k, v in q["by_crop_scale"].items()} == {k: n for k, (n, _) in by_bin.items()}
     r = run_cli("teacher_service", "labels", "stats", store, "--shards", demo_shards, "--no-progress")
     (ns,) = last_json(r.stdout)["namespaces"]
-    assert ns["label_quality"] == q
+    assert ns["label_quality"] == {k: v for k, v in q.items() if k != "seconds"}  # precompute also times it
     small = run_cli(
         "teacher_service", "labels", "stats", store, "--shards", demo_shards, "--quality-labels", "300", "--no-progress"
     )
