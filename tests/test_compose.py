@@ -4,6 +4,7 @@ redis-server of our own and a temporary directory. (test_docker.py runs them in 
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from unittest import mock
@@ -86,6 +87,17 @@ def assert_seeds_match(services: dict) -> None:
     assert schedule(services["precompute"]["command"]) == schedule(services["train"]["command"])
 
 
+def test_precompute_labels_with_the_services_teacher():
+    """One TEACHER_CHECKPOINT for both: precompute never labels with a teacher the service does not
+    serve (their namespaces would differ, and the trainer would find none of the labels)."""
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    for services in (SERVICES, {**SERVICES, **gpu}):
+        service = SERVICES["teacher"]["environment"]["DISTILL_CHECKPOINT"]
+        cmd = services["precompute"]["command"]
+        assert cmd[cmd.index("--checkpoint") + 1] == service
+    assert "${TEACHER_CHECKPOINT" in service
+
+
 def test_gpu_override_is_consistent():
     """docker-compose.gpu.yml: GPU reservations for what runs a model, one CUDA image, bf16, and
     commands that parse and still train the seeds precompute writes."""
@@ -105,10 +117,15 @@ def test_gpu_override_is_consistent():
     assert float(teacher["shm_size"][:-2]) * 2**30 >= 4 * batch * 3 * 224 * 224 * 4
 
 
+def interpolate(text: str) -> str:
+    """Compose's `${VAR:-default}`, from this environment."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m.group(1)) or m.group(2), text)
+
+
 def localize(cmd: list[str], data: Path, redis_url: str, teacher_url: str) -> list[str]:
     out = []
     for part in cmd:
-        part = part.replace("redis://redis:6379/0", redis_url).replace("http://teacher:8000", teacher_url)
+        part = interpolate(part).replace("redis://redis:6379/0", redis_url).replace("http://teacher:8000", teacher_url)
         part = part.replace("/data", str(data))
         out.append(part)
     if out[0] == "torchrun":
@@ -141,9 +158,7 @@ def test_cluster_end_to_end_as_local_processes(tmp_path):
         assert (data / "teacher" / "model.safetensors").exists() and t["epochs_done"] == 2
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for k, v in SERVICES["teacher"]["environment"].items():
-            env[k] = str(v).replace(
-                "${TEACHER_CHECKPOINT:-/data/teacher/model.safetensors}", "/data/teacher/model.safetensors"
-            )
+            env[k] = interpolate(str(v))
             env[k] = env[k].replace("redis://redis:6379/0", redis.url).replace("/data", str(data))
         serve = localize(SERVICES["teacher"]["command"], data, redis.url, teacher_url)
         serve[serve.index("0.0.0.0")] = "127.0.0.1"

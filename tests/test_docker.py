@@ -218,7 +218,7 @@ def test_compose_user_path(compose):
     assert train["labels_cached"] > 0
     base = f"http://127.0.0.1:{compose['port']}"
     info = httpx.get(base + "/v1/teacher", timeout=30).json()
-    assert info["namespace"] == pre["namespace"]
+    assert info["namespace"] == pre["namespace"] and info["teacher_id"] == pre["teacher"]  # one teacher, one digest
     r = httpx.post(base + "/v1/labels/lookup", json={"keys": ["digits/3/00003"], "seeds": [0]}, timeout=30)
     assert r.status_code == 200 and r.json()["labels"][0] is not None
     t = time.perf_counter()
