@@ -27,6 +27,9 @@ class BuildConfig(BaseModel):
         0.0, ge=0.0, lt=1.0, description="without --val-src: fraction of --src held out as val (stable hash split)"
     )
     demo_size: int = Field(32, ge=8, description="demo image side in pixels")
+    input_size: int | None = Field(
+        None, ge=8, description="--src: crop side every command uses on these shards (default DeiT's 224; small images)"
+    )
     seed: int = Field(0, description="seed of the fixed sample order inside shards")
     progress: bool = Field(True, description="progress bar")
 
@@ -69,6 +72,7 @@ def build(cfg: BuildConfig) -> dict:
         shard_size=cfg.shard_size,
         val_fraction=cfg.val_fraction,
         demo_size=cfg.demo_size,
+        input_size=cfg.input_size,
         seed=cfg.seed,
         val_src=cfg.val_src,
         progress=cfg.progress,
@@ -145,6 +149,21 @@ def show(cfg: ShowConfig) -> dict:
     raise KeyError(f"key {cfg.key!r} not found in {cfg.dir}")
 
 
+class ExampleFolderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="folder to write: OUT/train/<class>/*.jpg and OUT/val/<class>/*.jpg")
+    train_per_class: int = Field(8, ge=1, description="training images per class")
+    val_per_class: int = Field(4, ge=0, description="validation images per class")
+    size: int = Field(32, ge=8, description="image side in pixels")
+
+
+def example_folder(cfg: ExampleFolderConfig) -> dict:
+    from .build import write_example_folder
+
+    return write_example_folder(cfg.out, cfg.train_per_class, cfg.val_per_class, cfg.size)
+
+
 COMMANDS = [
     Command(
         "build",
@@ -163,6 +182,12 @@ COMMANDS = [
         help="write the member index of shards built without one (start-up that does not read tar headers)",
         config=IndexConfig,
         run=index,
+    ),
+    Command(
+        "example-folder",
+        help="write scikit-learn's digits as a JPEG image folder in ImageNet's layout (to try `build --src`)",
+        config=ExampleFolderConfig,
+        run=example_folder,
     ),
     Command("show", help="write the augmented crop that (KEY, seed) produces as a PNG", config=ShowConfig, run=show),
 ]

@@ -121,6 +121,35 @@ def digits_samples(size: int = 32) -> tuple[list[str], list[tuple[str, Sample]]]
     return [str(c) for c in range(10)], out
 
 
+def write_example_folder(
+    out: str | os.PathLike, train_per_class: int = 8, val_per_class: int = 4, size: int = 32
+) -> dict:
+    """scikit-learn's digits as an image folder in ImageNet's layout, to try the commands that take
+    your data: OUT/train/<class>/digit_NNNN.jpg and OUT/val/<class>/..., the first images of each
+    class for train, the next for val (NNNN: the image's index in the data set)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover
+        raise SystemExit("the example folder needs scikit-learn: pip install scikit-learn") from e
+    digits = load_digits()
+    out = Path(out)
+    taken: dict[int, int] = {}
+    written = {"train": 0, "val": 0}
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        n = taken.get(int(label), 0)
+        if n >= train_per_class + val_per_class:
+            continue
+        taken[int(label)] = n + 1
+        split = "train" if n < train_per_class else "val"
+        arr = (img * (255.0 / 16.0)).clip(0, 255).astype("uint8")
+        im = Image.fromarray(arr, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+        path = out / split / str(int(label)) / f"digit_{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.save(path, format="JPEG", quality=95)
+        written[split] += 1
+    return {"out": str(out), "classes": len(taken), "images": written}
+
+
 def write_split(samples: Iterable[Sample], out: Path, split: str, shard_size: int, bar: tqdm) -> list[ShardInfo]:
     """Stream samples into split-NNNNNN.tar shards, each atomically (tmp file, then rename)."""
     infos: list[ShardInfo] = []
@@ -155,6 +184,7 @@ def build(
     seed: int = 0,
     val_src: str | os.PathLike | None = None,
     progress: bool = True,
+    input_size: int | None = None,
 ) -> dict:
     """Build shards and manifest; returns a summary dict. The val split is `val_src` (a folder
     of the same classes: the official validation set), else a stable hash holdout of `val_fraction`
@@ -165,6 +195,8 @@ def build(
         raise ValueError("--shard-size must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError("--val-fraction must be in [0, 1)")
+    if input_size is not None and demo is not None:
+        raise ValueError("--input-size is for --src shards (the demo's is --demo-size)")
     if val_src is not None and (demo is not None or val_fraction > 0):
         raise ValueError("--val-src is the val split of --src: not with --demo or --val-fraction")
     out = Path(out)
@@ -188,7 +220,7 @@ def build(
         src = Path(src)
         classes, items = scan_folder(src)
         source = str(src.resolve())
-        hint = {}
+        hint = {"input_size": input_size} if input_size else {}  # else DeiT's 224
         keys = unique_keys(rel for rel, _ in items)
         if val_src is not None:  # the official val set: the same classes, keys apart from train's
             val_src = Path(val_src)
