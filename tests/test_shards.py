@@ -381,3 +381,22 @@ def test_a_shard_cut_short_is_counted_not_hidden(demo_shards, tmp_path):
     batches = list(stream)
     assert len(batches) == len(stream)  # batch count kept for DDP
     assert sum(b["skipped"] for b in batches) == m.shards("train")[0].samples - 20
+
+
+@pytest.mark.unit
+def test_the_example_folder_builds_with_its_input_size(tmp_path):
+    """`shards example-folder` writes the digits in ImageNet's layout, the first images of each class
+    for train and the next for val; `build --input-size` puts the crop size in the policy hint."""
+    from shards import Manifest
+    from shards.build import build, write_example_folder
+
+    s = write_example_folder(tmp_path / "img", train_per_class=2, val_per_class=1)
+    assert s == {"out": str(tmp_path / "img"), "classes": 10, "images": {"train": 20, "val": 10}}
+    assert sorted(p.name for p in (tmp_path / "img" / "train" / "3").iterdir()) == ["digit_0003.jpg", "digit_0013.jpg"]
+    assert [p.name for p in (tmp_path / "img" / "val" / "3").iterdir()] == ["digit_0023.jpg"]
+    build(tmp_path / "sh", src=tmp_path / "img" / "train", val_src=tmp_path / "img" / "val", input_size=24,
+          shard_size=10, progress=False)  # fmt: skip
+    m = Manifest.load(tmp_path / "sh")
+    assert m.policy().input_size == 24 and m.val_from["from"] == "folder" and m.num_samples("val") == 10
+    with pytest.raises(ValueError, match="--input-size is for --src"):
+        build(tmp_path / "d", demo="digits", input_size=24, progress=False)
