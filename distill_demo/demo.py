@@ -57,6 +57,14 @@ class DemoConfig(BaseModel):
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (DeiT: 1.0)")
     nproc: int = Field(2, ge=1, description="DDP processes per run (torchrun --nproc_per_node)")
     renderer: RendererFlag = None
+    policy: dict = Field(
+        default_factory=dict,
+        description='JSON augmentation policy overrides for the labels and students, e.g. {"eval_crop_pct": 1.0}',
+    )
+    student_flags: dict = Field(
+        default_factory=dict,
+        description='JSON train fields for every student, over the demo\'s: {"sched_on_epochs": true} (ablations)',
+    )
 
     @field_validator("modes")
     @classmethod
@@ -85,8 +93,7 @@ def student_cmd(cfg: DemoConfig, shards: Path, out: Path, mode: str, seed: int, 
     model, labels = MODES[mode]
     extra = {"store": {"store": store}, "online": {"teacher": TeacherSettings(checkpoint=teacher)}}.get(labels, {})
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}"]
-    return train_cmd(
-        launcher,
+    fields = dict(
         shards=str(shards),
         out=str(out),
         model=model,
@@ -107,7 +114,10 @@ def student_cmd(cfg: DemoConfig, shards: Path, out: Path, mode: str, seed: int, 
         eval_every=max(1, cfg.student_epochs // 15),  # curves for results.png, at little cost
         progress=False,
         **extra,
+        **({"policy": cfg.policy} if cfg.policy else {}),
     )
+    fields.update(cfg.student_flags)  # an ablation may override the demo's own fields
+    return train_cmd(launcher, **fields)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -147,6 +157,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         job = PrecomputeConfig(
             shards=str(shards), epochs=cfg.student_epochs, repeated_aug=1, store=store,
             teacher=TeacherSettings(checkpoint=checkpoint), workers=1, renderer=cfg.renderer, progress=False,
+            policy=cfg.policy,
             quality_labels=10**9,  # every label the students learn, not a sample
         )  # fmt: skip
         pre = _run([sys.executable, "-m", "teacher_service", "precompute", *to_argv(job)], logs / "precompute.log")
@@ -201,6 +212,7 @@ def summarize(runs: dict[str, list[Path]], summaries: dict[str, list[dict]]) -> 
             "top1": _stats(top1),
             "top1_cls": _stats([s["val_top1_cls"] for s in results]),
             "top1_dist": _stats([s["val_top1_dist"] for s in results]) if mode != "plain" else None,
+            "top1_fused_logits": _stats([s["val_top1_fused_logits"] for s in results]) if mode != "plain" else None,
             "images_per_s": _stats([throughput(read_metrics(r)) or 0.0 for r in runs[mode]]),
         }
         if plain and mode != "plain":

@@ -144,6 +144,14 @@ class TrainConfig(DataConfig):
         "--epochs; here --epochs counts every epoch trained, so precompute covers them). DeiT sets 10 and "
         "never runs them",
     )
+    sched_on_epochs: bool = Field(
+        False,
+        description="step the lr once an epoch, as DeiT's main.py does (epoch e at the schedule's value for "
+        "e - 1; warm-up epoch 0 at --warmup-lr); default: every optimizer step",
+    )
+    scale_min_lr: bool = Field(
+        True, description="scale --min-lr by batch / 512 like --lr (DeiT's main.py scales --lr only)"
+    )
     decay_epochs: float = Field(30, gt=0, description="--sched step: epochs between decays")
     decay_rate: float = Field(0.1, gt=0, le=1, description="--sched step: factor of each decay")
     smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the class-head target")

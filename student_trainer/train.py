@@ -101,8 +101,10 @@ def build_model(cfg: TrainConfig, num_classes: int, input_size: int):
 def build_optimization(cfg: TrainConfig, model, steps_per_epoch: int, global_batch: int, device: torch.device):
     """timm's optimizer and scheduler factories, DeiT's recipe by default (AdamW, cosine with
     warm-up), stepped per optimizer step. Learning rates are for a global batch of 512, scaled
-    linearly (the warm-up's start is not); no weight decay on biases, norms and the tokens (timm's
-    filter and the model's no_weight_decay()). The schedule ends --cooldown-epochs before --epochs."""
+    linearly (the warm-up's start is not; the minimum unless --no-scale-min-lr); no weight decay on
+    biases, norms and the tokens (timm's filter and the model's no_weight_decay()). The schedule ends
+    --cooldown-epochs before --epochs. With --sched-on-epochs it steps at each epoch's end instead
+    (`train`), as DeiT's loop does; step_update is then a no-op (timm's t_in_epochs)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
@@ -120,10 +122,10 @@ def build_optimization(cfg: TrainConfig, model, steps_per_epoch: int, global_bat
         cooldown_epochs=cfg.cooldown_epochs,
         decay_epochs=cfg.decay_epochs,
         decay_rate=cfg.decay_rate,
-        min_lr=cfg.min_lr * scale,
+        min_lr=cfg.min_lr * (scale if cfg.scale_min_lr else 1.0),
         warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs,
-        step_on_epochs=False,
+        step_on_epochs=cfg.sched_on_epochs,
         updates_per_epoch=steps_per_epoch,
     )
     return optimizer, scheduler
@@ -452,10 +454,11 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, amp: str, distilled_training: bool) -> dict:
     """Top-1 of the class head, the distillation head and DeiT's fused prediction (mean of the two
-    softmaxes); `val_top1` is the model's prediction: fused when it was trained with distillation,
+    softmaxes; `val_top1_fused_logits`: DeiT's, the mean of the two logits); `val_top1` is the
+    model's prediction: fused when it was trained with distillation,
     else its class head (a plain ViT has only that)."""
     model.eval()
-    n = c_cls = c_dist = c_fused = 0
+    n = c_cls = c_dist = c_fused = c_logits = 0
     for batch in loader:
         x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         with autocast(device, amp):
@@ -469,11 +472,13 @@ def evaluate(model, loader, device: torch.device, amp: str, distilled_training: 
         c_cls += (cls.argmax(1) == y).sum()
         c_dist += (dst.argmax(1) == y).sum()
         c_fused += (((cls.softmax(1) + dst.softmax(1)) / 2).argmax(1) == y).sum()
-    n, c_cls, c_dist, c_fused = all_sum([n, int(c_cls), int(c_dist), int(c_fused)], device)
+        c_logits += ((cls + dst).argmax(1) == y).sum()
+    n, c_cls, c_dist, c_fused, c_logits = all_sum([n, int(c_cls), int(c_dist), int(c_fused), int(c_logits)], device)
     out = {
         "val_top1_cls": 100 * c_cls / n,
         "val_top1_dist": 100 * c_dist / n,
         "val_top1_fused": 100 * c_fused / n,
+        "val_top1_fused_logits": 100 * c_logits / n,  # DeiT's eval forward: the heads' logits averaged
         "val_images": int(n),
     }
     out["val_top1"] = out["val_top1_fused"] if distilled_training else out["val_top1_cls"]
@@ -523,6 +528,8 @@ def train(cfg: TrainConfig) -> dict:
         seed_epoch(cfg.seed, epoch, run.rank)
         run.loader.set_epoch(epoch)  # before iter(loader): persistent workers read it at the epoch's start
         step, record = train_one_epoch(run, epoch, step, cfg.max_steps)
+        if cfg.sched_on_epochs:  # DeiT's main.py: step(epoch) after epoch `epoch`, so e+1 runs at lr(e)
+            run.scheduler.step(epoch)
         done = bool(cfg.max_steps) and step >= cfg.max_steps
         total_images += record["images"]
         total_seconds += record["epoch_seconds"]

@@ -60,7 +60,7 @@ def test_model_ema_resumes_exactly_and_eval_reports_the_checkpoint(demo_shards, 
                 "--workers", "0", step="student_trainer eval")  # fmt: skip
     s = last_json(r.stdout)
     assert s["epochs_trained"] == 2 and s["steps"] == 24 and s["model"] == "deit_tiny_distilled_patch16_224"
-    for k in ("val_top1_cls", "val_top1_dist", "val_top1_fused", "val_top1", "ema_val_top1_cls", "ema_val_top1"):
+    for k in ("val_top1_cls", "val_top1_dist", "val_top1_fused", "val_top1_fused_logits", "val_top1", "ema_val_top1"):
         assert s[k] == resumed[k], k
     assert len(metrics(cut)) == lines  # nothing trained, nothing written
 
@@ -131,6 +131,18 @@ def test_sgd_and_cosine_with_cooldown_from_timms_factories(demo_shards, tmp_path
     # DeiT's recipe by default: AdamW with eps 1e-8, weight decay 0.05, none on the tokens
     adamw = tiny(demo_shards, out)
     assert (adamw.opt, adamw.opt_eps, adamw.weight_decay, adamw.sched) == ("adamw", 1e-8, 0.05, "cosine")
+
+
+def test_deits_epoch_schedule_and_unscaled_min_lr(demo_shards, tmp_path):
+    """--sched-on-epochs steps the lr as DeiT's loop does (epoch e at the value for e - 1, warm-up
+    epoch 0 at --warmup-lr); --no-scale-min-lr keeps --min-lr as given, as DeiT's main.py does."""
+    out = tmp_path / "epochs"
+    train(tiny(demo_shards, out, epochs=3, warmup_epochs=1, warmup_lr=1e-6, eval_every=0, sched_on_epochs=True))
+    lrs = [m["lr"] for m in metrics(out)]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx(1e-6) and lrs[2] > 100 * 1e-6
+    out = tmp_path / "floor"
+    train(tiny(demo_shards, out, epochs=2, cooldown_epochs=1, min_lr=1e-5, eval_every=0, scale_min_lr=False))
+    assert metrics(out)[-1]["lr"] == pytest.approx(1e-5)  # not 1e-5 * 128 / 512
 
 
 def test_tensorboard_files_hold_the_metrics(demo_shards, tmp_path):

@@ -1,0 +1,70 @@
+"""Ablations of the demo against DeiT's choices (docs/deit-side-by-side.md); one JSON line per variant.
+
+python bench/ablations.py --out runs/ablations --seeds 5
+
+Each variant switches one difference to DeiT's choice and runs the demo's plain and cached
+students over the same seeds. The shards, teacher and labels are made once in OUT/base and shared:
+a variant whose policy differs precomputes its own labels. Each line gives the distilled-minus-plain
+effect paired by seed (mean, std, per seed), both top-1s, and the fused prediction by logits
+(DeiT's) beside ours (probabilities), read from the same runs. The last line is the whole table.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from distill_core import parse_script_args
+from distill_demo.demo import DemoConfig, run_demo
+
+VARIANTS = {  # name: (DemoConfig fields): each one difference switched to DeiT's choice
+    "ours": {},
+    "eval_whole_image": {"policy": {"eval_crop_pct": 1.0}},  # row 13: DeiT evaluates a 32 px image whole
+    "lr_per_epoch": {"student_flags": {"sched_on_epochs": True}},  # row 5
+    "min_lr_unscaled": {"student_flags": {"scale_min_lr": False}},  # row 4
+}
+
+
+class Ablations(BaseModel):
+    out: str = Field("runs/ablations", description="output directory (OUT/base: shards, teacher, labels)")
+    seeds: int = Field(5, ge=1, description="student seeds per variant and mode")
+    variants: list[str] = Field(list(VARIANTS), description=f"variants to run, of: {', '.join(VARIANTS)}")
+
+
+def main() -> None:
+    args = parse_script_args(Ablations, __doc__)
+    out = Path(args.out)
+    base = out / "base"
+    lines = []
+    for name in args.variants:
+        fields = VARIANTS[name]
+        run_dir = base if name == "ours" else out / name
+        if run_dir != base and not (run_dir / "shards").exists():  # the same shards, teacher and labels
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "shards").symlink_to((base / "shards").resolve())
+            (run_dir / "teacher").symlink_to((base / "teacher").resolve())
+            shutil.copy(base / "labels.db", run_dir / "labels.db")
+        result = run_demo(DemoConfig(out=str(run_dir), seeds=args.seeds, modes=["plain", "cached"], **fields))
+        rows = {r["mode"]: r for r in result["results"]}
+        line = {
+            "variant": name,
+            "fields": fields,
+            "seeds": args.seeds,
+            "plain_top1": rows["plain"]["top1"],
+            "cached_top1": rows["cached"]["top1"],
+            "cached_top1_fused_logits": rows["cached"]["top1_fused_logits"],
+            "cached_minus_plain": rows["cached"]["minus_plain"],  # paired by seed
+            "cached_minus_plain_per_seed": rows["cached"]["minus_plain_per_seed"],
+            "label_quality_pct": (result.get("label_quality") or {}).get("agree_pct"),
+        }
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    print(json.dumps({"ablations": lines}), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
