@@ -24,7 +24,15 @@ def lazy_exports(package: str, exports: dict[str, str]):
 
 _EXPORTS = {
     **dict.fromkeys(
-        ["atomic_save", "clean_state_dict", "load_training_checkpoint", "read_weights", "save_weights"], ".checkpoint"
+        [
+            "atomic_save",
+            "clean_state_dict",
+            "load_matching",
+            "load_training_checkpoint",
+            "read_weights",
+            "save_weights",
+        ],
+        ".checkpoint",
     ),
     **dict.fromkeys(["App", "Command", "parse_script_args"], ".cli"),
     **dict.fromkeys(

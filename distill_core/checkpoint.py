@@ -77,3 +77,21 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             obj = obj["state_dict"]
         state = obj
     return clean_state_dict(state), meta
+
+
+def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict) with a message that names the first keys and shapes that differ."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{what} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+            f"other shapes {shapes[:4]}"
+        )
+    module.load_state_dict(state)

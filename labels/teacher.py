@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from distill_core import autocast, read_weights
+from distill_core import autocast, load_matching, read_weights
 
 from .namespace import Namespace, RecordFormat, classes_digest
 
@@ -144,12 +144,7 @@ class Teacher:
         if cfg.pretrained and tag and "." not in self.model_name:  # the hub weights' tag, in the teacher id
             self.model_name = f"{self.model_name}.{tag}"
         if state is not None:
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"checkpoint {cfg.checkpoint} does not fit {self.model_name}: "
-                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+            load_matching(self.model, state, f"checkpoint {cfg.checkpoint} ({self.model_name})")
         self.model.eval()
         self.num_classes = self.model.num_classes
         if self.classes is None:

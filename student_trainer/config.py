@@ -82,10 +82,11 @@ class DataConfig(BaseModel):
                 self.service_token = os.environ.get("DISTILL_TOKEN") or None
         return self
 
-    @property
-    def policy_overrides(self) -> dict:
-        """The augmentation policy's fields this run sets: --policy, then --input-size."""
-        return {**self.policy, **({"input_size": self.input_size} if self.input_size else {})}
+    def augment_policy(self, manifest):
+        """The run's augmentation policy: the shards' hint, then --renderer, --decoder, --policy
+        and --input-size."""
+        overrides = {**self.policy, **({"input_size": self.input_size} if self.input_size else {})}
+        return manifest.policy(self.renderer, self.decoder, **overrides)
 
     @property
     def labels_url(self) -> str | None:

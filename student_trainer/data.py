@@ -330,7 +330,7 @@ def labeled_loader(
     them (else from `cfg`). See the module docstring for the batch."""
     device = torch.device(device)
     manifest = manifest or Manifest.load(cfg.shards)
-    policy = policy or manifest.policy(cfg.renderer, cfg.decoder, **cfg.policy_overrides)
+    policy = policy or cfg.augment_policy(manifest)
     if render_on_device is None:
         render_on_device = device.type != "cpu"
     render_on_device = render_on_device and policy.renderer == "torch"
@@ -374,7 +374,7 @@ def eval_loader(
     """Evaluation batches (`image`, `label`, `key`) of a split: DeiT's eval transform, every image
     once across ranks, in at most one loader worker (evaluation is short; a worker's start is not)."""
     manifest = manifest or Manifest.load(cfg.shards)
-    policy = policy or manifest.policy(cfg.renderer, cfg.decoder, **cfg.policy_overrides)
+    policy = policy or cfg.augment_policy(manifest)
     stream = ShardStream(
         cfg.shards, split, policy, cfg.batch_size, mode="eval", rank=rank, world_size=world_size, manifest=manifest
     )

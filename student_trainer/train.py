@@ -30,7 +30,7 @@ import torch.distributed as dist
 from timm.utils import unwrap_model
 from tqdm import tqdm
 
-from distill_core import atomic_save, autocast, load_training_checkpoint, save_weights, usable_cpus
+from distill_core import atomic_save, autocast, load_matching, load_training_checkpoint, save_weights, usable_cpus
 from labels.teacher import Teacher
 from shards import AugmentPolicy, Manifest
 from shards.feeder import Feeder
@@ -40,7 +40,7 @@ from .config import TrainConfig
 from .data import LabeledLoader, eval_loader, labeled_loader
 from .loss import DistillationLoss
 from .targets import MixupWithLambda, TeacherTargetBuilder
-from .weights import check_same_model, finetune_from, load_matching
+from .weights import check_same_model, finetune_from
 
 log = logging.getLogger("student_trainer")
 
@@ -236,7 +236,7 @@ def setup(cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.threads or max(1, usable_cpus() // world))
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     manifest = Manifest.load(cfg.shards)
-    policy = manifest.policy(cfg.renderer, cfg.decoder, **cfg.policy_overrides)
+    policy = cfg.augment_policy(manifest)
     num_classes = len(manifest.classes)
     if cfg.eval and "val" not in manifest.splits:
         raise ValueError(f"--eval: {cfg.shards} has no val split (shards build --val-src or --val-fraction)")

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from distill_core import read_weights
+from distill_core import load_matching, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +34,6 @@ def check_same_model(meta: dict, model: str, model_kwargs: dict, what: str) -> N
         }
         if differ:
             raise ValueError(f"{what} holds a {theirs} of other --model-kwargs (theirs, this run's): {differ}")
-
-
-def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict) with a message that names the first keys and shapes that differ."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{what} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
-            f"other shapes {shapes[:4]}"
-        )
-    module.load_state_dict(state)
 
 
 def finetune_from(model: torch.nn.Module, path: str, model_name: str, model_kwargs: dict) -> dict:
