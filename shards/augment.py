@@ -58,6 +58,10 @@ def train_transform(policy: AugmentPolicy):
             re_count=policy.re_count,
         )
         _posterize_any_bits_in(transform)
+        if policy.crop == "padded":  # DeiT's datasets.build_transform at input_size <= 32
+            from torchvision.transforms import RandomCrop
+
+            transform.transforms[0] = RandomCrop(policy.input_size, padding=policy.crop_padding)
         policy._cache["train"] = transform
     return policy._cache["train"]
 
@@ -158,8 +162,28 @@ def crop_box(policy: AugmentPolicy, key: str, seed: int, width: int, height: int
     """The source box (top, left, height, width) of (policy, key, seed)'s training crop of a
     width x height image, without making the crop: the first draw from the sample seed, for either
     renderer (timm's RandomResizedCrop draws first from the seeded `random`; draw_params likewise)."""
+    if policy.crop == "padded":
+        return _padded_crop_box(policy, sample_seed(policy.policy_id, key, seed), width, height)
     rng = random.Random(sample_seed(policy.policy_id, key, seed))
     return resized_crop_box(rng, width, height, policy.scale, policy.ratio)
+
+
+def _padded_crop_box(policy: AugmentPolicy, sample: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The part of the image inside a padded crop (torchvision's RandomCrop: pad, then draw the
+    top and the left from torch's generator, the first draws of the seeded transform)."""
+    size, pad = policy.input_size, policy.crop_padding
+    g = torch.Generator().manual_seed(sample)
+    h_pad, w_pad = height + 2 * pad, width + 2 * pad
+    if h_pad < size or w_pad < size:
+        raise ValueError(f"a {width}x{height} image padded by {pad} is smaller than the {size} px crop")
+    top = left = 0
+    if (h_pad, w_pad) != (size, size):
+        top = int(torch.randint(0, h_pad - size + 1, size=(1,), generator=g))
+        left = int(torch.randint(0, w_pad - size + 1, size=(1,), generator=g))
+    top, left = top - pad, left - pad  # in the image's coordinates
+    bottom, right = min(top + size, height), min(left + size, width)
+    top, left = max(top, 0), max(left, 0)
+    return top, left, bottom - top, right - left
 
 
 def eval_view(image: Image.Image, policy: AugmentPolicy) -> torch.Tensor:

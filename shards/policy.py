@@ -32,6 +32,7 @@ RENDER_CODE_VERSION = 3
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROPS = ("resized", "padded")
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitudes are levels out of 10
 
 
@@ -135,6 +136,10 @@ class AugmentPolicy:
     """DeiT's training augmentation (timm `create_transform(is_training=True)` arguments)."""
 
     input_size: int = 224
+    # "resized": timm's RandomResizedCrop (scale, ratio); "padded": what DeiT's code puts in its place
+    # at input_size <= 32 (CIFAR's recipe): RandomCrop(input_size, padding=crop_padding), no resize
+    crop: str = "resized"
+    crop_padding: int = 4
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: float = 0.5
@@ -165,7 +170,13 @@ class AugmentPolicy:
             raise ValueError(
                 f"the pil renderer decodes with Pillow (libjpeg); decoder {self.decoder!r} needs renderer torch"
             )
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, not {self.crop!r}")
+        if self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, not {self.crop_padding}")
         if self.renderer == "torch":  # what the torch renderer implements
+            if self.crop != "resized":
+                raise ValueError(f"the torch renderer implements RandomResizedCrop only, not crop {self.crop!r}")
             if self.interpolation not in ("bicubic", "bilinear"):
                 raise ValueError(f"the torch renderer resizes with bicubic or bilinear, not {self.interpolation!r}")
             if self.re_mode not in ("pixel", "const"):
@@ -208,6 +219,8 @@ class AugmentPolicy:
         if "id" not in self._cache:
             params = self.to_dict()
             decoder = params.pop("decoder")
+            if params["crop"] == "resized":  # ids of resized-crop policies stay what they were before `crop`
+                del params["crop"], params["crop_padding"]
             if params.pop("renderer") != "pil":  # ids of pil policies stay what they were before renderers
                 params["renderer"] = self.renderer
                 params["decoder"] = decoder

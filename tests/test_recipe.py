@@ -281,3 +281,52 @@ def test_crop_box_is_the_box_each_renderer_crops():
     for seed in range(20):
         box = draw_params(torch_policy, sample_seed(torch_policy.policy_id, "k", seed), 97, 61).box
         assert box == crop_box(torch_policy, "k", seed, 97, 61)
+
+
+@pytest.mark.unit
+def test_the_padded_crop_is_deits_small_image_crop():
+    """crop "padded" is what DeiT's build_transform puts first at input_size <= 32: RandomCrop(32,
+    padding=4) of the unresized image, black around it. Without the other ops, the crop is the image
+    shifted by crop_box's offset, and crop_box gives the part of the image inside it."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import RandomCrop
+
+    from shards import AugmentPolicy
+    from shards.augment import augment, crop_box, train_transform
+
+    policy = AugmentPolicy(input_size=32, crop="padded", hflip=0.0, auto_augment=None, color_jitter=0.0, re_prob=0.0)
+    first = train_transform(policy).transforms[0]
+    assert isinstance(first, RandomCrop) and first.padding == 4 and first.size == (32, 32)
+    pixels = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)  # no black pixel
+    image = Image.fromarray(pixels)
+    mean = torch.tensor(policy.mean).view(3, 1, 1)
+    std = torch.tensor(policy.std).view(3, 1, 1)
+    shares = set()
+    for seed in range(40):
+        crop = augment(image, "k", seed, policy)
+        got = ((crop * std + mean) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        top, left, h, w = crop_box(policy, "k", seed, 32, 32)
+        padded = np.zeros((40, 40, 3), np.uint8)
+        padded[4:36, 4:36] = pixels
+        dy, dx = (top if top > 0 else top + h - 32), (left if left > 0 else left + w - 32)  # the shift
+        assert np.array_equal(got, padded[4 + dy : 36 + dy, 4 + dx : 36 + dx]), seed
+        assert (got.sum(-1) > 0).sum() == h * w  # the image's part, the rest black
+        shares.add(h * w)
+    assert len(shares) > 5 and max(shares) <= 32 * 32 and min(shares) >= 28 * 28
+
+
+@pytest.mark.unit
+def test_the_crop_is_part_of_the_policy_and_refused_where_not_implemented():
+    from shards import AugmentPolicy
+
+    resized = AugmentPolicy(input_size=32)
+    assert AugmentPolicy(input_size=32, crop_padding=2).policy_id == resized.policy_id  # unused without "padded"
+    padded = AugmentPolicy(input_size=32, crop="padded")
+    assert padded.policy_id != resized.policy_id
+    assert AugmentPolicy(input_size=32, crop="padded", crop_padding=2).policy_id != padded.policy_id
+    assert AugmentPolicy.from_json(padded.to_json()) == padded
+    with pytest.raises(ValueError, match="crop must be one of"):
+        AugmentPolicy(crop="center")
+    with pytest.raises(ValueError, match="torch renderer implements RandomResizedCrop only"):
+        AugmentPolicy(input_size=32, crop="padded", renderer="torch")
