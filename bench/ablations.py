@@ -5,8 +5,10 @@ python bench/ablations.py --out runs/ablations --seeds 5
 Each variant switches one difference to DeiT's choice and runs the demo's plain and cached
 students over the same seeds. The shards, teacher and labels are made once in OUT/base and shared:
 a variant whose policy differs precomputes its own labels. Each line gives the distilled-minus-plain
-effect paired by seed (mean, std, per seed), both top-1s, and the fused prediction by logits
-(DeiT's) beside ours (probabilities), read from the same runs. The last line is the whole table.
+effect paired by seed (mean, std, per seed), both top-1s (the distilled student's: its own
+prediction, the heads' logits averaged, as DeiT's), the fused prediction by averaged
+probabilities beside it, read from the same runs, and the label quality of the labels the variant
+trains on. The last line is the whole table.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ VARIANTS = {  # name: (DemoConfig fields): each one difference switched to DeiT'
     # row 13 (DeiT evaluates a 32 px image whole) needs no variant: the demo's policy does already
     "lr_per_epoch": {"student_flags": {"sched_on_epochs": True}},  # row 5
     "min_lr_unscaled": {"student_flags": {"scale_min_lr": False}},  # row 4
+    "padded_crop": {"policy": {"crop": "padded"}},  # row 12: DeiT's RandomCrop(32, padding=4) at <= 32 px
+    "hflip": {"policy": {"hflip": 0.5}},  # row 18: DeiT's code has no flip flag: timm's 0.5
+    "padded_crop_hflip": {"policy": {"crop": "padded", "hflip": 0.5}},  # rows 12 and 18: DeiT's code at 32 px
 }
 
 
@@ -47,7 +52,8 @@ def main() -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "shards").symlink_to((base / "shards").resolve())
             (run_dir / "teacher").symlink_to((base / "teacher").resolve())
-            shutil.copy(base / "labels.db", run_dir / "labels.db")
+            if "policy" not in fields:  # another policy's labels are made afresh, in a store of their own
+                shutil.copy(base / "labels.db", run_dir / "labels.db")
             (run_dir / "logs").mkdir()
             shutil.copy(base / "logs" / "teacher.json", run_dir / "logs" / "teacher.json")  # the teacher's summary
         result = run_demo(DemoConfig(out=str(run_dir), seeds=args.seeds, modes=["plain", "cached"], **fields))
@@ -58,7 +64,7 @@ def main() -> None:
             "seeds": args.seeds,
             "plain_top1": rows["plain"]["top1"],
             "cached_top1": rows["cached"]["top1"],
-            "cached_top1_fused_logits": rows["cached"]["top1_fused_logits"],
+            "cached_top1_fused_probs": rows["cached"]["top1_fused_probs"],
             "cached_minus_plain": rows["cached"]["minus_plain"],  # paired by seed
             "cached_minus_plain_per_seed": rows["cached"]["minus_plain_per_seed"],
             "label_quality_pct": (result.get("label_quality") or {}).get("agree_pct"),
