@@ -207,10 +207,10 @@ def _int_field(header: dict, name: str, low: int, high: int, path: Path) -> int:
 
 def _coverage_record(record, path: Path) -> dict:
     """A precompute record checked against its schema: {"seeds": B} or {"repeat_mode", "repeats",
-    "epochs"}, with the node fields precompute adds."""
+    "epochs"} (and the `deit` mode's "schedule" version), with the node fields precompute adds."""
     if not isinstance(record, dict):
         raise ValueError(f"{path}: a coverage record must be an object, not {record!r}")
-    allowed = {"seeds", "repeat_mode", "repeats", "epochs", "node_rank", "num_nodes"}
+    allowed = {"seeds", "repeat_mode", "repeats", "epochs", "schedule", "node_rank", "num_nodes"}
     if set(record) - allowed:
         raise ValueError(f"{path}: coverage record with unknown fields {sorted(set(record) - allowed)}")
     ints = {k: v for k, v in record.items() if k != "repeat_mode"}

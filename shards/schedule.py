@@ -3,14 +3,17 @@ seed. The contract between precompute (which labels to make) and the trainer (wh
 
 Two repeat modes, R = `--repeated-aug`:
 
-- `deit` (the default): DeiT's repeated augmentation (its `RASampler`). Epoch e takes the first
-  ceil(N / R) images of an order that is a function of the epoch alone (not of the run seed, not
-  of the world size), each R times: about N samples an epoch, every image seen about once an
-  epoch on average, R crops at a time. The R crops of an image are dealt to consecutive ranks
-  (position p goes to rank p mod W), as DeiT deals them. The epoch's order is its shard order
-  (shuffled by the epoch) with the images of a shard in stored order, so selecting the first
-  images selects whole shards plus the first images of one more; shards are built in a shuffled
-  order, so a shard is a random sample of the data set.
+- `deit` (the default): DeiT's repeated augmentation (its `RASampler`). Epoch e takes ceil(N / R)
+  images, each R times: about N samples an epoch, every image seen about once an epoch on
+  average, R crops at a time. Which images is a function of the epoch alone (not of the run seed,
+  not of the world size). The R crops of an image are dealt to consecutive ranks (position p goes
+  to rank p mod W), as DeiT deals them. The epoch walks its shards in an order shuffled by the
+  epoch; each shard is read as a ring that goes on where the previous epoch that read it stopped,
+  so the epoch takes whole shards plus the next images of one more, and over epochs every image
+  of a shard is taken as often as any other, give or take one (schedule 2). Shards are built in
+  a shuffled order, so a shard is a random sample of the data set. Schedule 1 (labels made before
+  2026-12-05) took the *first* images of the partial shard every time, so a data set of one shard
+  trained on the same ceil(N / R) images every epoch.
 - `all`: every image R times in every epoch (R x N samples an epoch); this project's schedule
   before `deit`, kept for labels made for it.
 
@@ -18,7 +21,7 @@ Seeds are numbered per image so that label rows stay dense: the c-th time an ima
 (c = 0, 1, ...), its R crops get seeds c*R .. c*R + R-1. A run of E epochs asks image i for seeds
 0 .. K_i*R - 1, where K_i is how many of the E epochs selected it (about E / R): about E x N
 labels in all. In `all` mode an image is selected in every epoch, so its seeds are e*R + r, as
-they always were. With R = 1 the two modes ask for the same pairs.
+they always were. With R = 1 the two modes (and both `deit` schedules) ask for the same pairs.
 """
 
 from __future__ import annotations
@@ -30,14 +33,20 @@ from functools import cached_property
 REPEAT_MODES = ("deit", "all")
 
 
-@dataclass(frozen=True)
-class Selection:
-    """Epoch e's images in order: whole shards `full`, then the first `partial_count` images of
-    shard `partial` (if any), each taken `repeats` times in a row."""
+SCHEDULE_VERSION = 2  # of the `deit` mode: 2 reads each shard as a ring (see the module docstring)
 
-    full: tuple[int, ...]
-    partial: int | None
-    partial_count: int
+
+@dataclass(frozen=True)
+class Piece:
+    """`count` images of shard `shard` in an epoch's order: images start, start + 1, ... of the
+    shard, wrapping around to its first image."""
+
+    shard: int
+    start: int
+    count: int
+
+    def images(self, num_images: int) -> list[int]:
+        return [(self.start + j) % num_images for j in range(self.count)]
 
 
 @dataclass(frozen=True)
@@ -74,56 +83,46 @@ class RepeatSchedule:
         random.Random(f"repeated-aug:{epoch}").shuffle(order)
         return order
 
-    def pieces(self, epoch: int) -> list[tuple[int, int]]:
-        """Epoch `epoch`'s images in order: (shard, images taken from its start), each R times."""
-        sel = self.selection(epoch)
-        out = [(s, self.shard_samples[s]) for s in sel.full]
-        return out + ([(sel.partial, sel.partial_count)] if sel.partial is not None else [])
+    def pieces(self, epoch: int) -> list[Piece]:
+        """Epoch `epoch`'s images in order, each R times."""
+        taken = self._taken(epoch)
+        return [Piece(s, taken[s] % self.shard_samples[s], count) for s, count in self._counts(epoch)]
 
-    def selection(self, epoch: int) -> Selection:
-        """The images epoch `epoch` trains on (`deit` mode), in order."""
+    def _counts(self, epoch: int) -> list[tuple[int, int]]:
+        """(shard, images taken from it) of epoch `epoch`, in order."""
         if self.mode == "all":
-            return Selection(tuple(range(len(self.shard_samples))), None, 0)
-        left = self.images_per_epoch
-        full: list[int] = []
+            return list(enumerate(self.shard_samples))
+        left, out = self.images_per_epoch, []
         for s in self.shard_order(epoch):
-            n = self.shard_samples[s]
-            if n <= left:
-                full.append(s)
-                left -= n
-            else:
-                return Selection(tuple(full), s if left else None, left)
             if left == 0:
                 break
-        return Selection(tuple(full), None, 0)
+            count = min(self.shard_samples[s], left)
+            out.append((s, count))
+            left -= count
+        return out
 
     @cached_property
-    def _history(self) -> list[tuple[list[int], list[list[int]]]]:
-        """Per epoch computed so far: (full selections per shard, partial counts per shard) of the
-        epochs before it; grown on demand."""
-        return [([0] * len(self.shard_samples), [[] for _ in self.shard_samples])]
+    def _history(self) -> list[list[int]]:
+        """Per epoch computed so far: the images each shard gave the epochs before it; grown on demand."""
+        return [[0] * len(self.shard_samples)]
 
-    def _before(self, epoch: int) -> tuple[list[int], list[list[int]]]:
-        """How often each shard was fully selected in epochs < `epoch`, and the partial counts."""
+    def _taken(self, epoch: int) -> list[int]:
+        """How many images each shard gave the epochs before `epoch` (its ring's position)."""
         history = self._history
         while len(history) <= epoch:
-            e = len(history) - 1
-            full, partial = history[-1]
-            full, partial = list(full), [list(p) for p in partial]
-            sel = self.selection(e)
-            for s in sel.full:
-                full[s] += 1
-            if sel.partial is not None:
-                partial[sel.partial].append(sel.partial_count)
-            history.append((full, partial))
+            taken = list(history[-1])
+            for s, count in self._counts(len(history) - 1):
+                taken[s] += count
+            history.append(taken)
         return history[epoch]
 
     def times_selected(self, shard: int, index: int, epoch: int) -> int:
-        """How many epochs before `epoch` trained on image `index` of `shard`."""
+        """How many epochs before `epoch` trained on image `index` of `shard`: the positions
+        p < T of the shard's ring (T images taken) with p mod n == index."""
         if self.mode == "all":
             return epoch
-        full, partial = self._before(epoch)
-        return full[shard] + sum(1 for count in partial[shard] if index < count)
+        n = self.shard_samples[shard]
+        return (self._taken(epoch)[shard] - index + n - 1) // n
 
     def seed(self, shard: int, index: int, epoch: int, repeat: int) -> int:
         """The augmentation seed of (image `index` of `shard`, epoch, repeat)."""
@@ -138,19 +137,18 @@ class RepeatSchedule:
         )
 
     def seed_limit_for_run(self, epochs: int) -> int:
-        """One more than the largest seed a run of `epochs` epochs asks any image for."""
+        """One more than the largest seed a run of `epochs` epochs asks any image for (a shard's
+        first image is taken most often)."""
         if self.mode == "all":
             return epochs * self.repeats
-        full, partial = self._before(epochs)
-        return max((f + len(p) for f, p in zip(full, partial, strict=True)), default=0) * self.repeats
+        counts = [-(-t // n) for t, n in zip(self._taken(epochs), self.shard_samples, strict=True)]
+        return max(counts, default=0) * self.repeats
 
     def labels_in_shard(self, shard: int, epochs: int) -> int:
         """The (image, seed) pairs of one shard a run of `epochs` epochs asks for."""
-        n = self.shard_samples[shard]
         if self.mode == "all":
-            return epochs * self.repeats * n
-        full, partial = self._before(epochs)
-        return (full[shard] * n + sum(partial[shard])) * self.repeats
+            return epochs * self.repeats * self.shard_samples[shard]
+        return self._taken(epochs)[shard] * self.repeats
 
     def labels_for_run(self, epochs: int, start_epoch: int = 0) -> int:
         """The number of (image, seed) pairs a run asks for."""
@@ -158,15 +156,20 @@ class RepeatSchedule:
 
     def describe(self) -> dict:
         """What a label namespace records about the schedule its labels were made for."""
-        return {"repeat_mode": self.mode, "repeats": self.repeats}
+        out = {"repeat_mode": self.mode, "repeats": self.repeats}
+        return {**out, "schedule": SCHEDULE_VERSION} if self.mode == "deit" else out
 
 
 def same_pairs(a: dict, b: dict) -> bool:
-    """Whether two recorded schedules ask for the same (image, seed) pairs: the same mode and
-    repeats, or one repeat (where the two modes coincide)."""
+    """Whether two recorded schedules ask for the same (image, seed) pairs: the same mode, repeats
+    and `deit` schedule version (1 where none is recorded), or one repeat (where all coincide)."""
     if a.get("repeats") != b.get("repeats"):
         return False
-    return a.get("repeats") == 1 or a.get("repeat_mode") == b.get("repeat_mode")
+    if a.get("repeats") == 1:
+        return True
+    if a.get("repeat_mode") != b.get("repeat_mode"):
+        return False
+    return a.get("repeat_mode") != "deit" or a.get("schedule", 1) == b.get("schedule", 1)
 
 
-__all__ = ["REPEAT_MODES", "RepeatSchedule", "Selection", "same_pairs"]
+__all__ = ["REPEAT_MODES", "SCHEDULE_VERSION", "Piece", "RepeatSchedule", "same_pairs"]

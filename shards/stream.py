@@ -45,7 +45,7 @@ from .index import SplitIndex
 from .manifest import Manifest
 from .members import IMAGE_KEYS, OpenFiles
 from .render import BatchPlan, is_jpeg, render_batch, render_prepared
-from .schedule import RepeatSchedule
+from .schedule import Piece, RepeatSchedule
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class DealtPlan:
     positions r, r + W, r + 2W, ... (DeiT's dealing: an image's R crops on consecutive ranks),
     and a worker takes the rank's positions t = first .. first + sum(sizes) - 1 (p = r + W t)."""
 
-    pieces: list[tuple[int, int]]  # (shard index, images taken from its start) in order
+    pieces: list[Piece]  # the epoch's images, in order
     offsets: list[int]  # image offset of each piece in the epoch's order
     rank: int
     world_size: int
@@ -182,8 +182,8 @@ def plan_dealt(schedule: RepeatSchedule, batch_size: int, epoch: int, share: Sha
     b0, b1 = share.block(nb)
     pieces = schedule.pieces(epoch)
     offsets = [0]
-    for _, count in pieces[:-1]:
-        offsets.append(offsets[-1] + count)
+    for piece in pieces[:-1]:
+        offsets.append(offsets[-1] + piece.count)
     return DealtPlan(pieces, offsets, share.rank, share.world_size, sum(sizes[:b0]), sizes[b0:b1])
 
 
@@ -301,15 +301,16 @@ class ShardStream(IterableDataset):
         """(shard, {image: [repeat, ...]}) of every position of a `deit` plan, in the epoch's order."""
         repeats, world, rank = self.repeats, plan.world_size, plan.rank
         p_lo, p_hi = plan.position_range()
-        for (s, count), base in zip(plan.pieces, plan.offsets, strict=True):
-            lo, hi = max(base * repeats, p_lo), min((base + count) * repeats, p_hi + 1)
+        for piece, base in zip(plan.pieces, plan.offsets, strict=True):
+            s, n = piece.shard, self.schedule.shard_samples[piece.shard]
+            lo, hi = max(base * repeats, p_lo), min((base + piece.count) * repeats, p_hi + 1)
             if hi <= lo:
                 if base * repeats > p_hi:
                     break
                 continue
             wanted = {}
             for p in range(lo + (rank - lo) % world, hi, world):  # this worker's positions in the piece
-                wanted.setdefault(p // repeats - base, []).append(p % repeats)
+                wanted.setdefault((piece.start + p // repeats - base) % n, []).append(p % repeats)
             yield s, wanted
 
     def _read(self, wanted, skips: SkipCounter, files: OpenFiles) -> Iterator[tuple[RawSample, int]]:

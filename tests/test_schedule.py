@@ -39,7 +39,7 @@ def dealt_pairs(schedule: RepeatSchedule, batch: int, epoch: int, world: int, wo
             batches[rank] += len(plan.sizes)
             if not plan.sizes:
                 continue
-            images = [(s, i) for s, count in plan.pieces for i in range(count)]
+            images = [(p.shard, i) for p in plan.pieces for i in p.images(schedule.shard_samples[p.shard])]
             lo, hi = plan.position_range()
             for p in range(lo, hi + 1, world):
                 s, i = images[p // schedule.repeats]
@@ -124,8 +124,10 @@ def test_a_run_is_covered_only_by_finished_records_of_its_pairs():
     from student_trainer.data import covering_records
 
     deit3 = RepeatSchedule((40, 40, 40), 3)
-    rec = {"repeat_mode": "deit", "repeats": 3, "epochs": 10}
+    rec = {**deit3.describe(), "epochs": 10}
     assert covering_records([{**rec, "node_rank": 0, "num_nodes": 1}], deit3, 10)
+    old = {"repeat_mode": "deit", "repeats": 3, "epochs": 10, "node_rank": 0, "num_nodes": 1}  # schedule 1
+    assert not covering_records([old], deit3, 10)
     assert not covering_records([{**rec, "node_rank": 0, "num_nodes": 1}], deit3, 11)  # too few epochs
     assert not covering_records([{**rec, "node_rank": 0, "num_nodes": 2}], deit3, 5)  # node 1 not done
     assert covering_records([{**rec, "node_rank": r, "num_nodes": 2} for r in (1, 0)], deit3, 5)
@@ -134,3 +136,39 @@ def test_a_run_is_covered_only_by_finished_records_of_its_pairs():
     assert not covering_records([{"seeds": 29, "node_rank": 0, "num_nodes": 1}], RepeatSchedule((40,), 3, "all"), 10)
     one = {"repeat_mode": "all", "repeats": 1, "epochs": 8, "node_rank": 0, "num_nodes": 1}
     assert covering_records([one], RepeatSchedule((40,), 1, "deit"), 8)  # one repeat: the same pairs
+
+
+@pytest.mark.parametrize("repeats", [2, 3, 4])
+@pytest.mark.parametrize("shards", [(100,), (64, 36), (10, 10, 7), (1000, 1000)])
+def test_every_image_is_taken_as_often_as_any_other_give_or_take_one(shards, repeats):
+    """Each shard is a ring that goes on where it stopped: a set of one shard (or a few) does not
+    train on the same ceil(N / R) images every epoch (schedule 1 did), and over E epochs every
+    image is selected floor or ceil of its shard's share of E x ceil(N / R)."""
+    schedule = RepeatSchedule(shards, repeats)
+    epochs = 3 * repeats + 1
+    seen = collections.Counter()
+    for epoch in range(epochs):
+        pairs, _ = dealt_pairs(schedule, 8, epoch, 2, 1)
+        chosen = {(s, i) for items in pairs.values() for s, i, _ in items}
+        seen.update(chosen)
+        if epoch == 1 and len(shards) == 1:  # the second epoch takes other images than the first
+            assert chosen != first
+        first = chosen
+    for s, n in enumerate(shards):
+        counts = [seen[(s, i)] for i in range(n)]
+        assert max(counts) - min(counts) <= 1, (s, collections.Counter(counts))
+        assert sum(counts) == schedule.labels_in_shard(s, epochs) // repeats
+    if len(shards) == 1:
+        assert min(seen.values()) >= epochs // repeats  # every image, about E / R times
+
+
+def test_schedules_recorded_before_the_ring_are_not_the_same_pairs():
+    """Labels precomputed for schedule 1 (no "schedule" recorded) do not cover a schedule-2 run of
+    R > 1; with one repeat every schedule asks for the same pairs."""
+    from shards.schedule import SCHEDULE_VERSION
+
+    now = RepeatSchedule((9, 7), 3).describe()
+    assert now == {"repeat_mode": "deit", "repeats": 3, "schedule": SCHEDULE_VERSION} and SCHEDULE_VERSION == 2
+    assert same_pairs(now, dict(now)) and not same_pairs(now, {"repeat_mode": "deit", "repeats": 3})
+    assert same_pairs(RepeatSchedule((9, 7), 1).describe(), {"repeat_mode": "all", "repeats": 1})
+    assert RepeatSchedule((9, 7), 3, "all").describe() == {"repeat_mode": "all", "repeats": 3}
