@@ -71,11 +71,12 @@ class StoreSource:
     url: str = field(repr=False)
     namespace: str | None = None
     retry_for: float = 60.0
+    policy_id: str | None = None  # picks the namespace when the store holds several and none is named
     _store: object = field(default=None, repr=False)
 
     def open(self):
         if self._store is None:
-            self._store = open_existing(self.url, self.namespace)
+            self._store = open_existing(self.url, self.namespace, self.policy_id)
         return self._store
 
     def meta(self) -> dict:
@@ -98,7 +99,7 @@ class StoreSource:
         return retrying(lambda: self.open().get(keys, seeds))
 
     def __getstate__(self):  # data-loader workers open their own connection
-        return {"url": self.url, "namespace": self.namespace, "retry_for": self.retry_for, "_store": None}
+        return {**self.__dict__, "_store": None}
 
 
 @dataclass
@@ -138,11 +139,18 @@ class ServiceSource:
         return {"url": self.url, "token": self.token, "_client": None}
 
 
-def open_source(labels: str, namespace: str | None = None, token: str | None = None, retry_for: float = 60.0):
-    """A teacher service for http(s):// URLs, else a label store (file path, redis://)."""
+def open_source(
+    labels: str,
+    namespace: str | None = None,
+    token: str | None = None,
+    retry_for: float = 60.0,
+    policy_id: str | None = None,
+):
+    """A teacher service for http(s):// URLs, else a label store (file path, redis://); a store's
+    namespace is `namespace`, else its only one, else its only one of `policy_id`."""
     if labels.startswith(("http://", "https://")):
         return ServiceSource(labels, token)
-    return StoreSource(labels, namespace, retry_for)
+    return StoreSource(labels, namespace, retry_for, policy_id)
 
 
 class LabeledStream(IterableDataset):
@@ -341,7 +349,7 @@ def labeled_loader(
     )  # fmt: skip
     dataset, ns = stream, None
     if cfg.labels_url is not None:
-        source = open_source(cfg.labels_url, cfg.namespace, cfg.service_token, cfg.store_retry_for)
+        source = open_source(cfg.labels_url, cfg.namespace, cfg.service_token, cfg.store_retry_for, policy.policy_id)
         meta = source.meta()
         where = redact(cfg.labels_url)
         check_compatible(meta, policy, len(manifest.classes), where)

@@ -31,6 +31,29 @@ def test_missing_vs_present_and_roundtrip(store_url):
         assert st.num_keys() == 2
 
 
+def test_a_store_of_several_policies_opens_the_runs_own_without_a_namespace(store_url):
+    """A trainer names no namespace: the only one, else the only one of its policy; two of the
+    same policy, or none of it, are refused with every namespace and its policy listed."""
+    other = Namespace("regnety_002@abc123", "policy02", RecordFormat(), num_classes=10)
+    with open_store(store_url, NS):
+        pass
+    with open_existing(store_url) as st:  # the only one
+        assert st.namespace == NS
+    with open_store(store_url, other):
+        pass
+    with open_existing(store_url, policy_id="policy02") as st:
+        assert st.namespace == other
+    with open_existing(store_url, NS.id[:8], policy_id="policy02") as st:  # a named one wins
+        assert st.namespace == NS
+    with pytest.raises(Exception, match=r"matching \* \(have: .*\); pass --namespace") as refused:
+        open_existing(store_url)
+    assert f"{NS.id} (policy policy01)" in str(refused.value) and f"{other.id} (policy policy02)" in str(refused.value)
+    with pytest.raises(Exception, match="need exactly one namespace matching policy policy02"):
+        with open_store(store_url, Namespace("regnety_002@fff", "policy02", RecordFormat(), num_classes=10)):
+            pass
+        open_existing(store_url, policy_id="policy02")
+
+
 def test_idempotent_rewrites_and_bulk(store_url):
     rng = np.random.default_rng(1)
     keys = [f"k/{i}" for i in range(50) for _ in range(40)]

@@ -37,16 +37,19 @@ def list_namespaces(url: str) -> list[dict]:
     return BACKENDS[_scheme(url)][1](url)
 
 
-def open_existing(url: str, namespace_id: str | None = None) -> LabelStore:
-    """Open a stored namespace by id (or the only one) without knowing its teacher."""
+def open_existing(url: str, namespace_id: str | None = None, policy_id: str | None = None) -> LabelStore:
+    """Open a stored namespace without knowing its teacher: the one whose id starts with
+    `namespace_id`, else the only one, else the only one made with augmentation policy `policy_id`
+    (a store that holds the labels of several policies serves a run of each without --namespace)."""
     metas = list_namespaces(url)
     if namespace_id:
         metas = [m for m in metas if m["id"].startswith(namespace_id)]
+    elif policy_id and len(metas) > 1:
+        metas = [m for m in metas if m["policy_id"] == policy_id] or metas
     if len(metas) != 1:
-        have = ", ".join(m["id"] for m in list_namespaces(url)) or "none"
-        raise StoreError(
-            f"{redact(url)}: need exactly one namespace matching {namespace_id or '*'} (have: {have}); pass --namespace"
-        )
+        have = ", ".join(f"{m['id']} (policy {m['policy_id']})" for m in list_namespaces(url)) or "none"
+        wanted = namespace_id or (f"policy {policy_id}" if policy_id else "*")
+        raise StoreError(f"{redact(url)}: need exactly one namespace matching {wanted} (have: {have}); pass --namespace")
     return open_store(url, Namespace.from_meta(metas[0]), create=False)
 
 
