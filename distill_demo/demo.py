@@ -212,7 +212,7 @@ def summarize(runs: dict[str, list[Path]], summaries: dict[str, list[dict]]) -> 
             "top1": _stats(top1),
             "top1_cls": _stats([s["val_top1_cls"] for s in results]),
             "top1_dist": _stats([s["val_top1_dist"] for s in results]) if mode != "plain" else None,
-            "top1_fused_logits": _stats([s["val_top1_fused_logits"] for s in results]) if mode != "plain" else None,
+            "top1_fused_probs": _stats([s["val_top1_fused_probs"] for s in results]) if mode != "plain" else None,
             "images_per_s": _stats([throughput(read_metrics(r)) or 0.0 for r in runs[mode]]),
         }
         if plain and mode != "plain":

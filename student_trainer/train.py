@@ -453,12 +453,13 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, amp: str, distilled_training: bool) -> dict:
-    """Top-1 of the class head, the distillation head and DeiT's fused prediction (mean of the two
-    softmaxes; `val_top1_fused_logits`: DeiT's, the mean of the two logits); `val_top1` is the
-    model's prediction: fused when it was trained with distillation,
-    else its class head (a plain ViT has only that)."""
+    """Top-1 of the class head, the distillation head and the fused prediction: the model's own
+    eval-mode output, the two heads' logits averaged, as DeiT and timm compute it
+    (`val_top1_fused_probs`: the two softmaxes averaged, this trainer's figure before
+    2026-12-05); `val_top1` is the model's prediction: fused when it was trained with
+    distillation, else its class head (a plain ViT has only that)."""
     model.eval()
-    n = c_cls = c_dist = c_fused = c_logits = 0
+    n = c_cls = c_dist = c_fused = c_probs = 0
     for batch in loader:
         x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         with autocast(device, amp):
@@ -471,14 +472,14 @@ def evaluate(model, loader, device: torch.device, amp: str, distilled_training: 
         n += len(y)
         c_cls += (cls.argmax(1) == y).sum()
         c_dist += (dst.argmax(1) == y).sum()
-        c_fused += (((cls.softmax(1) + dst.softmax(1)) / 2).argmax(1) == y).sum()
-        c_logits += ((cls + dst).argmax(1) == y).sum()
-    n, c_cls, c_dist, c_fused, c_logits = all_sum([n, int(c_cls), int(c_dist), int(c_fused), int(c_logits)], device)
+        c_fused += ((cls + dst).argmax(1) == y).sum()
+        c_probs += ((cls.softmax(1) + dst.softmax(1)).argmax(1) == y).sum()
+    n, c_cls, c_dist, c_fused, c_probs = all_sum([n, int(c_cls), int(c_dist), int(c_fused), int(c_probs)], device)
     out = {
         "val_top1_cls": 100 * c_cls / n,
         "val_top1_dist": 100 * c_dist / n,
         "val_top1_fused": 100 * c_fused / n,
-        "val_top1_fused_logits": 100 * c_logits / n,  # DeiT's eval forward: the heads' logits averaged
+        "val_top1_fused_probs": 100 * c_probs / n,
         "val_images": int(n),
     }
     out["val_top1"] = out["val_top1_fused"] if distilled_training else out["val_top1_cls"]

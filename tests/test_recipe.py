@@ -60,7 +60,7 @@ def test_model_ema_resumes_exactly_and_eval_reports_the_checkpoint(demo_shards, 
                 "--workers", "0", step="student_trainer eval")  # fmt: skip
     s = last_json(r.stdout)
     assert s["epochs_trained"] == 2 and s["steps"] == 24 and s["model"] == "deit_tiny_distilled_patch16_224"
-    for k in ("val_top1_cls", "val_top1_dist", "val_top1_fused", "val_top1_fused_logits", "val_top1", "ema_val_top1"):
+    for k in ("val_top1_cls", "val_top1_dist", "val_top1_fused", "val_top1_fused_probs", "val_top1", "ema_val_top1"):
         assert s[k] == resumed[k], k
     assert len(metrics(cut)) == lines  # nothing trained, nothing written
 
@@ -330,3 +330,29 @@ def test_the_crop_is_part_of_the_policy_and_refused_where_not_implemented():
         AugmentPolicy(crop="center")
     with pytest.raises(ValueError, match="torch renderer implements RandomResizedCrop only"):
         AugmentPolicy(input_size=32, crop="padded", renderer="torch")
+
+
+@pytest.mark.unit
+def test_the_fused_top1_is_the_models_own_prediction():
+    """val_top1_fused is what the distilled model predicts in eval mode (the heads' logits averaged,
+    DeiT's and timm's); the probability average, reported beside it, is another prediction where
+    confident heads disagree."""
+    import timm
+
+    from student_trainer.train import evaluate
+
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=10, **{**TINY, "depth": 2})
+    m.eval()
+    with torch.no_grad():  # confident heads, so that the two averages part
+        m.head.weight.mul_(30)
+        m.head_dist.weight.mul_(30)
+        x = torch.randn(256, 3, 32, 32)
+        y = m(x).argmax(1)  # the model's own prediction as the "true" class
+        f = m.forward_features(x)
+        probs = (m.head(f[:, 0]).softmax(1) + m.head_dist(f[:, 1]).softmax(1)).argmax(1)
+    assert (probs != y).sum() > 10
+    got = evaluate(m, [{"image": x[:128], "label": y[:128]}, {"image": x[128:], "label": y[128:]}],
+                   torch.device("cpu"), "none", distilled_training=True)  # fmt: skip
+    assert got["val_top1_fused"] == got["val_top1"] == 100.0
+    assert got["val_top1_fused_probs"] == pytest.approx(100 * (probs == y).float().mean().item())
