@@ -45,7 +45,10 @@ class DataConfig(BaseModel):
         "none", description="teacher labels: none | store | service | online (DeiT's in-process teacher)"
     )
     store: str | None = Field(None, description="label store URL for --labels store (file path or redis://)")
-    namespace: str | None = Field(None, description="label namespace id (prefix); default: the store's only one, else its only one of the run's policy")
+    namespace: str | None = Field(
+        None,
+        description="label namespace id (prefix); default: the store's only one, else its only one of the run's policy",
+    )
     store_retry_for: float = Field(
         60.0, ge=0, description="seconds an unreachable store is retried before the run stops (resumable)"
     )

@@ -49,7 +49,9 @@ def open_existing(url: str, namespace_id: str | None = None, policy_id: str | No
     if len(metas) != 1:
         have = ", ".join(f"{m['id']} (policy {m['policy_id']})" for m in list_namespaces(url)) or "none"
         wanted = namespace_id or (f"policy {policy_id}" if policy_id else "*")
-        raise StoreError(f"{redact(url)}: need exactly one namespace matching {wanted} (have: {have}); pass --namespace")
+        raise StoreError(
+            f"{redact(url)}: need exactly one namespace matching {wanted} (have: {have}); pass --namespace"
+        )
     return open_store(url, Namespace.from_meta(metas[0]), create=False)
 
 
