@@ -144,6 +144,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             cutmix=0,
             lr=0.12,
             warmup_epochs=1,
+            sched_on_epochs=False,  # the demo teacher's recipe, fixed: every figure since 2026-11 used it
+            scale_min_lr=True,
             drop_path=0,
             workers=1,
             progress=False,

@@ -138,7 +138,7 @@ class TrainConfig(DataConfig):
     sched: Literal["cosine", "tanh", "step", "poly"] = Field(
         "cosine", description="learning-rate schedule, per optimizer step: cosine | tanh | step | poly (DeiT: cosine)"
     )
-    min_lr: float = Field(1e-5, ge=0, description="final learning rate of the schedule, for a batch of 512")
+    min_lr: float = Field(1e-5, ge=0, description="final learning rate of the schedule (per 512 with --scale-min-lr)")
     warmup_lr: float = Field(1e-6, ge=0, description="learning rate at the start of warm-up")
     warmup_epochs: int = Field(5, ge=0, description="epochs of linear warm-up")
     cooldown_epochs: int = Field(
@@ -149,12 +149,12 @@ class TrainConfig(DataConfig):
         "never runs them",
     )
     sched_on_epochs: bool = Field(
-        False,
+        True,
         description="step the lr once an epoch, as DeiT's main.py does (epoch e at the schedule's value for "
-        "e - 1; warm-up epoch 0 at --warmup-lr); default: every optimizer step",
+        "e - 1; warm-up epoch 0 at --warmup-lr); --no-sched-on-epochs: every optimizer step",
     )
     scale_min_lr: bool = Field(
-        True, description="scale --min-lr by batch / 512 like --lr (DeiT's main.py scales --lr only)"
+        False, description="scale --min-lr by batch / 512 like --lr (DeiT's main.py scales --lr only)"
     )
     decay_epochs: float = Field(30, gt=0, description="--sched step: epochs between decays")
     decay_rate: float = Field(0.1, gt=0, le=1, description="--sched step: factor of each decay")

@@ -100,11 +100,12 @@ def build_model(cfg: TrainConfig, num_classes: int, input_size: int):
 
 def build_optimization(cfg: TrainConfig, model, steps_per_epoch: int, global_batch: int, device: torch.device):
     """timm's optimizer and scheduler factories, DeiT's recipe by default (AdamW, cosine with
-    warm-up), stepped per optimizer step. Learning rates are for a global batch of 512, scaled
-    linearly (the warm-up's start is not; the minimum unless --no-scale-min-lr); no weight decay on
-    biases, norms and the tokens (timm's filter and the model's no_weight_decay()). The schedule ends
-    --cooldown-epochs before --epochs. With --sched-on-epochs it steps at each epoch's end instead
-    (`train`), as DeiT's loop does; step_update is then a no-op (timm's t_in_epochs)."""
+    warm-up, stepped at each epoch's end in `train`, as DeiT's loop does; step_update is then a
+    no-op, timm's t_in_epochs). Learning rates are for a global batch of 512, scaled linearly (the
+    warm-up's start and the minimum are not, as in DeiT, unless --scale-min-lr); no weight decay
+    on biases, norms and the tokens (timm's filter and the model's no_weight_decay()). The
+    schedule ends --cooldown-epochs before --epochs. --no-sched-on-epochs steps it every optimizer
+    step instead."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 

@@ -133,16 +133,21 @@ def test_sgd_and_cosine_with_cooldown_from_timms_factories(demo_shards, tmp_path
     assert (adamw.opt, adamw.opt_eps, adamw.weight_decay, adamw.sched) == ("adamw", 1e-8, 0.05, "cosine")
 
 
-def test_deits_epoch_schedule_and_unscaled_min_lr(demo_shards, tmp_path):
-    """--sched-on-epochs steps the lr as DeiT's loop does (epoch e at the value for e - 1, warm-up
-    epoch 0 at --warmup-lr); --no-scale-min-lr keeps --min-lr as given, as DeiT's main.py does."""
-    out = tmp_path / "epochs"
-    train(tiny(demo_shards, out, epochs=3, warmup_epochs=1, warmup_lr=1e-6, eval_every=0, sched_on_epochs=True))
-    lrs = [m["lr"] for m in metrics(out)]
+def test_deits_epoch_schedule_and_unscaled_min_lr_by_default(demo_shards, tmp_path):
+    """By default the lr steps as DeiT's loop does (epoch e at the value for e - 1, warm-up epoch 0
+    at --warmup-lr) and --min-lr is kept as given, as DeiT's main.py does; --no-sched-on-epochs
+    steps it every optimizer step and --scale-min-lr scales the minimum like the lr."""
+    warm = dict(epochs=3, warmup_epochs=1, warmup_lr=1e-6, eval_every=0)
+    train(tiny(demo_shards, tmp_path / "epochs", **warm))
+    lrs = [m["lr"] for m in metrics(tmp_path / "epochs")]
     assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx(1e-6) and lrs[2] > 100 * 1e-6
-    out = tmp_path / "floor"
-    train(tiny(demo_shards, out, epochs=2, cooldown_epochs=1, min_lr=1e-5, eval_every=0, scale_min_lr=False))
-    assert metrics(out)[-1]["lr"] == pytest.approx(1e-5)  # not 1e-5 * 128 / 512
+    train(tiny(demo_shards, tmp_path / "steps", **warm, sched_on_epochs=False))
+    assert [m["lr"] for m in metrics(tmp_path / "steps")][1] > 100 * 1e-6  # warm after epoch 0's steps
+    floor = dict(epochs=2, cooldown_epochs=1, min_lr=1e-5, eval_every=0, sched_on_epochs=False)  # no lag
+    train(tiny(demo_shards, tmp_path / "floor", **floor))
+    assert metrics(tmp_path / "floor")[-1]["lr"] == pytest.approx(1e-5)  # not 1e-5 * 128 / 512
+    train(tiny(demo_shards, tmp_path / "scaled", **floor, scale_min_lr=True))
+    assert metrics(tmp_path / "scaled")[-1]["lr"] == pytest.approx(1e-5 * 128 / 512)
 
 
 def test_tensorboard_files_hold_the_metrics(demo_shards, tmp_path):
