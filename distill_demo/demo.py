@@ -146,6 +146,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             warmup_epochs=1,
             sched_on_epochs=False,  # the demo teacher's recipe, fixed: every figure since 2026-11 used it
             scale_min_lr=True,
+            policy={"crop": "resized"},
             drop_path=0,
             workers=1,
             progress=False,

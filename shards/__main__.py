@@ -28,7 +28,10 @@ class BuildConfig(BaseModel):
     )
     demo_size: int = Field(32, ge=8, description="demo image side in pixels")
     input_size: int | None = Field(
-        None, ge=8, description="--src: crop side every command uses on these shards (default DeiT's 224; small images)"
+        None,
+        ge=8,
+        description="--src: crop side every command uses on these shards (default DeiT's 224); at <= 32 px, "
+        "DeiT's small-image crop (RandomCrop with padding 4) and the whole image at eval",
     )
     seed: int = Field(0, description="seed of the fixed sample order inside shards")
     progress: bool = Field(True, description="progress bar")

@@ -27,7 +27,7 @@ from PIL import Image
 
 from .decode import image_header
 from .policy import IMAGENET_MEAN, IMAGENET_STD, AugmentPolicy, sample_seed
-from .render import check_device, crop_image, draw_params, render_batch, resized_crop_box
+from .render import check_device, crop_image, draw_params, padded_crop_box, render_batch, resized_crop_box
 
 __all__ = ["AugmentPolicy", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "crop_box", "eval_transform", "eval_view",
            "prepare", "prepare_encoded", "sample_seed", "seeded_rng", "to_pil", "train_transform"]  # fmt: skip
@@ -160,28 +160,32 @@ def prepare_encoded(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> 
 
 def crop_box(policy: AugmentPolicy, key: str, seed: int, width: int, height: int) -> tuple[int, int, int, int]:
     """The source box (top, left, height, width) of (policy, key, seed)'s training crop of a
-    width x height image, without making the crop: the first draw from the sample seed, for either
-    renderer (timm's RandomResizedCrop draws first from the seeded `random`; draw_params likewise)."""
+    width x height image, without making the crop: the first draws from the sample seed, for either
+    renderer (timm's RandomResizedCrop draws first from the seeded `random`, torchvision's
+    RandomCrop from torch's generator; draw_params from its own `random`). A padded crop's box is
+    the part of the image inside it."""
+    sample = sample_seed(policy.policy_id, key, seed)
     if policy.crop == "padded":
-        return _padded_crop_box(policy, sample_seed(policy.policy_id, key, seed), width, height)
-    rng = random.Random(sample_seed(policy.policy_id, key, seed))
-    return resized_crop_box(rng, width, height, policy.scale, policy.ratio)
+        rng = _TorchDraws(sample) if policy.renderer == "pil" else random.Random(sample)
+        return _inside(padded_crop_box(rng, width, height, policy.input_size, policy.crop_padding), width, height)
+    return resized_crop_box(random.Random(sample), width, height, policy.scale, policy.ratio)
 
 
-def _padded_crop_box(policy: AugmentPolicy, sample: int, width: int, height: int) -> tuple[int, int, int, int]:
-    """The part of the image inside a padded crop (torchvision's RandomCrop: pad, then draw the
-    top and the left from torch's generator, the first draws of the seeded transform)."""
-    size, pad = policy.input_size, policy.crop_padding
-    g = torch.Generator().manual_seed(sample)
-    h_pad, w_pad = height + 2 * pad, width + 2 * pad
-    if h_pad < size or w_pad < size:
-        raise ValueError(f"a {width}x{height} image padded by {pad} is smaller than the {size} px crop")
-    top = left = 0
-    if (h_pad, w_pad) != (size, size):
-        top = int(torch.randint(0, h_pad - size + 1, size=(1,), generator=g))
-        left = int(torch.randint(0, w_pad - size + 1, size=(1,), generator=g))
-    top, left = top - pad, left - pad  # in the image's coordinates
-    bottom, right = min(top + size, height), min(left + size, width)
+class _TorchDraws:
+    """`random.Random.randint` drawn as torchvision's RandomCrop draws it, from a torch generator
+    seeded as the pil renderer seeds torch."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def randint(self, a: int, b: int) -> int:
+        return int(torch.randint(a, b + 1, size=(1,), generator=self.generator))
+
+
+def _inside(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """The part of a box that lies inside a width x height image."""
+    top, left, h, w = box
+    bottom, right = min(top + h, height), min(left + w, width)
     top, left = max(top, 0), max(left, 0)
     return top, left, bottom - top, right - left
 

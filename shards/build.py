@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
 
-# The demo is digits: a horizontal flip turns a valid digit into something else, 8x8 sources
-# upscaled to 32 px do not survive 8% crops, and a tiny ViT trained on 1,437 images for a few
-# minutes needs milder RandAugment and erasing than ImageNet does. The ops stay DeiT's.
+# The demo is digits: a horizontal flip turns a valid digit into something else, and a tiny ViT
+# trained on 1,437 images for a few minutes needs milder RandAugment and erasing than ImageNet
+# does. The ops stay DeiT's. Its crop is DeiT's at 32 px (`small_input_hint`); the scale is what
+# RandomResizedCrop would take (`"crop": "resized"`): 8x8 sources upscaled to 32 px do not survive
+# DeiT's 8% crops.
 DEMO_POLICY_HINT = {
     "input_size": 32,
     "scale": [0.5, 1.0],
@@ -36,6 +38,13 @@ DEMO_POLICY_HINT = {
     "re_prob": 0.1,
     "eval_crop_pct": 1.0,
 }
+
+
+def small_input_hint(input_size: int) -> dict:
+    """DeiT's transforms at an input of 32 px or less (its datasets.build_transform, CIFAR's
+    recipe): RandomCrop(input_size, padding=4) of the image as it is instead of RandomResizedCrop,
+    and the whole image at eval."""
+    return {"crop": "padded", "eval_crop_pct": 1.0} if input_size <= 32 else {}
 
 
 @dataclass
@@ -209,7 +218,7 @@ def build(
             raise ValueError(f"unknown demo data set {demo!r} (available: digits)")
         classes, pairs = digits_samples(demo_size)
         source = f"demo:digits@{demo_size}px"
-        hint = dict(DEMO_POLICY_HINT, input_size=demo_size)
+        hint = {**DEMO_POLICY_HINT, "input_size": demo_size, **small_input_hint(demo_size)}
         total = len(pairs)
         val_from = {"from": "fixed", "rule": "every fifth image"}
         with tqdm(total=total, desc="shards", unit="img", disable=not progress) as bar:
@@ -220,7 +229,7 @@ def build(
         src = Path(src)
         classes, items = scan_folder(src)
         source = str(src.resolve())
-        hint = {"input_size": input_size} if input_size else {}  # else DeiT's 224
+        hint = {"input_size": input_size, **small_input_hint(input_size)} if input_size else {}  # else DeiT's 224
         keys = unique_keys(rel for rel, _ in items)
         if val_src is not None:  # the official val set: the same classes, keys apart from train's
             val_src = Path(val_src)

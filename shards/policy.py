@@ -175,8 +175,6 @@ class AugmentPolicy:
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, not {self.crop_padding}")
         if self.renderer == "torch":  # what the torch renderer implements
-            if self.crop != "resized":
-                raise ValueError(f"the torch renderer implements RandomResizedCrop only, not crop {self.crop!r}")
             if self.interpolation not in ("bicubic", "bilinear"):
                 raise ValueError(f"the torch renderer resizes with bicubic or bilinear, not {self.interpolation!r}")
             if self.re_mode not in ("pixel", "const"):

@@ -77,7 +77,10 @@ class CropParams:
 def draw_params(policy: AugmentPolicy, sample_seed: int, width: int, height: int) -> CropParams:
     """The random choices of one crop, from its sample seed and its image's size (timm's order)."""
     rng = random.Random(sample_seed)
-    box = resized_crop_box(rng, width, height, policy.scale, policy.ratio)
+    if policy.crop == "padded":
+        box = padded_crop_box(rng, width, height, policy.input_size, policy.crop_padding)
+    else:
+        box = resized_crop_box(rng, width, height, policy.scale, policy.ratio)
     flip = rng.random() < policy.hflip
     spec = policy.randaugment
     ops: list[tuple[str, float]] = []
@@ -128,6 +131,16 @@ def resized_crop_box(rng: random.Random, width: int, height: int, scale, ratio) 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def padded_crop_box(rng: random.Random, width: int, height: int, size: int, pad: int) -> tuple[int, int, int, int]:
+    """torchvision's RandomCrop(size, padding=pad) box, drawing from `rng`, in the image's own
+    coordinates: (top, left, size, size), reaching up to `pad` pixels past the image's edges."""
+    if height + 2 * pad < size or width + 2 * pad < size:
+        raise ValueError(f"a {width}x{height} image padded by {pad} is smaller than the {size} px crop")
+    if (height + 2 * pad, width + 2 * pad) == (size, size):
+        return -pad, -pad, size, size
+    return rng.randint(0, height + 2 * pad - size) - pad, rng.randint(0, width + 2 * pad - size) - pad, size, size
+
+
 # -- the crop: the box, resized to S x S, flipped -------------------------------------------
 
 
@@ -139,7 +152,8 @@ def to_uint8_chw(image: Image.Image) -> torch.Tensor:
 
 def crop_image(image: Image.Image, params: CropParams, policy) -> torch.Tensor:
     """timm's RandomResizedCrop and flip of a Pillow image under `params`: Pillow's crop, resize and
-    transpose (the pil renderer's first two steps), as a uint8 (3, S, S)."""
+    transpose (the pil renderer's first two steps), as a uint8 (3, S, S). A padded crop's box is
+    already S x S: Pillow fills what lies past the image with black and the resize is a copy."""
     top, left, h, w = params.box
     size = policy.input_size
     out = image.crop((left, top, left + w, top + h)).resize((size, size), PIL_FILTERS[policy.interpolation])
@@ -151,6 +165,11 @@ def crop_image(image: Image.Image, params: CropParams, policy) -> torch.Tensor:
 def crop_tensor(image: torch.Tensor, params: CropParams, policy) -> torch.Tensor:
     """`crop_image` of a decoded (3, H, W) uint8 tensor, on its device (Pillow's resize arithmetic)."""
     top, left, h, w = params.box
+    height, width = image.shape[-2:]
+    outside = (max(-left, 0), max(left + w - width, 0), max(-top, 0), max(top + h - height, 0))
+    if any(outside):  # a padded crop: black past the image's edges, as Pillow's crop
+        image = torch.nn.functional.pad(image, outside)
+        top, left = top + outside[2], left + outside[0]
     out = resize_u8(image[:, top : top + h, left : left + w], policy.input_size, policy.interpolation)
     return out.flip(-1) if params.flip else out
 

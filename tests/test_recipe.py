@@ -289,20 +289,26 @@ def test_crop_box_is_the_box_each_renderer_crops():
 
 
 @pytest.mark.unit
-def test_the_padded_crop_is_deits_small_image_crop():
+@pytest.mark.parametrize("renderer", ["pil", "torch"])
+def test_the_padded_crop_is_deits_small_image_crop(renderer):
     """crop "padded" is what DeiT's build_transform puts first at input_size <= 32: RandomCrop(32,
-    padding=4) of the unresized image, black around it. Without the other ops, the crop is the image
-    shifted by crop_box's offset, and crop_box gives the part of the image inside it."""
+    padding=4) of the unresized image, black around it (the pil renderer: torchvision's own; the
+    torch renderer: the same box drawn its way, cut on the CPU or on the device). Without the other
+    ops, the crop is the image shifted by crop_box's offset, and crop_box gives the part of the
+    image inside it."""
     import numpy as np
     from PIL import Image
     from torchvision.transforms import RandomCrop
 
     from shards import AugmentPolicy
-    from shards.augment import augment, crop_box, train_transform
+    from shards.augment import augment, crop_box, prepare, train_transform
+    from shards.render import crop_tensor, to_uint8_chw
 
-    policy = AugmentPolicy(input_size=32, crop="padded", hflip=0.0, auto_augment=None, color_jitter=0.0, re_prob=0.0)
-    first = train_transform(policy).transforms[0]
-    assert isinstance(first, RandomCrop) and first.padding == 4 and first.size == (32, 32)
+    policy = AugmentPolicy(input_size=32, crop="padded", hflip=0.0, auto_augment=None, color_jitter=0.0, re_prob=0.0,
+                           renderer=renderer)  # fmt: skip
+    if renderer == "pil":
+        first = train_transform(policy).transforms[0]
+        assert isinstance(first, RandomCrop) and first.padding == 4 and first.size == (32, 32)
     pixels = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)  # no black pixel
     image = Image.fromarray(pixels)
     mean = torch.tensor(policy.mean).view(3, 1, 1)
@@ -318,11 +324,14 @@ def test_the_padded_crop_is_deits_small_image_crop():
         assert np.array_equal(got, padded[4 + dy : 36 + dy, 4 + dx : 36 + dx]), seed
         assert (got.sum(-1) > 0).sum() == h * w  # the image's part, the rest black
         shares.add(h * w)
+        if renderer == "torch":  # the device's cut (nvJPEG's path) is the CPU's
+            cpu, params = prepare(image, "k", seed, policy)
+            assert torch.equal(crop_tensor(to_uint8_chw(image), params, policy), cpu)
     assert len(shares) > 5 and max(shares) <= 32 * 32 and min(shares) >= 28 * 28
 
 
 @pytest.mark.unit
-def test_the_crop_is_part_of_the_policy_and_refused_where_not_implemented():
+def test_the_crop_is_part_of_the_policy():
     from shards import AugmentPolicy
 
     resized = AugmentPolicy(input_size=32)
@@ -333,8 +342,6 @@ def test_the_crop_is_part_of_the_policy_and_refused_where_not_implemented():
     assert AugmentPolicy.from_json(padded.to_json()) == padded
     with pytest.raises(ValueError, match="crop must be one of"):
         AugmentPolicy(crop="center")
-    with pytest.raises(ValueError, match="torch renderer implements RandomResizedCrop only"):
-        AugmentPolicy(input_size=32, crop="padded", renderer="torch")
 
 
 @pytest.mark.unit

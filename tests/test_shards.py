@@ -386,7 +386,8 @@ def test_a_shard_cut_short_is_counted_not_hidden(demo_shards, tmp_path):
 @pytest.mark.unit
 def test_the_example_folder_builds_with_its_input_size(tmp_path):
     """`shards example-folder` writes the digits in ImageNet's layout, the first images of each class
-    for train and the next for val; `build --input-size` puts the crop size in the policy hint."""
+    for train and the next for val; `build --input-size` puts the crop size in the policy hint, with
+    DeiT's padded crop and whole-image eval at 32 px or less."""
     from shards import Manifest
     from shards.build import build, write_example_folder
 
@@ -398,5 +399,8 @@ def test_the_example_folder_builds_with_its_input_size(tmp_path):
           shard_size=10, progress=False)  # fmt: skip
     m = Manifest.load(tmp_path / "sh")
     assert m.policy().input_size == 24 and m.val_from["from"] == "folder" and m.num_samples("val") == 10
+    assert (m.policy().crop, m.policy().eval_crop_pct) == ("padded", 1.0)  # DeiT's transforms at <= 32 px
+    build(tmp_path / "sh64", src=tmp_path / "img" / "train", input_size=64, progress=False)
+    assert Manifest.load(tmp_path / "sh64").policy().crop == "resized"  # DeiT's RandomResizedCrop above
     with pytest.raises(ValueError, match="--input-size is for --src"):
         build(tmp_path / "d", demo="digits", input_size=24, progress=False)
