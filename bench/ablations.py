@@ -1,9 +1,12 @@
-"""Ablations of the demo against DeiT's choices (docs/deit-side-by-side.md); one JSON line per variant.
+"""Ablations of the demo's recipe, one difference from DeiT's code at a time
+(docs/deit-side-by-side.md); one JSON line per variant.
 
 python bench/ablations.py --out runs/ablations --seeds 5
 
-Each variant switches one difference to DeiT's choice and runs the demo's plain and cached
-students over the same seeds. The shards, teacher and labels are made once in OUT/base and shared:
+`ours` is the demo as it is. Each other variant switches one choice away from today's defaults:
+to this trainer's choice before 2026-12-05, where DeiT's is now the default (rows 4, 5, 12), or to
+DeiT's, where ours stays (row 18). It runs the demo's plain and cached students over the same
+seeds. The shards, teacher and labels are made once in OUT/base and shared:
 a variant whose policy differs precomputes its own labels. Each line gives the distilled-minus-plain
 effect paired by seed (mean, std, per seed), both top-1s (the distilled student's: its own
 prediction, the heads' logits averaged, as DeiT's), the fused prediction by averaged
@@ -23,14 +26,13 @@ from pydantic import BaseModel, Field
 from distill_core import parse_script_args
 from distill_demo.demo import DemoConfig, run_demo
 
-VARIANTS = {  # name: (DemoConfig fields): each one difference switched to DeiT's choice
+VARIANTS = {  # name: DemoConfig fields
     "ours": {},
     # row 13 (DeiT evaluates a 32 px image whole) needs no variant: the demo's policy does already
-    "lr_per_epoch": {"student_flags": {"sched_on_epochs": True}},  # row 5
-    "min_lr_unscaled": {"student_flags": {"scale_min_lr": False}},  # row 4
-    "padded_crop": {"policy": {"crop": "padded"}},  # row 12: DeiT's RandomCrop(32, padding=4) at <= 32 px
-    "hflip": {"policy": {"hflip": 0.5}},  # row 18: DeiT's code has no flip flag: timm's 0.5
-    "padded_crop_hflip": {"policy": {"crop": "padded", "hflip": 0.5}},  # rows 12 and 18: DeiT's code at 32 px
+    "lr_per_step": {"student_flags": {"sched_on_epochs": False}},  # row 5: ours before
+    "min_lr_scaled": {"student_flags": {"scale_min_lr": True}},  # row 4: ours before
+    "resized_crop": {"policy": {"crop": "resized"}},  # row 12: ours before, RandomResizedCrop 0.5-1
+    "hflip": {"policy": {"hflip": 0.5}},  # row 18: DeiT's code has no flip flag: timm's 0.5; ours: none
 }
 
 
