@@ -27,7 +27,15 @@ from PIL import Image
 
 from .decode import image_header
 from .policy import IMAGENET_MEAN, IMAGENET_STD, AugmentPolicy, sample_seed
-from .render import check_device, crop_image, draw_params, padded_crop_box, render_batch, resized_crop_box
+from .render import (
+    check_device,
+    check_padded_fits,
+    crop_image,
+    draw_params,
+    padded_crop_box,
+    render_batch,
+    resized_crop_box,
+)
 
 __all__ = ["AugmentPolicy", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "crop_box", "eval_transform", "eval_view",
            "prepare", "prepare_encoded", "sample_seed", "seeded_rng", "to_pil", "train_transform"]  # fmt: skip
@@ -137,6 +145,8 @@ def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, rest
         check_device(policy, "cpu")
         crop, params = prepare(image, key, seed, policy)
         return render_batch(crop.unsqueeze(0), [params], policy, "cpu")[0]
+    if policy.crop == "padded":  # refused in our words, not torchvision's (which names the padded size)
+        check_padded_fits(image.width, image.height, policy.input_size, policy.crop_padding)
     transform = train_transform(policy)
     with seeded_rng(sample_seed(policy.policy_id, key, seed), restore_rng):
         out = transform(image)

@@ -47,8 +47,14 @@ class Manifest:
     def policy(self, renderer: str | None = None, decoder: str | None = None, /, **overrides):
         """The augmentation policy: DeiT defaults, then the manifest's hints, then overrides, then
         `renderer` and `decoder` (a command's --renderer and --decoder flags) if given. An override
-        of None is a value, not "unset": `{"auto_augment": null}` turns RandAugment off."""
-        return AugmentPolicy.from_dict({**self.policy_hint, **policy_overrides(overrides, renderer, decoder)})
+        of None is a value, not "unset": `{"auto_augment": null}` turns RandAugment off. A hinted
+        padded crop is DeiT's for inputs of 32 px or less: an override to a larger input (a
+        fine-tune at a higher resolution) takes RandomResizedCrop instead, as DeiT's code does."""
+        given = policy_overrides(overrides, renderer, decoder)
+        fields = {**self.policy_hint, **given}
+        if "crop" not in given and fields.get("crop") == "padded" and fields.get("input_size", 224) > 32:
+            fields["crop"] = "resized"
+        return AugmentPolicy.from_dict(fields)
 
     def to_dict(self) -> dict:
         return {

@@ -131,11 +131,19 @@ def resized_crop_box(rng: random.Random, width: int, height: int, scale, ratio) 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def check_padded_fits(width: int, height: int, size: int, pad: int) -> None:
+    """A padded crop needs the image, padded, at least as large as the crop."""
+    if height + 2 * pad < size or width + 2 * pad < size:
+        raise ValueError(
+            f"a {width}x{height} image padded by {pad} px is smaller than the {size} px crop "
+            "(the padded crop, DeiT's at 32 px or less, takes images of about the input size)"
+        )
+
+
 def padded_crop_box(rng: random.Random, width: int, height: int, size: int, pad: int) -> tuple[int, int, int, int]:
     """torchvision's RandomCrop(size, padding=pad) box, drawing from `rng`, in the image's own
     coordinates: (top, left, size, size), reaching up to `pad` pixels past the image's edges."""
-    if height + 2 * pad < size or width + 2 * pad < size:
-        raise ValueError(f"a {width}x{height} image padded by {pad} is smaller than the {size} px crop")
+    check_padded_fits(width, height, size, pad)
     if (height + 2 * pad, width + 2 * pad) == (size, size):
         return -pad, -pad, size, size
     return rng.randint(0, height + 2 * pad - size) - pad, rng.randint(0, width + 2 * pad - size) - pad, size, size

@@ -114,9 +114,11 @@ def test_finetune_from_32_to_48_px(demo_shards, tmp_path):
 
 def test_sgd_and_cosine_with_cooldown_from_timms_factories(demo_shards, tmp_path):
     """--opt sgd is timm's SGD (Nesterov momentum); the cosine schedule ends --cooldown-epochs
-    before --epochs, which then run at --min-lr (scaled like every lr by batch/512)."""
+    before --epochs, which then run at --min-lr (here stepped every step and scaled like every lr
+    by batch/512, so that the floor is reached within the epochs)."""
     out = tmp_path / "sgd"
     schedule = {"epochs": 3, "cooldown_epochs": 1, "warmup_epochs": 1, "lr": 0.4, "min_lr": 4e-3}
+    schedule |= {"sched_on_epochs": False, "scale_min_lr": True}
     s = train(tiny(demo_shards, out, opt="sgd", eval_every=0, **schedule))
     assert s["steps"] == 36
     lrs = [m["lr"] for m in metrics(out)]

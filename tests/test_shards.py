@@ -400,6 +400,8 @@ def test_the_example_folder_builds_with_its_input_size(tmp_path):
     m = Manifest.load(tmp_path / "sh")
     assert m.policy().input_size == 24 and m.val_from["from"] == "folder" and m.num_samples("val") == 10
     assert (m.policy().crop, m.policy().eval_crop_pct) == ("padded", 1.0)  # DeiT's transforms at <= 32 px
+    assert m.policy(input_size=48).crop == "resized"  # a fine-tune above 32 px: DeiT's RandomResizedCrop
+    assert m.policy(input_size=48, crop="padded").crop == "padded"  # unless asked for
     build(tmp_path / "sh64", src=tmp_path / "img" / "train", input_size=64, progress=False)
     assert Manifest.load(tmp_path / "sh64").policy().crop == "resized"  # DeiT's RandomResizedCrop above
     with pytest.raises(ValueError, match="--input-size is for --src"):

@@ -157,7 +157,7 @@ def test_bad_requests_get_4xx_and_service_stays_up(service, name, kw, code):
     assert httpx.get(service["url"] + "/healthz").json() == {"status": "ok"}
 
 
-def _png(size=(16, 16)) -> bytes:
+def _png(size=(32, 32)) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -176,6 +176,7 @@ def test_uploads(service):
     cases = [
         ({"image": ("e.png", b"")}, {"seeds": "0"}, 400),
         ({"image": ("g.png", b"garbage bytes")}, {"seeds": "0"}, 400),
+        ({"image": ("s.png", _png((16, 16)))}, {"seeds": "0"}, 400),  # under the 32 px crop padded by 4
         ({"image": ("big.png", b"\x89PNG" + os.urandom(250_000))}, {"seeds": "0"}, 413),
         ({"image": ("a.png", _png())}, {"seeds": "-3"}, 422),
         ({"image": ("a.png", _png())}, {"seeds": "x"}, 422),
@@ -188,6 +189,8 @@ def test_uploads(service):
         r = httpx.post(url, headers=h, files=files or None, data=data)
         assert r.status_code == code, (data, r.text)
         assert "error" in r.json()
+        if files and files["image"][0] == "s.png":
+            assert "smaller than the 32 px crop" in r.json()["error"], r.text
     # a decompression bomb: tiny PNG, huge canvas
     from PIL import Image
 
