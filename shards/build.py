@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .index import write_index
 from .manifest import Manifest, ShardInfo, sha256_file
+from .policy import SMALL_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def small_input_hint(input_size: int) -> dict:
     """DeiT's transforms at an input of 32 px or less (its datasets.build_transform, CIFAR's
     recipe): RandomCrop(input_size, padding=4) of the image as it is instead of RandomResizedCrop,
     and the whole image at eval."""
-    return {"crop": "padded", "eval_crop_pct": 1.0} if input_size <= 32 else {}
+    return {"crop": "padded", "eval_crop_pct": 1.0} if input_size <= SMALL_INPUT else {}
 
 
 @dataclass

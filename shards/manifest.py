@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .flags import policy_overrides
-from .policy import AugmentPolicy
+from .policy import SMALL_INPUT, AugmentPolicy
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -52,7 +52,7 @@ class Manifest:
         fine-tune at a higher resolution) takes RandomResizedCrop instead, as DeiT's code does."""
         given = policy_overrides(overrides, renderer, decoder)
         fields = {**self.policy_hint, **given}
-        if "crop" not in given and fields.get("crop") == "padded" and fields.get("input_size", 224) > 32:
+        if "crop" not in given and fields.get("crop") == "padded" and fields.get("input_size", 224) > SMALL_INPUT:
             fields["crop"] = "resized"
         return AugmentPolicy.from_dict(fields)
 

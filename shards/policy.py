@@ -33,6 +33,9 @@ RENDER_CODE_VERSION = 3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROPS = ("resized", "padded")
+# DeiT's datasets.build_transform: an input this size or smaller takes the padded crop and the whole
+# image at eval, a larger one RandomResizedCrop and a center crop
+SMALL_INPUT = 32
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitudes are levels out of 10
 
 

@@ -45,8 +45,12 @@ class Piece:
     start: int
     count: int
 
+    def image(self, j: int, num_images: int) -> int:
+        """The shard's index of the piece's j-th image (the shard holds `num_images`)."""
+        return (self.start + j) % num_images
+
     def images(self, num_images: int) -> list[int]:
-        return [(self.start + j) % num_images for j in range(self.count)]
+        return [self.image(j, num_images) for j in range(self.count)]
 
 
 @dataclass(frozen=True)

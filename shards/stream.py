@@ -310,7 +310,7 @@ class ShardStream(IterableDataset):
                 continue
             wanted = {}
             for p in range(lo + (rank - lo) % world, hi, world):  # this worker's positions in the piece
-                wanted.setdefault((piece.start + p // repeats - base) % n, []).append(p % repeats)
+                wanted.setdefault(piece.image(p // repeats - base, n), []).append(p % repeats)
             yield s, wanted
 
     def _read(self, wanted, skips: SkipCounter, files: OpenFiles) -> Iterator[tuple[RawSample, int]]:
