@@ -364,6 +364,37 @@ def export(run: Run) -> None:
 
 
 # -- the loop -----------------------------------------------------------------------------------
+def train_step(run: Run, x: torch.Tensor, y, targets, step: int) -> torch.Tensor:
+    """One optimizer step of DeiT's loop (its engine.train_one_epoch body): forward, the loss in
+    float32, backward, clipping, the step, the per-step schedule (a no-op when it steps on epochs)
+    and the EMA; `step` counts from 1. Returns the loss, on the device (not read: no host sync).
+    tests/test_deit_reference.py checks it against the official code's steps."""
+    with autocast(run.device, run.amp):
+        outputs = run.net(x)
+    # the losses in float32, whatever the forward ran in
+    outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
+    loss = run.criterion(outputs, y, targets)
+
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step_update(step)
+    if run.ema is not None:
+        run.ema.update(run.model, step=step)
+    return loss
+
+
+def end_epoch_schedule(run: Run, epoch: int) -> None:
+    """DeiT's main.py steps the schedule after each epoch with that epoch's index, so epoch e + 1
+    runs at the schedule's value for e (warm-up epochs 0 and 1 both at --warmup-lr)."""
+    if run.cfg.sched_on_epochs:
+        run.scheduler.step(epoch)
+
+
 def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[int, dict]:
     """One epoch (or up to max_steps); returns the step reached and the epoch's figures (all ranks)."""
     cfg, device = run.cfg, run.device
@@ -392,25 +423,8 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
         lam = None
         if run.mixup is not None:
             x, y, lam = run.mixup(x, y)
-        targets = run.targets(batch, x, lam)
-        with autocast(device, run.amp):
-            outputs = run.net(x)
-        # the losses in float32, whatever the forward ran in
-        outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
-        loss = run.criterion(outputs, y, targets)
-
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
         step += 1
-        run.scheduler.step_update(step)
-        if run.ema is not None:
-            run.ema.update(run.model, step=step)
-
+        loss = train_step(run, x, y, run.targets(batch, x, lam), step)
         loss_sum += loss.detach()
         images += len(x)
         n_steps += 1
@@ -530,8 +544,7 @@ def train(cfg: TrainConfig) -> dict:
         seed_epoch(cfg.seed, epoch, run.rank)
         run.loader.set_epoch(epoch)  # before iter(loader): persistent workers read it at the epoch's start
         step, record = train_one_epoch(run, epoch, step, cfg.max_steps)
-        if cfg.sched_on_epochs:  # DeiT's main.py: step(epoch) after epoch `epoch`, so e+1 runs at lr(e)
-            run.scheduler.step(epoch)
+        end_epoch_schedule(run, epoch)
         done = bool(cfg.max_steps) and step >= cfg.max_steps
         total_images += record["images"]
         total_seconds += record["epoch_seconds"]
