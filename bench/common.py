@@ -89,6 +89,25 @@ def demo_shards(directory: Path, shard_size: int = 128) -> tuple[Manifest, list]
     return m, [r for s in m.shards("train") for r in iter_shard(Path(directory) / s.name, SkipCounter())]
 
 
+def imagefolder_of_shards(shards: str | Path, split: str, out: str | Path) -> Path:
+    """OUT/<class>/... of a split's stored image bytes, unchanged: what torchvision's ImageFolder (and
+    so the official DeiT code) reads. Class folders are the class indices, zero-padded, so that
+    ImageFolder's sorted classes are the shards'. Returns OUT."""
+    import io
+
+    from PIL import Image
+
+    m, out = Manifest.load(shards), Path(out)
+    for shard in m.shards(split):
+        for s in iter_shard(Path(shards) / shard.name, SkipCounter()):
+            with Image.open(io.BytesIO(s.data)) as im:
+                ext = {"JPEG": "jpg"}.get(im.format, im.format.lower())
+            folder = out / f"{s.label:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{s.key.replace('/', '_')}.{ext}").write_bytes(s.data)
+    return out
+
+
 class LocalRedisCluster:
     """A Redis Cluster of `masters` real redis-server processes on free loopback ports (no
     persistence), joined with `redis-cli --cluster create`; for benchmarks and tests."""
