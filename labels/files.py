@@ -16,7 +16,8 @@ The file holds, uncompressed names, compressed data (`np.savez_compressed`):
 Labels are listed image by image (in key order), seeds ascending, so two exports of the same
 labels are the same arrays whichever store they came from. Export holds the arrays in memory:
 about 14 bytes a label plus the keys (5 GB for ImageNet's 384 M labels of a 300-epoch run); it
-writes a temporary file of its own and renames it, so an interrupted export leaves nothing.
+writes a temporary file of its own and renames it, so an interrupted export leaves nothing, and it
+writes to a new path or over a regular file only (never over a device, a FIFO or a symbolic link).
 
 Import trusts nothing in the file. It reads only the members above, checks each member's declared
 type and size before reading it, and reads the labels in chunks (memory: the keys plus one chunk).
@@ -31,14 +32,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from distill_core.files import atomic_write, check_target
 from shards.fingerprint import adopt as adopt_fingerprint
 from shards.fingerprint import validate as validate_fingerprint
 from shards.schedule import REPEAT_MODES
@@ -57,30 +57,9 @@ MAX_LABELS = 10**11
 CHUNK = 1_000_000  # labels read (and written) at a time
 
 
-def _write_atomically(path: Path, arrays: dict) -> None:
-    """`arrays` to `path` through a temporary file of this call's own, renamed into place; removed
-    on any failure, so nothing incomplete is ever left under any name. ValueError names the cause."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise ValueError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
 def export_namespace(url: str, path: str | Path, namespace_id: str | None = None, progress: bool = True) -> dict:
     """Write one namespace of the store at `url` to `path` (.npz), atomically."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory: give the file to write")
+    path = check_target(path)  # before the store is read: a device, a link or a folder is refused
     with open_existing(url, namespace_id) as store:
         k = store.namespace.format.topk
         rows: dict[str, bytes] = {}
@@ -120,7 +99,7 @@ def export_namespace(url: str, path: str | Path, namespace_id: str | None = None
         }
         if decoded.probs is not None:
             arrays["probs"] = decoded.probs.astype(np.float16).reshape(-1, k)
-    _write_atomically(path, arrays)
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     return {
         "store": redact(url),
         "file": str(path),

@@ -186,6 +186,40 @@ def test_export_never_leaves_a_partial_file(good, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.unit
+def test_export_replaces_no_device_fifo_or_link(good, tmp_path, capsys):
+    """An export goes to a new path or over a regular file. A device node, a FIFO or a symbolic link
+    at the target is refused with one line and left as it was (as root, renaming over /dev/null
+    replaced the device with a 0600 file; over a link it replaced the link)."""
+    import stat
+
+    src = str(tmp_path / "src.db")
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    regular = tmp_path / "regular.npz"
+    regular.write_bytes(b"keep me")
+    link = tmp_path / "link.npz"
+    link.symlink_to(regular)
+    dangling = tmp_path / "dangling.npz"
+    dangling.symlink_to(tmp_path / "nowhere.npz")
+    targets = [(fifo, "a FIFO"), (link, "a symbolic link"), (dangling, "a symbolic link")]
+    device = tmp_path / "null"  # a /dev/null of the test's own: a regression must not replace the real one
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        targets.append((device, "a character device"))
+    except PermissionError:  # not root: the FIFO stands for the other non-regular files
+        device = None
+    for target, kind in targets:
+        code, err = cli("export", src, target, capsys=capsys)
+        assert code == 2 and f"is {kind}" in err and "Traceback" not in err, (target, err)
+    assert device is None or stat.S_ISCHR(os.lstat(device).st_mode)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink() and dangling.is_symlink()
+    assert regular.read_bytes() == b"keep me" and not (tmp_path / "nowhere.npz").exists()
+    code, _ = cli("export", src, regular, capsys=capsys)  # over a regular file: written
+    assert code == 0 and regular.read_bytes()[:2] == b"PK"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.unit
 def test_a_namespace_mismatch_is_an_error_line(good, tmp_path, capsys):
     """The same namespace id with other metadata in the destination: one ERROR line, exit 2."""
     dst = str(tmp_path / "dst.db")

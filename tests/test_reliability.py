@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -356,3 +357,58 @@ def test_devices_that_cannot_run_a_teacher_are_refused_at_start(demo_shards, tin
         assert r.returncode == 2 and why in r.stderr, (devices, r.stderr[-1000:])
     r = run_precompute(demo_shards, "0:1", tmp_path / "p.db", tiny_teacher, "--device", "meta", check=False)
     assert r.returncode == 2 and "a teacher runs on cpu or cuda" in r.stderr, r.stderr[-1000:]
+
+
+def tensor_bytes(checkpoint: Path) -> tuple[int, int]:
+    """(offset, size) in the file of the largest tensor torch.save stored: its zip keeps tensors
+    uncompressed, each after a local header of 30 bytes, the name and an extra field."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(checkpoint) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(checkpoint, "rb") as f:
+        f.seek(info.header_offset)
+        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_a_damaged_checkpoint_is_refused_and_a_failed_write_leaves_the_last_one(demo_shards, tmp_path):
+    """64 flipped bytes inside last.pt's largest tensor: --resume and --eval refuse it with one line
+    naming the file (it resumed, 17 values of an optimizer tensor changed, exit 0). A checkpoint
+    write that fails (the process's file-size limit, as a full disk does) is one ERROR line; the
+    previous last.pt stays, whole, and no temporary is left (it was torch's "basic_ios::clear"
+    traceback and a last.pt.tmp)."""
+    import resource
+
+    from distill_core import load_training_checkpoint
+
+    out = tmp_path / "run"
+    train = [PY, "-m", "student_trainer", "train", *student_argv(demo_shards, out, epochs=1, eval_every=0)]
+    run_step(train, "train 1 epoch", 6)
+    ckpt = out / "last.pt"
+    good = ckpt.read_bytes()
+    offset, size = tensor_bytes(ckpt)
+    damaged = bytearray(good)
+    for i in range(offset + size // 2, offset + size // 2 + 64):
+        damaged[i] ^= 0x5A
+    ckpt.write_bytes(bytes(damaged))
+    resume = [PY, "-m", "student_trainer", "train", *student_argv(demo_shards, out, epochs=2, eval_every=0),
+              "--resume", "auto"]  # fmt: skip
+    for argv, what in ((resume, "resume"), ([PY, "-m", "student_trainer", "train", "--shards", demo_shards, "--eval",
+                                             "--resume", ckpt, "--workers", "0"], "eval")):  # fmt: skip
+        r = run_step(argv, f"{what} from a damaged checkpoint", 5, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"ERROR checkpoint {ckpt} is damaged" in r.stderr, r.stderr[-2000:]
+    ckpt.write_bytes(good)
+
+    def small_files():  # every file this process writes is cut at 200 KB (EFBIG), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    in_process = [*resume, "--workers", "0"]  # loader workers pass batches through files in /dev/shm
+    r = run_step(in_process, "resume with writes cut at 200 KB", 6, check=False, preexec_fn=small_files)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"ERROR cannot write {ckpt}: File too large" in r.stderr, r.stderr[-2000:]
+    assert ckpt.read_bytes() == good and load_training_checkpoint(ckpt)["epoch"] == 0
+    assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
