@@ -8,7 +8,8 @@ cut from scikit-learn's two photographs by random crops, rescales, flips and col
 
 - `build`: `python -m shards build --src` images/s (one process: per core), member index included;
 - `index`: opening the split's member index as `serve`, precompute and the stream do (checksum
-  included); the index's bytes per image;
+  included); the index's bytes per image; what binding labels to their bytes costs: the start-up
+  comparison of the manifest with the labels' shard digests, and the digest of each image read;
 - `serve`: seconds from starting `python -m teacher_service serve --http-workers 2` (regnety_002,
   random weights) to `/readyz` answering 200, and the resident
   (RSS) and proportional (PSS) memory of the supervisor, each HTTP worker and the engine's processes;
@@ -43,11 +44,13 @@ from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args, to_argv, usable_cpus
 from labels.namespace import Namespace, RecordFormat
+from labels.provenance import check_labelled_bytes
 from labels.store import open_store
 from labels.teacher import Teacher, TeacherSettings
 from shards import Manifest, ShardStream, augment, decode_image, make_loader
 from shards.__main__ import BuildConfig
 from shards.index import SplitIndex
+from shards.members import Member, OpenFiles
 from teacher_service.local import LocalService, serve_argv
 from teacher_service.precompute import precompute
 
@@ -105,10 +108,22 @@ def index_open(out: Path) -> dict:
             runs.append(time.perf_counter() - t0)
         return min(runs)
 
-    index = SplitIndex.open(out, "train", Manifest.load(out))
+    manifest = Manifest.load(out)
+    index = SplitIndex.open(out, "train", manifest)
+    records = [{"seeds": 300, "shards": manifest.shard_digests("train")}]  # what precompute records
+    members = [index.member(r) for r in range(len(index))]
+    files = OpenFiles()
+    read_s = best(lambda: [Member(m.path, m.offset, m.size).read(files) for m in members], times=2)
+    checked_s = best(lambda: [m.read(files) for m in members], times=2)
+    files.close()
     return {
         "open_s": round(best(lambda: SplitIndex.open(out, "train", Manifest.load(out))), 5),
         "bytes_per_image": round(index.nbytes / len(index), 1),
+        # labels bound to their bytes: the start-up comparison with the labels' shard digests, and
+        # the digest of every image as it is read (per image, over reading it without one)
+        "labelled_bytes_check_s": round(best(lambda: check_labelled_bytes(records, manifest, "train", "bench")), 6),
+        "read_us_per_image": round(1e6 * read_s / len(members), 2),
+        "digest_us_per_image": round(1e6 * (checked_s - read_s) / len(members), 2),
     }
 
 

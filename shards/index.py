@@ -3,8 +3,12 @@
 `shards build` (or `shards index DIR` for shards built before it) writes one file per split,
 `<split>.index`, next to the manifest, which records its size and sha256 like a shard's. It
 holds, per image in stored order (shard by shard): the key, the byte offset and size of the
-encoded image in its tar, and the class label; and a table of 64-bit key hashes, sorted, for
-lookups by key. Readers map the file (`mmap`), so opening it costs a checksum, not a walk over
+encoded image in its tar, the class label and a digest of the image's bytes; and a table of 64-bit
+key hashes, sorted, for lookups by key. Every read through the index checks the image's bytes
+against their digest (`Member.read`), so an image whose shard was rewritten after it was built
+(and labelled) is refused by name, never read as another image's pixels: the manifest checks the
+index, the index checks each image, at a cost per image read (a blake2b of its bytes), none at
+start-up. Readers map the file (`mmap`), so opening it costs a checksum, not a walk over
 the data, and the processes of one machine share its pages.
 
 Layout: magic, a little-endian u64 header length, a JSON header (version, split, the shards it
@@ -17,6 +21,7 @@ at an offset aligned to 8 bytes:
     size   u32 [n]  its size in bytes
     label  i32 [n]  its class (-1 when the sample has none)
     key_end u64 [n] end of each row's key in `keys`
+    digest u8  [n, 16] blake2b-128 of each image's bytes (version 2)
     keys   u8  [*]  the keys, UTF-8, back to back
 
 Every reader needs it (the stream, precompute, the service, the fingerprint): shards built before
@@ -41,12 +46,13 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from .manifest import Manifest, ShardInfo, cut_short, sha256_file, wrong_size
-from .members import IMAGE_KEYS, Member
+from .members import IMAGE_KEYS, Member, member_digest
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"DLSHIDX\x01"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: a digest of every image's bytes
+DIGEST_BYTES = 16
 _ARRAYS = (("hash", "<u8"), ("order", "<u4"), ("offset", "<u8"), ("size", "<u4"), ("label", "<i4"), ("key_end", "<u8"))
 
 
@@ -120,6 +126,8 @@ class SplitIndex:
         base = _aligned(len(MAGIC) + 8 + header["length"])
         for name, dtype in _ARRAYS:
             setattr(self, name, np.frombuffer(buffer, dtype=dtype, count=n, offset=base + arrays[name]))
+        self.digest = np.frombuffer(buffer, np.uint8, count=n * DIGEST_BYTES, offset=base + arrays["digest"])
+        self.digest = self.digest.reshape(n, DIGEST_BYTES)
         self.keys = np.frombuffer(buffer, dtype=np.uint8, count=header["key_bytes"], offset=base + arrays["keys"])
         self.shards = [s["name"] for s in header["shards"]]
         self.starts = [0]
@@ -129,9 +137,9 @@ class SplitIndex:
 
     # -- building ------------------------------------------------------------------------
     @staticmethod
-    def encode(split: str, shards: list[ShardInfo], rows: list[tuple[str, int, int, int]]) -> bytes:
-        """The index file's bytes for `rows` (key, offset, size, label), the samples of `shards`
-        in stored order."""
+    def encode(split: str, shards: list[ShardInfo], rows: list[tuple[str, int, int, int, bytes]]) -> bytes:
+        """The index file's bytes for `rows` (key, offset, size, label, digest of the image's bytes),
+        the samples of `shards` in stored order."""
         keys = [r[0] for r in rows]
         if len(set(keys)) != len(keys):
             seen: set[str] = set()
@@ -147,9 +155,10 @@ class SplitIndex:
             "size": np.array([r[2] for r in rows], dtype="<u4"),
             "label": np.array([r[3] for r in rows], dtype="<i4"),
             "key_end": np.cumsum([len(k.encode()) for k in keys], dtype=np.uint64).astype("<u8"),
+            "digest": np.frombuffer(b"".join(r[4] for r in rows), dtype=np.uint8),
         }
         arrays, at = {}, 0  # offsets from the end of the header, each aligned to 8 bytes
-        for name, _ in _ARRAYS:
+        for name in [*(n for n, _ in _ARRAYS), "digest"]:
             arrays[name] = at
             at = _aligned(at + columns[name].nbytes)
         arrays["keys"] = at
@@ -166,7 +175,7 @@ class SplitIndex:
         out = io.BytesIO()
         out.write(head + b"\0" * (_aligned(len(head)) - len(head)))
         base = out.tell()
-        for name, _ in _ARRAYS:
+        for name in [*(n for n, _ in _ARRAYS), "digest"]:
             out.write(b"\0" * (base + arrays[name] - out.tell()))
             out.write(columns[name].tobytes())
         out.write(b"\0" * (base + arrays["keys"] - out.tell()))
@@ -174,18 +183,24 @@ class SplitIndex:
         return out.getvalue()
 
     @classmethod
-    def scan_rows(cls, directory: str | Path, split: str, shards: list[ShardInfo]) -> list[tuple[str, int, int, int]]:
-        """Every sample of `shards` from their tar headers; IndexMismatch naming the shards whose
-        headers end before their manifest count (or that are missing or resized)."""
+    def scan_rows(
+        cls, directory: str | Path, split: str, shards: list[ShardInfo]
+    ) -> list[tuple[str, int, int, int, bytes]]:
+        """Every sample of `shards` from their tar headers, with the digest of its image's bytes;
+        IndexMismatch naming the shards whose headers end before their manifest count (or that are
+        missing or resized)."""
         rows, problems = [], []
         for shard in shards:
             if problem := wrong_size(directory, shard):
                 problems.append(problem)
                 continue
-            found = list(scan_members(Path(directory) / shard.name))
+            path = Path(directory) / shard.name
+            found = list(scan_members(path))
             if problem := cut_short(shard, len(found)):
                 problems.append(problem)
-            rows.extend(found)
+            with open(path, "rb") as f:
+                for key, offset, size, label in found:
+                    rows.append((key, offset, size, label, member_digest(Member(str(path), offset, size).read_from(f))))
         if problems:
             raise IndexMismatch(
                 f"shards of split {split} in {directory} do not match their manifest ({'; '.join(problems)}); "
@@ -204,7 +219,12 @@ class SplitIndex:
         except ValueError as e:
             raise IndexMismatch(f"{source or 'index'}: unreadable header ({e})") from None
         if header.get("version") != INDEX_VERSION:
-            raise IndexMismatch(f"{source}: index version {header.get('version')} unsupported (want {INDEX_VERSION})")
+            directory_hint = Path(source).parent if source else "DIR"
+            raise IndexMismatch(
+                f"{source}: index version {header.get('version')}, this code reads {INDEX_VERSION} (version 2 "
+                f"holds a digest of every image, checked at every read): write it again with "
+                f"`python -m shards index {directory_hint}`"
+            )
         try:
             return cls(directory, data, header, source)
         except (KeyError, TypeError, ValueError) as e:
@@ -287,7 +307,9 @@ class SplitIndex:
         return bisect.bisect_right(self.starts, row) - 1
 
     def member(self, row: int) -> Member:
-        return Member(self._paths[self.shard_of(row)], int(self.offset[row]), int(self.size[row]))
+        """Where row's image is, with the digest its bytes are checked against when read."""
+        path = self._paths[self.shard_of(row)]
+        return Member(path, int(self.offset[row]), int(self.size[row]), self.digest[row].tobytes(), self.key(row))
 
     def get(self, key: str) -> Member | None:
         row = self.find(key)

@@ -56,6 +56,17 @@ class Manifest:
             fields["crop"] = "resized"
         return AugmentPolicy.from_dict(fields)
 
+    def shard_digests(self, split: str, names: set[str] | None = None) -> dict[str, str]:
+        """{shard name: the first 16 hex digits of its sha256} of a split's shards (those in `names`):
+        what labels made from these shards record about the bytes they were made from."""
+        return {s.name: s.sha256[:16] for s in self.shards(split) if names is None or s.name in names}
+
+    def changed_shards(self, split: str, recorded: dict[str, str]) -> list[str]:
+        """The split's shards whose bytes are not those `recorded` (`shard_digests` of an earlier
+        manifest) names: the same name, another digest. Shards not recorded are not compared."""
+        mine = self.shard_digests(split)
+        return sorted(name for name, digest in recorded.items() if name in mine and mine[name] != digest)
+
     def to_dict(self) -> dict:
         return {
             "version": self.version,

@@ -43,7 +43,7 @@ from .augment import AugmentPolicy, augment, eval_view, prepare, prepare_encoded
 from .decode import decode_image
 from .index import SplitIndex
 from .manifest import Manifest
-from .members import IMAGE_KEYS, OpenFiles
+from .members import IMAGE_KEYS, OpenFiles, ShardChanged
 from .render import BatchPlan, is_jpeg, render_batch, render_prepared
 from .schedule import Piece, RepeatSchedule
 
@@ -339,6 +339,8 @@ class ShardStream(IterableDataset):
                 if self.index.label[r] < 0:
                     raise ValueError(f"sample {self.index.key(r)} in {shard.name} has no class")
                 data = self.index.member(r).read(files)
+            except ShardChanged:  # not an unreadable image: another image's bytes under this key
+                raise
             except (OSError, ValueError) as e:
                 yield i, e
                 continue

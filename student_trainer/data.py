@@ -48,6 +48,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from torch.utils.data import IterableDataset
 
 from labels.client import TeacherClient
+from labels.provenance import check_labelled_bytes
 from labels.store import LabelBatch, StoreUnavailable, open_existing, redact
 from shards import AugmentPolicy, Manifest, RepeatSchedule, ShardStream, make_loader
 from shards.fingerprint import check as check_fingerprint
@@ -270,7 +271,7 @@ def covering_records(records: list[dict], schedule: RepeatSchedule, epochs: int)
     label a run of `epochs` epochs under `schedule` asks for."""
     done: dict[str, set[int]] = {}
     for r in records:
-        what = {k: v for k, v in r.items() if k not in ("node_rank", "num_nodes")}
+        what = {k: v for k, v in r.items() if k not in ("node_rank", "num_nodes", "shards")}  # the node's part
         done.setdefault(json.dumps({**what, "num_nodes": r.get("num_nodes", 1)}, sort_keys=True), set()).add(
             r.get("node_rank", 0)
         )
@@ -354,6 +355,7 @@ def labeled_loader(
         where = redact(cfg.labels_url)
         check_compatible(meta, policy, len(manifest.classes), where)
         check_labels(meta, stream.schedule, cfg.epochs, cfg.on_missing, soft, isinstance(source, StoreSource), where)
+        check_labelled_bytes(meta.get("coverage") or [], manifest, "train", where)
         if meta.get("fingerprint"):
             check_fingerprint(meta["fingerprint"], cfg.shards, policy, device if render_on_device else "cpu", where)
         else:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from distill_core import Command, Nested
 from labels.namespace import MAX_SEED, RecordFormat
+from labels.provenance import check_labelled_bytes
 from labels.quality import label_quality
 from labels.store import StoreError, open_store, redact
 from labels.teacher import Teacher, TeacherSettings
@@ -284,7 +285,8 @@ def precompute(
         index = SplitIndex.load(directory, split, manifest)
     with phases("store"):  # creates the namespace (serving these seeds) before the engines' writers open it
         store = open_store(store_url, ns, seed_limit=plan.seed_limit)
-    with phases("fingerprint"):
+    with phases("fingerprint"):  # the labels' bytes and crops: those of these shards and this machine
+        check_labelled_bytes(store.coverage(), manifest, split, f"precompute into namespace {ns.id}")
         fingerprint = claim_fingerprint(store, directory, policy, [t.device for t in teachers], split, "precompute")
     names = set(node_shards([x.name for x in split_shards], node_rank, num_nodes))
     mine = [s for s, shard in enumerate(split_shards) if shard.name in names]
@@ -316,7 +318,9 @@ def precompute(
         tally.check()  # every label is stored before the summary says so
     ok = not damaged and skipped + tally.skipped == 0
     if ok and plan.coverage() is not None:  # what the trainer checks a run against (this node's part)
-        store.record_coverage({**plan.coverage(), "node_rank": node_rank, "num_nodes": num_nodes})
+        # with the bytes they were made from: a trainer refuses shards that changed since (labels/coverage.py)
+        record = {**plan.coverage(), "node_rank": node_rank, "num_nodes": num_nodes}
+        store.record_coverage({**record, "shards": manifest.shard_digests(split, names)})
     quality = None
     if quality_labels and tally.computed + feeder.present:  # after the job: not in any rate above
         at = time.perf_counter()

@@ -92,7 +92,42 @@ def test_keys_must_be_unique():
 
     shard = ShardInfo("train-000000.tar", 2, 0, "")
     with pytest.raises(IndexMismatch, match="'a/b' names two samples"):
-        SplitIndex.encode("train", [shard], [("a/b", 512, 10, 0), ("a/b", 2048, 10, 1)])
+        SplitIndex.encode("train", [shard], [("a/b", 512, 10, 0, b"d" * 16), ("a/b", 2048, 10, 1, b"e" * 16)])
+
+
+@pytest.mark.unit
+def test_every_read_checks_the_image_against_its_digest(demo_shards, tmp_path):
+    """The index keeps a digest of every image's bytes: a read of bytes that are not those (a shard
+    rewritten in place, the same size) raises ShardChanged naming the shard and the image; an index
+    of version 1 (no digests) is refused with the command that writes it again."""
+    from shards.members import ShardChanged, member_digest
+
+    index = SplitIndex.load(demo_shards, "train")
+    member = index.member(5)
+    assert member.digest == member_digest(member.read()) and member.key == index.key(5)
+    moved = Member(member.path, member.offset + 1, member.size, member.digest, member.key)
+    with pytest.raises(ShardChanged, match=f"shard {member.path} changed after it was indexed.*{member.key}"):
+        moved.read()
+    raw = bytearray((demo_shards / "train.index").read_bytes())
+    raw[raw.index(b'"version": 2') + len(b'"version": ')] = ord("1")
+    with pytest.raises(IndexMismatch, match="index version 1, this code reads 2.*python -m shards index"):
+        SplitIndex.from_bytes(demo_shards, bytes(raw), str(demo_shards / "train.index"))
+
+
+@pytest.mark.unit
+def test_labels_name_the_shard_bytes_they_were_made_from(demo_shards):
+    from labels.provenance import changed_since_labelled, check_labelled_bytes
+
+    m = Manifest.load(demo_shards)
+    digests = m.shard_digests("train")
+    assert len(digests) == len(m.shards("train")) and all(len(d) == 16 for d in digests.values())
+    first = next(iter(digests))
+    records = [{"seeds": 2, "shards": digests}, {"seeds": 2}]  # a record before digests names nothing
+    assert changed_since_labelled(records, m, "train") == {}
+    records[0]["shards"] = {**digests, first: "0" * 16, "gone.tar": "1" * 16}
+    assert changed_since_labelled(records, m, "train") == {first: (digests[first], "0" * 16)}
+    with pytest.raises(ValueError, match=f"1 shard\\(s\\) changed since their labels were made: {first}"):
+        check_labelled_bytes(records, m, "train", "here")
 
 
 @pytest.mark.unit

@@ -412,3 +412,70 @@ def test_a_damaged_checkpoint_is_refused_and_a_failed_write_leaves_the_last_one(
     assert f"ERROR cannot write {ckpt}: File too large" in r.stderr, r.stderr[-2000:]
     assert ckpt.read_bytes() == good and load_training_checkpoint(ckpt)["epoch"] == 0
     assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
+
+
+def swap_two_images(shard: Path) -> tuple[str, str]:
+    """Rewrite `shard` in place with the bytes of two of its images swapped under their keys. The
+    two take the same number of 512-byte tar blocks, so the file keeps its size and every other
+    member its offset: what a size check cannot see."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isreg() else None) for m in tf.getmembers()]
+    images = [i for i, (m, _) in enumerate(members) if m.name.endswith((".png", ".jpg"))]
+    blocks = lambda i: -(-members[i][0].size // 512)  # noqa: E731
+    a, b = next((a, b) for a in images for b in images if a < b and blocks(a) == blocks(b))
+    members[a], members[b] = (members[a][0], members[b][1]), (members[b][0], members[a][1])
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tw:
+        for m, data in members:
+            m.size = len(data) if data is not None else m.size
+            tw.addfile(m, io.BytesIO(data) if data is not None else None)
+    old = shard.stat().st_size
+    shard.write_bytes(out.getvalue()[:old].ljust(old, b"\0"))  # tar's end padding absorbs the rest
+    return members[a][0].name, members[b][0].name
+
+
+def test_labels_are_bound_to_the_bytes_they_were_made_from(demo_shards, tiny_teacher, tmp_path):
+    """A shard rewritten in place with two images' bytes swapped (the manifest and index unchanged,
+    the file the same size): the trainer stops at the first read of a changed image, naming the
+    shard and the image (it trained to exit 0 on labels of other pixels). Shards built again from
+    a folder whose images changed (a new manifest): the trainer, precompute and the service refuse
+    them before any work, naming the shard (the labels of the old bytes were kept under the same keys)."""
+    shards = copy_shards(demo_shards, tmp_path / "shards")
+    store = tmp_path / "labels.db"
+    run_precompute(shards, "0:1", store, tiny_teacher)
+    m = Manifest.load(shards)
+    shard = shards / m.shards("train")[0].name
+    swap_two_images(shard)
+
+    def train(shards, out, store):
+        fields = dict(labels="store", store=str(store), epochs=1, eval_every=0)
+        return [PY, "-m", "student_trainer", "train", *student_argv(shards, tmp_path / out, **fields)]
+
+    r = run_step(train(shards, "run", store), "train on a shard rewritten in place", 8, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr.splitlines()[-1], r.stderr[-2000:]
+    assert f"shard {shard} changed after it was indexed" in r.stderr, r.stderr[-2000:]
+
+    folder = tmp_path / "images"
+    run_cli("shards", "example-folder", "--out", folder)
+    built = tmp_path / "built"
+    build = ["shards", "build", "--src", folder / "train", "--out", built, "--input-size", "32", "--no-progress"]
+    run_cli(*build)
+    store = tmp_path / "built.db"
+    run_precompute(built, "0:1", store, tiny_teacher)
+    a, b = sorted((folder / "train" / "3").iterdir())[:2]  # two images swap contents, keys stay
+    data_a = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(data_a)
+    run_cli(*build)
+    changed = [s.name for s in Manifest.load(built).shards("train")]
+    r = run_step(train(built, "run2", store), "train on rebuilt shards", 8, check=False)
+    assert r.returncode == 2 and "changed since their labels were made" in r.stderr, r.stderr[-2000:]
+    assert any(name in r.stderr for name in changed)
+    r = run_step(precompute_argv(built, "0:2", store, tiny_teacher), "precompute over rebuilt shards", 8, check=False)
+    assert r.returncode == 2 and "changed since their labels were made" in r.stderr, r.stderr[-2000:]
+    r = run_cli("teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", built, "--store", store,
+                "--port", "1", check=False, measured_s=8)  # fmt: skip
+    assert r.returncode == 2 and "changed since their labels were made" in r.stderr, r.stderr[-2000:]

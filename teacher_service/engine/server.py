@@ -50,9 +50,10 @@ def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connectio
     on SIGTERM (after draining briefly) or when its parent is gone."""
     from distill_core.process import exit_with_parent
     from labels.namespace import RecordFormat
+    from labels.provenance import check_labelled_bytes
     from labels.store import open_store
     from labels.teacher import Teacher
-    from shards import AugmentPolicy
+    from shards import AugmentPolicy, Manifest
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s engine[{spec.device}] %(message)s")
     # a supervisor killed with SIGKILL cannot remove its private directory (sockets, metrics): we do
@@ -71,6 +72,8 @@ def engine_main(spec: EngineSpec, address: str, authkey: bytes, ready: Connectio
         # unreachable, or when its labels were made from crops this device renders differently
         with open_store(spec.store_url, namespace, seed_limit=spec.seed_limit) as store:
             if spec.shards:
+                where = f"serve {spec.shards} with namespace {namespace.id}"
+                check_labelled_bytes(store.coverage(), Manifest.load(spec.shards), "train", where)
                 claim_fingerprint(store, spec.shards, policy, [teacher.device], "train", "serve", spec.config.render)
             else:
                 log.warning("no --shards: no render fingerprint is stored with, or checked against, the labels")
