@@ -186,13 +186,21 @@ def _int_field(header: dict, name: str, low: int, high: int, path: Path) -> int:
 
 def _coverage_record(record, path: Path) -> dict:
     """A precompute record checked against its schema: {"seeds": B} or {"repeat_mode", "repeats",
-    "epochs"} (and the `deit` mode's "schedule" version), with the node fields precompute adds."""
+    "epochs"} (and the `deit` mode's "schedule" version), with the node fields precompute adds:
+    its part's "images" and "labels" counts and its shards' digests."""
     if not isinstance(record, dict):
         raise ValueError(f"{path}: a coverage record must be an object, not {record!r}")
-    allowed = {"seeds", "repeat_mode", "repeats", "epochs", "schedule", "node_rank", "num_nodes"}
+    allowed = {"seeds", "repeat_mode", "repeats", "epochs", "schedule", "node_rank", "num_nodes", "images", "labels",
+               "shards"}  # fmt: skip
     if set(record) - allowed:
         raise ValueError(f"{path}: coverage record with unknown fields {sorted(set(record) - allowed)}")
-    ints = {k: v for k, v in record.items() if k != "repeat_mode"}
+    shards = record.get("shards", {})
+    if not isinstance(shards, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v)
+        for k, v in shards.items()
+    ):
+        raise ValueError(f"{path}: a coverage record's shards must map names to 16 hex digits")
+    ints = {k: v for k, v in record.items() if k not in ("repeat_mode", "shards")}
     if any(type(v) is not int or v < 0 for v in ints.values()):
         raise ValueError(f"{path}: coverage record {record!r} must hold non-negative integers")
     if "seeds" in record:
@@ -331,6 +339,7 @@ def check_file(path: str | Path, url: str | None = None) -> dict:
                 "teacher on the same crops: a conflict means one side is wrong"
             )
         header["coverage"] = _borne_out(header["coverage"], seeds_by_key, top_by_key, below, path)
+        header["coverage"] = _counts_borne_out(header["coverage"], seeds_by_key, path)
         return header
 
 
@@ -375,6 +384,32 @@ def _borne_out(records: list[dict], count: np.ndarray, top: np.ndarray, below: d
         else:
             log.warning("%s: coverage record %s is not borne out by the file's labels: not imported", path, r)
     return kept
+
+
+def _counts_borne_out(records: list[dict], count: np.ndarray, path) -> list[dict]:
+    """Schedule records whose nodes' parts, summed, hold no more images and labels than the file
+    does. A schedule record says nothing about an image's seeds on its own (which epochs select an
+    image depends on the shards), so it carries its counts; one without them (written before
+    2026-12-07) is not imported: run precompute again to record it (it labels only what is missing)."""
+    node_fields = ("node_rank", "num_nodes", "shards", "images", "labels")
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if "seeds" not in r:
+            what = json.dumps({k: v for k, v in r.items() if k not in node_fields}, sort_keys=True)
+            groups.setdefault(what, []).append(r)
+    images, labels = int((count > 0).sum()), int(count.sum())
+    dropped = []
+    for group in groups.values():
+        if any("images" not in r or "labels" not in r for r in group):
+            why = "it carries no image and label counts (made before 2026-12-07)"
+        elif sum(r["images"] for r in group) > images or sum(r["labels"] for r in group) > labels:
+            why = (f"its nodes labelled {sum(r['images'] for r in group)} images and {sum(r['labels'] for r in group)} "
+                   f"labels, the file holds {images} and {labels}")  # fmt: skip
+        else:
+            continue
+        dropped += group
+        log.warning("%s: coverage record %s is not imported: %s", path, group[0], why)
+    return [r for r in records if not any(r is d for d in dropped)]
 
 
 def import_namespace(path: str | Path, url: str, chunk: int = CHUNK, progress: bool = True) -> dict:

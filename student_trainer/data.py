@@ -266,12 +266,15 @@ def precompute_flags(schedule: RepeatSchedule, epochs: int) -> str:
     return f"--epochs {epochs} --repeated-aug {schedule.repeats} --repeat-mode {schedule.mode}"
 
 
+NODE_FIELDS = ("node_rank", "num_nodes", "shards", "images", "labels")  # one node's part of a record
+
+
 def covering_records(records: list[dict], schedule: RepeatSchedule, epochs: int) -> list[dict]:
     """The precompute records (`LabelStore.coverage`) that, with all their nodes done, hold every
     label a run of `epochs` epochs under `schedule` asks for."""
     done: dict[str, set[int]] = {}
     for r in records:
-        what = {k: v for k, v in r.items() if k not in ("node_rank", "num_nodes", "shards")}  # the node's part
+        what = {k: v for k, v in r.items() if k not in NODE_FIELDS}
         done.setdefault(json.dumps({**what, "num_nodes": r.get("num_nodes", 1)}, sort_keys=True), set()).add(
             r.get("node_rank", 0)
         )

@@ -319,8 +319,10 @@ def precompute(
     ok = not damaged and skipped + tally.skipped == 0
     if ok and plan.coverage() is not None:  # what the trainer checks a run against (this node's part)
         # with the bytes they were made from: a trainer refuses shards that changed since (labels/coverage.py)
+        # and how many images and labels this node's part holds, which an imported record must bear out
         record = {**plan.coverage(), "node_rank": node_rank, "num_nodes": num_nodes}
-        store.record_coverage({**record, "shards": manifest.shard_digests(split, names)})
+        counts = {"images": sum(split_shards[s].samples for s in mine), "labels": total}
+        store.record_coverage({**record, **counts, "shards": manifest.shard_digests(split, names)})
     quality = None
     if quality_labels and tally.computed + feeder.present:  # after the job: not in any rate above
         at = time.perf_counter()

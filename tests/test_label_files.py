@@ -132,6 +132,24 @@ def test_a_coverage_record_the_labels_do_not_bear_out_is_not_imported(good, tmp_
         assert st.coverage() == [{"seeds": 3}]
 
 
+def test_a_schedule_record_must_hold_its_counts_to_be_imported(good, tmp_path, store_url):
+    """A schedule record claiming 300 epochs of a file holding 3 seeds of 12 images is not imported
+    (it was: a trainer then skipped its start-up refusal and died with MissingLabels at seed 3), nor
+    one claiming more images than the file holds, nor one without counts; a true one is."""
+    sched = {"repeat_mode": "deit", "repeats": 1, "schedule": 2}
+    true = {**sched, "epochs": 3, "images": 12, "labels": 36, "node_rank": 0, "num_nodes": 1}
+    records = [
+        {**true, "epochs": 300, "labels": 3600},  # 300 epochs: 3,600 labels, the file has 36
+        {**true, "epochs": 2, "images": 13},  # more images than the file holds
+        {**sched, "epochs": 1},  # no counts
+        true,
+    ]
+    s = import_namespace(spoil(good, tmp_path / "lying.npz", {"coverage": records}), store_url, progress=False)
+    assert s["coverage"] == [true]
+    with open_existing(store_url, NS.id) as st:
+        assert st.coverage() == [true]
+
+
 def test_import_reads_only_its_members_and_checks_sizes_before_reading(good, tmp_path, store_url):
     import tracemalloc
 
