@@ -55,6 +55,8 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header of 16 MB is already absurd (a fe
 MAX_KEYS = 100_000_000
 MAX_LABELS = 10**11
 CHUNK = 1_000_000  # labels read (and written) at a time
+KEY_CHUNK = 16_384  # keys read at a time: at most 32 MB of the keys member (512 characters, 4 bytes each)
+KEY_WINDOW = 65_536  # keys held at a time while labels are matched to them
 
 
 def export_namespace(url: str, path: str | Path, namespace_id: str | None = None, progress: bool = True) -> dict:
@@ -67,14 +69,15 @@ def export_namespace(url: str, path: str | Path, namespace_id: str | None = None
             for batch in store.iter_rows():
                 rows.update((key, row) for key, row in batch if row)
                 bar.update(len(batch))
-        keys = sorted(rows)
-        key_index, seeds, slots = [], [], []
+        key_index, seeds, slots, keys = [], [], [], []
         width = store.codec.width
-        for i, key in enumerate(keys):
+        for key in sorted(rows):  # keys with at least one label, each once
             row = rows[key]
             present = np.flatnonzero(store.codec.present_mask(row))
             if not len(present):
                 continue
+            i = len(keys)
+            keys.append(key)
             cells = np.frombuffer(row[: len(row) // width * width], dtype=np.uint8).reshape(-1, width)
             key_index.append(np.full(len(present), i, dtype=np.int32))
             seeds.append(present.astype(np.int32))
@@ -243,21 +246,79 @@ def _header(lf: LabelFile) -> tuple[dict, Namespace]:
     return header, namespace
 
 
-def _keys(lf: LabelFile, header: dict) -> np.ndarray:
-    f, shape, dtype = lf.open("keys")
-    f.close()
-    if dtype.kind != "U" or len(shape) != 1:
-        raise ValueError(f"{lf.path}: keys must be strings, not {dtype} (no bytes or integer keys)")
-    if dtype.itemsize > 4 * MAX_KEY_LENGTH:
-        raise ValueError(f"{lf.path}: keys of up to {dtype.itemsize // 4} characters (at most {MAX_KEY_LENGTH})")
-    if shape[0] != header["images"]:
-        raise ValueError(f"{lf.path}: {shape[0]} keys but the header says {header['images']} images")
-    keys = lf.read_all("keys", MAX_KEYS * 4 * MAX_KEY_LENGTH)
-    if len(keys) and (np.char.str_len(keys) == 0).any():
-        raise ValueError(f"{lf.path}: an empty key")
-    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
-        raise ValueError(f"{lf.path}: keys must be sorted and unique (as export writes them)")
-    return keys
+class _Keys:
+    """The file's keys, read in chunks of KEY_CHUNK rows in their order, each chunk checked (strings,
+    non-empty, sorted and unique across chunks); `get` hands out the keys of ascending rows,
+    holding at most the window it was asked for and one chunk. So memory does not grow with the
+    count or length of keys a file declares (a 1 MB file declaring a million keys of 256 characters
+    peaked at 2.55 GB)."""
+
+    def __init__(self, lf: LabelFile, header: dict):
+        self.path = lf.path
+        self.f, shape, self.dtype = lf.open("keys")
+        if self.dtype.kind != "U" or len(shape) != 1:
+            self.f.close()
+            raise ValueError(f"{lf.path}: keys must be strings, not {self.dtype} (no bytes or integer keys)")
+        if self.dtype.itemsize > 4 * MAX_KEY_LENGTH:
+            self.f.close()
+            raise ValueError(
+                f"{lf.path}: keys of up to {self.dtype.itemsize // 4} characters (at most {MAX_KEY_LENGTH})"
+            )
+        if shape[0] != header["images"]:
+            self.f.close()
+            raise ValueError(f"{lf.path}: {shape[0]} keys but the header says {header['images']} images")
+        self.n, self.read_rows, self.start, self.held, self.last = shape[0], 0, 0, [], None
+
+    def __enter__(self) -> _Keys:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def _chunk(self) -> list[str]:
+        rows = min(KEY_CHUNK, self.n - self.read_rows)
+        data = self.f.read(rows * self.dtype.itemsize)
+        if len(data) != rows * self.dtype.itemsize:
+            raise ValueError(f"{self.path}: damaged label export (keys is cut short)")
+        keys = np.frombuffer(data, dtype=self.dtype)
+        if (np.char.str_len(keys) == 0).any():
+            raise ValueError(f"{self.path}: an empty key")
+        chunk = keys.tolist()
+        if (rows > 1 and not (keys[1:] > keys[:-1]).all()) or (self.last is not None and not chunk[0] > self.last):
+            raise ValueError(f"{self.path}: keys must be sorted and unique (as export writes them)")
+        self.read_rows += rows
+        self.last = chunk[-1]
+        return chunk
+
+    def check_all(self) -> None:
+        """Read and check every key, keeping none."""
+        while self.read_rows < self.n:
+            self._chunk()
+
+    def get(self, rows: np.ndarray) -> list[str]:
+        """The keys of `rows` (ascending, at most KEY_WINDOW apart, never below an earlier call's).
+        Held: the keys of rows start .. read_rows - 1."""
+        lo, hi = int(rows[0]), int(rows[-1])
+        if lo >= self.read_rows:
+            self.held, self.start = [], self.read_rows
+        else:
+            del self.held[: lo - self.start]
+            self.start = lo
+        while self.read_rows <= hi:
+            self.held.extend(self._chunk())
+            drop = min(max(0, lo - self.start), len(self.held))  # a chunk read wholly below lo
+            del self.held[:drop]
+            self.start += drop
+        return [self.held[r - self.start] for r in rows.tolist()]
+
+
+def _key_windows(ki: np.ndarray):
+    """Slices of a chunk's (ascending) key rows, each spanning fewer than KEY_WINDOW keys."""
+    at = 0
+    while at < len(ki):
+        end = int(np.searchsorted(ki, ki[at] + KEY_WINDOW, side="left"))
+        yield slice(at, end)
+        at = end
 
 
 def _chunks(lf: LabelFile, header: dict, namespace: Namespace):
@@ -300,34 +361,41 @@ def check_file(path: str | Path, url: str | None = None) -> dict:
     Returns the header with the coverage records the labels bear out."""
     with LabelFile(path) as lf:
         header, namespace = _header(lf)
-        keys = _keys(lf, header)
-        n, limit, classes = len(keys), header["seed_limit"], namespace.num_classes
+        with _Keys(lf, header) as keys:  # every key checked before any label, none kept
+            keys.check_all()
+        n, limit, classes = header["images"], header["seed_limit"], namespace.num_classes
         stored = open_store(url, namespace, create=False) if url and _holds(url, namespace) else None
         last = (-1, -1)
-        seeds_by_key = np.zeros(n, dtype=np.int64)  # labels per key
-        top_by_key = np.full(n, -1, dtype=np.int64)  # the largest seed per key
-        below = {r["seeds"]: np.zeros(n, dtype=np.int64) for r in header["coverage"] if "seeds" in r}
+        count = np.zeros(n, dtype=np.int32)  # labels per key
+        prefix = np.zeros(n, dtype=np.int32)  # of them, seeds 0, 1, 2, ... without a gap
         conflicts, example = 0, None
         try:
-            for _, ki, seed, cls, probs in _chunks(lf, header, namespace):
-                ki, seed, cls = ki.astype(np.int64), seed.astype(np.int64), cls.astype(np.int64)
-                _in_range(lf.path, ki, seed, cls, probs, n, limit, classes)
-                order = np.concatenate([[last[0]], ki]) * (limit + 1) + np.concatenate([[last[1]], seed])
-                if (np.diff(order) <= 0).any():
-                    raise ValueError(f"{lf.path}: labels must be listed key by key, seeds ascending, each once")
-                if len(ki):
+            with _Keys(lf, header) as lookup:
+                for _, ki, seed, cls, probs in _chunks(lf, header, namespace):
+                    ki, seed, cls = ki.astype(np.int64), seed.astype(np.int64), cls.astype(np.int64)
+                    _in_range(lf.path, ki, seed, cls, probs, n, limit, classes)
+                    order = np.concatenate([[last[0]], ki]) * (limit + 1) + np.concatenate([[last[1]], seed])
+                    if (np.diff(order) <= 0).any():
+                        raise ValueError(f"{lf.path}: labels must be listed key by key, seeds ascending, each once")
+                    if not len(ki):
+                        continue
                     last = (int(ki[-1]), int(seed[-1]))
-                np.add.at(seeds_by_key, ki, 1)
-                np.maximum.at(top_by_key, ki, seed)
-                for bound, counts in below.items():  # labels per key among seeds 0..B-1
-                    np.add.at(counts, ki[seed < bound], 1)
-                if stored is not None and len(ki):
-                    have = stored.get(keys[ki].tolist(), seed.tolist())
-                    differ = have.present & (have.classes[:, 0] != cls[:, 0])
-                    if differ.any():
-                        conflicts += int(differ.sum())
-                        i = int(np.flatnonzero(differ)[0])
-                        example = example or (str(keys[ki[i]]), int(seed[i]), int(have.classes[i, 0]), int(cls[i, 0]))
+                    first = np.r_[True, ki[1:] != ki[:-1]]  # each key's first label in the chunk
+                    at = np.arange(len(ki))
+                    rank = count[ki] + at - np.maximum.accumulate(np.where(first, at, 0))  # the key's n-th label
+                    np.add.at(prefix, ki[seed == rank], 1)  # seeds ascend: the n-th is n while none is missing
+                    np.add.at(count, ki, 1)
+                    if stored is None:
+                        continue
+                    for rows in _key_windows(ki):
+                        names = lookup.get(ki[rows])
+                        have = stored.get(names, seed[rows].tolist())
+                        differ = have.present & (have.classes[:, 0] != cls[rows, 0])
+                        if differ.any():
+                            conflicts += int(differ.sum())
+                            i = int(np.flatnonzero(differ)[0])
+                            example = example or (names[i], int(seed[rows][i]), int(have.classes[i, 0]),
+                                                  int(cls[rows][i, 0]))  # fmt: skip
         finally:
             if stored is not None:
                 stored.close()
@@ -338,8 +406,8 @@ def check_file(path: str | Path, url: str | None = None) -> dict:
                 f"{seed}: stored {was}, file {new}); nothing imported. Labels of one namespace are the same "
                 "teacher on the same crops: a conflict means one side is wrong"
             )
-        header["coverage"] = _borne_out(header["coverage"], seeds_by_key, top_by_key, below, path)
-        header["coverage"] = _counts_borne_out(header["coverage"], seeds_by_key, path)
+        header["coverage"] = _borne_out(header["coverage"], count, prefix, path)
+        header["coverage"] = _counts_borne_out(header["coverage"], count, path)
         return header
 
 
@@ -363,20 +431,19 @@ def _in_range(path, ki, seed, cls, probs, n: int, limit: int, classes: int) -> N
             raise ValueError(f"{path}: probabilities must be in [0, 1]")
 
 
-def _borne_out(records: list[dict], count: np.ndarray, top: np.ndarray, below: dict, path) -> list[dict]:
+def _borne_out(records: list[dict], count: np.ndarray, prefix: np.ndarray, path) -> list[dict]:
     """The coverage records the file's labels bear out: {"seeds": B}: every image holds seeds
     0..B-1; a schedule: every image it holds has seeds 0..n-1 with n a multiple of its repeats.
-    (Whether every image of the data set is there the file cannot say: a run that misses more
-    than a few labels says so in its summary.)"""
+    (`count`: each key's labels; `prefix`: how many of them are seeds 0, 1, ... without a gap.)"""
     kept = []
     for r in records:
-        if "seeds" in r:  # labels listed once each: B of them below B are seeds 0..B-1
-            ok = len(count) > 0 and bool((below[r["seeds"]] == r["seeds"]).all())
+        if "seeds" in r:
+            ok = len(count) > 0 and bool((prefix >= r["seeds"]).all())
         else:
             held = count > 0
             ok = (
                 bool(held.any())
-                and bool((count[held] == top[held] + 1).all())
+                and bool((count[held] == prefix[held]).all())
                 and bool((count[held] % r["repeats"] == 0).all())
             )
         if ok:
@@ -412,24 +479,25 @@ def _counts_borne_out(records: list[dict], count: np.ndarray, path) -> list[dict
     return [r for r in records if not any(r is d for d in dropped)]
 
 
-def import_namespace(path: str | Path, url: str, chunk: int = CHUNK, progress: bool = True) -> dict:
+def import_namespace(path: str | Path, url: str, progress: bool = True) -> dict:
     """Merge an exported namespace into the store at `url` (created there if new), with its seed
     range, its render fingerprint and the precompute records its labels bear out. The whole file
     is checked first (`check_file`): a file that fails writes nothing."""
     header = check_file(path, url)
     namespace = Namespace.from_meta(header["namespace"])
-    with LabelFile(path) as lf:
-        keys = _keys(lf, header)
+    with LabelFile(path) as lf, _Keys(lf, header) as keys:
         with open_store(url, namespace, seed_limit=header["seed_limit"]) as store:
             adopt_fingerprint(store, header.get("fingerprint"), redact(url))  # refused before any label
             with tqdm(total=header["labels"], desc="import", unit="label", disable=not progress) as bar:
                 for _, ki, seed, cls, probs in _chunks(lf, header, namespace):
-                    store.put(
-                        keys[ki.astype(np.int64)].tolist(),
-                        seed.astype(np.int64),
-                        cls.astype(np.int64),
-                        None if probs is None else probs.astype(np.float32),
-                    )
+                    ki = ki.astype(np.int64)
+                    for rows in _key_windows(ki):
+                        store.put(
+                            keys.get(ki[rows]),
+                            seed[rows].astype(np.int64),
+                            cls[rows].astype(np.int64),
+                            None if probs is None else probs[rows].astype(np.float32),
+                        )
                     bar.update(len(seed))
             for record in header["coverage"]:
                 store.record_coverage(record)
