@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -17,9 +18,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from .decode import decode_image
 from .index import write_index
 from .manifest import Manifest, ShardInfo, sha256_file
 from .policy import SMALL_INPUT
+from .render import check_padded_fits
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +102,46 @@ def unique_keys(relpaths: Iterable[str]) -> dict[str, str]:
     return keys
 
 
-def folder_samples(src: Path, items: list[tuple[str, int]], keys: dict[str, str], stats: dict) -> Iterator[Sample]:
+def image_file_problem(path: Path, crop_fits=None) -> tuple[str, str, bytes | None]:
+    """(reason, detail, bytes) of one file of an image folder: reason "" and its bytes when it may
+    enter a shard. Only regular files are read (a link is followed to one; a FIFO or a device is
+    never opened, so it cannot hang the build); the image must decode fully, as every reader will
+    decode it (a JPEG cut at its tail passes a header check and fails each later decode); and
+    `crop_fits(width, height)` (the hinted policy's training crop) must not raise."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a dangling one or a loop raises here
+    except OSError as e:
+        return "unreadable", e.strerror or str(e), None
+    if not stat.S_ISREG(mode):
+        return "not a regular file", "a FIFO, socket or device", None
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return "unreadable", e.strerror or str(e), None
+    try:
+        image = decode_image(data)
+    except ValueError as e:
+        return "undecodable", str(e), None
+    if crop_fits is not None:
+        try:
+            crop_fits(image.width, image.height)
+        except ValueError as e:
+            return "too small for the crop", str(e), None
+    return "", "", data
+
+
+def folder_samples(
+    src: Path, items: list[tuple[str, int]], keys: dict[str, str], stats: dict, crop_fits=None
+) -> Iterator[Sample]:
+    """The samples of an image folder's files that may enter a shard (`image_file_problem`); each
+    other file is one log line and counted in `stats` by its reason."""
     for rel, label in items:
         path = src / rel
-        data = path.read_bytes()
-        try:  # header check only: we keep the original bytes, never re-encode
-            with Image.open(io.BytesIO(data)) as im:
-                im.verify()
-        except Exception as e:
+        reason, detail, data = image_file_problem(path, crop_fits)
+        if reason:
             stats["skipped"] += 1
-            log.warning("skipping unreadable image %s: %s", path, e)
+            stats["skipped_by_reason"][reason] = stats["skipped_by_reason"].get(reason, 0) + 1
+            log.warning("skipping %s: %s (%s)", path, reason, detail)
             continue
         yield Sample(keys[rel], label, data, Path(rel).suffix.lower().lstrip(".").replace("jpeg", "jpg"))
 
@@ -168,13 +201,17 @@ def write_split(samples: Iterable[Sample], out: Path, split: str, shard_size: in
         name = f"{split}-{len(infos):06d}.tar"
         tmp = out / (name + ".tmp")
         count = 0
-        with wds.TarWriter(str(tmp)) as sink:
-            for s in it:
-                sink.write({"__key__": s.key, s.ext: s.data, "cls": str(s.label).encode()})
-                bar.update(1)
-                count += 1
-                if count == shard_size:
-                    break
+        try:
+            with wds.TarWriter(str(tmp)) as sink:
+                for s in it:
+                    sink.write({"__key__": s.key, s.ext: s.data, "cls": str(s.label).encode()})
+                    bar.update(1)
+                    count += 1
+                    if count == shard_size:
+                        break
+        except BaseException:  # a failed build leaves no temporary file
+            tmp.unlink(missing_ok=True)
+            raise
         if count == 0:
             tmp.unlink()
             return infos
@@ -212,7 +249,7 @@ def build(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    stats = {"skipped": 0}
+    stats = {"skipped": 0, "skipped_by_reason": {}}
     splits: dict[str, list[ShardInfo]] = {}
     if demo is not None:
         if demo != "digits":
@@ -231,6 +268,7 @@ def build(
         classes, items = scan_folder(src)
         source = str(src.resolve())
         hint = {"input_size": input_size, **small_input_hint(input_size)} if input_size else {}  # else DeiT's 224
+        crop_fits = training_crop_check(Manifest(classes=classes, policy_hint=hint).policy())
         keys = unique_keys(rel for rel, _ in items)
         if val_src is not None:  # the official val set: the same classes, keys apart from train's
             val_src = Path(val_src)
@@ -260,7 +298,8 @@ def build(
             for split, (folder, split_items, split_keys) in chosen.items():
                 if split_items:
                     ordered = _mixed(split_items, seed, split, key=lambda it: it[0])
-                    samples = folder_samples(folder, ordered, split_keys, stats)
+                    fits = crop_fits if split == "train" else None  # eval resizes any image to the input
+                    samples = folder_samples(folder, ordered, split_keys, stats, fits)
                     splits[split] = write_split(samples, out, split, shard_size, bar)
     splits = {k: v for k, v in splits.items() if v}
     manifest = Manifest(classes=classes, splits=splits, source=source, policy_hint=hint, val_from=val_from)
@@ -275,11 +314,20 @@ def build(
         "samples": {k: manifest.num_samples(k) for k in splits},
         "shards": {k: len(v) for k, v in splits.items()},
         "skipped": stats["skipped"],
+        "skipped_by_reason": stats["skipped_by_reason"],
         "seconds": round(dt, 3),
         "images_per_s": round(written / dt, 1) if dt > 0 else None,
         "scanned": total,
         "val_from": val_from,
     }
+
+
+def training_crop_check(policy):
+    """What the policy's training crop needs of an image's size (a padded crop: the image, padded,
+    at least the crop), as a function raising ValueError; None when any size can be cropped."""
+    if policy.crop != "padded":
+        return None
+    return lambda width, height: check_padded_fits(width, height, policy.input_size, policy.crop_padding)
 
 
 def _mixed(items: list, seed: int, split: str, key) -> list:

@@ -406,3 +406,74 @@ def test_the_example_folder_builds_with_its_input_size(tmp_path):
     assert Manifest.load(tmp_path / "sh64").policy().crop == "resized"  # DeiT's RandomResizedCrop above
     with pytest.raises(ValueError, match="--input-size is for --src"):
         build(tmp_path / "d", demo="digits", input_size=24, progress=False)
+
+
+def test_a_build_skips_each_bad_file_with_one_line_and_goes_on(tmp_path):
+    """An image folder holding what folders hold: a link that loops, one that dangles, a FIFO named
+    .jpg, a JPEG cut at its tail, images smaller than the 32 px padded crop (32x16, 1x1), and CMYK,
+    greyscale, palette and RGBA images. Each bad file is one line naming it, counted by its reason;
+    the build goes on, ends 0 and leaves no temporary file; every image in a shard decodes (as RGB,
+    as torchvision's ImageFolder loads it) and takes the hinted crop. (It aborted with a traceback
+    and a train-000000.tar.tmp, hung on the FIFO, and let the cut JPEG and the small images in.)"""
+    import os
+
+    from PIL import Image
+
+    from shards.build import write_example_folder
+
+    src = tmp_path / "images"
+    write_example_folder(src, train_per_class=2, val_per_class=1)
+    bad = src / "train" / "3"
+    (bad / "loop.jpg").symlink_to(bad / "loop.jpg")
+    (bad / "dangling.jpg").symlink_to(bad / "nowhere.jpg")
+    os.mkfifo(bad / "fifo.jpg")
+    good = next(bad.glob("digit_*.jpg")).read_bytes()
+    (bad / "cut.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("RGB", (32, 16)).save(bad / "wide.png")
+    Image.new("RGB", (1, 1)).save(bad / "dot.png")
+    odd = {
+        "cmyk.jpg": Image.new("CMYK", (32, 32), (0, 50, 100, 0)),
+        "grey.png": Image.new("L", (32, 32), 128),
+        "palette.png": Image.new("P", (32, 32), 3),
+        "rgba.png": Image.new("RGBA", (32, 32), (9, 9, 9, 0)),
+    }
+    for name, im in odd.items():
+        im.save(bad / name)
+    out = tmp_path / "shards"
+    r = run_cli("shards", "build", "--src", src / "train", "--val-src", src / "val", "--out", out, "--input-size",
+                "32", "--no-progress")  # fmt: skip
+    s = last_json(r.stdout)
+    assert s["skipped_by_reason"] == {"unreadable": 2, "not a regular file": 1, "undecodable": 1,
+                                      "too small for the crop": 2}, s  # fmt: skip
+    assert s["skipped"] == 6 and s["samples"]["train"] == 20 + len(odd)
+    for name in ("loop.jpg", "dangling.jpg", "fifo.jpg", "cut.jpg", "wide.png", "dot.png"):
+        assert sum(name in line for line in r.stderr.splitlines()) == 1, (name, r.stderr)
+    assert "Traceback" not in r.stderr and not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    m = Manifest.load(out)
+    policy = m.policy()
+    for shard in m.shards("train"):
+        for sample in iter_shard(out / shard.name, SkipCounter()):
+            image = decode_image(sample.data)
+            assert image.mode == "RGB"
+            augment(image, sample.key, 0, policy)  # the hinted crop takes it
+
+
+@pytest.mark.unit
+def test_a_failed_build_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import shards.build as build_module
+    from shards.build import build, write_example_folder
+
+    src = tmp_path / "images"
+    write_example_folder(src, train_per_class=3, val_per_class=0)
+    calls = []
+
+    def failing(data):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("the disk went away")
+        return decode_image(data)
+
+    monkeypatch.setattr(build_module, "decode_image", failing)
+    with pytest.raises(RuntimeError, match="went away"):
+        build(tmp_path / "out", src=src / "train", progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
