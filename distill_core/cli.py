@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from .config import ConfigError, add_arguments, from_arguments
+from .secrets import refuse_secrets_in
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError)
 
@@ -79,6 +80,7 @@ class App:
     def main(self, argv: Sequence[str] | None = None) -> int:
         setup_logging()
         try:
+            refuse_secrets_in(sys.argv[1:] if argv is None else argv)
             command, config = self.parse(argv)
             result = command.run(config)
         except (ConfigError, *USER_ERRORS, *self.user_errors) as e:

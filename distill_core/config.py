@@ -69,7 +69,9 @@ def _strip_optional(annotation):
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         rest = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(rest) == 1:
-            return rest[0]
+            annotation = rest[0]
+    if typing.get_origin(annotation) is typing.Annotated:  # X | None of an Annotated X: its type
+        annotation = typing.get_args(annotation)[0]
     return annotation
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from distill_core import Command, Positional
+from distill_core.secrets import SecretURL
 from shards import Manifest
 from shards.fingerprint import adopt as adopt_fingerprint
 
@@ -130,8 +131,8 @@ def copy(src_url: str, dst_url: str, namespace_id: str | None = None, batch: int
 class StatsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: Annotated[str, Positional()] = Field(
-        description="store URL: redis://host:port/db, rediss://..., file:///path.db or a path"
+    url: Annotated[SecretURL, Positional()] = Field(
+        description="store URL: redis://host:port/db, rediss://..., file:///path.db or a path (or env:NAME, @FILE)"
     )
     namespace: str | None = Field(None, description="namespace id (or a prefix of it) to report; default all")
     shards: str | None = Field(
@@ -146,8 +147,10 @@ class StatsConfig(BaseModel):
 class CopyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    src: Annotated[str, Positional()] = Field(description="store URL to copy from")
-    dst: Annotated[str, Positional()] = Field(description="store URL to merge into (e.g. a Redis cluster)")
+    src: Annotated[SecretURL, Positional()] = Field(description="store URL to copy from (or env:NAME, @FILE)")
+    dst: Annotated[SecretURL, Positional()] = Field(
+        description="store URL to merge into (e.g. a Redis cluster; or env:NAME, @FILE)"
+    )
     namespace: str | None = Field(None, description="namespace id (or a prefix); required when SRC holds several")
     progress: bool = Field(True, description="progress bar")
 
@@ -155,7 +158,7 @@ class CopyConfig(BaseModel):
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: Annotated[str, Positional()] = Field(description="store URL to export from")
+    url: Annotated[SecretURL, Positional()] = Field(description="store URL to export from (or env:NAME, @FILE)")
     out: Annotated[Path, Positional()] = Field(description="the .npz file to write")
     namespace: str | None = Field(None, description="namespace id (or a prefix); required when URL holds several")
     progress: bool = Field(True, description="progress bar")
@@ -165,7 +168,9 @@ class ImportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: Annotated[Path, Positional()] = Field(description="a file `labels export` wrote")
-    url: Annotated[str, Positional()] = Field(description="store URL to merge its labels into")
+    url: Annotated[SecretURL, Positional()] = Field(
+        description="store URL to merge its labels into (or env:NAME, @FILE)"
+    )
     progress: bool = Field(True, description="progress bar")
 
 

@@ -44,7 +44,7 @@ from shards.fingerprint import validate as validate_fingerprint
 from shards.schedule import REPEAT_MODES
 
 from .namespace import MAX_KEY_LENGTH, MAX_SEED, Namespace
-from .store import list_namespaces, open_existing, open_store, redact
+from .store import list_namespaces, open_existing, open_store, redact, resolved
 from .store.file_store import path_from_url
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,8 @@ def _header(lf: LabelFile) -> tuple[dict, Namespace]:
         header = json.loads(str(data[()]))
     except json.JSONDecodeError as e:
         raise ValueError(f"{lf.path}: the header is not JSON: {e}") from e
+    except RecursionError:  # a header nested 200,000 levels deep: no traceback
+        raise ValueError(f"{lf.path}: the header nests too deeply to be a label export's") from None
     if not isinstance(header, dict):
         raise ValueError(f"{lf.path}: the header must be a JSON object")
     if header.get("format_version") != FORMAT_VERSION or type(header.get("format_version")) is not int:
@@ -413,6 +415,7 @@ def check_file(path: str | Path, url: str | None = None) -> dict:
 
 def _holds(url: str, namespace: Namespace) -> bool:
     """Whether the store at `url` has `namespace` (a file store that is not there has none)."""
+    url = resolved(url)
     if ("://" not in url or url.startswith("file://")) and not path_from_url(url).exists():
         return False
     return any(m["id"] == namespace.id for m in list_namespaces(url))

@@ -16,6 +16,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill_core import Nested, NotAFlag, read_secret
+from distill_core.secrets import SecretURL
 from labels.teacher import TeacherSettings
 from shards.flags import DecoderFlag, RendererFlag, RepeatModeFlag
 
@@ -44,7 +45,10 @@ class DataConfig(BaseModel):
     labels: LabelSource = Field(
         "none", description="teacher labels: none | store | service | online (DeiT's in-process teacher)"
     )
-    store: str | None = Field(None, description="label store URL for --labels store (file path or redis://)")
+    store: SecretURL | None = Field(
+        None,
+        description="label store URL for --labels store (file path or redis://; with a password, env:NAME or @FILE)",
+    )
     namespace: str | None = Field(
         None,
         description="label namespace id (prefix); default: the store's only one, else its only one of the run's policy",

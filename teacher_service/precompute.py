@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from distill_core import Command, Nested
+from distill_core.secrets import SecretURL
 from labels.namespace import MAX_SEED, RecordFormat
 from labels.provenance import check_labelled_bytes
 from labels.quality import label_quality
@@ -383,7 +384,10 @@ class PrecomputeConfig(BaseModel):
     repeated_aug: int = Field(3, ge=1, description="the run's repeated augmentation (with --epochs)")
     repeat_mode: RepeatModeFlag = "deit"
     split: str = Field("train", description="split of --shards to label")
-    store: str = Field("runs/labels.db", description="label store URL (a file path, file://, redis://, rediss://)")
+    store: SecretURL = Field(
+        "runs/labels.db",
+        description="label store URL (a file path, file://, redis://, rediss://); with a password, env:NAME or @FILE",
+    )
     format: str = Field("top1", description="record format: top1 (hard labels) or topKp, e.g. top5p")
     policy: dict = Field(default_factory=dict, description="JSON of augmentation policy overrides (as the trainer's)")
     renderer: RendererFlag = None

@@ -140,3 +140,28 @@ def test_to_argv_is_the_inverse_of_the_parser(tmp_path):
         parser = add_arguments(argparse.ArgumentParser(), type(cfg))
         assert from_arguments(type(cfg), parser.parse_args(argv)) == cfg, argv
     assert "--teacher-checkpoint" in argv and "--no-export" in argv and '{"depth": 2}' in argv
+
+
+@pytest.mark.unit
+def test_urls_with_secrets_never_reach_a_command_line(tmp_path, monkeypatch, capsys):
+    """A store URL with a password, in front of the host or as a query parameter (also
+    percent-encoded, as redis-py decodes it: `?%70assword=`), is refused on every command line and
+    masked wherever it is shown; env:NAME and @FILE name it instead."""
+    from distill_core.secrets import redact, resolve_url, url_has_secret
+    from teacher_service.__main__ import APP
+
+    for url in ("redis://:pw@h:6379/0", "redis://u:pw@h/0", "rediss://h/0?password=pw", "redis://h/0?%70assword=pw",
+                "redis://h/0?a=1&pass%77ord=pw"):  # fmt: skip
+        assert url_has_secret(url) and "pw" not in redact(url), url
+        code = APP.main(["labels", "stats", url, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and "pw" not in err and "env:NAME" in err, err
+    assert not url_has_secret("redis://h:6379/0?cluster=1") and not url_has_secret("runs/labels.db")
+    monkeypatch.setenv("MY_STORE", "redis://:pw@h/0")
+    (tmp_path / "store.url").write_text("redis://:pw@h/1\n")
+    assert (
+        resolve_url("env:MY_STORE") == "redis://:pw@h/0"
+        and resolve_url(f"@{tmp_path / 'store.url'}") == "redis://:pw@h/1"
+    )
+    with pytest.raises(ValueError, match="NOT_SET is not set"):
+        resolve_url("env:NOT_SET")

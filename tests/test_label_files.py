@@ -302,6 +302,16 @@ def test_export_replaces_no_device_fifo_or_link(good, tmp_path, capsys):
 
 
 @pytest.mark.unit
+def test_a_deeply_nested_header_is_one_error_line(good, tmp_path, capsys):
+    """A header nested 200,000 levels deep: one ERROR line (it was a RecursionError traceback)."""
+    a = arrays(good)
+    a["header"] = np.array("[" * 200_000 + "]" * 200_000)
+    np.savez_compressed(tmp_path / "deep.npz", **a)
+    code, err = cli("import", tmp_path / "deep.npz", str(tmp_path / "x.db"), capsys=capsys)
+    assert code == 2 and "nests too deeply" in err and "Traceback" not in err, err
+
+
+@pytest.mark.unit
 def test_a_namespace_mismatch_is_an_error_line(good, tmp_path, capsys):
     """The same namespace id with other metadata in the destination: one ERROR line, exit 2."""
     dst = str(tmp_path / "dst.db")

@@ -81,14 +81,17 @@ def test_redis_password_never_in_answers_or_logs(demo_shards, tiny_teacher, tmp_
         proc.terminate()
         wait_exit(proc, "serve stops on SIGTERM", 3)
     assert password not in log.read_text()
-    # the CLIs' summaries and errors name the store without its password too
-    for argv in (
-        ("labels", "stats", url),
-        ("labels", "export", url, tmp_path / "x.npz"),
-        precompute_argv(demo_shards, "0:1", url, tiny_teacher)[3:],
-    ):
-        r = run_cli("teacher_service", *argv, check=False)
-        assert r.returncode == 2 and password not in r.stderr + r.stdout and masked in r.stderr, r.stderr[-800:]
+    # on a command line a URL with a password is refused before anything runs (`ps` shows it to
+    # every user); from the environment (env:NAME) it is used, and errors name it masked
+    for store, why in ((url, "on the command line"), ("env:DISTILL_STORE", "unavailable")):
+        for argv in (
+            ("labels", "stats", store),
+            ("labels", "export", store, tmp_path / "x.npz"),
+            precompute_argv(demo_shards, "0:1", store, tiny_teacher)[3:],
+        ):
+            r = run_cli("teacher_service", *argv, check=False, env={"DISTILL_STORE": url})
+            out = r.stderr + r.stdout
+            assert r.returncode == 2 and password not in out and masked in r.stderr and why in r.stderr, out[-800:]
 
 
 def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, tiny_teacher, tmp_path):

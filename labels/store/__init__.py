@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from distill_core.secrets import resolve_url
+
 from ..namespace import Namespace, NamespaceMismatch
 from .base import DEFAULT_SEED_LIMIT, LabelBatch, LabelStore, SeedOutOfRange, StoreError, StoreUnavailable, redact
 from .file_store import FileStore
@@ -18,6 +20,11 @@ BACKENDS: dict[str, tuple[type[LabelStore], Callable[[str], list[dict]]]] = {
 }
 
 
+def resolved(url: str) -> str:
+    """The URL itself, or the one `env:NAME` / `@FILE` names (distill_core.secrets)."""
+    return resolve_url(url, "store")
+
+
 def _scheme(url: str) -> str:
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     if scheme not in BACKENDS:
@@ -29,11 +36,13 @@ def open_store(url: str, namespace: Namespace, create: bool = True, seed_limit: 
     """Open `namespace` in the store at `url` (created unless create=False). The namespace serves
     seeds 0 .. seed_limit - 1: `seed_limit` raises the stored limit (DEFAULT_SEED_LIMIT for a new
     namespace when not given); it is never lowered."""
+    url = resolved(url)
     return BACKENDS[_scheme(url)][0](url, namespace, create=create, seed_limit=seed_limit)
 
 
 def list_namespaces(url: str) -> list[dict]:
     """Metadata of every namespace stored at `url`."""
+    url = resolved(url)
     return BACKENDS[_scheme(url)][1](url)
 
 
@@ -41,6 +50,7 @@ def open_existing(url: str, namespace_id: str | None = None, policy_id: str | No
     """Open a stored namespace without knowing its teacher: the one whose id starts with
     `namespace_id`, else the only one, else the only one made with augmentation policy `policy_id`
     (a store that holds the labels of several policies serves a run of each without --namespace)."""
+    url = resolved(url)
     metas = list_namespaces(url)
     if namespace_id:
         metas = [m for m in metas if m["id"].startswith(namespace_id)]
@@ -67,6 +77,7 @@ __all__ = [
     "list_namespaces",
     "open_existing",
     "redact",
+    "resolved",
     "FileStore",
     "RedisStore",
 ]

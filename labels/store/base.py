@@ -12,9 +12,10 @@ import abc
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+
+from distill_core.secrets import redact  # noqa: F401 (every URL shown goes through it; re-exported)
 
 from ..namespace import MAX_KEY_LENGTH, MAX_SEED, Namespace, RecordFormat
 
@@ -24,35 +25,6 @@ DEFAULT_SEED_LIMIT = 1024
 
 class StoreError(RuntimeError):
     """Base class of label-store failures. Messages carry URLs through `redact`: never a password."""
-
-
-# query parameters that carry a secret (redis-py reads `?password=`; the others, by name, anywhere)
-_SECRET_PARAMS = ("password", "passwd", "pass", "pwd", "secret", "token", "auth", "key")
-
-
-def redact(url: str) -> str:
-    """The URL with its secrets replaced: a user name and password in front of the host, and
-    the value of any query parameter whose name says secret (`?password=`, which redis-py
-    accepts too). What logs, errors and summaries show; every one of them goes through here."""
-    try:
-        parts = urlsplit(str(url))
-    except ValueError:  # not even a URL: nothing of it is shown
-        return "***"
-    netloc = parts.netloc
-    if parts.password is not None or parts.username is not None:
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6
-            host = f"[{host}]"
-        netloc = "***@" + host + (f":{parts.port}" if parts.port else "")
-    query = parts.query
-    if query:
-        masked = []
-        for item in query.split("&"):
-            name, sep, value = item.partition("=")
-            secret = sep and any(word in name.lower() for word in _SECRET_PARAMS)
-            masked.append(f"{name}=***" if secret else item)
-        query = "&".join(masked)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class StoreUnavailable(StoreError):

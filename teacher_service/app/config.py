@@ -14,6 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from distill_core import Nested, NotAFlag, read_secret
+from distill_core.secrets import SecretURL
 from labels.namespace import MAX_SEED
 from labels.teacher import TeacherSettings
 from shards.flags import DecoderFlag, RendererFlag
@@ -45,7 +46,11 @@ class Settings(BaseSettings):
     # data and labels
     shards: str | None = Field(None, description="shard directory whose images the service can label by key")
     splits: str = Field("train,val", description="comma-separated splits of --shards to index")
-    store: str = Field("runs/labels.db", description="label store URL (a file path, file://, redis://, rediss://)")
+    store: SecretURL = Field(
+        "runs/labels.db",
+        description="label store URL (a file path, file://, redis://, rediss://; with a password, DISTILL_STORE, "
+        "env:NAME or @FILE)",
+    )
     format: str = Field("top1", description="record format: top1 (hard labels) or topKp, e.g. top5p")
     seed_limit: int | None = Field(
         None,
