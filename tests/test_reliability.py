@@ -123,8 +123,9 @@ def test_service_refuses_shards_that_do_not_match_their_manifest(demo_shards, ti
 def test_connections_that_send_nothing_or_too_much_are_closed(demo_shards, tiny_teacher, tmp_path):
     """Reliability case 6: a connection that sends nothing, or part of its headers, is closed after
     the header timeout (they were kept forever: 20,000 of them exhausted the descriptors); one that
-    stalls in its body is closed after the body timeout (2,100 such were held for 78 s while every
-    valid request got a 503); a 100 KB header or 100,000 headers get a 400; one client address
+    stalls in its body, or drips it a byte at a time, is closed once the body timeout has passed
+    since its head (2,100 stalled ones were held for 78 s while every valid request got a 503; a
+    drip was held forever); a 100 KB header or 100,000 headers get a 400; one client address
     holds at most its bound of connections; connections past the per-worker bound get a 503."""
     env = {
         "DISTILL_HTTP_HEADER_TIMEOUT": "1", "DISTILL_HTTP_BODY_TIMEOUT": "1", "DISTILL_HTTP_MAX_CONNECTIONS": "8",
@@ -145,6 +146,20 @@ def test_connections_that_send_nothing_or_too_much_are_closed(demo_shards, tiny_
             t0 = time.monotonic()
             assert connect(start).recv(100) == b""  # closed by the service
             assert time.monotonic() - t0 < 5
+        # a body dripped a byte every 0.4 s never stalls for the timeout: the timeout bounds the whole
+        # body, so it is closed about 1 s after its head (it was held for as long as the drip went on)
+        drip = connect(stalled_body)
+        drip.settimeout(0.4)
+        t0 = time.monotonic()
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while time.monotonic() - t0 < 8:
+                drip.sendall(b" ")
+                try:
+                    if drip.recv(100) == b"":
+                        raise ConnectionResetError("closed by the service")
+                except TimeoutError:
+                    pass
+        assert time.monotonic() - t0 < 4
         big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
         many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X: 1\r\n" * 100_000 + b"\r\n"
         for request in (big, many):

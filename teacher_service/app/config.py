@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         10.0, gt=0, description="seconds a connection has to send its request headers; then it is closed"
     )
     http_body_timeout: float = Field(
-        10.0, gt=0, description="seconds a request body may go without a byte before it is complete; then closed"
+        10.0, gt=0, description="seconds a request body has from its request head to be complete; then closed"
     )
     http_max_connections_per_client: int = Field(
         256,

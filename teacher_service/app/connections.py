@@ -6,9 +6,10 @@ its file-descriptor limit (and uvicorn's default parser, httptools, took a 2 MB 
 
 - a connection must complete its request headers within `header_timeout` seconds of opening (or of
   the previous response); otherwise it is closed;
-- a request body must keep coming: `body_timeout` seconds without a byte of a body that is not
-  complete close the connection (2,100 connections that sent headers and 16 bytes of a body were
-  held for 78 s, and every valid request meanwhile got a 503);
+- a request body must be complete within `body_timeout` seconds of its request head, however its
+  bytes come (2,100 connections that sent headers and 16 bytes of a body were held for 78 s, and
+  every valid request meanwhile got a 503; a body dripped a byte every 5 s was held forever while
+  the deadline restarted at each byte);
 - one client address may hold at most `max_connections_per_client` connections of a worker (0:
   no bound; behind a proxy every client has the proxy's address): more are closed at once;
 - the request head (target + headers) may be at most `max_header_bytes`: a larger one is answered
@@ -28,9 +29,9 @@ _per_client: dict[str, int] = {}  # this worker's open connections by client add
 
 
 class GuardedH11Protocol(H11Protocol):
-    """H11Protocol with a deadline for request headers (`config.header_timeout`, seconds), an idle
-    deadline for request bodies (`config.body_timeout`) and a bound on connections per client
-    address (`config.max_connections_per_client`)."""
+    """H11Protocol with a deadline for request headers (`config.header_timeout`, seconds), one for
+    each whole request body (`config.body_timeout`) and a bound on connections per client address
+    (`config.max_connections_per_client`)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -63,7 +64,7 @@ class GuardedH11Protocol(H11Protocol):
         waiting = self.cycle is None or self.cycle.response_complete  # no request in progress yet
         if not waiting:
             self._disarm()
-            self._body_wait(self.cycle.more_body)  # each byte of a body restarts its deadline
+            self._body_wait(self.cycle.more_body, restart=False)  # one deadline for the whole body
         elif self._header_deadline is None:  # bytes of a next request began after a response
             self._arm()
 
@@ -84,9 +85,13 @@ class GuardedH11Protocol(H11Protocol):
             self._client = None
         super().connection_lost(exc)
 
-    def _body_wait(self, more: bool) -> None:
-        """(Re)start the body's idle deadline while more of it is to come, else stop it."""
-        if getattr(self, "_body_deadline", None) is not None:
+    def _body_wait(self, more: bool, restart: bool = True) -> None:
+        """Start the body's deadline while more of it is to come (keep a running one unless
+        `restart`), else stop it."""
+        running = getattr(self, "_body_deadline", None) is not None
+        if more and running and not restart:
+            return
+        if running:
             self._body_deadline.cancel()
             self._body_deadline = None
         timeout = getattr(self.config, "body_timeout", None)
@@ -98,7 +103,7 @@ class GuardedH11Protocol(H11Protocol):
         if self.cycle is None or not self.cycle.more_body or self.transport.is_closing():
             return
         if self.flow.read_paused:  # we stopped reading (the app has not taken the bytes): not the client's stall
-            self._body_wait(True)
+            self._body_wait(True)  # another full period
             return
         self.transport.close()  # the app's receive() gets http.disconnect: its request ends
 
