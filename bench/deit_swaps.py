@@ -15,8 +15,13 @@ Arms (`--arms`, comma-separated):
 - `deit_init`: our data path, DeiT's initialisation: timm 0.4.12 draws the class token from a
   truncated normal of std 0.02, timm 1.0 from a normal of std 1e-6 (every other weight's
   distribution is the same in both);
-- `deit_both`: DeiT's data path and initialisation.
-Both paths train one process at `--batch-size`, with the lr schedule, loss and optimizer of
+- `deit_both`: DeiT's data path and initialisation;
+- `deit_replay`: the official run itself, replayed: the initial weights and every batch (in order)
+  that `bench/deit_official_record.py` recorded from the official main.py of that seed
+  (`--recordings DIR`: DIR/s<seed>/), through our step;
+- `deit_batches`: the official run's batches, our initial weights;
+- `deit_weights`: the official run's initial weights, our data path.
+Every path trains one process at `--batch-size`, with the lr schedule, loss and optimizer of
 `train`; `--mode hard` labels each crop with the teacher online (the same labels as cached ones).
 """
 
@@ -34,13 +39,25 @@ from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args
 
-ARMS = ("ours", "deit_data", "deit_init", "deit_both")
+# arm: (data path, initialisation)
+ARMS = {
+    "ours": ("ours", "ours"),
+    "deit_data": ("deit", "ours"),
+    "deit_init": ("ours", "deit_cls"),
+    "deit_both": ("deit", "deit_cls"),
+    "deit_replay": ("recorded", "recorded"),
+    "deit_batches": ("recorded", "ours"),
+    "deit_weights": ("ours", "recorded"),
+}
 
 
 class DeitSwaps(BaseModel):
     shards: str = Field(description="shard directory with train and val splits")
     teacher: str | None = Field(None, description="teacher checkpoint (.safetensors), for --mode hard")
     arms: str = Field("ours,deit_data,deit_init", description=f"comma-separated arms, of: {', '.join(ARMS)}")
+    recordings: str | None = Field(
+        None, description="the official runs' recordings (bench/deit_official_record.py): DIR/s<seed>/"
+    )
     mode: str = Field("plain", description="plain (ViT without distillation token) | hard (distilled, teacher online)")
     seeds: int = Field(5, ge=1, description="seeds per arm, 0..N-1 (paired across arms)")
     first_seed: int = Field(0, ge=0, description="the first seed")
@@ -68,6 +85,34 @@ def train_config(cfg: DeitSwaps, seed: int):
     )  # fmt: skip
 
 
+class RecordedBatches:
+    """An official run's batches (bench/deit_official_record.py), epoch by epoch, in its order."""
+
+    def __init__(self, recording: Path, epochs: int):
+        self.x = np.load(recording / "batches.npy", mmap_mode="r")
+        self.y = np.load(recording / "labels.npy")
+        if len(self.x) % epochs:
+            raise ValueError(f"{recording}: {len(self.x)} batches are not {epochs} epochs of the same length")
+        self.steps, self.epoch = len(self.x) // epochs, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for i in range(self.epoch * self.steps, (self.epoch + 1) * self.steps):
+            yield torch.from_numpy(np.asarray(self.x[i], dtype=np.float32)), torch.from_numpy(self.y[i]).long()
+
+
+class DeitLoader(torch.utils.data.DataLoader):
+    """A DataLoader with the `set_epoch` the arms' loop calls (DeiT's path has no per-epoch state)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
 def deit_loader(tcfg, policy, folder: Path, seed: int):
     """DeiT's main.py data path: ImageFolder, the transform on the worker's generators, RandomSampler,
     drop_last; torch and numpy seeded once (Python's random is not seeded there)."""
@@ -78,7 +123,7 @@ def deit_loader(tcfg, policy, folder: Path, seed: int):
     torch.manual_seed(seed)
     np.random.seed(seed)
     dataset = ImageFolder(str(folder), transform=train_transform(policy))
-    return torch.utils.data.DataLoader(
+    return DeitLoader(
         dataset, sampler=torch.utils.data.RandomSampler(dataset), batch_size=tcfg.batch_size, num_workers=1,
         drop_last=True,
     )  # fmt: skip
@@ -106,14 +151,21 @@ def run_arm(cfg: DeitSwaps, arm: str, seed: int, folder: Path) -> dict:
     tcfg, cpu = train_config(cfg, seed), torch.device("cpu")
     manifest = Manifest.load(cfg.shards)
     policy = tcfg.augment_policy(manifest)
-    deit_data, deit_init = arm in ("deit_data", "deit_both"), arm in ("deit_init", "deit_both")
+    data, init = ARMS[arm]
+    recording = Path(cfg.recordings or ".") / f"s{seed}"
     seed_epoch(seed, 0, 0)  # as train's setup
     model, _ = build_model(tcfg, len(manifest.classes), policy.input_size)
-    if deit_init:  # timm 0.4.12's VisionTransformer.init_weights: the class token as the position embedding
+    if init == "deit_cls":  # timm 0.4.12's VisionTransformer.init_weights: the class token as the position embedding
         with torch.no_grad():
             trunc_normal_(model.cls_token, std=0.02)
-    if deit_data:
+    elif init == "recorded":
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(recording / "init.safetensors")), strict=True)
+    if data == "deit":
         loader = deit_loader(tcfg, policy, folder, seed)
+    elif data == "recorded":
+        loader = RecordedBatches(recording, tcfg.epochs)
     else:
         loader = labeled_loader(tcfg, manifest=manifest, policy=policy)
     steps = len(loader)
@@ -128,15 +180,15 @@ def run_arm(cfg: DeitSwaps, arm: str, seed: int, folder: Path) -> dict:
     step, t0 = 0, time.perf_counter()
     model.train()
     for epoch in range(tcfg.epochs):
-        if not deit_data:  # as train does; DeiT's path draws on from its one seeding
+        if data == "ours":  # as train does; DeiT's path draws on from its one seeding
             seed_epoch(seed, epoch, 0)
-            loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         for batch in loader:
-            if deit_data:
+            if isinstance(batch, dict):
+                x, y = rendered(batch, policy, cpu), batch["label"]
+            else:
                 x, y = batch
                 batch = {}
-            else:
-                x, y = rendered(batch, policy, cpu), batch["label"]
             step += 1
             train_step(run, x, y, run.targets(batch, x, None), step)
         end_epoch_schedule(run, epoch)
@@ -172,6 +224,8 @@ def main() -> None:
         raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
     if cfg.mode == "hard" and not cfg.teacher:
         raise SystemExit("--mode hard needs --teacher")
+    if any("recorded" in ARMS[a] for a in arms) and not cfg.recordings:
+        raise SystemExit("the deit_replay, deit_batches and deit_weights arms need --recordings")
     torch.set_num_threads(1)
     folder = imagefolder_of_shards(cfg.shards, "train", tempfile.mkdtemp(prefix="deit-swaps-"))
     results = []
