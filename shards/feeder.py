@@ -77,6 +77,11 @@ class Feeder:
 
     # -- the producer ----------------------------------------------------------------------
     def _run(self) -> None:
+        if self.device.type == "cuda":
+            # a new thread's current device is GPU 0: the loader's iterator (made below) starts its
+            # pin-memory thread on the current device, and every rank would pin on, and open a
+            # context on, GPU 0
+            torch.cuda.set_device(self.device)
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         index, stage = 0, "loading"
         try:

@@ -97,6 +97,25 @@ def _version(pkg: str) -> str:
         return "absent"
 
 
+def decoder_backend(policy: AugmentPolicy, device: torch.device) -> dict:
+    """What decodes the images, beyond the policy's decoder name: the library (and its version),
+    and on a GPU the CUDA version and the compute capability. nvJPEG's output depends on both:
+    A100, H100 and H200 decode baseline JPEGs in hardware, other GPUs in a CUDA software
+    decoder, progressive JPEGs take another path again. So nvJPEG labels belong to one GPU family
+    (and one library and CUDA build); libjpeg labels (Pillow) to every machine."""
+    if policy.renderer == "torch" and policy.decoder == "nvjpeg":
+        from .render import device_decoder_library
+
+        library = device_decoder_library()
+    else:
+        library = "pillow"
+    out = {"library": f"{library} {_version(library)}"}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        out.update(cuda=torch.version.cuda, compute_capability=f"{major}.{minor}")
+    return out
+
+
 def machine(device: torch.device) -> str:
     """Where crops were rendered, in words: the GPU's name, or the CPU's architecture and the
     vector instructions torch uses on it."""
@@ -137,6 +156,7 @@ def render_fingerprint(
         "policy": policy.to_dict(),
         "renderer": policy.renderer,
         "decoder": policy.decoder if policy.renderer == "torch" else "libjpeg",
+        "decoder_backend": decoder_backend(policy, device),
         "device": machine(device),
         "versions": {p: _version(p) for p in ("torch", "torchvision", "pillow", "timm")},
         "made_by": made_by,
@@ -186,6 +206,9 @@ def difference(stored: dict, mine: dict) -> str | None:
     ]
     sv, mv = stored.get("versions", {}), mine.get("versions", {})
     what += [f"{p} {sv.get(p)} there, {mv.get(p)} here" for p in sorted(set(sv) | set(mv)) if sv.get(p) != mv.get(p)]
+    sb, mb = stored.get("decoder_backend") or {}, mine.get("decoder_backend") or {}
+    names = {"library": "decoder library", "cuda": "CUDA", "compute_capability": "compute capability"}
+    what += [f"{names.get(k, k)} {sb.get(k)} there, {mb.get(k)} here" for k in names if sb.get(k) != mb.get(k)]
     example = f" (e.g. image {differ[0][0]} seed {differ[0][1]})" if differ else ""
     return (
         f"{len(differ)} of {len(theirs)} fixed crops render differently{example}: fingerprint {stored.get('sha256')} "

@@ -35,7 +35,6 @@ not needed either.
 from __future__ import annotations
 
 import functools
-import io
 import math
 import random
 import warnings
@@ -170,16 +169,36 @@ def crop_image(image: Image.Image, params: CropParams, policy) -> torch.Tensor:
     return to_uint8_chw(out)
 
 
-def crop_tensor(image: torch.Tensor, params: CropParams, policy) -> torch.Tensor:
-    """`crop_image` of a decoded (3, H, W) uint8 tensor, on its device (Pillow's resize arithmetic)."""
-    top, left, h, w = params.box
+def cut_region(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The box (top, left, h, w) of a decoded (3, H, W) uint8 tensor, on its device: black past the
+    image's edges (a padded crop), as Pillow's crop."""
+    top, left, h, w = box
     height, width = image.shape[-2:]
     outside = (max(-left, 0), max(left + w - width, 0), max(-top, 0), max(top + h - height, 0))
-    if any(outside):  # a padded crop: black past the image's edges, as Pillow's crop
+    if any(outside):
         image = torch.nn.functional.pad(image, outside)
         top, left = top + outside[2], left + outside[0]
-    out = resize_u8(image[:, top : top + h, left : left + w], policy.input_size, policy.interpolation)
+    return image[:, top : top + h, left : left + w]
+
+
+def crop_tensor(image: torch.Tensor, params: CropParams, policy) -> torch.Tensor:
+    """`crop_image` of a decoded (3, H, W) uint8 tensor, on its device (Pillow's resize arithmetic)."""
+    out = resize_u8(cut_region(image, params.box), policy.input_size, policy.interpolation)
     return out.flip(-1) if params.flip else out
+
+
+def resized_regions(regions: list[torch.Tensor], params: list[CropParams], policy) -> list[torch.Tensor]:
+    """`crop_tensor` of many cut regions: the regions of one size resized together (one set of
+    launches a size, not a crop), each then flipped if it drew a flip."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, region in enumerate(regions):
+        by_size.setdefault(tuple(region.shape[-2:]), []).append(i)
+    out: list[torch.Tensor] = [None] * len(regions)  # type: ignore[list-item]
+    for group in by_size.values():
+        resized = resize_u8(torch.stack([regions[i] for i in group]), policy.input_size, policy.interpolation)
+        for k, i in enumerate(group):
+            out[i] = resized[k].flip(-1) if params[i].flip else resized[k]
+    return out
 
 
 # -- decoding on the device ------------------------------------------------------------------
@@ -197,28 +216,49 @@ def check_device(policy, device) -> None:
         )
 
 
-def decode_on_device(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
-    """JPEGs decoded on `device` in one batched call (nvJPEG on CUDA, libjpeg-turbo on the CPU):
-    TorchCodec's decoder where it is installed (the kept path), torchvision's otherwise."""
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    try:
-        from torchcodec.decoders import decode_jpeg
-    except ImportError:
-        from torchvision.io import ImageReadMode, decode_jpeg
+def device_decoder_library() -> str:
+    """Which library decodes JPEGs on the device: "torchcodec" where it is installed (torchvision's
+    decoders are deprecated since 0.29 in its favour), else "torchvision"."""
+    import importlib.util
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-    return decode_jpeg(tensors, mode="RGB", device=device)
+    return "torchcodec" if importlib.util.find_spec("torchcodec") is not None else "torchvision"
+
+
+def decode_on_device(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
+    """JPEGs decoded on `device` in one batched call (nvJPEG on CUDA, libjpeg-turbo on the CPU), by
+    `device_decoder_library`. Both take a list of 1-D uint8 CPU tensors and give a list of (3, H, W)
+    uint8 tensors on `device` (TorchCodec 0.17's `decode_jpeg(source: list, *, mode="RGB", device)`;
+    torchvision's `decode_jpeg(input: list, mode=ImageReadMode.RGB, device=...)`)."""
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    if device_decoder_library() == "torchcodec":
+        from torchcodec.decoders import decode_jpeg
+
+        return list(decode_jpeg(tensors, mode="RGB", device=device))
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
 def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def crops_on_device(items: list[tuple], policy, device) -> torch.Tensor:
+class DeviceDecodeError(ValueError):
+    """The device's decoder (nvJPEG) cannot decode an image of a batch. Under the nvjpeg decoder no
+    image is ever decoded by another decoder: its pixels would not be the ones the labels and the
+    render fingerprint were made from. `index` is the image's place in the batch."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
+def crops_on_device(items: list[tuple], policy, device, keys: list[str] | None = None) -> torch.Tensor:
     """The uint8 (B, 3, S, S) crops of prepared items on `device`: (uint8 crop, params) as they
-    are, (JPEG bytes, params) decoded there in one batched call, then cut and resized there."""
+    are, (JPEG bytes, params) decoded there in one batched call, then cut and resized there. An
+    image the device cannot decode raises DeviceDecodeError naming it (`keys`: the images' keys)."""
     device = torch.device(device)
     sources = [source for source, _ in items]
     encoded = [i for i, source in enumerate(sources) if isinstance(source, bytes | bytearray)]
@@ -226,24 +266,28 @@ def crops_on_device(items: list[tuple], policy, device) -> torch.Tensor:
         check_device(policy, device)
         try:
             images = decode_on_device([sources[i] for i in encoded], device)
-        except Exception:  # e.g. a CMYK JPEG nvJPEG refuses: one at a time, with Pillow if need be
-            images = [_decode_one(sources[i], device) for i in encoded]
-        for i, image in zip(encoded, images, strict=True):
-            sources[i] = crop_tensor(image, items[i][1], policy)
+        except Exception as batch_error:  # which image: one at a time, on the same decoder
+            for i in encoded:
+                try:
+                    decode_on_device([sources[i]], device)
+                except Exception as e:
+                    name = repr(keys[i]) if keys else f"{i} of the batch"
+                    raise DeviceDecodeError(
+                        f"the device's JPEG decoder cannot decode image {name} ({e}); under the nvjpeg decoder no "
+                        "image is decoded by another (its pixels would not be the labels'): build the shards "
+                        "without it, or label with decoder libjpeg",
+                        i,
+                    ) from e
+            raise batch_error
+        regions = [cut_region(image, items[i][1].box) for i, image in zip(encoded, images, strict=True)]
+        for i, crop in zip(encoded, resized_regions(regions, [items[i][1] for i in encoded], policy)):
+            sources[i] = crop
     return torch.stack([s.to(device, non_blocking=True) for s in sources])
 
 
-def _decode_one(data: bytes, device: torch.device) -> torch.Tensor:
-    try:
-        return decode_on_device([data], device)[0]
-    except Exception:
-        with Image.open(io.BytesIO(data)) as im:
-            return to_uint8_chw(im).to(device)
-
-
-def render_prepared(items: list[tuple], policy, device) -> torch.Tensor:
+def render_prepared(items: list[tuple], policy, device, keys: list[str] | None = None) -> torch.Tensor:
     """`render_batch` of prepared items (see `crops_on_device`)."""
-    return render_batch(crops_on_device(items, policy, device), [p for _, p in items], policy, device)
+    return render_batch(crops_on_device(items, policy, device, keys), [p for _, p in items], policy, device)
 
 
 # -- the pixels ----------------------------------------------------------------------------

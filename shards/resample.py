@@ -91,43 +91,64 @@ def _rows_used(in_size: int, out_size: int, interpolation: str) -> tuple[int, in
     return int(xmin[0]), min(int(xmin[-1]) + ksize, in_size)
 
 
+@functools.lru_cache(maxsize=4096)
+def device_tables(
+    in_size: int, out_size: int, interpolation: str, first: int, extent: int, method: str, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """One pass's tables on `device`, built (and copied there) once per shape and kept: for
+    "gather" each output's tap indices into an input of `extent` that starts at `first`, and their
+    int32 weights; for "matmul" the dense float64 matrix. A render's passes then only launch
+    kernels: no copy from the host, no wait for one."""
+    xmin, weights = coefficients(in_size, out_size, interpolation)
+    taps = np.clip(xmin[:, None] - first + np.arange(weights.shape[1])[None, :], 0, extent - 1)
+    if method == "matmul":
+        dense = np.zeros((out_size, extent))
+        np.add.at(dense, (np.arange(out_size)[:, None], taps), weights)  # clamped taps carry weight 0
+        return (torch.from_numpy(dense).to(device),)
+    if method == "gather":
+        idx = torch.from_numpy(taps).to(device)
+        w = torch.from_numpy(weights.astype(np.int32)).to(device)
+        # one column per tap, made now: the passes slice nothing
+        return tuple(idx[:, k].contiguous() for k in range(taps.shape[1])) + tuple(
+            w[:, k].contiguous() for k in range(taps.shape[1])
+        )
+    raise ValueError(f"method must be gather or matmul, not {method!r}")
+
+
 def _pass(
     x: torch.Tensor, dim: int, in_size: int, out_size: int, interpolation: str, first: int, method: str
 ) -> torch.Tensor:
-    """One of Pillow's passes along `dim` (-1 or -2) of uint8 `x`, an input of `in_size` of
-    which `x` holds the indices from `first` on (every index a weighted tap reads)."""
-    xmin, weights = coefficients(in_size, out_size, interpolation)
-    taps = np.clip(xmin[:, None] - first + np.arange(weights.shape[1])[None, :], 0, x.shape[dim] - 1)
+    """One of Pillow's passes along `dim` (-1 or -2) of uint8 `x` (..., H, W), an input of
+    `in_size` of which `x` holds the indices from `first` on (every index a weighted tap reads)."""
+    tables = device_tables(in_size, out_size, interpolation, first, x.shape[dim], method, x.device)
     if method == "matmul":
-        dense = np.zeros((out_size, x.shape[dim]))
-        np.add.at(dense, (np.arange(out_size)[:, None], taps), weights)  # clamped taps carry weight 0
-        m = torch.from_numpy(dense).to(x.device)
+        (m,) = tables
         xd = x.to(torch.float64)
         acc = ((xd @ m.T) if dim == -1 else (m @ xd)).to(torch.int64)
-    elif method == "gather":
-        idx = torch.from_numpy(taps).to(x.device)
-        w = torch.tensor(weights).to(x.device)
-        acc = None
-        for k in range(taps.shape[1]):
-            term = x.index_select(dim, idx[:, k]).to(torch.int32).mul_(w[:, k] if dim == -1 else w[:, k, None])
-            acc = term if acc is None else acc.add_(term)
     else:
-        raise ValueError(f"method must be gather or matmul, not {method!r}")
+        ksize = len(tables) // 2
+        acc = None
+        for idx, w in zip(tables[:ksize], tables[ksize:]):
+            term = x.index_select(dim, idx).to(torch.int32).mul_(w if dim == -1 else w[:, None])
+            acc = term if acc is None else acc.add_(term)
     acc = acc + (1 << (PRECISION_BITS - 1))
     return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
 def resize_u8(image: torch.Tensor, size: int, interpolation: str = "bicubic", method: str = "gather") -> torch.Tensor:
-    """`image` (C, H, W) uint8, on any device, resized to (C, size, size) with Pillow's arithmetic,
-    horizontal pass first. Bit-identical across devices, thread counts and `method`s."""
-    if image.dtype != torch.uint8 or image.dim() != 3:
-        raise ValueError(f"resize_u8 takes a (C, H, W) uint8 tensor, not {tuple(image.shape)} {image.dtype}")
-    _, h, w = image.shape
+    """`image` (C, H, W) uint8, or a batch (B, C, H, W) of one size, on any device, resized to
+    (..., size, size) with Pillow's arithmetic, horizontal pass first. Bit-identical across
+    devices, thread counts, batch sizes and `method`s."""
+    if image.dtype != torch.uint8 or image.dim() not in (3, 4):
+        raise ValueError(
+            f"resize_u8 takes a (C, H, W) or (B, C, H, W) uint8 tensor, not {tuple(image.shape)} {image.dtype}"
+        )
+    h, w = image.shape[-2:]
     x, first = image, 0
     if w != size:
         if h != size:  # only the rows the vertical pass reads
             first, last = _rows_used(h, size, interpolation)
-            x = x[:, first:last]
+            x = x[..., first:last, :]
         x = _pass(x, -1, w, size, interpolation, 0, method)
     if h != size:
         x = _pass(x, -2, h, size, interpolation, first, method)

@@ -423,9 +423,10 @@ class EncodedRegions:
 
     sources: list  # JPEG bytes or uint8 [3, S, S]
     params: list
+    keys: list | None = None  # named by an image the device cannot decode
 
     def render(self, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
-        return render_prepared(list(zip(self.sources, self.params)), policy, device)
+        return render_prepared(list(zip(self.sources, self.params)), policy, device, self.keys)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -440,7 +441,7 @@ def collate(items: list, skipped: int = 0, policy: AugmentPolicy | None = None) 
         if all(isinstance(s, torch.Tensor) for s in sources):
             image = Regions(torch.stack(sources), BatchPlan.build(list(params), policy))
         else:
-            image = EncodedRegions(list(sources), list(params))
+            image = EncodedRegions(list(sources), list(params), list(keys))
     else:
         image = torch.stack(xs)
     return {

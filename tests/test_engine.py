@@ -96,26 +96,50 @@ def test_torch_renderer_crops_are_the_same_rendered_in_workers_or_on_the_device(
 
 
 @pytest.mark.parametrize("render", ["workers", "device"])
-def test_a_compiled_teacher_sees_one_batch_shape(teacher, members, demo_shards, tmp_path, monkeypatch, render):
-    """With a compiled teacher every batch is padded to max_batch_size (one shape: no recompiles);
-    the padding's labels are never answered. (The teacher is not compiled here: what the engine
-    gives it is what is checked.)"""
+def test_a_compiled_teacher_sees_one_batch_shape(members, demo_shards, tiny_teacher, tmp_path, monkeypatch, render):
+    """With a compiled teacher every batch is padded to max_batch_size: torch.compile (Teacher.compile,
+    with a backend that records the shapes it compiles for) compiles one graph, for one shape, and
+    never recompiles; the padding's labels are never answered."""
+    import torch._dynamo
+
+    compiled_for = []
+
+    def recording_backend(gm, example_inputs):
+        images = [t for t in example_inputs if isinstance(t, torch.Tensor) and tuple(t.shape[1:]) == (3, 32, 32)]
+        compiled_for.append(tuple(tuple(t.shape) for t in images))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=recording_backend, dynamic=False))
+    torch._dynamo.reset()
+    teacher = Teacher(TeacherSettings(checkpoint=str(tiny_teacher)), device="cpu").compile()
     engine, _, _, policy = make_engine(teacher, demo_shards, tmp_path, renderer="torch", render=render)
-    shapes = []
-    launch = teacher.launch
-
-    def recording(x, topk=1):
-        shapes.append(tuple(x.shape))
-        return launch(x, topk)
-
-    monkeypatch.setattr(teacher, "compiled", True)
-    monkeypatch.setattr(teacher, "launch", recording)
     jobs = [Job(member, key, (0, 1, 2)) for key, member in members[:3]]  # 9 crops: a full batch, then 1
     with engine:
-        res = wait_result(engine, jobs)
-    assert shapes and set(shapes) == {(8, 3, 32, 32)}
+        res = wait_result(engine, jobs, measured_s=30)
+    assert compiled_for == [((8, 3, 32, 32),)], compiled_for  # one graph, for the padded shape only
+    plain = Teacher(TeacherSettings(checkpoint=str(tiny_teacher)), device="cpu")
     x = torch.stack([augment(decode_image(m.read()), k, s, policy) for k, m in members[:3] for s in range(3)])
-    assert (torch.from_numpy(res.classes[:, 0]) == teacher.logits(x).argmax(-1)).all() and res.errors == [None] * 9
+    assert (torch.from_numpy(res.classes[:, 0]) == plain.logits(x).argmax(-1)).all() and res.errors == [None] * 9
+
+
+@pytest.mark.unit
+def test_a_short_batch_is_padded_on_the_teachers_device_into_a_kept_buffer():
+    """The padding of a compiled teacher's short batch is made on the teacher's device, in a buffer
+    kept across batches (a `torch.cat` on the host made ~150 MB of copies a batch at 224 px). The
+    meta device stands in for a GPU; the crops come from the host, as the workers' buffers do."""
+    from types import SimpleNamespace
+
+    engine = LabelEngine.__new__(LabelEngine)
+    engine.teacher = SimpleNamespace(compiled=True, device=torch.device("meta"))
+    engine.config = SimpleNamespace(max_batch_size=8)
+    engine._render_stream, engine._pad_buffer = None, None
+    host = torch.ones(8, 3, 32, 32)
+    engine._pixels = lambda b: host[: b.n]
+    first = engine._rendered(SimpleNamespace(n=3))
+    second = engine._rendered(SimpleNamespace(n=5))
+    assert first.device.type == "meta" and tuple(first.shape) == (8, 3, 32, 32)
+    assert second is first  # the kept buffer: no allocation, no host tensor a batch
 
 
 @pytest.mark.parametrize("thread", ["scheduler", "augmentation callback", "inference", "writer"])

@@ -60,11 +60,11 @@ def test_an_error_in_a_stage_reaches_the_loop_as_raised(threaded):
             for batch, _ in feed:
                 seen.append(batch)
     assert seen == [0, 1, 2]
-    assert "(in the feeder: preparing batch 3)" in getattr(e.value, "__notes__", ["(in the feeder: preparing batch 3)"])
+    assert "(in the feeder: preparing batch 3)" in e.value.__notes__  # Python >= 3.11 (the project's CI)
     with pytest.raises(KeyError, match="no batch 2") as e:  # the loader's own error, its own type
         for _ in Feeder(numbers(10, log, fail_at=2), lambda i: i, "cpu", threaded=threaded):
             pass
-    assert "(in the feeder: loading batch 2)" in getattr(e.value, "__notes__", ["(in the feeder: loading batch 2)"])
+    assert "(in the feeder: loading batch 2)" in e.value.__notes__
     assert not [t for t in threading.enumerate() if t.name == "feeder"]  # the thread is gone
 
 
@@ -81,3 +81,44 @@ def test_a_loop_that_stops_early_stops_the_thread_before_the_loader_is_read_agai
     again = len(log)
     time.sleep(0.2)
     assert len(log) == again  # nothing reads the loader any more
+
+
+def test_the_feeder_thread_works_on_its_own_device_before_the_loader_starts(monkeypatch):
+    """On CUDA the feeder's thread sets its device before it makes the loader's iterator: a new
+    thread's current device is GPU 0, and the DataLoader starts its pin-memory thread on the current
+    device when its iterator is made (every rank pinned on, and opened a context on, GPU 0). Here
+    the CUDA calls are stand-ins that record what happens, in which thread."""
+    import contextlib
+
+    import torch
+
+    calls = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+    def set_device(device):
+        calls.append(("set_device", str(torch.device(device)), threading.current_thread().name))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+
+    class Loader:
+        def __iter__(self):
+            calls.append(("iterator", threading.current_thread().name))
+            yield from range(3)
+
+    got = [batch for batch, _ in Feeder(Loader(), lambda b: b, "cuda:1", threaded=True)]
+    assert got == [0, 1, 2]
+    assert calls[:2] == [("set_device", "cuda:1", "feeder"), ("iterator", "feeder")], calls

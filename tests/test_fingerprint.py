@@ -34,6 +34,55 @@ def test_a_fingerprint_is_reproduced_from_its_own_record(demo_shards, renderer):
     assert check(fp, demo_shards, policy, "cpu", "here")["sha256"] == fp["sha256"]
 
 
+@pytest.mark.parametrize("renderer", ["pil", "torch"])
+def test_a_fingerprint_is_the_same_in_another_process_and_changes_with_a_crop(demo_shards, renderer):
+    """The fingerprint another process renders (a verifier is always another process) is this
+    one; a render made to differ in one crop (a level of one pixel) gives another, and the
+    difference names it. (A constant fingerprint would pass a same-process comparison.)"""
+    import subprocess
+    import sys
+
+    import shards.fingerprint as fingerprint
+
+    policy = Manifest.load(demo_shards).policy(renderer)
+    here = render_fingerprint(demo_shards, policy, "cpu")
+    code = (
+        "import json, sys; from shards import Manifest; from shards.fingerprint import render_fingerprint; "
+        "p = Manifest.load(sys.argv[1]).policy(sys.argv[2]); print(json.dumps(render_fingerprint(sys.argv[1], p)))"
+    )
+    argv = [sys.executable, "-c", code, str(demo_shards), renderer]
+    there = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    assert there["sha256"] == here["sha256"] and there["crops"] == here["crops"] and difference(there, here) is None
+    render = fingerprint._render
+
+    def one_level_off(samples, policy, device):
+        crops = render(samples, policy, device)
+        crops[5] = crops[5].clone()
+        crops[5][0, 0, 0] += 1 / 255
+        return crops
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fingerprint, "_render", one_level_off)
+        off = render_fingerprint(demo_shards, policy, "cpu", pairs=here["pairs"])
+    assert off["sha256"] != here["sha256"] and [a != b for a, b in zip(off["crops"], here["crops"])].count(True) == 1
+    assert "1 of 16 fixed crops render differently" in difference(here, off)
+
+
+@pytest.mark.unit
+def test_the_fingerprint_names_the_decoder_library_cuda_and_compute_capability(demo_shards):
+    """nvJPEG's pixels depend on the GPU (hardware decoder on A100/H100/H200, software elsewhere),
+    the CUDA build and the library: the record carries them, and a mismatch names each."""
+    policy = Manifest.load(demo_shards).policy("torch")
+    fp = render_fingerprint(demo_shards, policy, "cpu")
+    assert fp["decoder_backend"]["library"].startswith("pillow ")
+    gpu = {"library": "torchcodec 0.17.0", "cuda": "12.8", "compute_capability": "9.0"}
+    there = {**fp, "sha256": "d" * 32, "crops": ["0" * 16, *fp["crops"][1:]], "decoder_backend": gpu}
+    mine = {**fp, "decoder_backend": {"library": "torchvision 0.29.1", "cuda": "12.8", "compute_capability": "8.0"}}
+    problem = difference(there, mine)
+    assert "decoder library torchcodec 0.17.0 there, torchvision 0.29.1 here" in problem
+    assert "compute capability 9.0 there, 8.0 here" in problem and "CUDA" not in problem
+
+
 @pytest.mark.unit
 def test_the_torch_renderers_fingerprint_draws_every_op(demo_shards):
     """Its seeds are chosen so that its crops exercise every RandAugment op, a flip and erasing."""

@@ -495,3 +495,128 @@ def test_the_posterize_fix_stays_in_our_transform(photos):
     posterize = [op for op in ops if op.name == "PosterizeIncreasing"]
     assert posterize and all(op.aug_fn is posterize_any_bits for op in posterize)
     assert not np.asarray(posterize_any_bits(photos[0], 0)).any()
+
+
+@pytest.mark.unit
+def test_an_image_the_device_cannot_decode_is_named_never_decoded_by_pillow(photos, monkeypatch):
+    """A JPEG the device's decoder refuses (nvJPEG refuses a CMYK JPEG that Pillow decodes): the
+    batch stops with an error naming the image, whichever decoder could have decoded it; under the
+    nvjpeg decoder a crop is never made of another decoder's pixels. (It fell back to Pillow's
+    pixels, under the labels' nvJPEG fingerprint.) The CPU stands in for the device."""
+    import shards.render as render
+
+    refused = _jpeg(photos[1], quality=50)
+    decode = render.decode_on_device
+
+    def device_decoder(datas, device):
+        if refused in datas:
+            raise RuntimeError("nvjpegDecode failed: unsupported JPEG (stand-in)")
+        return decode(datas, device)
+
+    monkeypatch.setattr(render, "decode_on_device", device_decoder)
+    items = [prepare_encoded(_jpeg(photos[0]), "good", 0, TORCH), prepare_encoded(refused, "cmyk/0001", 1, TORCH)]
+    with pytest.raises(render.DeviceDecodeError, match="cannot decode image 'cmyk/0001'") as e:
+        crops_on_device(items, TORCH, "cpu", keys=["good", "cmyk/0001"])
+    assert e.value.index == 1 and "no image is decoded by another" in str(e.value)
+
+
+@pytest.mark.unit
+def test_the_device_decoder_is_called_as_torchcodec_documents(monkeypatch):
+    """TorchCodec 0.17's `decoders.decode_jpeg(source, *, mode="RGB", output_dtype, device)`: a batch
+    is a list of sources (1-D uint8 tensors on the CPU, even for CUDA), and a list comes back. A
+    stand-in with that signature takes our call, and the fingerprint names TorchCodec as the decoder."""
+    import inspect
+    import sys
+    import types
+
+    import shards.render as render
+    from shards.fingerprint import decoder_backend
+
+    calls = []
+
+    def decode_jpeg(source, *, mode="RGB", output_dtype=torch.uint8, device="cpu"):
+        assert isinstance(source, list) and all(isinstance(t, torch.Tensor) for t in source)
+        assert all(t.dtype == torch.uint8 and t.dim() == 1 and t.device.type == "cpu" for t in source)
+        calls.append((len(source), mode, str(device)))
+        return [torch.zeros(3, 4, 5, dtype=torch.uint8) for _ in source]
+
+    module = types.ModuleType("torchcodec")
+    module.__spec__ = importlib_spec("torchcodec")
+    decoders = types.ModuleType("torchcodec.decoders")
+    decoders.decode_jpeg = decode_jpeg
+    module.decoders = decoders
+    monkeypatch.setitem(sys.modules, "torchcodec", module)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", decoders)
+    monkeypatch.setattr(render, "device_decoder_library", lambda: "torchcodec")
+    assert list(inspect.signature(decode_jpeg).parameters)[0] == "source"
+    out = render.decode_on_device([b"\xff\xd8\xffa", b"\xff\xd8\xffb"], torch.device("cpu"))
+    assert calls == [(2, "RGB", "cpu")] and isinstance(out, list) and len(out) == 2
+    assert decoder_backend(NVJPEG, torch.device("cpu"))["library"].startswith("torchcodec")
+    assert decoder_backend(TORCH, torch.device("cpu"))["library"].startswith("pillow")
+
+
+def importlib_spec(name: str):
+    import importlib.machinery
+
+    return importlib.machinery.ModuleSpec(name, None)
+
+
+@pytest.mark.unit
+def test_the_device_decode_path_has_no_host_sync_and_builds_its_tables_once(photos, monkeypatch):
+    """The nvJPEG path (JPEG bytes decoded on the device, cut and resized there) on the meta device,
+    the decode replaced by its output: no sync-prone operation, and after the first batch of a
+    shape no copy from the host at all (its resize tables are built once per shape and kept: they
+    were uploaded with a blocking copy in every pass, about 4 syncs a crop); crops of one size are
+    resized together, so a batch of 16 such crops launches what a batch of 2 does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import shards.render as render
+
+    syncing = {"_local_scalar_dense", "item", "nonzero", "bincount", "unique", "_unique2", "masked_select"}
+    policy = AugmentPolicy(input_size=48, renderer="torch", scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    jpeg = _jpeg(photos[0].crop((0, 0, 120, 120)))  # square: every crop the whole image, one size
+    decoded = decode_on_device([jpeg], torch.device("cpu"))[0].to("meta")  # what the device's decoder gives
+    monkeypatch.setattr(render, "decode_on_device", lambda datas, device: [decoded for _ in datas])
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.uploads = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.append(func.overloadpacket.__name__)
+            outputs = out if isinstance(out, tuple | list) else [out]
+            if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args) and any(
+                isinstance(t, torch.Tensor) and t.device.type == "meta" for t in outputs
+            ):
+                self.uploads += 1
+            return out
+
+    runs = {}
+    for n in (2, 16):
+        items = [prepare_encoded(jpeg, f"k{i}", i, policy) for i in range(n)]
+        items = [(data, p.__class__(**{**p.__dict__, "flip": False})) for data, p in items]  # the same work per crop
+        render.crops_on_device(items, policy, "meta")  # a first batch of this shape builds the tables
+        with Record() as record:
+            out = render.crops_on_device(items, policy, "meta")
+        assert out.shape == (n, 3, 48, 48) and out.device.type == "meta"
+        assert not syncing & set(record.ops), syncing & set(record.ops)
+        assert record.uploads == 0, record.uploads
+        runs[n] = [op for op in record.ops if op not in ("stack", "select", "slice", "alias", "detach")]
+    assert runs[2] == runs[16]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_small_batch_with_empty_op_groups_renders_each_crop_as_alone(photos, n):
+    """A batch too small to draw every family (what a small CUDA batch takes): rendered the device's
+    way (`fixed`: every family launched, on no rows where none drew it) each crop is the crop
+    rendered alone, so empty groups are compared too."""
+    prepared = [prepare(photos[i % 2], f"small{i}", 40 + i, TORCH) for i in range(n)]
+    crops, params = torch.stack([c for c, _ in prepared]), [p for _, p in prepared]
+    kinds = {name for p in params for name, _ in p.ops}
+    assert len(kinds) < len(INCREASING_OPS)  # some family of some layer is empty
+    together = render_batch(crops, params, TORCH, "cpu", fixed=True)
+    for i in range(n):
+        assert torch.equal(together[i], render_batch(crops[i : i + 1], params[i : i + 1], TORCH, "cpu", fixed=False)[0])

@@ -55,7 +55,7 @@ from labels.store import open_store, redact
 from labels.teacher import PendingPrediction, Teacher
 from shards import AugmentPolicy
 from shards.fingerprint import FingerprintMismatch, difference, render_fingerprint
-from shards.render import BatchPlan, check_device, crops_on_device, render_batch
+from shards.render import BatchPlan, DeviceDecodeError, check_device, crops_on_device, render_batch
 
 from ..metrics import Metrics
 from .batcher import Batch, Batcher, Pending, Task
@@ -154,6 +154,7 @@ class LabelEngine:
         self._buffers = [torch.empty(shape, dtype=dtype).share_memory_() for _ in range(config.buffers)]
         self._pinned: list[int] = []
         self._render_stream = None  # CUDA: where a device render runs (see _rendered)
+        self._pad_buffer: torch.Tensor | None = None  # a compiled teacher's one batch shape (see _padded)
         # start() and close() own these (the caller's thread):
         self._pool: WorkerPool | None = None
         self._threads: list[threading.Thread] = []
@@ -434,8 +435,21 @@ class LabelEngine:
             compute.wait_event(ready)
             x.record_stream(compute)
         if self.teacher.compiled and len(x) < self.config.max_batch_size:
-            x = torch.cat([x, x.new_zeros((self.config.max_batch_size - len(x), *x.shape[1:]))])
+            x = self._padded(x)
         return x
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in the first rows of a batch of max_batch_size kept on the teacher's device: the copy
+        is the one the forward would make anyway, and no host memory is copied or allocated (a
+        `torch.cat` on the host cost about 150 MB a batch at 224 px). The rows past `x` hold what
+        they held; their labels are never used. Reuse is safe: the copy is issued on the stream
+        the previous batch's forward ran on, after it."""
+        shape = (self.config.max_batch_size, *x.shape[1:])
+        pad = self._pad_buffer
+        if pad is None or tuple(pad.shape) != shape or pad.dtype != x.dtype:
+            pad = self._pad_buffer = torch.zeros(shape, dtype=x.dtype, device=self.teacher.device)
+        pad[: len(x)].copy_(x, non_blocking=True)
+        return pad
 
     def _pixels(self, b: Batch) -> torch.Tensor:
         """The batch's crops: the workers' shared buffer, or rendered on the device here from the
@@ -458,7 +472,17 @@ class LabelEngine:
         if all(source is None for source, _ in items):
             return render_batch(buf[: b.n], plan, self.policy, device)
         prepared = [(source if source is not None else buf[i], p) for i, (source, p) in enumerate(items)]
-        return render_batch(crops_on_device(prepared, self.policy, device), plan, self.policy, device)
+        while True:
+            try:
+                crops = crops_on_device(prepared, self.policy, device, b.keys)
+                break
+            except DeviceDecodeError as e:  # that image's label fails (named), never another decoder's pixels
+                b.errors[e.index] = str(e)
+                if len(b.errors) >= b.n:
+                    return torch.zeros((b.n, *buf.shape[1:]), device=device)
+                stand_in = next(i for i in range(b.n) if i not in b.errors)
+                prepared[e.index] = prepared[stand_in]
+        return render_batch(crops, plan, self.policy, device)
 
     def _finish(self, b: Batch, pending: PendingPrediction, t0: float) -> None:
         try:
