@@ -11,7 +11,7 @@ from pathlib import Path
 
 from distill_core import free_port  # noqa: F401 (the benchmarks' helper, re-exported)
 from shards import Manifest, SkipCounter, iter_shard
-from shards.build import build
+from shards.build import BuildConfig, build
 
 
 def imagenet_like_jpegs(n: int, seed: int = 0, size=(500, 375), quality: int = 95, processes: int = 1) -> list[bytes]:
@@ -67,7 +67,7 @@ def jpeg_shards(
         folder = src / f"class{i % classes:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i:07d}.jpg").write_bytes(data)
-    build(directory, src=src, shard_size=shard_size)
+    build(BuildConfig(out=directory, src=src, shard_size=shard_size))
     m = Manifest.load(directory)
     return m, [r for s in m.shards("train") for r in iter_shard(Path(directory) / s.name, SkipCounter())]
 
@@ -84,7 +84,7 @@ def bench_shards(data: str, directory: Path, n: int = 2048, existing: str | None
 
 def demo_shards(directory: Path, shard_size: int = 128) -> tuple[Manifest, list]:
     """Build the demo digits into `directory`: its manifest and its train samples, in shard order."""
-    build(directory, demo="digits", shard_size=shard_size)
+    build(BuildConfig(out=directory, demo="digits", shard_size=shard_size))
     m = Manifest.load(directory)
     return m, [r for s in m.shards("train") for r in iter_shard(Path(directory) / s.name, SkipCounter())]
 
@@ -179,3 +179,37 @@ def _wait(step: str, ready, timeout: float = 60.0) -> None:
         if time.monotonic() - t0 > timeout:
             raise RuntimeError(f"{step}: not after {time.monotonic() - t0:.1f} s (allowed {timeout:.0f} s)")
         time.sleep(0.1)
+
+
+# -- the render's ops one at a time: bench/render_ops.py and tests/test_render.py ---------------
+
+
+def apply_op(name: str, x, args: list[float], fill=(124, 116, 104), interpolation="bicubic"):
+    """One RandAugment op on every sample of uint8 `x` (n, 3, S, S), one argument each (the render
+    runs the op families through `shards.render.randaugment`)."""
+    import torch
+
+    from shards.pixel_ops import blend_factor, blend_ops, lut_argument, lut_ops, warp, warp_coefficients
+    from shards.policy import OPS
+
+    n, op = len(x), OPS[name]
+    on = {"device": x.device}
+    if op.family == "lut":
+        code = torch.full((n,), op.code, **on)
+        return lut_ops(x, code, torch.tensor([lut_argument(name, a) for a in args], **on))
+    if op.family == "blend":
+        factor = torch.tensor([blend_factor(a) for a in args], **on)
+        return blend_ops(x, torch.full((n,), op.code, **on), factor[:, 0], factor[:, 1])
+    coeffs = torch.tensor([warp_coefficients(name, a, x.shape[-1]) for a in args], dtype=torch.int64, **on)
+    return warp(x, coeffs, torch.tensor(fill, dtype=torch.uint8, **on), interpolation)
+
+
+def normalize_and_erase(x, params, policy):
+    """uint8 (B, 3, S, S) -> timm's ToTensor + Normalize (looked up, not computed), then erasing."""
+    from shards.pixel_ops import normal_lut, normalize
+    from shards.plan import BatchPlan
+    from shards.render import erase_boxes
+
+    plan = params if isinstance(params, BatchPlan) else BatchPlan.build(params, policy)
+    out = normalize(x, normal_lut(tuple(policy.mean), tuple(policy.std), x.device))
+    return erase_boxes(out, plan.to(x.device))

@@ -29,9 +29,9 @@ from pydantic import BaseModel, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_core import parse_script_args  # noqa: E402
-from shards import AugmentPolicy, Manifest, SkipCounter, augment, decode_image, iter_shard, prepare  # noqa: E402
+from shards import AugmentPolicy, Manifest, SkipCounter, augment, cut_crop, decode_image, iter_shard  # noqa: E402
 from shards.augment import sample_seed, seeded_rng, train_transform  # noqa: E402
-from shards.build import build  # noqa: E402
+from shards.build import BuildConfig, build  # noqa: E402
 from shards.render import render_batch  # noqa: E402
 
 from common import imagenet_like_jpegs  # noqa: E402
@@ -76,7 +76,7 @@ def torch_stages(images: list[Image.Image], policy: AugmentPolicy, batch: int) -
     prepared, out = [], []
     for i, image in enumerate(images):
         t = time.perf_counter()
-        prepared.append(prepare(image, f"k{i}", 0, policy))
+        prepared.append(cut_crop(image, f"k{i}", 0, policy))
         times["crop"] += time.perf_counter() - t
     for b in range(0, len(prepared), batch):
         crops, params = zip(*prepared[b : b + batch])
@@ -89,7 +89,7 @@ def main():
     torch.set_num_threads(1)  # per-core figures
     out = {}
     with tempfile.TemporaryDirectory() as d:
-        out["build_images_per_s"] = build(d, demo="digits", shard_size=128)["images_per_s"]
+        out["build_images_per_s"] = build(BuildConfig(out=d, demo="digits", shard_size=128))["images_per_s"]
         m = Manifest.load(d)
         raws = [r for s in m.shards("train")[:4] for r in iter_shard(f"{d}/{s.name}", SkipCounter())][: args.demo_n]
         for name, policy in (("pil", m.policy()), ("torch", m.policy("torch"))):

@@ -134,7 +134,7 @@ def run_arm(cfg: DeitSwaps, arm: str, seed: int, folder: Path) -> dict:
 
     from labels.teacher import Teacher
     from shards import Manifest
-    from shards.stream import rendered
+    from shards.stream import images_on_device
     from student_trainer.data import eval_loader, labeled_loader
     from student_trainer.targets import TeacherTargetBuilder
     from student_trainer.train import (
@@ -185,7 +185,7 @@ def run_arm(cfg: DeitSwaps, arm: str, seed: int, folder: Path) -> dict:
         loader.set_epoch(epoch)
         for batch in loader:
             if isinstance(batch, dict):
-                x, y = rendered(batch, policy, cpu), batch["label"]
+                x, y = images_on_device(batch, policy, cpu), batch["label"]
             else:
                 x, y = batch
                 batch = {}

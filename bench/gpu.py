@@ -115,9 +115,11 @@ def render_check(args) -> dict:
     """The torch renderer on the device vs the CPU on the same crops, the teacher's labels, and nvJPEG."""
     import numpy as np
 
-    from shards import AugmentPolicy, decode_image, prepare
-    from shards.augment import prepare_encoded
-    from shards.render import BatchPlan, decode_on_device, randaugment, render_batch, render_prepared
+    from shards import AugmentPolicy, cut_crop, decode_image
+    from shards.augment import draw_for_device_decode
+    from shards.device_decode import decode_on_device
+    from shards.plan import BatchPlan
+    from shards.render import randaugment, render_batch, render_items
     from teacher_service import Teacher, TeacherSettings
 
     from common import imagenet_like_jpegs
@@ -125,7 +127,7 @@ def render_check(args) -> dict:
     device = torch.device(args.device)
     policy = AugmentPolicy(renderer="torch")
     jpegs = imagenet_like_jpegs(args.crops, seed=1, processes=min(8, usable_cpus()))
-    prepared = [prepare(decode_image(j), f"k{i}", 0, policy) for i, j in enumerate(jpegs)]
+    prepared = [cut_crop(decode_image(j), f"k{i}", 0, policy) for i, j in enumerate(jpegs)]
     crops = torch.stack([c for c, _ in prepared])
     params = [p for _, p in prepared]
     teacher = Teacher(TeacherSettings(model=args.teacher, random_init=True, num_classes=1000), device=str(device))
@@ -134,7 +136,7 @@ def render_check(args) -> dict:
         x, p = crops[b : b + args.batch_size], params[b : b + args.batch_size]
         plan = BatchPlan.build(p, policy)
         on_device = randaugment(x.to(device), plan.to(device), policy).cpu()
-        crops_equal &= bool(torch.equal(on_device, randaugment(x, plan, policy, fixed=False)))
+        crops_equal &= bool(torch.equal(on_device, randaugment(x, plan, policy, every_family=False)))
         cpu = render_batch(x, p, policy, "cpu")
         dev = render_batch(x, plan, policy, device)
         floats_equal &= bool(torch.equal(dev.cpu(), cpu))
@@ -150,11 +152,11 @@ def render_check(args) -> dict:
     }
     if device.type == "cuda":
         nvjpeg = AugmentPolicy(renderer="torch", decoder="nvjpeg")
-        items = [prepare_encoded(j, f"k{i}", 0, nvjpeg) for i, j in enumerate(jpegs[:64])]
-        batch = render_prepared(items, nvjpeg, device)
-        out["nvjpeg_repeat_bit_identical"] = bool(torch.equal(batch, render_prepared(items, nvjpeg, device)))
+        items = [draw_for_device_decode(j, f"k{i}", 0, nvjpeg) for i, j in enumerate(jpegs[:64])]
+        batch = render_items(items, nvjpeg, device)
+        out["nvjpeg_repeat_bit_identical"] = bool(torch.equal(batch, render_items(items, nvjpeg, device)))
         out["nvjpeg_alone_equals_batched"] = all(
-            torch.equal(render_prepared([items[i]], nvjpeg, device)[0], batch[i]) for i in (0, 17, 63)
+            torch.equal(render_items([items[i]], nvjpeg, device)[0], batch[i]) for i in (0, 17, 63)
         )
         decoded = decode_on_device(jpegs[:64], device)
         on_cpu = [torch.from_numpy(np.array(decode_image(j))).permute(2, 0, 1) for j in jpegs[:64]]

@@ -32,19 +32,15 @@ from pydantic import BaseModel, Field
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from distill_core import parse_script_args  # noqa: E402
-from shards import AugmentPolicy, decode_image, prepare  # noqa: E402
-from shards.policy import OPS  # noqa: E402
-from shards.render import (  # noqa: E402
+from shards import AugmentPolicy, cut_crop, decode_image  # noqa: E402
+from shards.policy import (
     INCREASING_OPS,
-    apply_op,
-    fill_color,
-    normalize_and_erase,
-    randaugment,
-    render_batch,
+    OPS,  # noqa: E402
 )
+from shards.render import fill_color, randaugment, render_batch
 from shards.resample import resize_u8  # noqa: E402
 
-from common import imagenet_like_jpegs  # noqa: E402
+from common import apply_op, imagenet_like_jpegs, normalize_and_erase  # noqa: E402
 
 
 class BenchRenderOps(BaseModel):
@@ -63,7 +59,7 @@ def render_ops(args: BenchRenderOps) -> dict:
     device = torch.device(args.device)
     policy = AugmentPolicy(input_size=args.size, renderer="torch")
     images = [decode_image(j) for j in imagenet_like_jpegs(args.crops, seed=2)]
-    prepared = [prepare(im, f"k{i}", i, policy) for i, im in enumerate(images)]
+    prepared = [cut_crop(im, f"k{i}", i, policy) for i, im in enumerate(images)]
     crops = torch.stack([c for c, _ in prepared])
     params = [p for _, p in prepared]
     rng = random.Random(0)

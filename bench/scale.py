@@ -47,12 +47,12 @@ from labels.namespace import Namespace, RecordFormat
 from labels.provenance import check_labelled_bytes
 from labels.store import open_store
 from labels.teacher import Teacher, TeacherSettings
-from shards import Manifest, ShardStream, augment, decode_image, make_loader
-from shards.__main__ import BuildConfig
+from shards import Manifest, ShardStream, StreamOptions, augment, decode_image, make_loader
+from shards.build import BuildConfig
 from shards.index import SplitIndex
 from shards.members import Member, OpenFiles
 from teacher_service.local import LocalService, serve_argv
-from teacher_service.precompute import precompute
+from teacher_service.precompute import PrecomputeConfig, precompute
 
 from common import imagenet_like_jpegs
 
@@ -183,7 +183,9 @@ def loader(shards: Path, batches: int) -> dict:
     workers = usable_cpus()
     t0 = time.perf_counter()
     m = Manifest.load(shards)
-    stream = ShardStream(shards, "train", m.policy(), batch_size=64, repeats=3, repeat_mode="deit")
+    stream = ShardStream(
+        shards, "train", m.policy(), options=StreamOptions(repeats=3, repeat_mode="deit"), batch_size=64
+    )
     it = iter(make_loader(stream, num_workers=workers))
     next(it)
     first = time.perf_counter() - t0
@@ -270,10 +272,11 @@ def precompute_rate(shards: Path, model: str, images: int, workdir: Path) -> dic
     m = Manifest.load(shards)
     num = len(m.shards("train"))
     teacher = Teacher(TeacherSettings(model=model, random_init=True, num_classes=100), device="cpu")
-    s = precompute(
-        str(shards), range(0, 1), str(workdir / "pre.db"), teacher, batch_size=64, workers=usable_cpus(),
+    cfg = PrecomputeConfig(
+        shards=str(shards), seeds="0:1", store=str(workdir / "pre.db"), batch_size=64, workers=usable_cpus(),
         node_rank=0, num_nodes=max(1, num * m.shards("train")[0].samples // images), progress=False,
     )  # fmt: skip
+    s = precompute(cfg, teachers=[teacher])
     assert s["ok"], s
     cores = usable_cpus()
     return {

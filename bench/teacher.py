@@ -28,11 +28,10 @@ from pydantic import BaseModel, Field
 
 from distill_core import parse_script_args, usable_cpus
 from labels.client import TeacherClient
-from labels.namespace import RecordFormat
 from labels.teacher import Teacher, TeacherSettings
 from shards import augment, decode_image
 from teacher_service.local import LocalService, serve_argv
-from teacher_service.precompute import precompute
+from teacher_service.precompute import PrecomputeConfig, precompute
 
 from common import bench_shards
 
@@ -170,16 +169,17 @@ def main():
         # time): its steady rate is then measured over about as many labels as the service's
         pre = [
             precompute(
-                str(shards),
-                range(i * args.seeds, (i + 1) * args.seeds),
-                str(d / "pre.db"),
-                teacher,
-                fmt=RecordFormat(),
-                policy_overrides=policy_overrides(args),
-                batch_size=args.batch_size,
-                workers=args.workers,
-                progress=False,
-            )
+                PrecomputeConfig(
+                    shards=str(shards),
+                    seeds=f"{i * args.seeds}:{(i + 1) * args.seeds}",
+                    store=str(d / "pre.db"),
+                    policy=policy_overrides(args),
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    progress=False,
+                ),
+                teachers=[teacher],
+            )  # fmt: skip
             for i in range(args.precompute_runs)
         ]
         del teacher

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill_core import Command, to_argv
 from labels.teacher import TeacherSettings
-from shards.__main__ import BuildConfig
+from shards.build import BuildConfig
 from shards.flags import RendererFlag
 from student_trainer.config import TrainConfig
 from student_trainer.plot import group_runs, mean_std, plot_runs, read_metrics, throughput

@@ -1,19 +1,19 @@
 """Webdataset shards, manifest, streaming reader with DDP splitting, and seeded augmentation."""
 
-from .augment import augment, eval_view, prepare
+from .augment import augment, cut_crop, eval_view
 from .decode import decode_image
 from .flags import DecoderFlag, RendererFlag, policy_overrides
 from .manifest import Manifest, verify
 from .policy import AugmentPolicy, sample_seed
 from .schedule import RepeatSchedule
-from .stream import ShardStream, SkipCounter, iter_shard, make_loader
+from .stream import ShardStream, SkipCounter, StreamOptions, iter_shard, make_loader
 
 __all__ = [
     "AugmentPolicy",
     "RendererFlag",
     "DecoderFlag",
     "policy_overrides",
-    "prepare",
+    "cut_crop",
     "augment",
     "decode_image",
     "eval_view",
@@ -21,6 +21,7 @@ __all__ = [
     "Manifest",
     "verify",
     "ShardStream",
+    "StreamOptions",
     "SkipCounter",
     "iter_shard",
     "make_loader",

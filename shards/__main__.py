@@ -4,37 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from distill_core import App, Command, Positional
 
+from .build import BuildConfig, build
 from .flags import DecoderFlag, RendererFlag
-
-
-class BuildConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    out: Path = Field(description="output directory for .tar shards and manifest.json")
-    src: Path | None = Field(None, description="image folder, one sub-folder per class (ImageNet train layout)")
-    val_src: Path | None = Field(
-        None, description="validation folder of the same classes (ImageNet val layout: DIR/<class>/*.JPEG)"
-    )
-    demo: Literal["digits"] | None = Field(None, description="bundled demo data set (scikit-learn digits)")
-    shard_size: int = Field(1000, ge=1, description="samples per shard")
-    val_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="without --val-src: fraction of --src held out as val (stable hash split)"
-    )
-    demo_size: int = Field(32, ge=8, description="demo image side in pixels")
-    input_size: int | None = Field(
-        None,
-        ge=8,
-        description="--src: crop side every command uses on these shards (default DeiT's 224); at <= 32 px, "
-        "DeiT's small-image crop (RandomCrop with padding 4) and the whole image at eval",
-    )
-    seed: int = Field(0, description="seed of the fixed sample order inside shards")
-    progress: bool = Field(True, description="progress bar")
 
 
 class InspectConfig(BaseModel):
@@ -63,23 +40,6 @@ class ShowConfig(BaseModel):
     renderer: RendererFlag = None
     decoder: DecoderFlag = None
     device: str = Field("cpu", description="where a torch policy renders the crop (cuda for nvjpeg)")
-
-
-def build(cfg: BuildConfig) -> dict:
-    from .build import build
-
-    return build(
-        cfg.out,
-        src=cfg.src,
-        demo=cfg.demo,
-        shard_size=cfg.shard_size,
-        val_fraction=cfg.val_fraction,
-        demo_size=cfg.demo_size,
-        input_size=cfg.input_size,
-        seed=cfg.seed,
-        val_src=cfg.val_src,
-        progress=cfg.progress,
-    )
 
 
 def inspect(cfg: InspectConfig) -> int:
@@ -115,11 +75,12 @@ def index(cfg: IndexConfig) -> dict:
 
 
 def show(cfg: ShowConfig) -> dict:
-    from .augment import augment, prepare, prepare_encoded, to_pil
+    from .augment import augment, cut_crop, draw_for_device_decode, to_pil
     from .decode import decode_image
+    from .device_decode import is_jpeg
     from .index import SplitIndex
     from .manifest import Manifest
-    from .render import is_jpeg, render_prepared
+    from .render import render_items
 
     m = Manifest.load(cfg.dir)
     policy = m.policy(cfg.renderer, cfg.decoder, **cfg.policy)
@@ -131,8 +92,8 @@ def show(cfg: ShowConfig) -> dict:
         data = index.member(row).read()
         if policy.renderer == "torch" and cfg.device != "cpu":  # where the trainer would render it
             nvjpeg = policy.decoder == "nvjpeg" and is_jpeg(data)
-            prep = prepare_encoded if nvjpeg else lambda d, *a: prepare(decode_image(d), *a)
-            crop = render_prepared([prep(data, cfg.key, cfg.seed, policy)], policy, cfg.device)[0].cpu()
+            prep = draw_for_device_decode if nvjpeg else lambda d, *a: cut_crop(decode_image(d), *a)
+            crop = render_items([prep(data, cfg.key, cfg.seed, policy)], policy, cfg.device)[0].cpu()
         else:
             crop = augment(decode_image(data), cfg.key, cfg.seed, policy)
         to_pil(crop, policy).save(cfg.out, format="PNG")

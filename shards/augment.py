@@ -25,20 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .crop import crop_image
 from .decode import image_header
+from .device_decode import check_device
+from .params import check_padded_fits, draw_params, padded_crop_box, resized_crop_box
 from .policy import IMAGENET_MEAN, IMAGENET_STD, AugmentPolicy, sample_seed
-from .render import (
-    check_device,
-    check_padded_fits,
-    crop_image,
-    draw_params,
-    padded_crop_box,
-    render_batch,
-    resized_crop_box,
-)
+from .render import render_batch
 
 __all__ = ["AugmentPolicy", "IMAGENET_MEAN", "IMAGENET_STD", "augment", "crop_box", "eval_transform", "eval_view",
-           "prepare", "prepare_encoded", "sample_seed", "seeded_rng", "to_pil", "train_transform"]  # fmt: skip
+           "cut_crop", "draw_for_device_decode", "sample_seed", "seeded_rng", "to_pil", "train_transform"]  # fmt: skip
 
 # Python's `random`, numpy's and torch's global generators are process-wide: two threads
 # augmenting at once would interleave draws. One lock keeps each augment call atomic.
@@ -143,7 +138,7 @@ def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, rest
     batch on any device (`render.py`'s contract), and no global random state is touched."""
     if policy.renderer == "torch":
         check_device(policy, "cpu")
-        crop, params = prepare(image, key, seed, policy)
+        crop, params = cut_crop(image, key, seed, policy)
         return render_batch(crop.unsqueeze(0), [params], policy, "cpu")[0]
     if policy.crop == "padded":  # refused in our words, not torchvision's (which names the padded size)
         check_padded_fits(image.width, image.height, policy.input_size, policy.crop_padding)
@@ -153,7 +148,7 @@ def augment(image: Image.Image, key: str, seed: int, policy: AugmentPolicy, rest
     return out.contiguous()
 
 
-def prepare(image: Image.Image, key: str, seed: int, policy: AugmentPolicy) -> tuple:
+def cut_crop(image: Image.Image, key: str, seed: int, policy: AugmentPolicy) -> tuple:
     """The CPU half of a torch-renderer crop from an image Pillow decoded: (its uint8 (3, S, S)
     crop: the box resized and flipped, its CropParams), for `render.render_batch` wherever the
     model runs."""
@@ -161,8 +156,8 @@ def prepare(image: Image.Image, key: str, seed: int, policy: AugmentPolicy) -> t
     return crop_image(image, params, policy), params
 
 
-def prepare_encoded(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> tuple:
-    """`prepare` for a JPEG decoded later, on the device (nvjpeg policies): (the bytes, the
+def draw_for_device_decode(data: bytes, key: str, seed: int, policy: AugmentPolicy) -> tuple:
+    """`cut_crop` for a JPEG decoded later, on the device (nvjpeg policies): (the bytes, the
     CropParams); reads only the header here (and refuses what `decode_image` would refuse from it)."""
     width, height = image_header(data)
     return data, draw_params(policy, sample_seed(policy.policy_id, key, seed), width, height)

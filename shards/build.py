@@ -11,18 +11,20 @@ import re
 import stat
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import webdataset as wds
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from .decode import decode_image
 from .index import write_index
 from .manifest import Manifest, ShardInfo, sha256_file
+from .params import check_padded_fits
 from .policy import SMALL_INPUT
-from .render import check_padded_fits
 
 log = logging.getLogger(__name__)
 
@@ -221,105 +223,147 @@ def write_split(samples: Iterable[Sample], out: Path, split: str, shard_size: in
         )
 
 
-def build(
-    out: str | os.PathLike,
-    src: str | os.PathLike | None = None,
-    demo: str | None = None,
-    shard_size: int = 1000,
-    val_fraction: float = 0.0,
-    demo_size: int = 32,
-    seed: int = 0,
-    val_src: str | os.PathLike | None = None,
-    progress: bool = True,
-    input_size: int | None = None,
-) -> dict:
-    """Build shards and manifest; returns a summary dict. The val split is `val_src` (a folder
-    of the same classes: the official validation set), else a stable hash holdout of `val_fraction`
-    of `src`, else none; the manifest says which (`val_from`)."""
-    if (src is None) == (demo is None):
-        raise ValueError("give exactly one of --src DIR or --demo digits")
-    if shard_size < 1:
-        raise ValueError("--shard-size must be >= 1")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError("--val-fraction must be in [0, 1)")
-    if input_size is not None and demo is not None:
-        raise ValueError("--input-size is for --src shards (the demo's is --demo-size)")
-    if val_src is not None and (demo is not None or val_fraction > 0):
-        raise ValueError("--val-src is the val split of --src: not with --demo or --val-fraction")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+class BuildConfig(BaseModel):
+    """`shards build`'s flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="output directory for .tar shards and manifest.json")
+    src: Path | None = Field(None, description="image folder, one sub-folder per class (ImageNet train layout)")
+    val_src: Path | None = Field(
+        None, description="validation folder of the same classes (ImageNet val layout: DIR/<class>/*.JPEG)"
+    )
+    demo: Literal["digits"] | None = Field(None, description="bundled demo data set (scikit-learn digits)")
+    shard_size: int = Field(1000, ge=1, description="samples per shard")
+    val_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="without --val-src: fraction of --src held out as val (stable hash split)"
+    )
+    demo_size: int = Field(32, ge=8, description="demo image side in pixels")
+    input_size: int | None = Field(
+        None,
+        ge=8,
+        description="--src: crop side every command uses on these shards (default DeiT's 224); at <= 32 px, "
+        "DeiT's small-image crop (RandomCrop with padding 4) and the whole image at eval",
+    )
+    seed: int = Field(0, description="seed of the fixed sample order inside shards")
+    progress: bool = Field(True, description="progress bar")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BuildConfig:
+        if (self.src is None) == (self.demo is None):
+            raise ValueError("give exactly one of --src DIR or --demo digits")
+        if self.input_size is not None and self.demo is not None:
+            raise ValueError("--input-size is for --src shards (the demo's is --demo-size)")
+        if self.val_src is not None and (self.demo is not None or self.val_fraction > 0):
+            raise ValueError("--val-src is the val split of --src: not with --demo or --val-fraction")
+        return self
+
+
+@dataclass
+class _Splits:
+    """What a build writes: each split's shards, and what the manifest says of the source."""
+
+    classes: list[str]
+    source: str
+    hint: dict
+    val_from: dict
+    scanned: int
+    shards: dict[str, list[ShardInfo]] = field(default_factory=dict)
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Build shards and manifest; returns a summary dict. The val split is `--val-src` (a folder of
+    the same classes: the official validation set), else a stable hash holdout of
+    `--val-fraction` of `--src`, else none; the manifest says which (`val_from`)."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stats = {"skipped": 0, "skipped_by_reason": {}}
-    splits: dict[str, list[ShardInfo]] = {}
-    if demo is not None:
-        if demo != "digits":
-            raise ValueError(f"unknown demo data set {demo!r} (available: digits)")
-        classes, pairs = digits_samples(demo_size)
-        source = f"demo:digits@{demo_size}px"
-        hint = {**DEMO_POLICY_HINT, "input_size": demo_size, **small_input_hint(demo_size)}
-        total = len(pairs)
-        val_from = {"from": "fixed", "rule": "every fifth image"}
-        with tqdm(total=total, desc="shards", unit="img", disable=not progress) as bar:
-            for split in ("train", "val"):
-                samples = _mixed([s for sp, s in pairs if sp == split], seed, split, key=lambda s: s.key)
-                splits[split] = write_split(samples, out, split, shard_size, bar)
-    else:
-        src = Path(src)
-        classes, items = scan_folder(src)
-        source = str(src.resolve())
-        hint = {"input_size": input_size, **small_input_hint(input_size)} if input_size else {}  # else DeiT's 224
-        crop_fits = training_crop_check(Manifest(classes=classes, policy_hint=hint).policy())
-        keys = unique_keys(rel for rel, _ in items)
-        if val_src is not None:  # the official val set: the same classes, keys apart from train's
-            val_src = Path(val_src)
-            val_classes, val_items = scan_folder(val_src, "--val-src")
-            if val_classes != classes:
-                only_train, only_val = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-                raise ValueError(
-                    f"--val-src {val_src} has other classes than --src {src}: "
-                    f"{len(only_train)} only in train (e.g. {only_train[:3]}), {len(only_val)} only in val "
-                    f"(e.g. {only_val[:3]})"
-                )
-            val_keys = unique_keys([*keys, *(f"val/{rel}" for rel, _ in val_items)])
-            val_keys = {rel: val_keys[f"val/{rel}"] for rel, _ in val_items}
-            chosen = {"train": (src, items, keys), "val": (val_src, val_items, val_keys)}
-            val_from = {"from": "folder", "source": str(val_src.resolve())}
-        else:
-            held = [it for it in items if val_fraction > 0 and stable_fraction(keys[it[0]]) < val_fraction]
-            held_set = set(held)
-            chosen = {"train": (src, [it for it in items if it not in held_set], keys), "val": (src, held, keys)}
-            val_from = {"from": "holdout", "fraction": val_fraction} if held else {"from": "none"}
-            log.info(
-                "no --val-src: %s",
-                f"holding out {len(held)} images of --src as val" if held else "no val split (evaluation is off)",
-            )
-        total = sum(len(chosen_items) for _, chosen_items, _ in chosen.values())
-        with tqdm(total=total, desc="shards", unit="img", disable=not progress) as bar:
-            for split, (folder, split_items, split_keys) in chosen.items():
-                if split_items:
-                    ordered = _mixed(split_items, seed, split, key=lambda it: it[0])
-                    fits = crop_fits if split == "train" else None  # eval resizes any image to the input
-                    samples = folder_samples(folder, ordered, split_keys, stats, fits)
-                    splits[split] = write_split(samples, out, split, shard_size, bar)
-    splits = {k: v for k, v in splits.items() if v}
-    manifest = Manifest(classes=classes, splits=splits, source=source, policy_hint=hint, val_from=val_from)
+    built = _demo_splits(cfg) if cfg.demo is not None else _folder_splits(cfg, stats)
+    splits = {k: v for k, v in built.shards.items() if v}
+    manifest = Manifest(
+        classes=built.classes, splits=splits, source=built.source, policy_hint=built.hint, val_from=built.val_from
+    )
     for split in splits:  # where each image is, so readers never walk the tar headers (index.py)
-        manifest.indexes[split] = write_index(out, split, manifest)
-    manifest.save(out)
+        manifest.indexes[split] = write_index(cfg.out, split, manifest)
+    manifest.save(cfg.out)
     dt = time.perf_counter() - t0
     written = sum(manifest.num_samples(k) for k in splits)
     return {
-        "out": str(out),
-        "classes": len(classes),
+        "out": str(cfg.out),
+        "classes": len(built.classes),
         "samples": {k: manifest.num_samples(k) for k in splits},
         "shards": {k: len(v) for k, v in splits.items()},
         "skipped": stats["skipped"],
         "skipped_by_reason": stats["skipped_by_reason"],
         "seconds": round(dt, 3),
         "images_per_s": round(written / dt, 1) if dt > 0 else None,
-        "scanned": total,
-        "val_from": val_from,
+        "scanned": built.scanned,
+        "val_from": built.val_from,
     }
+
+
+def _demo_splits(cfg: BuildConfig) -> _Splits:
+    """The digits demo, its fixed split written into shards."""
+    classes, pairs = digits_samples(cfg.demo_size)
+    hint = {**DEMO_POLICY_HINT, "input_size": cfg.demo_size, **small_input_hint(cfg.demo_size)}
+    out = _Splits(classes, f"demo:digits@{cfg.demo_size}px", hint, {"from": "fixed", "rule": "every fifth image"},
+                  len(pairs))  # fmt: skip
+    with tqdm(total=len(pairs), desc="shards", unit="img", disable=not cfg.progress) as bar:
+        for split in ("train", "val"):
+            samples = _mixed([s for sp, s in pairs if sp == split], cfg.seed, split, key=lambda s: s.key)
+            out.shards[split] = write_split(samples, cfg.out, split, cfg.shard_size, bar)
+    return out
+
+
+def _folder_splits(cfg: BuildConfig, stats: dict) -> _Splits:
+    """An image folder's train split (and val: `--val-src`, a holdout, or none) written into
+    shards, each file that cannot become a training image skipped with its reason."""
+    src = Path(cfg.src)
+    classes, items = scan_folder(src)
+    hint = {"input_size": cfg.input_size, **small_input_hint(cfg.input_size)} if cfg.input_size else {}  # else 224
+    crop_fits = training_crop_check(Manifest(classes=classes, policy_hint=hint).policy())
+    keys = unique_keys(rel for rel, _ in items)
+    chosen, val_from = _val_split(cfg, src, classes, items, keys)
+    total = sum(len(chosen_items) for _, chosen_items, _ in chosen.values())
+    out = _Splits(classes, str(src.resolve()), hint, val_from, total)
+    with tqdm(total=total, desc="shards", unit="img", disable=not cfg.progress) as bar:
+        for split, (folder, split_items, split_keys) in chosen.items():
+            if split_items:
+                ordered = _mixed(split_items, cfg.seed, split, key=lambda it: it[0])
+                fits = crop_fits if split == "train" else None  # eval resizes any image to the input
+                samples = folder_samples(folder, ordered, split_keys, stats, fits)
+                out.shards[split] = write_split(samples, cfg.out, split, cfg.shard_size, bar)
+    return out
+
+
+def _val_split(cfg: BuildConfig, src: Path, classes: list[str], items: list, keys: dict) -> tuple[dict, dict]:
+    """{split: (folder, items, keys)} and `val_from`: the official val folder (its classes must be
+    train's, its keys apart from train's), else a stable hash holdout of train, else none."""
+    if cfg.val_src is not None:
+        val_src = Path(cfg.val_src)
+        val_classes, val_items = scan_folder(val_src, "--val-src")
+        if val_classes != classes:
+            only_train, only_val = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+            raise ValueError(
+                f"--val-src {val_src} has other classes than --src {src}: "
+                f"{len(only_train)} only in train (e.g. {only_train[:3]}), {len(only_val)} only in val "
+                f"(e.g. {only_val[:3]})"
+            )
+        val_keys = unique_keys([*keys, *(f"val/{rel}" for rel, _ in val_items)])
+        val_keys = {rel: val_keys[f"val/{rel}"] for rel, _ in val_items}
+        return {"train": (src, items, keys), "val": (val_src, val_items, val_keys)}, {
+            "from": "folder",
+            "source": str(val_src.resolve()),
+        }
+    fraction = cfg.val_fraction
+    held = [it for it in items if fraction > 0 and stable_fraction(keys[it[0]]) < fraction]
+    held_set = set(held)
+    log.info(
+        "no --val-src: %s",
+        f"holding out {len(held)} images of --src as val" if held else "no val split (evaluation is off)",
+    )
+    chosen = {"train": (src, [it for it in items if it not in held_set], keys), "val": (src, held, keys)}
+    return chosen, ({"from": "holdout", "fraction": fraction} if held else {"from": "none"})
 
 
 def training_crop_check(policy):

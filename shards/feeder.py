@@ -1,18 +1,18 @@
 """The feeder: batch k+1 loaded, copied to the device and rendered while batch k trains.
 
-    with Feeder(loader, lambda batch: rendered(batch, policy, device), device) as feed:
+    with Feeder(loader, lambda batch: images_on_device(batch, policy, device), device) as feed:
         for batch, x in feed:
             ...  # the step; x is ready on the current stream
 
-A thread takes batches from the loader and runs `prepare` on each: on CUDA on a stream of its
-own, recording an event the consumer's stream waits on (the host never waits for the device),
-with the prepared tensors handed to the consumer's stream (`record_stream`) so that the caching
-allocator does not reuse them while the step runs. At most `depth` prepared batches wait.
-An error in any stage (the loader, `prepare`) stops the thread and is raised in the consumer as
-it was raised (its type, message and traceback: a MissingLabels stays a MissingLabels for the
-caller), with a note naming the stage and the batch; leaving the loop early (`close`, or the
-`with` block) stops the thread once it has finished the batch in hand, so the loader is never
-read by two threads.
+A thread takes batches from the loader and runs `to_device` on each (the copy, and on CUDA the
+render): on CUDA on a stream of its own, recording an event the consumer's stream waits on (the
+host never waits for the device), with the tensors handed to the consumer's stream
+(`record_stream`) so that the caching allocator does not reuse them while the step runs. At most
+`depth` batches wait. An error in any stage (the loader, `to_device`) stops the thread and is
+raised in the consumer as it was raised (its type, message and traceback: a MissingLabels stays a
+MissingLabels for the caller), with a note naming the stage and the batch; leaving the loop early
+(`close`, or the `with` block) stops the thread once it has finished the batch in hand, so the
+loader is never read by two threads.
 """
 
 from __future__ import annotations
@@ -54,20 +54,20 @@ def _tensors(value) -> Iterator[torch.Tensor]:
 
 
 class Feeder:
-    """(batch, prepare(batch)) of `batches`, prepared ahead in a thread (see the module docstring).
-    `threaded=False` prepares each batch when it is asked for (the CPU's default: there the
+    """(batch, to_device(batch)) of `batches`, made ahead in a thread (see the module docstring).
+    `threaded=False` moves each batch when it is asked for (the CPU's default: there the
     loader's workers render, and a thread would only compete with the step for the cores)."""
 
     def __init__(
         self,
         batches: Iterable,
-        prepare: Callable[[Any], Any],
+        to_device: Callable[[Any], Any],
         device: str | torch.device,
         depth: int = 2,
         threaded: bool | None = None,
         join_timeout: float = 600.0,
     ):
-        self.batches, self.prepare = batches, prepare
+        self.batches, self.to_device = batches, to_device
         self.device = torch.device(device)
         self.threaded = self.device.type == "cuda" if threaded is None else threaded
         self.join_timeout = join_timeout
@@ -92,12 +92,12 @@ class Feeder:
                     batch = next(iterator)
                 except StopIteration:
                     break
-                stage = "preparing"
+                stage = "moving to the device"
                 if stream is None:
-                    item = (batch, self.prepare(batch), None)
+                    item = (batch, self.to_device(batch), None)
                 else:
                     with torch.cuda.stream(stream):
-                        out = self.prepare(batch)
+                        out = self.to_device(batch)
                         ready = torch.cuda.Event()
                         ready.record(stream)
                     item = (batch, out, ready)
@@ -151,8 +151,8 @@ class Feeder:
             try:
                 stage = "loading"
                 batch = next(iterator)
-                stage = "preparing"
-                out = self.prepare(batch)
+                stage = "moving to the device"
+                out = self.to_device(batch)
             except StopIteration:
                 return
             except Exception as e:
@@ -162,7 +162,7 @@ class Feeder:
             index += 1
 
     def close(self) -> None:
-        """Stop the thread (after the batch it has in hand) and drop what it prepared."""
+        """Stop the thread (after the batch it has in hand) and drop what it made."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.join_timeout)

@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .augment import AugmentPolicy, augment, prepare, prepare_encoded, sample_seed
+from .augment import AugmentPolicy, augment, cut_crop, draw_for_device_decode, sample_seed
 from .decode import decode_image, image_header
+from .device_decode import is_jpeg
 from .index import SplitIndex
 from .manifest import Manifest
-from .render import INCREASING_OPS, draw_params, is_jpeg, render_prepared
+from .params import draw_params
+from .policy import INCREASING_OPS
+from .render import render_items
 
 IMAGES = 8  # images of the split in a fingerprint
 SEEDS = 2  # crops of each
@@ -84,10 +87,10 @@ def _render(samples: list[tuple[str, bytes, int]], policy: AugmentPolicy, device
     items = []
     for key, data, seed in samples:
         if policy.decoder == "nvjpeg" and is_jpeg(data):
-            items.append(prepare_encoded(data, key, seed, policy))
+            items.append(draw_for_device_decode(data, key, seed, policy))
         else:
-            items.append(prepare(decode_image(data), key, seed, policy))
-    return list(render_prepared(items, policy, device).cpu())
+            items.append(cut_crop(decode_image(data), key, seed, policy))
+    return list(render_items(items, policy, device).cpu())
 
 
 def _version(pkg: str) -> str:
@@ -104,7 +107,7 @@ def decoder_backend(policy: AugmentPolicy, device: torch.device) -> dict:
     decoder, progressive JPEGs take another path again. So nvJPEG labels belong to one GPU family
     (and one library and CUDA build); libjpeg labels (Pillow) to every machine."""
     if policy.renderer == "torch" and policy.decoder == "nvjpeg":
-        from .render import device_decoder_library
+        from .device_decode import device_decoder_library
 
         library = device_decoder_library()
     else:

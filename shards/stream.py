@@ -39,12 +39,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .augment import AugmentPolicy, augment, eval_view, prepare, prepare_encoded
+from .augment import AugmentPolicy, augment, cut_crop, draw_for_device_decode, eval_view
 from .decode import decode_image
+from .device_decode import is_jpeg
 from .index import SplitIndex
 from .manifest import Manifest
 from .members import IMAGE_KEYS, OpenFiles, ShardChanged
-from .render import BatchPlan, is_jpeg, render_batch, render_prepared
+from .plan import BatchPlan
+from .render import render_batch, render_items
 from .schedule import Piece, RepeatSchedule
 
 log = logging.getLogger(__name__)
@@ -199,11 +201,34 @@ def batches_per_rank(num_samples: int, batch_size: int, world_size: int, repeats
     return nb
 
 
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a ShardStream reads its split: `mode` "train" (augment with the seed schedule) or "eval"
+    (the eval transform); this process's share (`rank` of `world_size`); DeiT's repeated
+    augmentation (`repeats`, `repeat_mode`: schedule.py); the shuffle (None: on in train) of a
+    buffer of `shuffle_buffer` images a worker, seeded by `seed`; and whether a torch policy's
+    train batches are rendered on the device (`render_on_device`: batches carry Regions)."""
+
+    mode: str = "train"
+    rank: int = 0
+    world_size: int = 1
+    repeats: int = 1
+    repeat_mode: str = "deit"
+    shuffle: bool | None = None
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    render_on_device: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("train", "eval"):
+            raise ValueError(f"mode must be train or eval, not {self.mode!r}")
+
+
 class ShardStream(IterableDataset):
     """Batches of (image, label, key, seed) from a split; use with DataLoader(batch_size=None).
 
-    mode "train": augment(image, key, seed) with the seed schedule; "eval": the eval transform.
-    Call `set_epoch(e)` before each epoch (as with DistributedSampler).
+    mode "train": augment(image, key, seed) with the seed schedule; "eval": the eval transform
+    (`StreamOptions`). Call `set_epoch(e)` before each epoch (as with DistributedSampler).
     """
 
     def __init__(
@@ -212,23 +237,13 @@ class ShardStream(IterableDataset):
         split: str,
         policy: AugmentPolicy,
         batch_size: int,
-        *,
-        mode: str = "train",
-        rank: int = 0,
-        world_size: int = 1,
-        repeats: int = 1,
-        shuffle: bool | None = None,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        render_on_device: bool = False,
-        repeat_mode: str = "deit",
+        options: StreamOptions | None = None,
         manifest: Manifest | None = None,
     ):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be train or eval, not {mode!r}")
-        if render_on_device and policy.renderer != "torch":
+        o = options or StreamOptions()
+        if o.render_on_device and policy.renderer != "torch":
             raise ValueError("render_on_device needs the torch renderer (renderer='torch')")
-        if mode == "train" and policy.decoder == "nvjpeg" and not render_on_device:
+        if o.mode == "train" and policy.decoder == "nvjpeg" and not o.render_on_device:
             raise ValueError(
                 "the policy decodes with nvJPEG on the CUDA device that renders: stream it with "
                 "render_on_device=True (the trainer does on a CUDA machine)"
@@ -242,21 +257,21 @@ class ShardStream(IterableDataset):
         self.index = SplitIndex.load(directory, split, self.manifest)
         self.policy = policy
         self.batch_size = batch_size
-        self.mode = mode
-        self.rank = rank
-        self.world_size = world_size
-        self.repeats = repeats if mode == "train" else 1
+        self.mode = o.mode
+        self.rank = o.rank
+        self.world_size = o.world_size
+        self.repeats = o.repeats if o.mode == "train" else 1
         # train: DeiT's repeated augmentation ("deit") or every image R times ("all"); schedule.py
         self.schedule = RepeatSchedule(
-            tuple(s.samples for s in self.shards), self.repeats, repeat_mode if mode == "train" else "all"
+            tuple(s.samples for s in self.shards), self.repeats, o.repeat_mode if o.mode == "train" else "all"
         )
-        self.shuffle = (mode == "train") if shuffle is None else shuffle
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
+        self.shuffle = (o.mode == "train") if o.shuffle is None else o.shuffle
+        self.shuffle_buffer = o.shuffle_buffer
+        self.seed = o.seed
         # a torch policy's train batches carry Regions (uint8 crops and their plan) or, for
-        # nvJPEG, EncodedRegions as their "image"; `rendered(batch, policy, device)` draws the
+        # nvJPEG, EncodedRegions as their "image"; `images_on_device(batch, policy, device)` draws the
         # pixels where the model runs
-        self.render_on_device = render_on_device and mode == "train"
+        self.render_on_device = o.render_on_device and o.mode == "train"
         # shared with the data loader's persistent workers, which keep the copy made at their start
         self._epoch = multiprocessing.RawValue("q", 0)
 
@@ -381,7 +396,7 @@ class ShardStream(IterableDataset):
         for raw, seed in stream:
             try:
                 if encoded and is_jpeg(raw.data):
-                    yield prepare_encoded(raw.data, raw.key, seed, self.policy), raw.label, raw.key, seed
+                    yield draw_for_device_decode(raw.data, raw.key, seed, self.policy), raw.label, raw.key, seed
                     continue
                 image = decode_image(raw.data)
             except ValueError as e:  # a corrupt image must not kill an epoch
@@ -389,7 +404,7 @@ class ShardStream(IterableDataset):
                 continue
             # Augmentation errors are bugs, not bad data: let them raise.
             if self.render_on_device:
-                yield prepare(image, raw.key, seed, self.policy), raw.label, raw.key, seed
+                yield cut_crop(image, raw.key, seed, self.policy), raw.label, raw.key, seed
             elif self.mode == "train":
                 yield augment(image, raw.key, seed, self.policy), raw.label, raw.key, seed
             else:
@@ -405,7 +420,7 @@ class Regions:
     crops: torch.Tensor  # uint8 [B, 3, S, S]
     plan: BatchPlan
 
-    def render(self, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
+    def on_device(self, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
         return render_batch(self.crops, self.plan, policy, device)
 
     def pin_memory(self) -> Regions:  # DataLoader(pin_memory=True) calls it
@@ -425,8 +440,8 @@ class EncodedRegions:
     params: list
     keys: list | None = None  # named by an image the device cannot decode
 
-    def render(self, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
-        return render_prepared(list(zip(self.sources, self.params)), policy, device, self.keys)
+    def on_device(self, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
+        return render_items(list(zip(self.sources, self.params)), policy, device, self.keys)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -434,9 +449,9 @@ class EncodedRegions:
 
 def collate(items: list, skipped: int = 0, policy: AugmentPolicy | None = None) -> dict:
     """A batch: `image` is the crops (float [B, 3, S, S]), or what renders them on the device:
-    Regions / EncodedRegions (`rendered` tells them apart by type)."""
+    Regions / EncodedRegions (`images_on_device` tells them apart by type)."""
     xs, labels, keys, seeds = zip(*items)
-    if isinstance(xs[0], tuple):  # (uint8 crop or JPEG bytes, params) to render on the device: `rendered`
+    if isinstance(xs[0], tuple):  # (uint8 crop or JPEG bytes, params) to render on the device: `images_on_device`
         sources, params = zip(*xs)
         if all(isinstance(s, torch.Tensor) for s in sources):
             image = Regions(torch.stack(sources), BatchPlan.build(list(params), policy))
@@ -453,13 +468,13 @@ def collate(items: list, skipped: int = 0, policy: AugmentPolicy | None = None) 
     }
 
 
-def rendered(batch: dict, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
+def images_on_device(batch: dict, policy: AugmentPolicy, device: torch.device) -> torch.Tensor:
     """The batch's crops on `device`: copied there, or rendered there from the Regions (or
     EncodedRegions) a `render_on_device` stream sends (the same tensors the workers would render)."""
     image = batch["image"]
     if isinstance(image, torch.Tensor):
         return image.to(device, non_blocking=True)
-    return image.render(policy, device)
+    return image.on_device(policy, device)
 
 
 def make_loader(stream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 4):

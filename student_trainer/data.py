@@ -50,7 +50,7 @@ from torch.utils.data import IterableDataset
 from labels.client import TeacherClient
 from labels.provenance import check_labelled_bytes
 from labels.store import LabelBatch, StoreUnavailable, open_existing, redact
-from shards import AugmentPolicy, Manifest, RepeatSchedule, ShardStream, make_loader
+from shards import AugmentPolicy, Manifest, RepeatSchedule, ShardStream, StreamOptions, make_loader
 from shards.fingerprint import check as check_fingerprint
 from shards.schedule import same_pairs
 
@@ -335,7 +335,7 @@ def labeled_loader(
     none) for a run of `cfg.epochs` epochs under DeiT's repeated augmentation (`repeated_aug`,
     `repeat_mode`: the schedule precompute labeled). `rank`/`world_size`: this process's share
     (torchrun's RANK / WORLD_SIZE). `device`: where the model runs; a torch-renderer policy on an
-    accelerator is rendered there (batches carry `shards.stream.Regions` for `rendered(batch,
+    accelerator is rendered there (batches carry `shards.stream.Regions` for `images_on_device(batch,
     policy, device)`), and the labels' fingerprint is checked there. `soft`: the run needs teacher
     probabilities (a topKp namespace). `render_on_device`: render a torch policy's crops on `device`
     even on the CPU (None: on an accelerator). `manifest`/`policy`: the caller's, when it has built
@@ -347,10 +347,21 @@ def labeled_loader(
         render_on_device = device.type != "cpu"
     render_on_device = render_on_device and policy.renderer == "torch"
     stream = ShardStream(
-        cfg.shards, "train", policy, cfg.batch_size, mode="train", rank=rank, world_size=world_size,
-        repeats=cfg.repeated_aug, repeat_mode=cfg.repeat_mode, seed=cfg.seed, render_on_device=render_on_device,
+        cfg.shards,
+        "train",
+        policy,
+        cfg.batch_size,
+        options=StreamOptions(
+            mode="train",
+            rank=rank,
+            world_size=world_size,
+            repeats=cfg.repeated_aug,
+            repeat_mode=cfg.repeat_mode,
+            seed=cfg.seed,
+            render_on_device=render_on_device,
+        ),
         manifest=manifest,
-    )  # fmt: skip
+    )
     dataset, ns = stream, None
     if cfg.labels_url is not None:
         source = open_source(cfg.labels_url, cfg.namespace, cfg.service_token, cfg.store_retry_for, policy.policy_id)
@@ -389,6 +400,11 @@ def eval_loader(
     manifest = manifest or Manifest.load(cfg.shards)
     policy = policy or cfg.augment_policy(manifest)
     stream = ShardStream(
-        cfg.shards, split, policy, cfg.batch_size, mode="eval", rank=rank, world_size=world_size, manifest=manifest
+        cfg.shards,
+        split,
+        policy,
+        cfg.batch_size,
+        options=StreamOptions(mode="eval", rank=rank, world_size=world_size),
+        manifest=manifest,
     )
     return make_loader(stream, num_workers=min(cfg.workers, 1), pin_memory=torch.device(device).type == "cuda")

@@ -34,7 +34,7 @@ from distill_core import atomic_save, autocast, load_matching, load_training_che
 from labels.teacher import Teacher
 from shards import AugmentPolicy, Manifest
 from shards.feeder import Feeder
-from shards.stream import rendered
+from shards.stream import images_on_device
 
 from .config import TrainConfig
 from .data import LabeledLoader, eval_loader, labeled_loader
@@ -405,9 +405,12 @@ def train_one_epoch(run: Run, epoch: int, step: int, max_steps: int) -> tuple[in
     online_before = run.targets.labels_online
     first_step_done = None  # (time, images) after the first step: the steady-state clock starts there
     t0 = time.perf_counter()
+
     # batch k+1 is copied and rendered on a stream of its own while batch k trains (on CUDA)
-    feed = Feeder(run.loader, lambda b: (rendered(b, run.policy, device), b["label"].to(device, non_blocking=True)),
-                  device)  # fmt: skip
+    def to_device(b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return images_on_device(b, run.policy, device), b["label"].to(device, non_blocking=True)
+
+    feed = Feeder(run.loader, to_device, device)
     bar = tqdm(
         feed,
         total=run.steps_per_epoch,

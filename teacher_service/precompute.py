@@ -1,6 +1,6 @@
 """Batch precompute: label every (image, seed) of a shard set into a store, resumably.
 
-The precompute feeder of the label engine (`engine/`): the main thread walks the node's shards
+How it feeds the label engine (`engine/`): the main thread walks the node's shards
 through their member index, asks the store which seeds of each group of images are missing (one
 bulk get per group) and submits the missing (image, seeds) work, blocking while the engine's
 queue is full. The engine's workers decode each image once per batch and augment into shared batch
@@ -152,7 +152,7 @@ class _Phases:
 
 class _Tally:
     """Counts the engine's answers (on its writer thread) for the progress bar and the summary;
-    remembers the first failure, which the feeder raises."""
+    remembers the first failure, which the submitter raises."""
 
     def __init__(self, bar):
         self.bar = bar
@@ -197,7 +197,7 @@ class _Tally:
 
 
 @dataclass
-class _Feeder:
+class _Submitter:
     """Submits a group of images' missing seeds: one store lookup for the group, the rest to the
     engine with the shortest queue (blocking while it is full)."""
 
@@ -206,7 +206,7 @@ class _Feeder:
     tally: _Tally
     present: int = 0
 
-    def feed(self, group: list[tuple[str, object, range]]) -> None:
+    def submit(self, group: list[tuple[str, object, range]]) -> None:
         """group: (key, member, seeds) per image."""
         keys = [k for k, _, seeds in group for _ in seeds]
         have = self.store.get(keys, [s for _, _, seeds in group for s in seeds]).present
@@ -223,7 +223,7 @@ class _Feeder:
 
 
 def _engine_config(plan: LabelPlan, shards: list[int], batch_size: int, workers: int) -> EngineConfig:
-    """Room for two groups of images: the feeder looks up and submits the next group while the
+    """Room for two groups of images: the submitter looks up and submits the next group while the
     engine works through the last one, so neither the workers nor the teacher wait for it."""
     widest = max((len(plan.seeds_of(s, 0)) for s in shards), default=1)
     return EngineConfig(
@@ -234,126 +234,185 @@ def _engine_config(plan: LabelPlan, shards: list[int], batch_size: int, workers:
     )
 
 
-def _label_shard(s: int, index: SplitIndex, plan: LabelPlan, feeder: _Feeder) -> None:
+def _label_shard(s: int, index: SplitIndex, plan: LabelPlan, submitter: _Submitter) -> None:
     """Feed shard `s`'s images to the engines, a group at a time."""
     group = []
     for image, (key, member) in enumerate(index.members(s)):
         group.append((key, member, plan.seeds_of(s, image)))
         if len(group) == GROUP:
-            feeder.feed(group)
+            submitter.submit(group)
             group = []
     if group:
-        feeder.feed(group)
+        submitter.submit(group)
+
+
+@dataclass
+class _Job:
+    """What one precompute job works on, opened once by `_open_job`."""
+
+    cfg: PrecomputeConfig
+    plan: LabelPlan
+    teachers: list[Teacher]
+    manifest: Manifest
+    policy: object
+    fmt: RecordFormat
+    namespace: object
+    index: SplitIndex
+    store: object
+    fingerprint: dict
+    names: set[str]  # this node's shards
+    mine: list[int]  # their places in the split
+    phases: _Phases
+
+    @property
+    def shards(self) -> list:
+        return self.manifest.shards(self.cfg.split)
+
+    @property
+    def labels_wanted(self) -> int:
+        return sum(self.plan.labels_in(s, self.shards[s].samples) for s in self.mine)
 
 
 def precompute(
-    shards: str,
-    seeds: range | LabelPlan,
-    store_url: str,
-    teacher: Teacher | list[Teacher],
-    split: str = "train",
-    fmt: RecordFormat = RecordFormat(),
-    policy_overrides: dict | None = None,
-    batch_size: int = 256,
-    workers: int = 2,
-    node_rank: int = 0,
-    num_nodes: int = 1,
-    progress: bool = True,
-    verify: bool = True,
-    startup: dict | None = None,
-    quality_labels: int = 20_000,
+    cfg: PrecomputeConfig, plan: LabelPlan | None = None, teachers: list[Teacher] | None = None, startup=None
 ) -> dict:
-    """Label every (image, seed) of this node's shards; returns the summary, whose `ok` is False
-    when any label could not be made (a shard that does not match its manifest entry, an
-    unreadable image): those labels are counted in `labels_skipped`, never as done. Several
-    teachers (one per device, the same weights): one engine each, fed by queue depth. `seeds`:
-    one range for every image, or a LabelPlan (a RunSchedule: each image's seeds for a run of E
-    epochs). `startup`: seconds of start-up the caller spent (the teachers' loading), reported with
-    the job's own phases. `quality_labels`: how many of the stored labels the label-quality figure
-    samples (labels/quality.py; 0: none)."""
+    """Label every (image, seed) of this node's shards that `cfg` names; returns the summary, whose
+    `ok` is False when any label could not be made (a shard that does not match its manifest
+    entry, an unreadable image): those labels are counted in `labels_skipped`, never as done.
+    `plan`: what to label (default: the config's `--seeds` range or `--epochs` schedule,
+    `label_plan`). `teachers`: loaded ones (default: the config's, one per device); several (one
+    per device, the same weights) get one engine each, fed by queue depth. `startup`: seconds of
+    start-up the caller spent (the teachers' loading), reported with the job's own phases."""
     phases = _Phases(startup)
-    plan = SeedRange(seeds) if isinstance(seeds, range) else seeds
-    teachers = teacher if isinstance(teacher, list) else [teacher]
+    if teachers is None:
+        with phases("model"):
+            teachers = load_teachers(cfg)
+    job = _open_job(cfg, plan or label_plan(cfg), teachers, phases)
+    tally, submitter, engines, damaged, skipped = _label_node(job)
+    ok = not damaged and skipped + tally.skipped == 0
+    if ok:
+        _record_coverage(job)
+    quality = None
+    if cfg.quality_labels and tally.computed + submitter.present:  # after the job: not in any rate above
+        at = time.perf_counter()
+        quality = label_quality(job.store, Path(cfg.shards), cfg.split, job.policy, cfg.quality_labels)
+        quality["seconds"] = round(time.perf_counter() - at, 3)
+    job.store.close()
+    return _summary(job, tally, submitter, engines, damaged, skipped + tally.skipped, ok, quality)
+
+
+def load_teachers(cfg: PrecomputeConfig) -> list[Teacher]:
+    """One teacher per device of `--devices` (or the one `--device`)."""
+    return [Teacher(cfg.teacher, device=d) for d in (engine_devices(cfg.devices) if cfg.devices else [cfg.device])]
+
+
+def label_plan(cfg: PrecomputeConfig) -> LabelPlan:
+    """What the config asks to label: a run's schedule (`--epochs`) or one seed range (`--seeds`)."""
+    if cfg.epochs is not None:
+        split = Manifest.load(cfg.shards).shards(cfg.split)
+        return RunSchedule(
+            RepeatSchedule(tuple(s.samples for s in split), cfg.repeated_aug, cfg.repeat_mode), cfg.epochs
+        )
+    return SeedRange(parse_seeds(cfg.seeds))
+
+
+def _open_job(cfg: PrecomputeConfig, plan: LabelPlan, teachers: list[Teacher], phases: _Phases) -> _Job:
+    """The shards, their index, the store's namespace and the render fingerprint, each checked
+    before any label is made."""
     if len({t.teacher_id for t in teachers}) != 1:
         raise ValueError("every device must run the same teacher")
-    directory = Path(shards)
-    manifest = Manifest.load(directory)
-    policy = manifest.policy(**(policy_overrides or {}))
+    manifest = Manifest.load(cfg.shards)
+    policy = manifest.policy(**policy_overrides(cfg.policy, cfg.renderer, cfg.decoder))
+    fmt = RecordFormat.parse(cfg.format)
     ns = teachers[0].namespace(policy.policy_id, fmt, manifest.classes)
-    split_shards = manifest.shards(split)
+    split_shards = manifest.shards(cfg.split)
     plan.check(tuple(s.samples for s in split_shards))
     with phases("index"):  # shards without an index are refused, with the command that writes one
-        index = SplitIndex.load(directory, split, manifest)
+        index = SplitIndex.load(cfg.shards, cfg.split, manifest)
     with phases("store"):  # creates the namespace (serving these seeds) before the engines' writers open it
-        store = open_store(store_url, ns, seed_limit=plan.seed_limit)
+        store = open_store(cfg.store, ns, seed_limit=plan.seed_limit)
     with phases("fingerprint"):  # the labels' bytes and crops: those of these shards and this machine
-        check_labelled_bytes(store.coverage(), manifest, split, f"precompute into namespace {ns.id}")
-        fingerprint = claim_fingerprint(store, directory, policy, [t.device for t in teachers], split, "precompute")
-    names = set(node_shards([x.name for x in split_shards], node_rank, num_nodes))
+        check_labelled_bytes(store.coverage(), manifest, cfg.split, f"precompute into namespace {ns.id}")
+        fingerprint = claim_fingerprint(
+            store, cfg.shards, policy, [t.device for t in teachers], cfg.split, "precompute"
+        )
+    names = set(node_shards([x.name for x in split_shards], cfg.node_rank, cfg.num_nodes))
     mine = [s for s, shard in enumerate(split_shards) if shard.name in names]
-    config = _engine_config(plan, mine, batch_size, workers)
+    return _Job(cfg, plan, teachers, manifest, policy, fmt, ns, index, store, fingerprint, names, mine, phases)
+
+
+def _label_node(job: _Job):
+    """Every label of this node's shards, through one engine per teacher; a shard that does not
+    match its manifest entry is labelled not at all. (tally, submitter, engines, damaged, skipped)."""
+    cfg, phases = job.cfg, job.phases
+    config = _engine_config(job.plan, job.mine, cfg.batch_size, cfg.workers)
     damaged: list[str] = []
     skipped = 0
-    total = sum(plan.labels_in(s, split_shards[s].samples) for s in mine)
-    desc = f"precompute node {node_rank}/{num_nodes}"
-    with tqdm(total=total, desc=desc, unit="label", disable=not progress, smoothing=0.05) as bar:
+    desc = f"precompute node {cfg.node_rank}/{cfg.num_nodes}"
+    with tqdm(total=job.labels_wanted, desc=desc, unit="label", disable=not cfg.progress, smoothing=0.05) as bar:
         tally = _Tally(bar)
         with contextlib.ExitStack() as stack:
             with phases("spawn"):  # the engines' workers started, their buffers page-locked
                 engines = [
-                    stack.enter_context(LabelEngine(t, policy, fmt, config, store_url=store_url, namespace=ns))
-                    for t in teachers
+                    stack.enter_context(
+                        LabelEngine(t, job.policy, job.fmt, config, store_url=cfg.store, namespace=job.namespace)
+                    )
+                    for t in job.teachers
                 ]
-            feeder = _Feeder(store, engines, tally)
-            for s in mine:
-                shard = split_shards[s]
+            submitter = _Submitter(job.store, engines, tally)
+            for s in job.mine:
+                shard = job.shards[s]
                 with phases("verify"):
-                    problem = verify_shard(directory, shard) if verify else None
+                    problem = verify_shard(cfg.shards, shard) if cfg.verify else None
                 if problem:  # its images may not be the ones the keys name: label none of them
                     log.error("%s; its %d images are not labeled", problem, shard.samples)
                     damaged.append(shard.name)
-                    skipped += plan.labels_in(s, shard.samples)
-                    bar.update(plan.labels_in(s, shard.samples))
+                    skipped += job.plan.labels_in(s, shard.samples)
+                    bar.update(job.plan.labels_in(s, shard.samples))
                     continue
-                _label_shard(s, index, plan, feeder)
+                _label_shard(s, job.index, job.plan, submitter)
         tally.check()  # every label is stored before the summary says so
-    ok = not damaged and skipped + tally.skipped == 0
-    if ok and plan.coverage() is not None:  # what the trainer checks a run against (this node's part)
-        # with the bytes they were made from: a trainer refuses shards that changed since (labels/coverage.py)
-        # and how many images and labels this node's part holds, which an imported record must bear out
-        record = {**plan.coverage(), "node_rank": node_rank, "num_nodes": num_nodes}
-        counts = {"images": sum(split_shards[s].samples for s in mine), "labels": total}
-        store.record_coverage({**record, **counts, "shards": manifest.shard_digests(split, names)})
-    quality = None
-    if quality_labels and tally.computed + feeder.present:  # after the job: not in any rate above
-        at = time.perf_counter()
-        quality = label_quality(store, directory, split, policy, quality_labels)
-        quality["seconds"] = round(time.perf_counter() - at, 3)
-    store.close()
+    return tally, submitter, engines, damaged, skipped
+
+
+def _record_coverage(job: _Job) -> None:
+    """What a trainer checks a run against (this node's part): the plan, how many images and
+    labels it holds (which an imported record must bear out) and the digests of the shards'
+    bytes (a trainer refuses shards that changed since: labels/provenance.py)."""
+    if job.plan.coverage() is None:
+        return
+    cfg = job.cfg
+    record = {**job.plan.coverage(), "node_rank": cfg.node_rank, "num_nodes": cfg.num_nodes}
+    counts = {"images": sum(job.shards[s].samples for s in job.mine), "labels": job.labels_wanted}
+    job.store.record_coverage({**record, **counts, "shards": job.manifest.shard_digests(cfg.split, job.names)})
+
+
+def _summary(job: _Job, tally, submitter, engines, damaged: list[str], skipped: int, ok: bool, quality) -> dict:
+    cfg, phases = job.cfg, job.phases
     dt = time.perf_counter() - phases.t0
     if tally.first:
         phases.seconds["first_label"] = round(tally.first[0] - phases.t0, 3)  # from the call, phases included
     steady = tally.steady_rate()
     return {
-        "store": redact(store_url),
-        "namespace": ns.id,
-        "teacher": teachers[0].teacher_id,
-        "policy_id": policy.policy_id,
-        "fingerprint": fingerprint["sha256"],
-        "format": fmt.name,
-        "split": split,
-        **plan.describe(),
-        "node_rank": node_rank,
-        "num_nodes": num_nodes,
-        "shards": len(mine),
+        "store": redact(cfg.store),
+        "namespace": job.namespace.id,
+        "teacher": job.teachers[0].teacher_id,
+        "policy_id": job.policy.policy_id,
+        "fingerprint": job.fingerprint["sha256"],
+        "format": job.fmt.name,
+        "split": cfg.split,
+        **job.plan.describe(),
+        "node_rank": cfg.node_rank,
+        "num_nodes": cfg.num_nodes,
+        "shards": len(job.mine),
         "ok": ok,
         "shards_damaged": damaged,
-        "images": sum(split_shards[s].samples for s in mine),
-        "labels_present": feeder.present,
+        "images": sum(job.shards[s].samples for s in job.mine),
+        "labels_present": submitter.present,
         "labels_computed": tally.computed,
-        "devices": [str(t.device) for t in teachers],
+        "devices": [str(t.device) for t in job.teachers],
         "labels_per_device": [int(e.metrics.inference_count.labels(e.device)._value.get()) for e in engines],
-        "labels_skipped": skipped + tally.skipped,
+        "labels_skipped": skipped,
         # how often the teacher's label is the image's class, on a sample of the crops, by crop scale
         "label_quality": quality,
         "seconds": round(dt, 3),
@@ -414,32 +473,7 @@ class PrecomputeConfig(BaseModel):
 
 def run_precompute(cfg: PrecomputeConfig) -> tuple[dict, int]:
     """The summary, and exit code 1 when it is not ok (labels missing: see the errors logged)."""
-    if cfg.epochs is not None:
-        split = Manifest.load(cfg.shards).shards(cfg.split)
-        plan = RunSchedule(
-            RepeatSchedule(tuple(s.samples for s in split), cfg.repeated_aug, cfg.repeat_mode), cfg.epochs
-        )
-    else:
-        plan = SeedRange(parse_seeds(cfg.seeds))
-    t0 = time.perf_counter()
-    teachers = [Teacher(cfg.teacher, device=d) for d in (engine_devices(cfg.devices) if cfg.devices else [cfg.device])]
-    summary = precompute(
-        cfg.shards,
-        plan,
-        cfg.store,
-        teachers,
-        split=cfg.split,
-        fmt=RecordFormat.parse(cfg.format),
-        policy_overrides=policy_overrides(cfg.policy, cfg.renderer, cfg.decoder),
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        node_rank=cfg.node_rank,
-        num_nodes=cfg.num_nodes,
-        progress=cfg.progress,
-        verify=cfg.verify,
-        quality_labels=cfg.quality_labels,
-        startup={"model": round(time.perf_counter() - t0, 3)},
-    )
+    summary = precompute(cfg)
     return summary, 0 if summary["ok"] else 1
 
 

@@ -132,7 +132,41 @@ def run_cli(*args, check=True, env=None, measured_s: float = 30.0, step: str | N
     return run_step([PY, "-m", *args], step, measured_s, check=check, env=env, **kw)
 
 
+# -- what a model learned ----------------------------------------------------------------------------
+# A figure a trained model reaches differs by CPU (vector units and oneDNN kernels round differently,
+# and training amplifies it): a test bounds it with a margin, never at the figure this machine
+# reached. `learned` asserts the bound and records the figure; the end of a run prints every one
+# with its margin, and DISTILL_TEST_LEARNED=FILE writes them as JSON (docs/testing.md: how to see
+# another CPU's arithmetic here).
+LEARNED: list[dict] = []
+
+
+def learned(what: str, value: float, *, above: float | None = None, below: float | None = None) -> None:
+    """Assert above < value < below (either bound may be absent) and record the figure's margin."""
+    margin = min(m for m in (value - above if above is not None else None,
+                             below - value if below is not None else None) if m is not None)  # fmt: skip
+    LEARNED.append({"what": what, "value": value, "above": above, "below": below, "margin": margin,
+                    "setting": arithmetic_setting()})  # fmt: skip
+    assert margin > 0, f"{what}: {value} is not within ({above}, {below})"
+
+
+def arithmetic_setting() -> str:
+    """The environment variables that change this process's float kernels (none: the CPU's own)."""
+    keys = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    return " ".join(f"{k}={os.environ[k]}" for k in keys if os.environ.get(k)) or "native"
+
+
 def pytest_terminal_summary(terminalreporter):
+    if LEARNED:
+        import json
+
+        if path := os.environ.get("DISTILL_TEST_LEARNED"):
+            Path(path).write_text(json.dumps(LEARNED))
+        terminalreporter.write_line(f"learned figures ({arithmetic_setting()}), smallest margin first:")
+        scale = lambda r: max(abs(r["value"]), abs(r["above"] or 0), abs(r["below"] or 0), 1e-12)  # noqa: E731
+        for r in sorted(LEARNED, key=lambda r: r["margin"] / scale(r)):
+            bounds = f"({r['above']}, {r['below']})"
+            terminalreporter.write_line(f"  {r['what']}: {r['value']:.6g} in {bounds}, margin {r['margin']:.3g}")
     if not STEP_TIMES:
         return
     if path := os.environ.get("DISTILL_TEST_STEP_TIMES"):  # every step's time, to re-measure the budgets' base
@@ -197,10 +231,10 @@ def last_json(text: str) -> dict:
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """The demo digits as shards of 128, built in process (the CLI's build is tested on its own)."""
-    from shards.build import build
+    from shards.build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("shards")
-    build(out, demo="digits", shard_size=128)
+    build(BuildConfig(out=out, demo="digits", shard_size=128))
     return out
 
 
@@ -349,14 +383,16 @@ def tiny_teacher(demo_shards, tmp_path_factory) -> Path:
     import torch
 
     from distill_core import save_weights
-    from shards import Manifest, ShardStream
+    from shards import Manifest, ShardStream, StreamOptions
 
     torch.manual_seed(0)
     m = Manifest.load(demo_shards)
     kwargs = {"num_classes": 10}
     model = timm.create_model("regnety_002", **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    stream = ShardStream(demo_shards, "train", m.policy(), batch_size=64, mode="eval", shuffle=True)
+    stream = ShardStream(
+        demo_shards, "train", m.policy(), options=StreamOptions(mode="eval", shuffle=True), batch_size=64
+    )
     model.train()
     for epoch in range(3):
         stream.set_epoch(epoch)

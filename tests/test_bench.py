@@ -49,7 +49,7 @@ def test_bench_store_slot_read_reads_the_same_labels_three_ways(redis_server):
 def test_bench_render_ops_compares_every_part_of_the_render():
     """bench/render_ops.py (bench/gpu.py's CPU-vs-CUDA part) run against the CPU itself: every
     part reports, and all differences are 0 (on a GPU the same rows compare CUDA with the CPU)."""
-    from shards.render import INCREASING_OPS
+    from shards.policy import INCREASING_OPS
 
     argv = [PY, BENCH / "render_ops.py", "--device", "cpu", "--crops", "8", "--size", "64", "--boxes", "4"]
     s = last_json(run_step(argv, "bench/render_ops.py on the CPU", 8, cwd=BENCH).stdout)

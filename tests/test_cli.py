@@ -122,7 +122,7 @@ def test_to_argv_is_the_inverse_of_the_parser(tmp_path):
 
     from distill_core import add_arguments, from_arguments, to_argv
     from labels.teacher import TeacherSettings
-    from shards.__main__ import BuildConfig
+    from shards.build import BuildConfig
     from student_trainer import TrainConfig
     from teacher_service.precompute import PrecomputeConfig
 

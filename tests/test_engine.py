@@ -186,7 +186,7 @@ from teacher_service.engine import worker
 index = SplitIndex.load({str(demo_shards)!r}, "train")
 entries = [(index.member(r), index.key(r), [(0, 2 * r), (1, 2 * r + 1)]) for r in range(4)]
 buffers = [torch.zeros((8, 3, 32, 32), dtype=torch.uint8)]
-worker.init(buffers, {policy!r}, "prepare", None)
+worker.init(buffers, {policy!r}, "cut", None)
 bid, errors, prepared = worker.run((0, entries))
 print(json.dumps({{"timm": "timm" in sys.modules, "prepared": sorted(prepared), "errors": errors,
                   "written": int((buffers[0].flatten(1) > 0).any(1).sum())}}))

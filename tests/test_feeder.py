@@ -60,7 +60,7 @@ def test_an_error_in_a_stage_reaches_the_loop_as_raised(threaded):
             for batch, _ in feed:
                 seen.append(batch)
     assert seen == [0, 1, 2]
-    assert "(in the feeder: preparing batch 3)" in e.value.__notes__  # Python >= 3.11 (the project's CI)
+    assert "(in the feeder: moving to the device batch 3)" in e.value.__notes__  # Python >= 3.11 (the project's CI)
     with pytest.raises(KeyError, match="no batch 2") as e:  # the loader's own error, its own type
         for _ in Feeder(numbers(10, log, fail_at=2), lambda i: i, "cpu", threaded=threaded):
             pass

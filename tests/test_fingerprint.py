@@ -17,7 +17,8 @@ from shards.augment import sample_seed
 from shards.decode import image_header
 from shards.fingerprint import FingerprintMismatch, check, difference, render_fingerprint, validate
 from shards.index import SplitIndex
-from shards.render import INCREASING_OPS, draw_params
+from shards.params import draw_params
+from shards.policy import INCREASING_OPS
 
 EPOCHS = ("--epochs", "1", "--repeated-aug", "1", "--batch-size", "64", "--workers", "1")
 

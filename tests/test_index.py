@@ -8,7 +8,7 @@ import pickle
 import pytest
 from conftest import copy_shards, flip_bit, last_json, run_cli
 
-from shards import AugmentPolicy, Manifest, ShardStream, SkipCounter, iter_shard
+from shards import AugmentPolicy, Manifest, ShardStream, SkipCounter, StreamOptions, iter_shard
 from shards.index import IndexMismatch, ShardIndex, SplitIndex
 from shards.members import Member
 
@@ -141,9 +141,12 @@ def test_a_worker_reads_only_its_own_images_each_once(demo_shards, monkeypatch, 
     for rank in (0, 1):
         reads.clear()
         stream = ShardStream(
-            demo_shards, "train", POLICY, batch_size=50, rank=rank, world_size=2, repeats=3,
-            repeat_mode=repeat_mode, shuffle_buffer=64,
-        )  # fmt: skip
+            demo_shards,
+            "train",
+            POLICY,
+            options=StreamOptions(rank=rank, world_size=2, repeats=3, repeat_mode=repeat_mode, shuffle_buffer=64),
+            batch_size=50,
+        )
         stream.set_epoch(2)
         keys = {k for b in stream for k in b["key"]}
         assert len(reads) == len(keys) == len({(r.path, r.offset) for r in reads})

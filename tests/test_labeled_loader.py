@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PY, ROOT, last_json, open_loader, run_cli, run_precompute, run_step
+from conftest import PY, ROOT, last_json, learned, open_loader, run_cli, run_precompute, run_step
 
 from labels.store import open_existing
 from student_trainer import DistillationLoss, MissingLabels, teacher_targets
@@ -73,13 +73,14 @@ def test_teacher_targets_mix_like_the_images():
     assert torch.isfinite(loss((logits, logits), torch.tensor([1, 2, 3, 0]), t))
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("example", ["plain_loop.py", "timm_task.py"])
 def test_the_examples_train_from_cached_labels(demo_shards, cached, example):
     argv = [PY, ROOT / "examples" / example, "--shards", demo_shards, "--labels", cached, "--epochs", "1"]
     r = run_step([*argv, "--steps", "12", "--workers", "1"], f"examples/{example}, 12 steps", 15)
     s = last_json(r.stdout)
     assert s["steps"] == 12 and s["namespace"]
-    assert s["last_loss"] < s["first_loss"]
+    learned(f"examples/{example}: first loss - last loss, 12 steps", s["first_loss"] - s["last_loss"], above=0)
     if example == "plain_loop.py":
         assert s["labels_used"] == 12 * 64  # every crop had its label
         assert len((ROOT / "examples" / example).read_text().splitlines()) < 80

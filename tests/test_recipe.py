@@ -34,6 +34,7 @@ def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.learning
 def test_model_ema_resumes_exactly_and_eval_reports_the_checkpoint(demo_shards, tmp_path):
     """An EMA run stopped after one epoch and resumed ends with the EMA of one that never stopped,
     bit for bit; --eval on its checkpoint reports what the run's last evaluation did; a checkpoint
@@ -210,6 +211,7 @@ def test_pretrained_weights_are_recorded_by_tag_and_digest(tmp_path):
         TeacherSettings(pretrained_file="x.safetensors", checkpoint="y").check_source()
 
 
+@pytest.mark.learning
 def test_label_quality_in_precompute_and_labels_stats(demo_shards, tiny_teacher, tmp_path):
     """Precompute's summary and `labels stats --shards` say how often the teacher's hard label is
     the image's class: the same figure, equal to counting every stored label against the shard's
@@ -245,7 +247,6 @@ def test_label_quality_in_precompute_and_labels_stats(demo_shards, tiny_teacher,
                     n, a = by_bin.get(name, (0, 0))
                     by_bin[name] = (n + 1, a + hit)
     assert q["agree_pct"] == round(100 * agree / (2 * 1437), 2)
-    assert 15 < q["agree_pct"] < 100  # above chance (10%): this weak teacher (61% on plain views) on heavy crops
     assert {k: v["labels"] for k, v in q["by_crop_scale"].items()} == {k: n for k, (n, _) in by_bin.items()}
     r = run_cli("teacher_service", "labels", "stats", store, "--shards", demo_shards, "--no-progress")
     (ns,) = last_json(r.stdout)["namespaces"]
@@ -265,8 +266,8 @@ def test_crop_box_is_the_box_each_renderer_crops():
 
     from shards import AugmentPolicy
     from shards.augment import augment, crop_box
+    from shards.params import draw_params
     from shards.policy import sample_seed
-    from shards.render import draw_params
 
     image = Image.new("RGB", (97, 61))
     pil = AugmentPolicy(input_size=32)
@@ -303,8 +304,8 @@ def test_the_padded_crop_is_deits_small_image_crop(renderer):
     from torchvision.transforms import RandomCrop
 
     from shards import AugmentPolicy
-    from shards.augment import augment, crop_box, prepare, train_transform
-    from shards.render import crop_tensor, to_uint8_chw
+    from shards.augment import augment, crop_box, cut_crop, train_transform
+    from shards.crop import crop_tensor, to_uint8_chw
 
     policy = AugmentPolicy(input_size=32, crop="padded", hflip=0.0, auto_augment=None, color_jitter=0.0, re_prob=0.0,
                            renderer=renderer)  # fmt: skip
@@ -327,7 +328,7 @@ def test_the_padded_crop_is_deits_small_image_crop(renderer):
         assert (got.sum(-1) > 0).sum() == h * w  # the image's part, the rest black
         shares.add(h * w)
         if renderer == "torch":  # the device's cut (nvJPEG's path) is the CPU's
-            cpu, params = prepare(image, "k", seed, policy)
+            cpu, params = cut_crop(image, "k", seed, policy)
             assert torch.equal(crop_tensor(to_uint8_chw(image), params, policy), cpu)
     assert len(shares) > 5 and max(shares) <= 32 * 32 and min(shares) >= 28 * 28
 

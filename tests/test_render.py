@@ -8,6 +8,7 @@ import io
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,22 +16,17 @@ import torch
 from PIL import Image
 
 from shards import AugmentPolicy, augment
-from shards.augment import prepare, prepare_encoded
+from shards.augment import cut_crop, draw_for_device_decode
+from shards.crop import crop_tensor, to_uint8_chw
+from shards.device_decode import crops_on_device, decode_on_device
+from shards.params import draw_params, resized_crop_box
 from shards.pixel_ops import GEOMETRIC_OPS, hash_normal
-from shards.render import (
-    INCREASING_OPS,
-    apply_op,
-    crop_tensor,
-    crops_on_device,
-    decode_on_device,
-    draw_params,
-    randaugment,
-    render_batch,
-    render_prepared,
-    resized_crop_box,
-    to_uint8_chw,
-)
+from shards.policy import INCREASING_OPS
+from shards.render import randaugment, render_batch, render_items
 from shards.resample import resize_u8
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import apply_op  # noqa: E402 (the benchmarks' helper: bench/render_ops.py measures the same ops)
 
 TORCH = AugmentPolicy(input_size=64, renderer="torch")
 NVJPEG = AugmentPolicy(input_size=64, renderer="torch", decoder="nvjpeg")
@@ -73,7 +69,7 @@ def test_the_renderer_and_the_decoder_are_part_of_the_policy_id():
 def test_a_crop_does_not_depend_on_its_batch_position_or_threads(photos):
     items = [(photos[i % 2], f"img{i}", i % 5) for i in range(24)]
     alone = [augment(im, key, seed, TORCH) for im, key, seed in items]
-    prepared = [prepare(im, key, seed, TORCH) for im, key, seed in items]
+    prepared = [cut_crop(im, key, seed, TORCH) for im, key, seed in items]
     threads = torch.get_num_threads()
     try:
         for n_threads, order in ((2, list(range(24))), (1, list(reversed(range(24)))), (3, list(range(0, 24, 3)))):
@@ -267,7 +263,7 @@ def test_the_render_does_no_floating_point_arithmetic(photos):
                     floats.append("int->float conversion")
             return out
 
-    prepared = [prepare(photos[i % 2], f"k{i}", i, TORCH) for i in range(120)]
+    prepared = [cut_crop(photos[i % 2], f"k{i}", i, TORCH) for i in range(120)]
     crops, params = zip(*prepared)
     assert {n for p in params for n, _ in p.ops} == set(INCREASING_OPS) and any(p.erase for p in params)
     render_batch(torch.stack(crops[:1]), list(params[:1]), TORCH)  # the tables are built once, on the CPU
@@ -310,7 +306,7 @@ def test_the_render_has_no_host_sync_and_launches_what_it_launches_whatever_the_
     plan are its only copies from the host. (On a CPU a render skips the families no row drew.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from shards.render import BatchPlan
+    from shards.plan import BatchPlan
 
     syncing = {"_local_scalar_dense", "item", "nonzero", "bincount", "unique", "_unique2", "masked_select"}
 
@@ -329,7 +325,7 @@ def test_the_render_has_no_host_sync_and_launches_what_it_launches_whatever_the_
                 self.uploads += 1
             return out
 
-    prepared = [prepare(photos[i % 2], f"k{i}", i, TORCH) for i in range(400)]
+    prepared = [cut_crop(photos[i % 2], f"k{i}", i, TORCH) for i in range(400)]
     to_device = []  # torch.tensor(host data, device=...) is an upload no dispatched op shows
 
     def watch(make):
@@ -374,7 +370,7 @@ def test_normalisation_is_timms_to_the_bit(photos):
     from torchvision import transforms
 
     policy = AugmentPolicy(input_size=64, renderer="torch", re_prob=0.0, auto_augment=None, color_jitter=0.0)
-    crop, params = prepare(photos[0], "k", 1, policy)
+    crop, params = cut_crop(photos[0], "k", 1, policy)
     ours = render_batch(crop.unsqueeze(0), [params], policy)[0]
     image = Image.fromarray(crop.permute(1, 2, 0).numpy())
     theirs = transforms.Normalize(policy.mean, policy.std)(transforms.ToTensor()(image))
@@ -388,7 +384,7 @@ def test_the_crop_is_timms_random_resized_crop_and_flip(photos):
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
     for seed in range(20):
-        crop, p = prepare(photos[seed % 2], "k", seed, TORCH)
+        crop, p = cut_crop(photos[seed % 2], "k", seed, TORCH)
         top, left, h, w = p.box
         rrc = RandomResizedCropAndInterpolation(64, interpolation="bicubic")
         rrc.get_params = lambda *a, box=p.box: box  # timm's transform, our box
@@ -404,7 +400,7 @@ def test_the_device_decode_path_cuts_and_resizes_with_pillows_arithmetic(photos)
     and flipped there), run on the CPU, whose batched decoder is libjpeg like Pillow's: each crop
     is Pillow's decode, cut and two-pass resize, flipped."""
     jpegs = [_jpeg(photos[i % 2].rotate(7 * i)) for i in range(6)]
-    items = [prepare_encoded(j, f"k{i}", i, NVJPEG) for i, j in enumerate(jpegs)]
+    items = [draw_for_device_decode(j, f"k{i}", i, NVJPEG) for i, j in enumerate(jpegs)]
     assert all(isinstance(data, bytes) for data, _ in items)
     decoded = decode_on_device(jpegs, torch.device("cpu"))
     for (data, p), image in zip(items, decoded):
@@ -416,7 +412,7 @@ def test_the_device_decode_path_cuts_and_resizes_with_pillows_arithmetic(photos)
     huge = io.BytesIO()
     Image.new("RGB", (9000, 8000)).save(huge, format="JPEG", quality=10)
     with pytest.raises(ValueError, match="too large"):
-        prepare_encoded(huge.getvalue(), "huge", 0, NVJPEG)
+        draw_for_device_decode(huge.getvalue(), "huge", 0, NVJPEG)
 
 
 @pytest.mark.unit
@@ -425,9 +421,9 @@ def test_an_nvjpeg_policy_without_cuda_is_a_clear_error(photos, demo_shards):
         pytest.skip("this machine has CUDA: nvJPEG runs here")
     from shards import ShardStream
 
-    item = prepare_encoded(_jpeg(photos[0]), "k", 0, NVJPEG)
+    item = draw_for_device_decode(_jpeg(photos[0]), "k", 0, NVJPEG)
     with pytest.raises(ValueError, match="nvJPEG, which runs on a CUDA device, and this machine has no CUDA"):
-        render_prepared([item], NVJPEG, "cpu")
+        render_items([item], NVJPEG, "cpu")
     with pytest.raises(ValueError, match="nvJPEG, which runs on a CUDA device"):
         augment(photos[0], "k", 0, NVJPEG)
     with pytest.raises(ValueError, match="render_on_device=True"):
@@ -440,8 +436,8 @@ def test_crops_in_a_batch_with_jpegs_are_the_crops_alone(photos):
     alone (the CPU stands in for the device; its decoder is libjpeg)."""
     policy = AugmentPolicy(input_size=48, renderer="torch")
     jpeg = _jpeg(photos[1])
-    cut = prepare(photos[0], "a", 3, policy)
-    encoded = prepare_encoded(jpeg, "b", 4, policy)
+    cut = cut_crop(photos[0], "a", 3, policy)
+    encoded = draw_for_device_decode(jpeg, "b", 4, policy)
     both = crops_on_device([cut, encoded], policy, "cpu")
     assert torch.equal(both[0], cut[0])
     assert torch.equal(both[1], crops_on_device([encoded], policy, "cpu")[0])
@@ -456,7 +452,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device 
 def test_cuda_renders_the_cpus_bytes(photos):
     """The same uint8 crops after RandAugment, and the same normalised floats, on CUDA as on the CPU."""
     policy = AugmentPolicy(input_size=96, renderer="torch")
-    prepared = [prepare(photos[i % 2], f"k{i}", i, policy) for i in range(120)]
+    prepared = [cut_crop(photos[i % 2], f"k{i}", i, policy) for i in range(120)]
     crops, params = zip(*prepared)
     crops, params = torch.stack(crops), list(params)
     assert {n for p in params for n, _ in p.ops} == set(INCREASING_OPS)
@@ -471,11 +467,11 @@ def test_cuda_renders_the_cpus_bytes(photos):
 @CUDA
 def test_nvjpeg_crops_do_not_depend_on_their_batch(photos):
     jpegs = [_jpeg(photos[i % 2].rotate(5 * i)) for i in range(8)]
-    items = [prepare_encoded(j, f"k{i}", i, NVJPEG) for i, j in enumerate(jpegs)]
-    batch = render_prepared(items, NVJPEG, "cuda").cpu()
-    assert torch.equal(render_prepared(items, NVJPEG, "cuda").cpu(), batch)
+    items = [draw_for_device_decode(j, f"k{i}", i, NVJPEG) for i, j in enumerate(jpegs)]
+    batch = render_items(items, NVJPEG, "cuda").cpu()
+    assert torch.equal(render_items(items, NVJPEG, "cuda").cpu(), batch)
     for i in (0, 5):
-        assert torch.equal(render_prepared([items[i]], NVJPEG, "cuda").cpu()[0], batch[i])
+        assert torch.equal(render_items([items[i]], NVJPEG, "cuda").cpu()[0], batch[i])
 
 
 @pytest.mark.unit
@@ -503,7 +499,7 @@ def test_an_image_the_device_cannot_decode_is_named_never_decoded_by_pillow(phot
     batch stops with an error naming the image, whichever decoder could have decoded it; under the
     nvjpeg decoder a crop is never made of another decoder's pixels. (It fell back to Pillow's
     pixels, under the labels' nvJPEG fingerprint.) The CPU stands in for the device."""
-    import shards.render as render
+    import shards.device_decode as render
 
     refused = _jpeg(photos[1], quality=50)
     decode = render.decode_on_device
@@ -514,7 +510,10 @@ def test_an_image_the_device_cannot_decode_is_named_never_decoded_by_pillow(phot
         return decode(datas, device)
 
     monkeypatch.setattr(render, "decode_on_device", device_decoder)
-    items = [prepare_encoded(_jpeg(photos[0]), "good", 0, TORCH), prepare_encoded(refused, "cmyk/0001", 1, TORCH)]
+    items = [
+        draw_for_device_decode(_jpeg(photos[0]), "good", 0, TORCH),
+        draw_for_device_decode(refused, "cmyk/0001", 1, TORCH),
+    ]
     with pytest.raises(render.DeviceDecodeError, match="cannot decode image 'cmyk/0001'") as e:
         crops_on_device(items, TORCH, "cpu", keys=["good", "cmyk/0001"])
     assert e.value.index == 1 and "no image is decoded by another" in str(e.value)
@@ -529,7 +528,7 @@ def test_the_device_decoder_is_called_as_torchcodec_documents(monkeypatch):
     import sys
     import types
 
-    import shards.render as render
+    import shards.device_decode as render
     from shards.fingerprint import decoder_backend
 
     calls = []
@@ -570,7 +569,7 @@ def test_the_device_decode_path_has_no_host_sync_and_builds_its_tables_once(phot
     resized together, so a batch of 16 such crops launches what a batch of 2 does."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import shards.render as render
+    import shards.device_decode as render
 
     syncing = {"_local_scalar_dense", "item", "nonzero", "bincount", "unique", "_unique2", "masked_select"}
     policy = AugmentPolicy(input_size=48, renderer="torch", scale=(1.0, 1.0), ratio=(1.0, 1.0))
@@ -595,7 +594,7 @@ def test_the_device_decode_path_has_no_host_sync_and_builds_its_tables_once(phot
 
     runs = {}
     for n in (2, 16):
-        items = [prepare_encoded(jpeg, f"k{i}", i, policy) for i in range(n)]
+        items = [draw_for_device_decode(jpeg, f"k{i}", i, policy) for i in range(n)]
         items = [(data, p.__class__(**{**p.__dict__, "flip": False})) for data, p in items]  # the same work per crop
         render.crops_on_device(items, policy, "meta")  # a first batch of this shape builds the tables
         with Record() as record:
@@ -613,10 +612,12 @@ def test_a_small_batch_with_empty_op_groups_renders_each_crop_as_alone(photos, n
     """A batch too small to draw every family (what a small CUDA batch takes): rendered the device's
     way (`fixed`: every family launched, on no rows where none drew it) each crop is the crop
     rendered alone, so empty groups are compared too."""
-    prepared = [prepare(photos[i % 2], f"small{i}", 40 + i, TORCH) for i in range(n)]
+    prepared = [cut_crop(photos[i % 2], f"small{i}", 40 + i, TORCH) for i in range(n)]
     crops, params = torch.stack([c for c, _ in prepared]), [p for _, p in prepared]
     kinds = {name for p in params for name, _ in p.ops}
     assert len(kinds) < len(INCREASING_OPS)  # some family of some layer is empty
-    together = render_batch(crops, params, TORCH, "cpu", fixed=True)
+    together = render_batch(crops, params, TORCH, "cpu", every_family=True)
     for i in range(n):
-        assert torch.equal(together[i], render_batch(crops[i : i + 1], params[i : i + 1], TORCH, "cpu", fixed=False)[0])
+        assert torch.equal(
+            together[i], render_batch(crops[i : i + 1], params[i : i + 1], TORCH, "cpu", every_family=False)[0]
+        )

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import PY, copy_shards, last_json, run_cli
 
-from shards import AugmentPolicy, Manifest, ShardStream, augment, decode_image, iter_shard
+from shards import AugmentPolicy, Manifest, ShardStream, StreamOptions, augment, decode_image, iter_shard
 from shards.augment import to_pil
-from shards.stream import Regions, Share, SkipCounter, batch_sizes, plan_epoch, rendered
+from shards.stream import Regions, Share, SkipCounter, batch_sizes, images_on_device, plan_epoch
 
 POLICY = AugmentPolicy(input_size=32, scale=(0.35, 1.0), hflip=0.5)
 
@@ -113,7 +113,13 @@ def test_stream_two_ranks_two_workers_each_sample_once(demo_shards):
     m = Manifest.load(demo_shards)
     keys, batches_per_rank = [], []
     for rank in range(2):
-        stream = ShardStream(demo_shards, "train", POLICY, batch_size=64, rank=rank, world_size=2, shuffle_buffer=50)
+        stream = ShardStream(
+            demo_shards,
+            "train",
+            POLICY,
+            options=StreamOptions(rank=rank, world_size=2, shuffle_buffer=50),
+            batch_size=64,
+        )
         stream.set_epoch(1)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
         n = 0
@@ -129,11 +135,13 @@ def test_stream_two_ranks_two_workers_each_sample_once(demo_shards):
 
 
 def test_a_stream_rendering_on_the_device_gives_the_workers_crops(demo_shards):
-    """The trainer's CUDA layout (workers decode, draw and cut uint8 crops; `rendered` draws the
+    """The trainer's CUDA layout (workers decode, draw and cut uint8 crops; `images_on_device` draws the
     pixels where the model runs), run on the CPU: the same batches, bit for bit, as crops rendered
     in the workers; the crops cross the loader as one uint8 tensor."""
     policy = AugmentPolicy(input_size=32, scale=(0.35, 1.0), renderer="torch")
-    streams = [ShardStream(demo_shards, "train", policy, 48, render_on_device=d) for d in (False, True)]
+    streams = [
+        ShardStream(demo_shards, "train", policy, 48, options=StreamOptions(render_on_device=d)) for d in (False, True)
+    ]
     loaders = [torch.utils.data.DataLoader(s, batch_size=None, num_workers=1) for s in streams]
     n = 0
     for in_workers, to_render in zip(*loaders, strict=True):
@@ -141,11 +149,11 @@ def test_a_stream_rendering_on_the_device_gives_the_workers_crops(demo_shards):
         assert isinstance(regions, Regions) and regions.crops.shape == (regions.plan.size, 3, 32, 32)
         assert regions.crops.dtype == torch.uint8 and regions.plan.packed.dtype == torch.int64
         assert to_render["key"] == in_workers["key"] and torch.equal(to_render["seed"], in_workers["seed"])
-        assert torch.equal(rendered(to_render, policy, torch.device("cpu")), in_workers["image"])
+        assert torch.equal(images_on_device(to_render, policy, torch.device("cpu")), in_workers["image"])
         n += 1
     assert n == len(streams[0])
     with pytest.raises(ValueError, match="torch renderer"):
-        ShardStream(demo_shards, "train", POLICY, 48, render_on_device=True)
+        ShardStream(demo_shards, "train", POLICY, 48, options=StreamOptions(render_on_device=True))
 
 
 def test_deit_repeated_augmentation_streams_its_schedule(demo_shards):
@@ -158,7 +166,13 @@ def test_deit_repeated_augmentation_streams_its_schedule(demo_shards):
     for run_seed in (0, 7):
         pairs, batches = [], []
         for rank in range(2):
-            stream = ShardStream(demo_shards, "train", POLICY, 64, rank=rank, world_size=2, repeats=3, seed=run_seed)
+            stream = ShardStream(
+                demo_shards,
+                "train",
+                POLICY,
+                64,
+                options=StreamOptions(rank=rank, world_size=2, repeats=3, seed=run_seed),
+            )
             stream.set_epoch(2)
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
             got = list(loader)
@@ -185,7 +199,13 @@ def test_persistent_loader_workers_follow_set_epoch(demo_shards):
     seeds and order), not the epoch they started with."""
     from shards import make_loader
 
-    stream = ShardStream(demo_shards, "train", POLICY, batch_size=128, repeats=2, shuffle_buffer=50, repeat_mode="all")
+    stream = ShardStream(
+        demo_shards,
+        "train",
+        POLICY,
+        options=StreamOptions(repeats=2, shuffle_buffer=50, repeat_mode="all"),
+        batch_size=128,
+    )
     loader = make_loader(stream, num_workers=2)
     assert loader.persistent_workers
     seen = {}
@@ -201,7 +221,7 @@ def test_persistent_loader_workers_follow_set_epoch(demo_shards):
 @pytest.mark.unit
 def test_shuffle_differs_between_epochs_but_is_reproducible(demo_shards):
     def order(epoch):
-        s = ShardStream(demo_shards, "train", POLICY, batch_size=200, shuffle_buffer=100)
+        s = ShardStream(demo_shards, "train", POLICY, options=StreamOptions(shuffle_buffer=100), batch_size=200)
         s.set_epoch(epoch)
         return [k for b in s for k in b["key"]]
 
@@ -225,16 +245,42 @@ def corrupt_copy(src, dst):
 
 
 @pytest.mark.unit
-def test_corrupt_member_is_skipped_and_counted(demo_shards, tmp_path):
+def test_a_member_overwritten_after_indexing_stops_the_stream_by_name(demo_shards, tmp_path):
+    """An image's bytes overwritten in place (same size, a valid tar): not an unreadable sample to
+    skip but another image's pixels under its key, whose labels are the old image's: the stream
+    stops, naming the shard and the image (it was skipped and counted, so a rewrite that still
+    decoded trained on the old labels)."""
+    from shards.members import ShardChanged
+
     d = tmp_path / "bad"
     victim = corrupt_copy(demo_shards, d)
-    stream = ShardStream(d, "train", POLICY, batch_size=100, shuffle=False)
+    stream = ShardStream(d, "train", POLICY, options=StreamOptions(shuffle=False), batch_size=100)
+    with pytest.raises(
+        ShardChanged, match=f"train-000000.tar changed after it was indexed.*{victim.rsplit('.', 1)[0]}"
+    ):
+        list(stream)
+
+
+@pytest.mark.unit
+def test_a_sample_without_a_class_is_skipped_counted_and_refilled(demo_shards, tmp_path):
+    """A sample that cannot be used as indexed (here: its class missing from the index) is skipped,
+    counted and its slot refilled: batch shapes never change."""
+    import shutil
+
+    from shards.index import SplitIndex
+
+    d = tmp_path / "noclass"
+    shutil.copytree(demo_shards, d)
+    stream = ShardStream(d, "train", POLICY, options=StreamOptions(shuffle=False), batch_size=100)
+    index = SplitIndex.load(d, "train")
+    label = np.array(index.label)
+    label[3] = -1
+    stream.index.label = label
     batches = list(stream)
     assert len(batches) == len(stream) == 15
     assert sum(b["skipped"] for b in batches) == 1
     keys = [k for b in batches for k in b["key"]]
-    assert victim.rsplit(".", 1)[0] not in keys
-    assert len(keys) == 1437  # batch shapes kept: the slot is refilled
+    assert index.key(3) not in keys and len(keys) == 1437  # batch shapes kept: the slot is refilled
 
 
 def test_inspect_detects_modified_and_truncated_shards(demo_shards, tmp_path):
@@ -373,7 +419,7 @@ def test_a_shard_cut_short_is_counted_not_hidden(demo_shards, tmp_path):
     under a running job): the images past the cut cannot be read, and are counted as skipped."""
     d = copy_shards(demo_shards, tmp_path / "short")
     m = Manifest.load(d)
-    stream = ShardStream(d, "train", POLICY, batch_size=100, shuffle=False)
+    stream = ShardStream(d, "train", POLICY, options=StreamOptions(shuffle=False), batch_size=100)
     victim = d / m.shards("train")[0].name
     index = stream.index
     cut = index.member(index.shard_rows(0).start + 20).offset  # image 20 onwards is lost
@@ -389,23 +435,23 @@ def test_the_example_folder_builds_with_its_input_size(tmp_path):
     for train and the next for val; `build --input-size` puts the crop size in the policy hint, with
     DeiT's padded crop and whole-image eval at 32 px or less."""
     from shards import Manifest
-    from shards.build import build, write_example_folder
+    from shards.build import BuildConfig, build, write_example_folder
 
     s = write_example_folder(tmp_path / "img", train_per_class=2, val_per_class=1)
     assert s == {"out": str(tmp_path / "img"), "classes": 10, "images": {"train": 20, "val": 10}}
     assert sorted(p.name for p in (tmp_path / "img" / "train" / "3").iterdir()) == ["digit_0003.jpg", "digit_0013.jpg"]
     assert [p.name for p in (tmp_path / "img" / "val" / "3").iterdir()] == ["digit_0023.jpg"]
-    build(tmp_path / "sh", src=tmp_path / "img" / "train", val_src=tmp_path / "img" / "val", input_size=24,
-          shard_size=10, progress=False)  # fmt: skip
+    build(BuildConfig(out=tmp_path / "sh", src=tmp_path / "img" / "train", val_src=tmp_path / "img" / "val",
+                      input_size=24, shard_size=10, progress=False))  # fmt: skip
     m = Manifest.load(tmp_path / "sh")
     assert m.policy().input_size == 24 and m.val_from["from"] == "folder" and m.num_samples("val") == 10
     assert (m.policy().crop, m.policy().eval_crop_pct) == ("padded", 1.0)  # DeiT's transforms at <= 32 px
     assert m.policy(input_size=48).crop == "resized"  # a fine-tune above 32 px: DeiT's RandomResizedCrop
     assert m.policy(input_size=48, crop="padded").crop == "padded"  # unless asked for
-    build(tmp_path / "sh64", src=tmp_path / "img" / "train", input_size=64, progress=False)
+    build(BuildConfig(out=tmp_path / "sh64", src=tmp_path / "img" / "train", input_size=64, progress=False))
     assert Manifest.load(tmp_path / "sh64").policy().crop == "resized"  # DeiT's RandomResizedCrop above
     with pytest.raises(ValueError, match="--input-size is for --src"):
-        build(tmp_path / "d", demo="digits", input_size=24, progress=False)
+        BuildConfig(out=tmp_path / "d", demo="digits", input_size=24, progress=False)
 
 
 def test_a_build_skips_each_bad_file_with_one_line_and_goes_on(tmp_path):
@@ -461,7 +507,7 @@ def test_a_build_skips_each_bad_file_with_one_line_and_goes_on(tmp_path):
 @pytest.mark.unit
 def test_a_failed_build_leaves_no_temporary_file(tmp_path, monkeypatch):
     import shards.build as build_module
-    from shards.build import build, write_example_folder
+    from shards.build import BuildConfig, build, write_example_folder
 
     src = tmp_path / "images"
     write_example_folder(src, train_per_class=3, val_per_class=0)
@@ -475,5 +521,5 @@ def test_a_failed_build_leaves_no_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build_module, "decode_image", failing)
     with pytest.raises(RuntimeError, match="went away"):
-        build(tmp_path / "out", src=src / "train", progress=False)
+        build(BuildConfig(out=tmp_path / "out", src=src / "train", progress=False))
     assert [p.name for p in (tmp_path / "out").iterdir()] == []

@@ -2,8 +2,8 @@
 shares (the engine itself, its process server, the HTTP workers' client, the service's routes).
 
 It imports no torch and no multiprocessing, so that a module which only talks to an engine (an
-HTTP route, a client) does not load the engine's implementation; `tests/test_layers.py` holds it
-to that.
+HTTP route, a client) does not load the engine's implementation;
+`tests/test_engine.py::test_the_engine_contract_loads_no_torch` holds it to that.
 """
 
 from __future__ import annotations

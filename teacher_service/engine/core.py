@@ -54,8 +54,10 @@ from labels.namespace import Namespace, RecordFormat
 from labels.store import open_store, redact
 from labels.teacher import PendingPrediction, Teacher
 from shards import AugmentPolicy
+from shards.device_decode import DeviceDecodeError, check_device, crops_on_device
 from shards.fingerprint import FingerprintMismatch, difference, render_fingerprint
-from shards.render import BatchPlan, DeviceDecodeError, check_device, crops_on_device, render_batch
+from shards.plan import BatchPlan
+from shards.render import render_batch
 
 from ..metrics import Metrics
 from .batcher import Batch, Batcher, Pending, Task
@@ -220,12 +222,12 @@ class LabelEngine:
         return run
 
     def _worker_mode(self) -> str:
-        """What a worker does with an image: "augment" it, "prepare" it for the device (decode,
+        """What a worker does with an image: "augment" it, "cut" its crops for the device (decode,
         draw, cut the uint8 crop), or "headers" (nvjpeg: a JPEG stays encoded for the device's
         decoder; other formats are prepared)."""
         if not self.render_on_device:
             return "augment"
-        return "headers" if self.policy.decoder == "nvjpeg" else "prepare"
+        return "headers" if self.policy.decoder == "nvjpeg" else "cut"
 
     def _pin_buffers(self) -> None:
         """Page-lock the shared buffers in place (cudaHostRegister), so copies to the device are

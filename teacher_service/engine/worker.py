@@ -7,7 +7,7 @@ it makes the crops of one augmentation task (`batcher.Task`) in the shared batch
 what it could not do:
 
 - "augment": decode each image once, write each seed's finished float crop into its slot;
-- "prepare": decode, draw each seed's parameters, write its uint8 crop (the device renders it);
+- "cut": decode, draw each seed's parameters, write its uint8 crop (the device renders it);
 - "headers": an nvJPEG policy's JPEGs stay encoded (the device decodes the batch); only their
   headers are read to draw the parameters. Other formats are prepared.
 
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from distill_core.process import exit_with_parent
-from shards import AugmentPolicy, augment, decode_image, prepare
-from shards.augment import prepare_encoded, train_transform
+from shards import AugmentPolicy, augment, cut_crop, decode_image
+from shards.augment import draw_for_device_decode, train_transform
+from shards.device_decode import is_jpeg
 from shards.members import Member, OpenFiles
-from shards.render import is_jpeg
 
-MODES = ("augment", "prepare", "headers")
+MODES = ("augment", "cut", "headers")
 
 
 @dataclass
@@ -73,7 +73,7 @@ def run(task) -> tuple[int, dict[int, str], dict[int, tuple]]:
             data = source.read(s.files) if isinstance(source, Member) else source
             if s.mode == "headers" and is_jpeg(data):
                 for seed, slot in pairs:
-                    prepared[slot] = prepare_encoded(data, key, seed, s.policy)
+                    prepared[slot] = draw_for_device_decode(data, key, seed, s.policy)
                 continue
             image = decode_image(data)
         except (ValueError, OSError) as e:
@@ -84,7 +84,7 @@ def run(task) -> tuple[int, dict[int, str], dict[int, tuple]]:
                 if s.mode == "augment":
                     buf[slot].copy_(augment(image, key, seed, s.policy, restore_rng=False))  # our own RNGs
                 else:
-                    crop, params = prepare(image, key, seed, s.policy)
+                    crop, params = cut_crop(image, key, seed, s.policy)
                     buf[slot].copy_(crop)
                     prepared[slot] = (None, params)
             except Exception as e:  # an augmentation bug: this crop fails, not the engine
