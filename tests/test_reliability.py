@@ -497,3 +497,71 @@ def test_labels_are_bound_to_the_bytes_they_were_made_from(demo_shards, tiny_tea
     r = run_cli("teacher_service", "serve", "--checkpoint", tiny_teacher, "--shards", built, "--store", store,
                 "--port", "1", check=False, measured_s=8)  # fmt: skip
     assert r.returncode == 2 and "changed since their labels were made" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.unit
+def test_the_uvicorn_internals_the_limits_read_are_there():
+    """The connection limits (teacher_service/app/connections.py) read uvicorn's h11 protocol's
+    internals. On a protocol of the pinned release, fed the head of a request and part of its body
+    through a stand-in transport, each is where the limits look for it; a uvicorn that moved one
+    fails here by name, not silently in a service that no longer bounds its connections."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from teacher_service.app.connections import GuardedH11Protocol
+
+    async def app(scope, receive, send):  # reads nothing: the body stays incomplete
+        await asyncio.sleep(10)
+
+    class Transport(asyncio.Transport):
+        def __init__(self):
+            super().__init__()
+            self.closed = False
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": ("127.0.0.1", 9), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+        def write(self, data):
+            pass
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+    async def exercise():
+        config = Config(app=app, http=GuardedH11Protocol, lifespan="off")
+        config.load()
+        config.header_timeout, config.body_timeout = 5.0, 5.0
+        protocol = GuardedH11Protocol(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(Transport())
+        protocol.data_received(b"POST /v1/labels HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"keys")
+        await asyncio.sleep(0)
+        missing = []
+        for owner, name in ((protocol, "cycle"), (protocol, "flow"), (protocol, "conn"), (protocol, "loop")):
+            if not hasattr(owner, name):
+                missing.append(f"H11Protocol.{name}")
+        cycle = getattr(protocol, "cycle", None)
+        for name in ("more_body", "response_complete"):
+            if cycle is None or not hasattr(cycle, name):
+                missing.append(f"RequestResponseCycle.{name}")
+        if not hasattr(getattr(protocol, "flow", None), "read_paused"):
+            missing.append("FlowControl.read_paused")
+        more = getattr(cycle, "more_body", None)
+        deadline = protocol._body_deadline is not None
+        protocol.connection_lost(None)
+        return missing, more, deadline
+
+    missing, more_body, body_deadline = asyncio.run(exercise())
+    assert not missing, f"uvicorn {uvicorn.__version__} moved what the connection limits read: {missing}"
+    assert more_body is True and body_deadline  # the body is incomplete, and its deadline runs

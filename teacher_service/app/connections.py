@@ -16,6 +16,12 @@ its file-descriptor limit (and uvicorn's default parser, httptools, took a 2 MB 
   400 and closed, whether it arrived in pieces (h11's incomplete-event limit) or at once (checked
   on the parsed request); this also bounds the number of headers;
 - uvicorn's `limit_concurrency` bounds the connections and tasks of an HTTP worker (503 beyond).
+
+It extends uvicorn's H11Protocol and reads its internals (`cycle.more_body`,
+`cycle.response_complete`, `flow.read_paused`, `conn.next_event`): the project pins the uvicorn
+release its tests cover (pyproject.toml), and
+`tests/test_reliability.py::test_the_uvicorn_internals_the_limits_read_are_there` fails, naming
+each one, when a release moves them.
 """
 
 from __future__ import annotations
