@@ -250,7 +250,6 @@ def setup(cfg: TrainConfig) -> Run:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.model_ema_decay)  # a copy of the model, on its device
-    pin = device.type == "cuda"
     data = {"rank": rank, "world_size": world, "device": device, "manifest": manifest, "policy": policy}
     val_loader = None
     if "val" in manifest.splits and (cfg.eval or cfg.eval_every):
@@ -277,11 +276,17 @@ def setup(cfg: TrainConfig) -> Run:
         checkpoint=checkpoint,
         checkpoint_path=checkpoint_path,
     )
-    if cfg.eval:
-        return run
+    if not cfg.eval:
+        add_training(run, data)
+    return run
 
-    # data: every rank the same number of batches; labels fetched in the loader workers (data.py).
-    # A torch policy on an accelerator: the loader workers decode and draw, the device renders
+
+def add_training(run: Run, data: dict) -> None:
+    """What training needs beyond evaluation: the train loader with its teacher labels (every rank
+    the same number of batches; labels fetched in the loader workers, data.py; a torch policy on an
+    accelerator: the workers decode and draw, the device renders), the targets (and an online
+    teacher), DeiT's optimizer, schedule and loss, DDP and torch.compile, TensorBoard."""
+    cfg, device, num_classes = run.cfg, run.device, run.model_meta["num_classes"]
     run.loader = labeled_loader(cfg, soft=cfg.distillation_type == "soft", **data)
     run.namespace = run.loader.namespace
     teacher = None
@@ -294,17 +299,18 @@ def setup(cfg: TrainConfig) -> Run:
             teacher.compile()
     run.targets = TeacherTargetBuilder(cfg.labels, cfg.on_missing, cfg.distillation_type, num_classes, teacher)
     run.steps_per_epoch = len(run.loader)
-    run.optimizer, run.scheduler = build_optimization(cfg, model, run.steps_per_epoch, cfg.batch_size * world, device)
-    run.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    global_batch = cfg.batch_size * run.world
+    run.optimizer, run.scheduler = build_optimization(cfg, run.model, run.steps_per_epoch, global_batch, device)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp == "fp16")
     run.mixup = build_mixup(cfg, num_classes)
     run.criterion = build_criterion(cfg, run.mixup)
-    if world > 1:
-        run.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
+    if run.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        run.net = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
     if cfg.compile:
         run.net = torch.compile(run.net)
     if cfg.tensorboard and run.main:
-        run.writer = open_tensorboard(out)
-    return run
+        run.writer = open_tensorboard(run.out)
 
 
 # -- checkpoints --------------------------------------------------------------------------------

@@ -545,7 +545,7 @@ def test_the_uvicorn_internals_the_limits_read_are_there():
         config.header_timeout, config.body_timeout = 5.0, 5.0
         protocol = GuardedH11Protocol(config=config, server_state=ServerState(), app_state={})
         protocol.connection_made(Transport())
-        protocol.data_received(b"POST /v1/labels HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"keys")
+        protocol.data_received(b'POST /v1/labels HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"keys')
         await asyncio.sleep(0)
         missing = []
         for owner, name in ((protocol, "cycle"), (protocol, "flow"), (protocol, "conn"), (protocol, "loop")):
