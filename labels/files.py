@@ -456,11 +456,21 @@ def _borne_out(records: list[dict], count: np.ndarray, prefix: np.ndarray, path)
     return kept
 
 
+def _drawn(group: list[dict], what: str) -> int:
+    """The labels a schedule's node records claim, or the fewest images they can have drawn."""
+    if what == "labels":
+        return sum(r["labels"] for r in group)
+    return sum(r["images"] // r["repeats"] for r in group)
+
+
 def _counts_borne_out(records: list[dict], count: np.ndarray, path) -> list[dict]:
-    """Schedule records whose nodes' parts, summed, hold no more images and labels than the file
-    does. A schedule record says nothing about an image's seeds on its own (which epochs select an
-    image depends on the shards), so it carries its counts; one without them (written before
-    2026-12-07) is not imported: run precompute again to record it (it labels only what is missing)."""
+    """Schedule records the file's counts bear out: their nodes' parts, summed, label no more than
+    the file holds, and the file holds at least the share of their shards' images an epoch draws
+    (1 / repeats of them: an epoch under repeated augmentation shows each drawn image `repeats`
+    times). A schedule record says nothing about an image's seeds on its own (which epochs select
+    an image depends on the shards), so it carries its counts ("images": its shards' images,
+    "labels": what it labelled); one without them (written before 2026-12-07) is not imported: run
+    precompute again to record it (it labels only what is missing)."""
     node_fields = ("node_rank", "num_nodes", "shards", "images", "labels")
     groups: dict[str, list[dict]] = {}
     for r in records:
@@ -472,9 +482,9 @@ def _counts_borne_out(records: list[dict], count: np.ndarray, path) -> list[dict
     for group in groups.values():
         if any("images" not in r or "labels" not in r for r in group):
             why = "it carries no image and label counts (made before 2026-12-07)"
-        elif sum(r["images"] for r in group) > images or sum(r["labels"] for r in group) > labels:
-            why = (f"its nodes labelled {sum(r['images'] for r in group)} images and {sum(r['labels'] for r in group)} "
-                   f"labels, the file holds {images} and {labels}")  # fmt: skip
+        elif _drawn(group, "images") > images or _drawn(group, "labels") > labels:
+            why = (f"its nodes labelled {_drawn(group, 'labels')} labels of at least {_drawn(group, 'images')} images, "
+                   f"the file holds {labels} of {images}")  # fmt: skip
         else:
             continue
         dropped += group

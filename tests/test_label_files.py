@@ -136,19 +136,25 @@ def test_a_coverage_record_the_labels_do_not_bear_out_is_not_imported(good, tmp_
 def test_a_schedule_record_must_hold_its_counts_to_be_imported(good, tmp_path, store_url):
     """A schedule record claiming 300 epochs of a file holding 3 seeds of 12 images is not imported
     (it was: a trainer then skipped its start-up refusal and died with MissingLabels at seed 3), nor
-    one claiming more images than the file holds, nor one without counts; a true one is."""
+    one claiming more images than the file holds, nor one without counts; true ones are, among them
+    one epoch under 3 repeats, which draws a third of its shards' 36 images, 3 times each (it was
+    refused, for holding fewer images than its shards: an export of the demo's precompute lost it)."""
     sched = {"repeat_mode": "deit", "repeats": 1, "schedule": 2}
     true = {**sched, "epochs": 3, "images": 12, "labels": 36, "node_rank": 0, "num_nodes": 1}
+    repeated = {**true, "repeats": 3, "epochs": 1, "images": 36}
     records = [
         {**true, "epochs": 300, "labels": 3600},  # 300 epochs: 3,600 labels, the file has 36
         {**true, "epochs": 2, "images": 13},  # more images than the file holds
+        {**repeated, "epochs": 2, "images": 39},  # a third of 39 is 13 images, more than the file holds
         {**sched, "epochs": 1},  # no counts
         true,
+        repeated,
     ]
     s = import_namespace(spoil(good, tmp_path / "lying.npz", {"coverage": records}), store_url, progress=False)
-    assert s["coverage"] == [true]
+    assert s["coverage"] == [true, repeated]
     with open_existing(store_url, NS.id) as st:
-        assert st.coverage() == [true]
+        by_text = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+        assert sorted(st.coverage(), key=by_text) == sorted([true, repeated], key=by_text)
 
 
 def bomb(path: Path, keys: np.ndarray) -> Path:
