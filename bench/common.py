@@ -9,9 +9,21 @@ import subprocess
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from distill_core import free_port  # noqa: F401 (the benchmarks' helper, re-exported)
 from shards import Manifest, SkipCounter, iter_shard
 from shards.build import BuildConfig, build
+
+
+class OfficialCodeArgs(BaseModel):
+    """The flags of every bench that runs the official DeiT code beside ours on one teacher file."""
+
+    shards: str = Field(description="shard directory with train and val splits")
+    teacher: str = Field(description="teacher weights (.safetensors) both codes label with")
+    teacher_model: str = Field("regnety_002", description="the teacher's timm architecture")
+    official_code: str = Field(description="checkout of DeiT 7e160fe with the CPU patch")
+    official_libs: str = Field(description="folder holding timm 0.4.12 and Pillow 9.5 (pip install --target)")
 
 
 def imagenet_like_jpegs(n: int, seed: int = 0, size=(500, 375), quality: int = 95, processes: int = 1) -> list[bytes]:

@@ -35,22 +35,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from distill_core import parse_script_args, to_argv
+
+from common import OfficialCodeArgs
 
 STUDENT = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}
 OFFICIAL_MODELS = {"plain": "deit_digits_w64d4", "hard": "deit_digits_distilled_w64d4"}
 OURS_MODELS = {"plain": "deit_tiny_patch16_224", "hard": "deit_tiny_distilled_patch16_224"}
 
 
-class DeitCompare(BaseModel):
-    shards: str = Field(description="shard directory with train and val splits")
-    teacher: str = Field(description="teacher weights (.safetensors) both codes label with")
-    teacher_model: str = Field("regnety_002", description="the teacher's timm architecture")
+class DeitCompare(OfficialCodeArgs):
     out: str = Field(description="output directory (image folder, labels, runs, runs.jsonl)")
-    official_code: str = Field(description="checkout of DeiT 7e160fe with the CPU patch")
-    official_libs: str = Field(description="folder holding timm 0.4.12 and Pillow 9.5 (pip install --target)")
     seeds: int = Field(3, ge=1, description="seeds per code and mode (0..N-1 from --first-seed)")
     first_seed: int = Field(0, ge=0, description="the first seed")
     codes: list[str] = Field(["official", "ours"], description="codes to run: official, ours")

@@ -259,16 +259,13 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 
 def main() -> None:
-    from pydantic import BaseModel, Field
+    from pydantic import Field
 
     from distill_core import parse_script_args
 
-    class DeitTransforms(BaseModel):
-        shards: str = Field(description="shard directory (its train split)")
-        teacher: str = Field(description="teacher weights (.safetensors), loaded by both codes' timm")
-        teacher_model: str = Field("regnety_002", description="the teacher's timm architecture")
-        official_code: str = Field(description="checkout of DeiT 7e160fe with the crop and flip flags")
-        official_libs: str = Field(description="folder holding timm 0.4.12 and Pillow 9.5 (pip install --target)")
+    from common import OfficialCodeArgs
+
+    class DeitTransforms(OfficialCodeArgs):
         crops_per_image: int = Field(7, ge=1, description="crops of each image, per code")
         policy: dict = Field(default_factory=dict, description="JSON policy overrides (else the shards' hint)")
 

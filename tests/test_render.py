@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from shards import AugmentPolicy, augment
 from shards.augment import cut_crop, draw_for_device_decode
@@ -298,32 +299,34 @@ def _every_family(prepared: list, n: int, start: int) -> list:
     return (chosen + rest)[:n]
 
 
+# ops that read a device value on the host: a host sync wherever the data is not on the host
+SYNCING = {"_local_scalar_dense", "item", "nonzero", "bincount", "unique", "_unique2", "masked_select"}
+
+
+class DispatchRecord(TorchDispatchMode):
+    """Records every dispatched op's name and counts the copies from the host to the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.uploads = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func.overloadpacket.__name__)
+        outputs = out if isinstance(out, tuple | list) else [out]
+        from_host = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+        if from_host and any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in outputs):
+            self.uploads += 1
+        return out
+
+
 @pytest.mark.unit
 def test_the_render_has_no_host_sync_and_launches_what_it_launches_whatever_the_batch(photos, monkeypatch):
     """The render on the meta device, which holds no data (an op that needs a value on the host
     cannot run there): the same operations, in the same order, for a batch of 16 and one of 128
     and for two batches that drew different ops; no sync-prone operation; and the crops and the
     plan are its only copies from the host. (On a CPU a render skips the families no row drew.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from shards.plan import BatchPlan
-
-    syncing = {"_local_scalar_dense", "item", "nonzero", "bincount", "unique", "_unique2", "masked_select"}
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops, self.uploads = [], 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.ops.append(func.overloadpacket.__name__)
-            inputs = [a for a in args if isinstance(a, torch.Tensor)]
-            outputs = out if isinstance(out, tuple | list) else [out]
-            on_host = any(t.device.type == "cpu" for t in inputs)
-            if on_host and any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in outputs):
-                self.uploads += 1
-            return out
 
     prepared = [cut_crop(photos[i % 2], f"k{i}", i, TORCH) for i in range(400)]
     to_device = []  # torch.tensor(host data, device=...) is an upload no dispatched op shows
@@ -342,13 +345,13 @@ def test_the_render_has_no_host_sync_and_launches_what_it_launches_whatever_the_
         crops = torch.stack([c for c, _ in batch])
         plan = BatchPlan.build([p for _, p in batch], TORCH)
         render_batch(crops, plan, TORCH, "meta")  # the tables: built once per device
-        with monkeypatch.context() as m, Record() as record:
+        with monkeypatch.context() as m, DispatchRecord() as record:
             m.setattr(torch, "tensor", watch(torch.tensor))
             m.setattr(torch, "as_tensor", watch(torch.as_tensor))
             out = render_batch(crops, plan, TORCH, "meta")
         assert not to_device, to_device
         assert out.shape == (n, 3, 64, 64) and out.device.type == "meta"
-        assert not syncing & set(record.ops), syncing & set(record.ops)
+        assert not SYNCING & set(record.ops), SYNCING & set(record.ops)
         assert record.uploads == 2, record.uploads  # the crops and the plan
         runs.append(record.ops)
     assert runs[0] == runs[1] == runs[2]
@@ -567,40 +570,22 @@ def test_the_device_decode_path_has_no_host_sync_and_builds_its_tables_once(phot
     shape no copy from the host at all (its resize tables are built once per shape and kept: they
     were uploaded with a blocking copy in every pass, about 4 syncs a crop); crops of one size are
     resized together, so a batch of 16 such crops launches what a batch of 2 does."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import shards.device_decode as render
 
-    syncing = {"_local_scalar_dense", "item", "nonzero", "bincount", "unique", "_unique2", "masked_select"}
     policy = AugmentPolicy(input_size=48, renderer="torch", scale=(1.0, 1.0), ratio=(1.0, 1.0))
     jpeg = _jpeg(photos[0].crop((0, 0, 120, 120)))  # square: every crop the whole image, one size
     decoded = decode_on_device([jpeg], torch.device("cpu"))[0].to("meta")  # what the device's decoder gives
     monkeypatch.setattr(render, "decode_on_device", lambda datas, device: [decoded for _ in datas])
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops, self.uploads = [], 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.ops.append(func.overloadpacket.__name__)
-            outputs = out if isinstance(out, tuple | list) else [out]
-            if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args) and any(
-                isinstance(t, torch.Tensor) and t.device.type == "meta" for t in outputs
-            ):
-                self.uploads += 1
-            return out
 
     runs = {}
     for n in (2, 16):
         items = [draw_for_device_decode(jpeg, f"k{i}", i, policy) for i in range(n)]
         items = [(data, p.__class__(**{**p.__dict__, "flip": False})) for data, p in items]  # the same work per crop
         render.crops_on_device(items, policy, "meta")  # a first batch of this shape builds the tables
-        with Record() as record:
+        with DispatchRecord() as record:
             out = render.crops_on_device(items, policy, "meta")
         assert out.shape == (n, 3, 48, 48) and out.device.type == "meta"
-        assert not syncing & set(record.ops), syncing & set(record.ops)
+        assert not SYNCING & set(record.ops), SYNCING & set(record.ops)
         assert record.uploads == 0, record.uploads
         runs[n] = [op for op in record.ops if op not in ("stack", "select", "slice", "alias", "detach")]
     assert runs[2] == runs[16]
