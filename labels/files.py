@@ -456,13 +456,6 @@ def _borne_out(records: list[dict], count: np.ndarray, prefix: np.ndarray, path)
     return kept
 
 
-def _drawn(group: list[dict], what: str) -> int:
-    """The labels a schedule's node records claim, or the fewest images they can have drawn."""
-    if what == "labels":
-        return sum(r["labels"] for r in group)
-    return sum(r["images"] // r["repeats"] for r in group)
-
-
 def _counts_borne_out(records: list[dict], count: np.ndarray, path) -> list[dict]:
     """Schedule records the file's counts bear out: their nodes' parts, summed, label no more than
     the file holds, and the file holds at least the share of their shards' images an epoch draws
@@ -482,11 +475,12 @@ def _counts_borne_out(records: list[dict], count: np.ndarray, path) -> list[dict
     for group in groups.values():
         if any("images" not in r or "labels" not in r for r in group):
             why = "it carries no image and label counts (made before 2026-12-07)"
-        elif _drawn(group, "images") > images or _drawn(group, "labels") > labels:
-            why = (f"its nodes labelled {_drawn(group, 'labels')} labels of at least {_drawn(group, 'images')} images, "
-                   f"the file holds {labels} of {images}")  # fmt: skip
         else:
-            continue
+            claimed = sum(r["labels"] for r in group)
+            drawn = sum(r["images"] // r["repeats"] for r in group)  # the fewest images its epochs drew
+            if claimed <= labels and drawn <= images:
+                continue
+            why = f"its nodes labelled {claimed} labels of at least {drawn} images, the file holds {labels} of {images}"
         dropped += group
         log.warning("%s: coverage record %s is not imported: %s", path, group[0], why)
     return [r for r in records if not any(r is d for d in dropped)]
