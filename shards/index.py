@@ -39,7 +39,7 @@ import logging
 import mmap
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -294,9 +294,35 @@ class SplitIndex:
 
     def find(self, key: str) -> int | None:
         """The row of `key`, or None."""
-        h = key_hash([key])
-        j = int(np.searchsorted(self.hash, h[0]))
-        while j < len(self.hash) and self.hash[j] == h[0]:
+        return self.find_many([key])[0]
+
+    def find_many(self, keys: Sequence[str]) -> list[int | None]:
+        """The row of each key, or None: one hash pass, one sorted search and one gather of the
+        candidates' key spans for them all (a service request asks for dozens of keys)."""
+        n = len(self.hash)
+        if not n or not keys:
+            return [None] * len(keys)
+        hashes = key_hash(keys)
+        first = np.searchsorted(self.hash, hashes)
+        at = np.minimum(first, n - 1)
+        hit = (first < n) & (self.hash[at] == hashes)
+        rows = self.order[at].astype(np.int64)
+        ends = self.key_end[rows]
+        starts = np.where(rows > 0, self.key_end[np.maximum(rows - 1, 0)], 0)
+        found: list[int | None] = []
+        for i, (key, h, j, row, a, b) in enumerate(
+            zip(keys, hashes.tolist(), first.tolist(), rows.tolist(), starts.tolist(), ends.tolist())
+        ):
+            if not hit[i]:
+                found.append(None)
+            elif self.keys[a:b].tobytes() == key.encode():
+                found.append(row)
+            else:  # another key with the same 64-bit hash: the ones after it decide
+                found.append(self._find_from(key, h, j + 1))
+        return found
+
+    def _find_from(self, key: str, h: int, j: int) -> int | None:
+        while j < len(self.hash) and int(self.hash[j]) == h:
             row = int(self.order[j])
             if self.key(row) == key:
                 return row
@@ -306,10 +332,12 @@ class SplitIndex:
     def shard_of(self, row: int) -> int:
         return bisect.bisect_right(self.starts, row) - 1
 
-    def member(self, row: int) -> Member:
-        """Where row's image is, with the digest its bytes are checked against when read."""
+    def member(self, row: int, key: str | None = None) -> Member:
+        """Where row's image is, with the digest its bytes are checked against when read (`key`:
+        the row's key, when the caller has it)."""
         path = self._paths[self.shard_of(row)]
-        return Member(path, int(self.offset[row]), int(self.size[row]), self.digest[row].tobytes(), self.key(row))
+        key = self.key(row) if key is None else key
+        return Member(path, int(self.offset[row]), int(self.size[row]), self.digest[row].tobytes(), key)
 
     def get(self, key: str) -> Member | None:
         row = self.find(key)
@@ -395,10 +423,22 @@ class ShardIndex:
         return sum(len(s) for s in self.splits.values())
 
     def get(self, key: str) -> Member | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[Member | None]:
+        """The member of each key (None where no split has it), each split searched once for the
+        keys the ones before it lacked."""
+        found: list[Member | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
         for index in self.splits.values():
-            if (member := index.get(key)) is not None:
-                return member
-        return None
+            if not todo:
+                break
+            rows = index.find_many([keys[i] for i in todo])
+            for i, row in zip(todo, rows):
+                if row is not None:
+                    found[i] = index.member(row, keys[i])
+            todo = [i for i, row in zip(todo, rows) if row is None]
+        return found
 
     def keys(self) -> Iterator[str]:
         for index in self.splits.values():

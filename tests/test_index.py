@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 
+import numpy as np
 import pytest
 from conftest import copy_shards, flip_bit, last_json, run_cli
 
@@ -93,6 +94,24 @@ def test_keys_must_be_unique():
     shard = ShardInfo("train-000000.tar", 2, 0, "")
     with pytest.raises(IndexMismatch, match="'a/b' names two samples"):
         SplitIndex.encode("train", [shard], [("a/b", 512, 10, 0, b"d" * 16), ("a/b", 2048, 10, 1, b"e" * 16)])
+
+
+@pytest.mark.unit
+def test_keys_whose_hashes_collide_are_told_apart_by_the_key(monkeypatch, tmp_path):
+    """Lookups search a table of 64-bit key hashes; keys that share a hash (here every key has one
+    of two) are found by comparing the keys themselves, one at a time and many at once."""
+    from shards import index as index_module
+    from shards.manifest import ShardInfo
+
+    monkeypatch.setattr(index_module, "key_hash", lambda keys: np.array([len(k) % 2 for k in keys], np.uint64))
+    keys = [f"c/{i}" for i in range(7)] + ["c/10", "c/11", "c/12"]
+    rows = [(k, 512 * (i + 1), 10, i % 3, bytes([i]) * 16) for i, k in enumerate(keys)]
+    shard = ShardInfo("train-000000.tar", len(rows), 0, "")
+    index = SplitIndex.from_bytes(tmp_path, SplitIndex.encode("train", [shard], rows))
+    asked = [*reversed(keys), "c/7", "c/77", "", "c/1"]
+    assert index.find_many(asked) == [*reversed(range(10)), None, None, None, 1]
+    assert [index.find(k) for k in asked] == index.find_many(asked)
+    assert ShardIndex({"train": index}).get_many(["c/11", "zz"]) == [index.member(8), None]
 
 
 @pytest.mark.unit

@@ -146,11 +146,10 @@ class LabelService:
         await self._check_seeds(seeds)
         out = self._empty(len(keys))
         misses = await self._from_store(keys, seeds, out)
+        wanted = list(dict.fromkeys(keys[i] for i in misses))
+        members = dict(zip(wanted, self.index.get_many(wanted) if self.index is not None else [None] * len(wanted)))
         by_key: dict[str, list[int]] = {}
-        members = {}
         for i in misses:
-            if keys[i] not in members:
-                members[keys[i]] = self.index.get(keys[i]) if self.index is not None else None
             if members[keys[i]] is None:
                 out.errors[i] = f"unknown key {keys[i]!r}" + ("" if self.index else " (service has no --shards)")
             else:
