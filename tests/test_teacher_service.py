@@ -288,6 +288,41 @@ def test_concurrent_clients_are_batched(service, demo_shards):
     assert n_batches < n_items  # so some batch held more than one request's item
 
 
+def test_requests_are_counted_by_route_and_outcome(service, demo_shards):
+    """Every request's latency and its success or failure (by status code) are in /metrics, under
+    its route's path; a request for no route under "unmatched"."""
+
+    def counted() -> dict[str, float]:
+        return {
+            line.rsplit(" ", 1)[0]: float(line.split()[-1])
+            for line in httpx.get(service["url"] + "/metrics").text.splitlines()
+            if line.startswith(("distill_request_success_total", "distill_request_failure_total"))
+            or line.startswith("distill_request_duration_seconds_count")
+        }
+
+    key = some_samples(demo_shards, 1)[0].key
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    before = counted()
+    for _ in range(3):
+        assert service["client"].lookup([key], [0]).present.shape == (1,)
+    assert httpx.post(service["url"] + "/v1/labels/lookup", json={"keys": [key]}, headers=auth).status_code == 422
+    assert httpx.post(service["url"] + "/v1/labels/lookup", json={"keys": [key], "seeds": [0]}).status_code == 401
+    assert httpx.get(service["url"] + "/v2/nothing").status_code == 404
+    after = counted()
+    grew = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    lookup = 'endpoint="/v1/labels/lookup"'
+    assert grew == {
+        f"distill_request_success_total{{{lookup}}}": 3,
+        f'distill_request_failure_total{{code="422",{lookup}}}': 1,
+        f'distill_request_failure_total{{code="401",{lookup}}}': 1,
+        'distill_request_failure_total{code="404",endpoint="unmatched"}': 1,
+        f"distill_request_duration_seconds_count{{{lookup}}}": 5,
+        'distill_request_duration_seconds_count{endpoint="unmatched"}': 1,
+        'distill_request_success_total{endpoint="/metrics"}': 1,  # the first read of them
+        'distill_request_duration_seconds_count{endpoint="/metrics"}': 1,
+    }, grew
+
+
 def test_client_retries_then_reports_unreachable():
     c = TeacherClient(f"http://127.0.0.1:{free_port()}", retry_for=2, backoff=0.01)
     t0 = time.time()

@@ -23,11 +23,13 @@ from .state import ServiceState
 SEED_LIST = re.compile(r"^ *[0-9]{1,7} *(, *[0-9]{1,7} *)*$")
 
 
-def state(request: Request) -> ServiceState:
+# The dependencies are coroutines: FastAPI runs a plain function in its thread pool, two thread
+# hand-offs a request for an attribute read and a comparison.
+async def state(request: Request) -> ServiceState:
     return request.app.state.svc
 
 
-def require_token(request: Request) -> None:
+async def require_token(request: Request) -> None:
     token = request.app.state.svc.token
     if not token:
         return
