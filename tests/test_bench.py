@@ -74,3 +74,17 @@ def test_bench_gpu_runs_every_part_on_a_cpu():
     assert all(t["value"] is not None and t["met"] in (True, False) for t in summary["targets"].values())
     targets = summary["targets"]
     assert targets["render_ops_all_zero"]["met"] and targets["device_renders_the_cpus_crops"]["met"]
+
+
+@pytest.mark.slow
+def test_bench_service_cpu_splits_a_labels_cpu_by_process():
+    """bench/service_cpu.py, bounded: every process of precompute and of the service's miss path
+    is found and spent CPU on the labels, and the totals are the sums of their parts."""
+    argv = [PY, BENCH / "service_cpu.py", "--input-size", "32", "--items-per-request", "8", "--clients", "2",
+            "--requests", "20", "--seeds-large", "2"]  # fmt: skip
+    s = last_json(run_step(argv, "bench/service_cpu.py, 20 requests", 150, cwd=BENCH).stdout)
+    pre, svc = s["cpu_s_per_1k_labels"]["precompute"], s["cpu_s_per_1k_labels"]["service"]
+    assert pre["process"] > 0 and pre["workers"] > 0 and pre["total"] == pytest.approx(pre["process"] + pre["workers"])
+    parts = [svc[k] for k in ("http_worker", "engine", "workers", "clients")]
+    assert all(p > 0 for p in parts) and svc["total"] == pytest.approx(sum(parts), abs=1e-3)
+    assert svc["labels_per_s"] > 0 and 0 <= svc["idle_share"] <= 1
