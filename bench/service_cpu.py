@@ -29,11 +29,10 @@ from pathlib import Path
 
 import psutil
 from pydantic import BaseModel, Field
+from teacher import miss_request, miss_service
 
 from distill_core import parse_script_args, usable_cpus
 from labels.client import TeacherClient
-from labels.teacher import TeacherSettings
-from teacher_service.local import LocalService, serve_argv
 
 from common import bench_shards
 
@@ -89,12 +88,7 @@ def precompute_cpu(args: ServiceCpu, shards: Path, d: Path) -> dict:
 
 
 def service_cpu(args: ServiceCpu, shards: Path, d: Path, keys: list[str]) -> dict:
-    argv = serve_argv(
-        teacher=TeacherSettings(model=args.model, random_init=True, num_classes=10), shards=str(shards),
-        store=str(d / "svc.db"), max_batch_size=args.batch_size, max_queue_delay_ms=5.0, max_queue_size=100000,
-        policy=policy(args), log_level="warning", augment_workers=args.workers,
-    )  # fmt: skip
-    service = LocalService(argv, d / "service.log").start(timeout=300)
+    service = miss_service(args.model, shards, str(d / "svc.db"), args.batch_size, policy(args), args.workers)
     try:
         clients = [TeacherClient(service.url, timeout=120) for _ in range(args.clients)]
         clients[0].label(keys[: args.items_per_request], [0] * args.items_per_request)  # warm
@@ -102,8 +96,7 @@ def service_cpu(args: ServiceCpu, shards: Path, d: Path, keys: list[str]) -> dic
 
         def send(c: TeacherClient) -> None:
             while (k := next(order)) < args.requests:
-                idx = range(k * items, (k + 1) * items)
-                c.label([keys[i % len(keys)] for i in idx], [1 + i // len(keys) for i in idx])
+                c.label(*miss_request(keys, k, items, 1))
 
         tree = psutil.Process(service.proc.pid)
         procs = [tree, *tree.children(recursive=True)]

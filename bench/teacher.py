@@ -48,13 +48,26 @@ def raw_throughput(teacher: Teacher, x: torch.Tensor, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int, seed0: int) -> dict:
+def miss_service(model: str, shards: Path, store: str, max_batch: int, policy: dict, workers: int) -> LocalService:
+    """A started `serve` of a random-weights teacher over `shards`, batching misses up to `max_batch`."""
     argv = serve_argv(
-        teacher=TeacherSettings(model=args.model, random_init=True, num_classes=10), shards=str(shards), store=store,
-        max_batch_size=max_batch, max_queue_delay_ms=5.0, max_queue_size=100000, policy=policy_overrides(args),
-        log_level="warning", augment_workers=args.augment_workers or args.workers,
+        teacher=TeacherSettings(model=model, random_init=True, num_classes=10), shards=str(shards), store=store,
+        max_batch_size=max_batch, max_queue_delay_ms=5.0, max_queue_size=100000, policy=policy,
+        log_level="warning", augment_workers=workers,
     )  # fmt: skip
-    service = LocalService(argv, Path(f"{store}.service.log")).start(timeout=300)
+    return LocalService(argv, Path(f"{store}.service.log")).start(timeout=300)
+
+
+def miss_request(keys: list[str], k: int, items: int, seed0: int) -> tuple[list[str], list[int]]:
+    """The k-th request's (keys, seeds): pairs in training order, key by key, then the next seed
+    (seed0, seed0 + 1, ...), so every request asks for new pairs and rows stay as small as a run's."""
+    idx = range(k * items, (k + 1) * items)
+    return [keys[i % len(keys)] for i in idx], [seed0 + i // len(keys) for i in idx]
+
+
+def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int, seed0: int) -> dict:
+    workers = args.augment_workers or args.workers
+    service = miss_service(args.model, shards, store, max_batch, policy_overrides(args), workers)
     url = service.url
     try:
         probe = TeacherClient(url)
@@ -74,10 +87,9 @@ def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int,
 
             def client(c: TeacherClient):
                 while time.perf_counter() < stop:
-                    start = next(order) * items
-                    idx = range(start, start + items)
+                    ask = miss_request(keys, next(order), items, seed0)
                     t1 = time.perf_counter()
-                    batch, _ = c.label([keys[i % len(keys)] for i in idx], [seed0 + i // len(keys) for i in idx])
+                    batch, _ = c.label(*ask)
                     t2 = time.perf_counter()
                     with lock:
                         lat.append((t2 - t1) * 1000)

@@ -49,7 +49,7 @@ def _images(directory: Path, manifest: Manifest, split: str, keys: list[str] | N
         if keys is None:
             rows = range(min(IMAGES, len(index)))
             return [(index.key(r), index.member(r).read(files)) for r in rows]
-        found = {k: index.get(k) for k in keys}
+        found = {k: index.member(row, k) for k, row in zip(keys, index.find_many(keys)) if row is not None}
         missing = [k for k in keys if found.get(k) is None]
         if missing:
             raise FingerprintMismatch(

@@ -310,10 +310,9 @@ class SplitIndex:
         ends = self.key_end[rows]
         starts = np.where(rows > 0, self.key_end[np.maximum(rows - 1, 0)], 0)
         found: list[int | None] = []
-        for i, (key, h, j, row, a, b) in enumerate(
-            zip(keys, hashes.tolist(), first.tolist(), rows.tolist(), starts.tolist(), ends.tolist())
-        ):
-            if not hit[i]:
+        columns = (hit, hashes, first, rows, starts, ends)
+        for key, hit_, h, j, row, a, b in zip(keys, *(c.tolist() for c in columns)):
+            if not hit_:
                 found.append(None)
             elif self.keys[a:b].tobytes() == key.encode():
                 found.append(row)
