@@ -6,9 +6,13 @@ python bench/teacher.py --input-size 32 --items-per-request 64                  
 Random teacher weights (speed only). Images are the demo digits upscaled by the augmentation's
 RandomResizedCrop to --input-size. Precompute and the service use the same teacher, policy, batch
 size and number of augmentation workers. The service runs as a real `serve` process (label engine
-+ uvicorn); concurrent clients on loopback send cache misses (fresh seeds): first at saturation
-(`--clients`), then at moderate load (`--latency-clients` sending `--latency-items`-item requests,
-for the miss latency); then 256-label lookups of cached labels.
++ uvicorn), started once. Then rounds (`--precompute-runs`): a precompute run over `--seeds` new
+seeds an image, then `--seconds` of concurrent clients on loopback sending the service cache misses
+(fresh seeds, one an image, in training order) at saturation (`--clients`). Each round gives a
+ratio of the two steady rates, measured minutes apart at most, so that a machine whose speed
+drifts moves both alike: `service_vs_precompute` is the rounds' median. Then moderate load
+(`--latency-clients` sending `--latency-items`-item requests, for the miss latency), 256-label
+lookups of cached labels, and the service with batches of one (`--naive`).
 """
 
 from __future__ import annotations
@@ -65,81 +69,50 @@ def miss_request(keys: list[str], k: int, items: int, seed0: int) -> tuple[list[
     return [keys[i % len(keys)] for i in idx], [seed0 + i // len(keys) for i in idx]
 
 
-def service_run(args, shards: Path, store: str, keys: list[str], max_batch: int, seed0: int) -> dict:
-    workers = args.augment_workers or args.workers
-    service = miss_service(args.model, shards, store, max_batch, policy_overrides(args), workers)
-    url = service.url
-    try:
-        probe = TeacherClient(url)
-        order = itertools.count()  # shared by all clients: every request asks for new (key, seed) pairs
+def miss_load(url: str, keys: list[str], order, seed0: int, clients: int, items: int, seconds: float):
+    """`clients` threads sending `items`-item miss requests for `seconds`: (labels/s, latencies in ms).
+    Pairs are taken in training order (`miss_request`; `order` counts the requests of all loads, so
+    every request asks for new pairs). The rate is precompute's steady one: the labels answered after
+    the first answer, over the time to the last."""
+    lat, answered = [], []  # answered: (time, labels) of each answer
+    lock = threading.Lock()
+    # made before the clock starts, as a trainer makes its one client at start-up (an httpx client
+    # builds an SSL context: 16 of them were CPU taken from the service's window)
+    made = [TeacherClient(url, timeout=120) for _ in range(clients)]
+    stop = time.perf_counter() + seconds
 
-        def load(clients: int, items: int, seconds: float) -> tuple[float, list[float]]:
-            """`clients` threads sending `items`-item miss requests for `seconds`: labels/s, latencies.
-            Pairs are taken in training order, key by key, then the next seed (seed 1, 2, ...), so
-            rows stay as small as a training run's; seed 0 is the lookups'. The rate is precompute's
-            steady one: the labels answered after the first answer, over the time to the last."""
-            lat, answered = [], []  # answered: (time, labels) of each answer
-            lock = threading.Lock()
-            # made before the clock starts, as a trainer makes its one client at start-up (an httpx
-            # client builds an SSL context: 16 of them were CPU taken from the service's window)
-            made = [TeacherClient(url, timeout=120) for _ in range(clients)]
-            stop = time.perf_counter() + seconds
+    def client(c: TeacherClient):
+        while time.perf_counter() < stop:
+            ask = miss_request(keys, next(order), items, seed0)
+            t1 = time.perf_counter()
+            batch, _ = c.label(*ask)
+            t2 = time.perf_counter()
+            with lock:
+                lat.append((t2 - t1) * 1000)
+                answered.append((t2, int(batch.present.sum())))
 
-            def client(c: TeacherClient):
-                while time.perf_counter() < stop:
-                    ask = miss_request(keys, next(order), items, seed0)
-                    t1 = time.perf_counter()
-                    batch, _ = c.label(*ask)
-                    t2 = time.perf_counter()
-                    with lock:
-                        lat.append((t2 - t1) * 1000)
-                        answered.append((t2, int(batch.present.sum())))
+    threads = [threading.Thread(target=client, args=(c,)) for c in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    answered.sort()
+    if len(answered) < 2:  # one answer has no steady rate: its own
+        return sum(n for _, n in answered) / (time.perf_counter() - stop + seconds), lat
+    return sum(n for _, n in answered[1:]) / (answered[-1][0] - answered[0][0]), lat
 
-            threads = [threading.Thread(target=client, args=(c,)) for c in made]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            answered.sort()
-            if len(answered) < 2:  # one answer has no steady rate: its own
-                return sum(n for _, n in answered) / (time.perf_counter() - stop + seconds), lat
-            return sum(n for _, n in answered[1:]) / (answered[-1][0] - answered[0][0]), lat
 
-        warm = TeacherClient(url, timeout=300)
-        few = keys[:256]  # a batch of cached labels for the lookups
-        warm.label(few, [seed0 - 1] * len(few))  # warm-up, and 256 cached labels for the lookups
-        rate, _ = load(args.clients, args.items_per_request, args.seconds)
-        out = {"rate": rate}
-        if max_batch > 1:
-            _, miss_lat = load(args.latency_clients, args.latency_items, args.seconds / 2)
-            out["miss_lat"] = miss_lat
-            lat = []
-            for _ in range(args.lookups):  # lookups of cached labels: 256 per request
-                t1 = time.perf_counter()
-                got = warm.lookup(few, [seed0 - 1] * len(few))
-                lat.append((time.perf_counter() - t1) * 1000)
-            assert got.present.all()
-            out["lookup_lat"] = lat
-        stages = {}
-        names = (
-            "request_duration_seconds",
-            "queue_duration_seconds",
-            "augment_duration_seconds",
-            "compute_infer_duration_seconds",
-            "batch_size",
-        )
-        for line in probe.http.get("/metrics").text.splitlines():
-            for name in names:
-                for agg in ("sum", "count"):
-                    if line.startswith(f"distill_{name}_{agg}") and 'endpoint="/v1/labels/lookup"' not in line:
-                        stages[f"{name}_{agg}"] = stages.get(f"{name}_{agg}", 0) + float(line.split()[-1])
-        diag = {k: round(stages[f"{k}_sum"] / stages[f"{k}_count"], 4) for k in names if stages.get(f"{k}_count")}
-        print(
-            f"service max_batch={max_batch}: {rate:.1f} labels/s, mean per stage: {json.dumps(diag)}", file=sys.stderr
-        )
-        return out
-    finally:
-        service.stop(30)
+def stage_means(client: TeacherClient) -> dict:
+    """The service's mean seconds per stage of a miss (and its mean batch), from /metrics."""
+    names = ("request_duration_seconds", "queue_duration_seconds", "augment_duration_seconds",
+             "compute_infer_duration_seconds", "batch_size")  # fmt: skip
+    stages: dict = {}
+    for line in client.http.get("/metrics").text.splitlines():
+        for name in names:
+            for agg in ("sum", "count"):
+                if line.startswith(f"distill_{name}_{agg}") and 'endpoint="/v1/labels/lookup"' not in line:
+                    stages[f"{name}_{agg}"] = stages.get(f"{name}_{agg}", 0) + float(line.split()[-1])
+    return {k: round(stages[f"{k}_sum"] / stages[f"{k}_count"], 4) for k in names if stages.get(f"{k}_count")}
 
 
 class BenchTeacher(BaseModel):
@@ -148,7 +121,9 @@ class BenchTeacher(BaseModel):
     batch_size: int = Field(64, ge=1, description="teacher batch size (precompute, service, raw forward)")
     seconds: float = Field(10.0, gt=0, description="per throughput measurement")
     seeds: int = Field(4, ge=1, description="seeds per image for each precompute run")
-    precompute_runs: int = Field(3, ge=1, description="precompute runs, each over --seeds new seeds")
+    precompute_runs: int = Field(
+        3, ge=1, description="rounds: a precompute run over --seeds new seeds, then --seconds of the service's misses"
+    )
     clients: int = Field(16, ge=1, description="concurrent clients at saturation")
     items_per_request: int = Field(16, ge=1, description="items per request at saturation")
     latency_clients: int = Field(4, ge=1, description="clients of the moderate-load latency run")
@@ -171,6 +146,16 @@ def policy_overrides(args) -> dict:
     return {"input_size": args.input_size, "renderer": args.renderer}
 
 
+def naive_rate(args, shards: Path, store: str, keys: list[str]) -> float:
+    """The service's miss rate with batches of one (no dynamic batching)."""
+    service = miss_service(args.model, shards, store, 1, policy_overrides(args), args.augment_workers or args.workers)
+    try:
+        TeacherClient(service.url, timeout=300).label(keys[:16], [0] * 16)  # warm-up
+        return miss_load(service.url, keys, itertools.count(), 1, args.clients, args.items_per_request, args.seconds)[0]
+    finally:
+        service.stop(30)
+
+
 def main():
     args = parse_script_args(BenchTeacher, __doc__)
     with tempfile.TemporaryDirectory() as d:
@@ -182,30 +167,47 @@ def main():
         raws = samples[:128]
         x = torch.stack([augment(decode_image(r.data), r.key, 0, policy) for r in raws[: args.batch_size]])
         raw = raw_throughput(teacher, x, args.seconds)
-        # precompute --precompute-runs times over --seeds new seeds each (the same work per image every
-        # time): its steady rate is then measured over about as many labels as the service's
-        pre = [
-            precompute(
-                PrecomputeConfig(
-                    shards=str(shards),
-                    seeds=f"{i * args.seeds}:{(i + 1) * args.seeds}",
-                    store=str(d / "pre.db"),
-                    policy=policy_overrides(args),
-                    batch_size=args.batch_size,
-                    workers=args.workers,
-                    progress=False,
-                ),
-                teachers=[teacher],
-            )  # fmt: skip
-            for i in range(args.precompute_runs)
-        ]
+        keys = [r.key for r in samples]
+        service = miss_service(args.model, shards, str(d / "svc.db"), args.batch_size, policy_overrides(args),
+                               args.augment_workers or args.workers)  # fmt: skip
+        try:
+            warm = TeacherClient(service.url, timeout=300)
+            few = keys[:256]  # a batch of cached labels for the lookups
+            warm.label(few, [0] * len(few))  # warm-up, and 256 cached labels (seed 0) for the lookups
+            order = itertools.count()  # the service's misses: seeds 1, 2, ... in training order
+            # Rounds, each a precompute run over --seeds new seeds (the same work per image every
+            # time), then as long a window of the service's misses: a machine whose speed drifts
+            # over minutes moves both sides of a round alike, and each round gives a ratio.
+            pre, svc = [], []
+            for i in range(args.precompute_runs):
+                pre.append(precompute(
+                    PrecomputeConfig(shards=str(shards), seeds=f"{i * args.seeds}:{(i + 1) * args.seeds}",
+                                     store=str(d / "pre.db"), policy=policy_overrides(args),
+                                     batch_size=args.batch_size, workers=args.workers, progress=False),
+                    teachers=[teacher],
+                ))  # fmt: skip
+                svc.append(
+                    miss_load(service.url, keys, order, 1, args.clients, args.items_per_request, args.seconds)[0]
+                )
+            _, miss_lat = miss_load(service.url, keys, order, 1, args.latency_clients, args.latency_items,
+                                    args.seconds / 2)  # fmt: skip
+            lookup_lat = []
+            for _ in range(args.lookups):  # lookups of cached labels: 256 per request
+                t1 = time.perf_counter()
+                got = warm.lookup(few, [0] * len(few))
+                lookup_lat.append((time.perf_counter() - t1) * 1000)
+            assert got.present.all()
+            print(f"service: {np.mean(svc):.1f} labels/s, mean per stage: {json.dumps(stage_means(warm))}",
+                  file=sys.stderr)  # fmt: skip
+        finally:
+            service.stop(30)
         del teacher
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        keys = [r.key for r in samples]
-        svc = service_run(args, shards, str(d / "svc.db"), keys, args.batch_size, 1)
-        naive = service_run(args, shards, str(d / "naive.db"), keys, 1, 1)["rate"] if args.naive else None
+        naive = naive_rate(args, shards, str(d / "naive.db"), keys) if args.naive else None
         # steady: between the first and the last answer (a run of one answer has none: its overall rate)
-        pre_rate = float(np.mean([p["steady_labels_per_s"] or p["labels_per_s"] for p in pre]))
+        pre_rates = [p["steady_labels_per_s"] or p["labels_per_s"] for p in pre]
+        pre_rate, svc_rate = float(np.mean(pre_rates)), float(np.mean(svc))
+        ratios = [s / p for s, p in zip(svc, pre_rates)]
         pct = lambda xs, q: round(float(np.percentile(xs, q)), 2)  # noqa: E731
         out = {
             "model": args.model,
@@ -218,18 +220,19 @@ def main():
             "precompute_labels_per_s": round(pre_rate, 1),
             "precompute_labels_per_s_with_startup": round(float(np.mean([p["labels_per_s"] for p in pre])), 1),
             "precompute_startup_s": pre[0]["startup_s"],  # the first run's, by phase
-            "service_labels_per_s": round(svc["rate"], 1),
+            "service_labels_per_s": round(svc_rate, 1),
             "renderer": args.renderer,
             "data": args.data,
             "naive_service_labels_per_s": round(naive, 1) if naive else None,
-            "service_vs_precompute": round(svc["rate"] / pre_rate, 3),
+            "service_vs_precompute": round(float(np.median(ratios)), 3),  # the rounds' median
+            "service_vs_precompute_rounds": [round(r, 3) for r in ratios],
             "precompute_efficiency": round(pre_rate / raw, 3),
-            "service_efficiency": round(svc["rate"] / raw, 3),
+            "service_efficiency": round(svc_rate / raw, 3),
             "naive_service_efficiency": round(naive / raw, 3) if naive else None,
-            f"miss{args.latency_items}_p50_ms": pct(svc["miss_lat"], 50),
-            f"miss{args.latency_items}_p99_ms": pct(svc["miss_lat"], 99),
-            "lookup_p50_ms": pct(svc["lookup_lat"], 50),
-            "lookup_p99_ms": pct(svc["lookup_lat"], 99),
+            f"miss{args.latency_items}_p50_ms": pct(miss_lat, 50),
+            f"miss{args.latency_items}_p99_ms": pct(miss_lat, 99),
+            "lookup_p50_ms": pct(lookup_lat, 50),
+            "lookup_p99_ms": pct(lookup_lat, 99),
             "clients": args.clients,
             "items_per_request": args.items_per_request,
             "latency_clients": args.latency_clients,

@@ -88,3 +88,18 @@ def test_bench_service_cpu_splits_a_labels_cpu_by_process():
     parts = [svc[k] for k in ("http_worker", "engine", "workers", "clients")]
     assert all(p > 0 for p in parts) and svc["total"] == pytest.approx(sum(parts), abs=1e-3)
     assert svc["labels_per_s"] > 0 and 0 <= svc["idle_share"] <= 1
+
+
+@pytest.mark.slow
+def test_bench_worker_task_times_a_task_and_its_parts():
+    """bench/worker_task.py, one pass each: every figure is measured, and a task of four seeds an
+    image costs less a label than one of one seed (the image is read and decoded once for four)."""
+    argv = [PY, BENCH / "worker_task.py", "--repeats", "1"]
+    s = last_json(run_step(argv, "bench/worker_task.py, one pass", 120, cwd=BENCH).stdout)
+    times = ["task_1_seed_us_per_label", "image_by_image_1_seed_us_per_label", "task_4_seeds_us_per_label",
+             "read_us_per_image", "decode_us_per_image", "crop_us_per_label"]  # fmt: skip
+    assert all(s[k] > 0 for k in times), s
+    assert s["task_4_seeds_us_per_label"] < s["task_1_seed_us_per_label"]
+    assert s["task_vs_image_by_image"] == pytest.approx(
+        s["image_by_image_1_seed_us_per_label"] / s["task_1_seed_us_per_label"], abs=1e-3
+    )

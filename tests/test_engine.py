@@ -196,6 +196,36 @@ print(json.dumps({{"timm": "timm" in sys.modules, "prepared": sorted(prepared), 
     assert got == {"timm": False, "prepared": list(range(8)), "errors": {}, "written": 8}, out.stderr[-2000:]
 
 
+def test_an_augment_task_writes_each_crop_in_its_slot_and_fails_only_a_bad_images(demo_shards):
+    """A worker decodes a task's images first, then makes their crops: each slot still gets its own
+    (key, seed)'s crop, bit for bit `augment`'s, and an undecodable image fails its slots alone."""
+    import json
+    import subprocess
+    import sys
+
+    policy = Manifest.load(demo_shards).policy().to_json()
+    code = f"""
+import json, torch
+from shards import AugmentPolicy, augment, decode_image
+from shards.index import SplitIndex
+from teacher_service.engine import worker
+index = SplitIndex.load({str(demo_shards)!r}, "train")
+policy = AugmentPolicy.from_json({policy!r})
+entries = [(index.member(r), index.key(r), [(3, 2 * r), (r, 2 * r + 1)]) for r in range(3)]
+entries.insert(1, (b"not an image", "bad", [(0, 6), (1, 7)]))
+buffers = [torch.zeros((8, 3, policy.input_size, policy.input_size))]
+worker.init(buffers, {policy!r}, "augment", None)
+bid, errors, prepared = worker.run((0, entries))
+same = [bool(torch.equal(buffers[0][slot], augment(decode_image(source.read()), key, seed, policy)))
+        for source, key, pairs in entries if key != "bad" for seed, slot in pairs]
+print(json.dumps({{"errors": errors, "same": same}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["same"] == [True] * 6, out.stderr[-2000:]
+    assert sorted(got["errors"]) == ["6", "7"] and all(e.startswith("bad: ") for e in got["errors"].values())
+
+
 def test_engine_refuses_a_full_queue_before_any_work(teacher, members, demo_shards, tmp_path):
     """A full queue refuses work before any of it starts, with a short Retry-After right after
     start (reliability case 5: no rate measured yet); work larger than the whole queue is refused
