@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,16 +94,23 @@ class Run:
             return None
         print(f"+ {name} (at most {timeout:.0f} s): {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
+        # its own session, so that a timeout stops what the part started too (a bench's `serve`,
+        # its label engine and workers), not only the part's own process
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            stdout, stderr = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            _kill_group(p.pid)
+            p.communicate()
             self.failures[name] = f"timed out after {timeout:.0f} s"
             return None
-        sys.stderr.write(p.stderr[-3000:])
+        finally:
+            _kill_group(p.pid)  # what the part left behind when it exited, too
+        sys.stderr.write(stderr[-3000:])
         if p.returncode != 0:
-            self.failures[name] = f"exit {p.returncode}: {p.stderr[-500:]}"
+            self.failures[name] = f"exit {p.returncode}: {stderr[-500:]}"
             return None
-        result = json.loads(p.stdout.strip().splitlines()[-1])
+        result = json.loads(stdout.strip().splitlines()[-1])
         return self.record(name, result, time.perf_counter() - t0)
 
     def record(self, name: str, result: dict, seconds: float) -> dict:
@@ -109,6 +118,13 @@ class Run:
         self.out[name] = result
         print(json.dumps({"part": name, **result}), flush=True)
         return result
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is empty: nothing was left behind
+        pass
 
 
 def render_check(args) -> dict:

@@ -58,6 +58,49 @@ def test_bench_render_ops_compares_every_part_of_the_render():
     assert s["all_zero"] is True and s["crops"] == 8
 
 
+_LEAVE_A_CHILD = """
+import json, subprocess, sys, time
+quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], **quiet)
+open(sys.argv[1], "w").write(str(child.pid))
+print(json.dumps({"left": child.pid}), flush=True)
+if sys.argv[2] == "hang":
+    time.sleep(300)
+"""
+
+
+def test_a_gpu_bench_part_leaves_no_process_behind_when_it_ends_or_times_out(tmp_path):
+    """bench/gpu.py runs each part in its own session: a part's children (a bench's `serve`, its
+    engine and workers) go with it, whether the part exits or is stopped at its time limit (only
+    the part's own process was killed once, and five `serve`s stayed up for hours)."""
+    import sys
+
+    import psutil
+
+    sys.path.insert(0, str(BENCH))
+    from gpu import Run
+
+    def alive(pid: int) -> bool:  # a few seconds for the kill to land on a busy machine
+        try:
+            proc = psutil.Process(pid)
+            psutil.wait_procs([proc], timeout=5)
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    script = tmp_path / "part.py"
+    script.write_text(_LEAVE_A_CHILD)
+    run = Run(budget_s=60)
+    for how in ("exit", "hang"):
+        pid_file = tmp_path / f"{how}.pid"
+        run.part(how, [PY, str(script), str(pid_file), how], limit=10)
+        pid = int(pid_file.read_text())
+        assert not alive(pid), f"the {how} part's child {pid} outlived it"
+        if how == "exit":
+            assert run.out["exit"]["left"] == pid and "exit" not in run.failures
+    assert run.failures["hang"] == "timed out after 10 s" and "hang" not in run.out
+
+
 @pytest.mark.slow
 def test_bench_gpu_runs_every_part_on_a_cpu():
     """bench/gpu.py's orchestration (`--device cpu --smoke`: tiny sizes, figures meaningless), so a
