@@ -1,6 +1,8 @@
 """Distillation's effect in the official DeiT code and in ours, on the same shards, teacher file,
 student and recipe, over seeds. One JSON line per run (also appended to OUT/runs.jsonl, so a
-second call adds the runs that are missing), then one line of figures.
+second call adds the runs that are missing), then one line of figures. A row is counted for the
+recipe it ran (epochs, batch, lr, policy, and the teacher file's SHA-256); an OUT holds one
+teacher file's runs, and a call with another is refused.
 
     python bench/deit_compare.py --shards SHARDS --teacher TEACHER.safetensors --out OUT \
         --official-code DEIT_CHECKOUT --official-libs OLD_LIBS --seeds 4 --epochs 20
@@ -123,6 +125,27 @@ def official_env(cfg: DeitCompare) -> dict:
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
 
 
+def teacher_id(path: str | Path) -> str:
+    """The teacher file's identity: the first 16 hex digits of its bytes' SHA-256."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def claim_teacher(out: Path, teacher: str | Path) -> None:
+    """OUT's teacher.pth and labels are made once from one teacher file: a second call with another
+    file is refused, since its runs would be labelled by the first (and its rows mixed with them)."""
+    mine, claim = teacher_id(teacher), out / "teacher.id"
+    if claim.exists() and claim.read_text().strip() != mine:
+        raise SystemExit(f"{out} holds runs of teacher {claim.read_text().strip()}, not of {teacher} ({mine}): "
+                         "give another --out")  # fmt: skip
+    claim.write_text(mine + "\n")
+
+
 def prepare(cfg: DeitCompare, policy) -> tuple[Path, Path, Path]:
     """The official side's image folder and teacher file, and our labels for the run (each made once)."""
     from labels.teacher import TeacherSettings
@@ -131,6 +154,7 @@ def prepare(cfg: DeitCompare, policy) -> tuple[Path, Path, Path]:
     from common import imagefolder_of_shards
 
     out = Path(cfg.out)
+    claim_teacher(out, cfg.teacher)
     folder = out / "imagefolder"
     if not (folder / "val").exists():
         for split in ("train", "val"):
@@ -201,7 +225,7 @@ def main() -> None:
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     folder, teacher_pth, store = prepare(cfg, policy)
     recipe = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "min_lr": cfg.min_lr,
-              "policy_id": policy.policy_id}  # fmt: skip
+              "policy_id": policy.policy_id, "teacher": teacher_id(cfg.teacher)}  # fmt: skip
     have = {(r["code"], r["mode"], r["seed"]) for r in rows if {k: r.get(k) for k in recipe} == recipe}
     todo = [(code, mode, seed) for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for mode in cfg.modes
             for code in cfg.codes if (code, mode, seed) not in have]  # fmt: skip

@@ -146,3 +146,26 @@ def test_bench_worker_task_times_a_task_and_its_parts():
     assert s["task_vs_image_by_image"] == pytest.approx(
         s["image_by_image_1_seed_us_per_label"] / s["task_1_seed_us_per_label"], abs=1e-3
     )
+
+
+def test_deit_compare_keeps_one_teacher_files_runs_in_an_out(tmp_path):
+    """bench/deit_compare.py counts a run for the recipe it ran, the teacher file included: an OUT
+    whose labels and converted teacher came from one file refuses another (its runs would be
+    labelled by the first and pooled with them), and the same file's bytes name it wherever it is."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    from deit_compare import claim_teacher, teacher_id
+
+    first, copy, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    first.write_bytes(b"weights" * 1000)
+    copy.write_bytes(first.read_bytes())
+    other.write_bytes(b"weights" * 999 + b"WEIGHTS")
+    assert teacher_id(first) == teacher_id(copy) != teacher_id(other)
+    out = tmp_path / "out"
+    out.mkdir()
+    claim_teacher(out, first)
+    claim_teacher(out, copy)  # the same bytes under another name: the same teacher
+    with pytest.raises(SystemExit, match="give another --out"):
+        claim_teacher(out, other)
+    assert (out / "teacher.id").read_text().strip() == teacher_id(first)
