@@ -127,19 +127,16 @@ def official_env(cfg: DeitCompare) -> dict:
 
 def teacher_id(path: str | Path) -> str:
     """The teacher file's identity: the first 16 hex digits of its bytes' SHA-256."""
-    import hashlib
+    from shards.manifest import sha256_file
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
-def claim_teacher(out: Path, teacher: str | Path) -> None:
-    """OUT's teacher.pth and labels are made once from one teacher file: a second call with another
-    file is refused, since its runs would be labelled by the first (and its rows mixed with them)."""
-    mine, claim = teacher_id(teacher), out / "teacher.id"
+def claim_teacher(out: Path, teacher: str | Path, mine: str) -> None:
+    """OUT's teacher.pth and labels are made once from one teacher file (`mine`, its `teacher_id`): a
+    second call with another file is refused, since its runs would be labelled by the first (and
+    its rows mixed with them)."""
+    claim = out / "teacher.id"
     if claim.exists() and claim.read_text().strip() != mine:
         raise SystemExit(f"{out} holds runs of teacher {claim.read_text().strip()}, not of {teacher} ({mine}): "
                          "give another --out")  # fmt: skip
@@ -154,7 +151,6 @@ def prepare(cfg: DeitCompare, policy) -> tuple[Path, Path, Path]:
     from common import imagefolder_of_shards
 
     out = Path(cfg.out)
-    claim_teacher(out, cfg.teacher)
     folder = out / "imagefolder"
     if not (folder / "val").exists():
         for split in ("train", "val"):
@@ -223,9 +219,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    teacher = teacher_id(cfg.teacher)  # hashed once: the claim on OUT and every row's recipe
+    claim_teacher(out, cfg.teacher, teacher)
     folder, teacher_pth, store = prepare(cfg, policy)
     recipe = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "min_lr": cfg.min_lr,
-              "policy_id": policy.policy_id, "teacher": teacher_id(cfg.teacher)}  # fmt: skip
+              "policy_id": policy.policy_id, "teacher": teacher}  # fmt: skip
     have = {(r["code"], r["mode"], r["seed"]) for r in rows if {k: r.get(k) for k in recipe} == recipe}
     todo = [(code, mode, seed) for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for mode in cfg.modes
             for code in cfg.codes if (code, mode, seed) not in have]  # fmt: skip

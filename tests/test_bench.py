@@ -164,8 +164,8 @@ def test_deit_compare_keeps_one_teacher_files_runs_in_an_out(tmp_path):
     assert teacher_id(first) == teacher_id(copy) != teacher_id(other)
     out = tmp_path / "out"
     out.mkdir()
-    claim_teacher(out, first)
-    claim_teacher(out, copy)  # the same bytes under another name: the same teacher
+    claim_teacher(out, first, teacher_id(first))
+    claim_teacher(out, copy, teacher_id(copy))  # the same bytes under another name: the same teacher
     with pytest.raises(SystemExit, match="give another --out"):
-        claim_teacher(out, other)
+        claim_teacher(out, other, teacher_id(other))
     assert (out / "teacher.id").read_text().strip() == teacher_id(first)
